@@ -1,0 +1,1 @@
+"""pdserve benchmarks: `python -m perf.<name>` from the repository root."""

@@ -1,0 +1,1 @@
+"""pdserve.scheduler: routing policies (router, simulator) and the controller."""
