@@ -1,0 +1,73 @@
+"""What the router and the controller know about one P/D instance.
+
+An instance is one Triton model (``prefill_0``, ``decode_3``...). It reports an
+``InstanceLoad``; the routing policies only ever look at these snapshots, so
+the same code runs in the router, the controller and the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal, cast
+
+from pdserve.errors import InvalidArgument
+
+Role = Literal["prefill", "decode", "aggregated"]
+ROLES: tuple[Role, ...] = ("prefill", "decode", "aggregated")
+
+
+@dataclass(frozen=True)
+class InstanceLoad:
+    """A snapshot of one instance's state, as reported by the instance itself."""
+
+    name: str
+    role: Role
+    scenario: str
+    max_batch_size: int
+    in_flight: int = 0  # requests admitted and not finished
+    queued: int = 0  # only the local-queue baseline ever queues
+    kv_free_bytes: int = 0
+    kv_total_bytes: int = 0
+    healthy: bool = True
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise InvalidArgument("instance name must not be empty")
+        if self.role not in ROLES:
+            raise InvalidArgument(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.max_batch_size <= 0:
+            raise InvalidArgument(f"max_batch_size must be positive, got {self.max_batch_size}")
+        for field in ("in_flight", "queued", "kv_free_bytes", "kv_total_bytes"):
+            if getattr(self, field) < 0:
+                raise InvalidArgument(f"{field} must be >= 0, got {getattr(self, field)}")
+
+    @property
+    def is_routable(self) -> bool:
+        return self.healthy and not self.draining
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_batch_size - self.in_flight)
+
+    @property
+    def batch_utilization(self) -> float:
+        return self.in_flight / self.max_batch_size
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> InstanceLoad:
+        try:
+            fields = json.loads(data)
+            return cls(**fields)
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(f"malformed instance load report: {exc}") from exc
+
+
+def as_role(value: str) -> Role:
+    if value not in ROLES:
+        raise InvalidArgument(f"role must be one of {ROLES}, got {value!r}")
+    return cast(Role, value)

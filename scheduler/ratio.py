@@ -1,0 +1,194 @@
+"""Dynamic P/D ratio per scenario (P/D-Serve §4.1).
+
+Each stage's capacity is P/D-Serve's ``b / T``: requests finished per second by
+one instance (b requests per batch, T seconds per batch; for decode T is the
+time to generate a request's output). A scenario is balanced when
+
+    n_p * b_p / T_p  ≈  n_d * b_d / T_d
+
+i.e. when both stages are equally utilised by the observed arrival rate. The
+controller moves ONE instance at a time toward balance, only when that lowers
+the busier stage's utilisation by more than a tolerance (hysteresis), and not
+within a cool-down after the last change. An online signal backs the model
+up: end-to-end latency rising while the TTFT share of it grows calls for a
+prefill; rising while the share shrinks calls for a decode. A scenario never
+drops below one prefill and one decode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+Action = Literal["none", "add_prefill", "add_decode"]
+
+
+@dataclass(frozen=True)
+class RoleCapacity:
+    """Measured capacity of one instance in one role."""
+
+    batch_size: float  # b: requests per batch
+    batch_time_s: float  # T: seconds per batch (decode: the whole output of the batch)
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.batch_time_s <= 0:
+            raise ValueError(
+                f"batch_size and batch_time_s must be positive, got "
+                f"{self.batch_size} and {self.batch_time_s}"
+            )
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.batch_size / self.batch_time_s
+
+
+@dataclass(frozen=True)
+class RatioPolicy:
+    tolerance: float = 0.15  # act only when it cuts peak utilisation by this share
+    cooldown_s: float = 30.0
+    e2e_rise: float = 1.25  # online trigger: E2E above baseline by this factor
+    share_delta: float = 0.05  # TTFT-share change that counts as rising/falling
+    min_prefill: int = 1
+    min_decode: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.tolerance < 1:
+            raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance}")
+        if self.cooldown_s < 0:
+            raise ValueError(f"cooldown_s must be >= 0, got {self.cooldown_s}")
+        if self.e2e_rise <= 1:
+            raise ValueError(f"e2e_rise must exceed 1, got {self.e2e_rise}")
+        if self.min_prefill < 1 or self.min_decode < 1:
+            raise ValueError("a scenario keeps at least one prefill and one decode")
+
+
+@dataclass(frozen=True)
+class ScenarioSignal:
+    """What the controller observed for one scenario over the last window."""
+
+    now: float
+    n_prefill: int
+    n_decode: int
+    arrival_rate: float  # requests/s
+    prefill: RoleCapacity
+    decode: RoleCapacity
+    e2e_s: float | None = None  # mean end-to-end latency in the window
+    ttft_share: float | None = None  # mean TTFT / E2E in the window
+
+
+@dataclass(frozen=True)
+class RatioDecision:
+    action: Action
+    n_prefill: int
+    n_decode: int
+    reason: str
+
+
+def utilisation(signal: ScenarioSignal, n_prefill: int, n_decode: int) -> tuple[float, float]:
+    """(prefill, decode) utilisation by the arrival rate with the given counts."""
+    u_p = signal.arrival_rate / (n_prefill * signal.prefill.requests_per_s)
+    u_d = signal.arrival_rate / (n_decode * signal.decode.requests_per_s)
+    return u_p, u_d
+
+
+def balanced_split(
+    n_total: int, prefill: RoleCapacity, decode: RoleCapacity, policy: RatioPolicy | None = None
+) -> tuple[int, int]:
+    """Counts (n_p, n_d) summing to ``n_total`` that maximise end-to-end throughput."""
+    policy = policy or RatioPolicy()
+    if n_total < policy.min_prefill + policy.min_decode:
+        raise ValueError(f"need at least {policy.min_prefill + policy.min_decode} instances")
+
+    def throughput(n_p: int) -> tuple[float, float]:
+        rate_p, rate_d = n_p * prefill.requests_per_s, (n_total - n_p) * decode.requests_per_s
+        return min(rate_p, rate_d), -abs(rate_p - rate_d)
+
+    n_p = max(range(policy.min_prefill, n_total - policy.min_decode + 1), key=throughput)
+    return n_p, n_total - n_p
+
+
+class RatioController:
+    """Stateful per-scenario decisions: baseline latency, cool-down, hysteresis."""
+
+    def __init__(self, policy: RatioPolicy | None = None) -> None:
+        self.policy = policy or RatioPolicy()
+        self._last_change = -math.inf
+        self._baseline_e2e: float | None = None
+        self._baseline_share: float | None = None
+
+    def decide(self, signal: ScenarioSignal) -> RatioDecision:
+        n_p, n_d = signal.n_prefill, signal.n_decode
+        if signal.now - self._last_change < self.policy.cooldown_s:
+            return RatioDecision("none", n_p, n_d, "cooling down after the last change")
+        decision = self._online(signal) or self._balance(signal)
+        if decision.action != "none":
+            self._last_change = signal.now
+            # Latency after a change is the new normal to compare against.
+            self._baseline_e2e = None
+            self._baseline_share = None
+        return decision
+
+    def _balance(self, signal: ScenarioSignal) -> RatioDecision:
+        n_p, n_d = signal.n_prefill, signal.n_decode
+        if signal.arrival_rate <= 0:
+            return RatioDecision("none", n_p, n_d, "no traffic in the window")
+        u_p, u_d = utilisation(signal, n_p, n_d)
+        peak = max(u_p, u_d)
+        action: Action
+        if u_p > u_d and n_d > self.policy.min_decode:
+            moved, action = utilisation(signal, n_p + 1, n_d - 1), "add_prefill"
+        elif u_d > u_p and n_p > self.policy.min_prefill:
+            moved, action = utilisation(signal, n_p - 1, n_d + 1), "add_decode"
+        else:
+            return RatioDecision("none", n_p, n_d, f"balanced: prefill {u_p:.2f}, decode {u_d:.2f}")
+        gain = (peak - max(moved)) / peak
+        if gain <= self.policy.tolerance:
+            return RatioDecision(
+                "none",
+                n_p,
+                n_d,
+                f"within tolerance: prefill {u_p:.2f}, decode {u_d:.2f}, a switch gains {gain:.0%}",
+            )
+        return _switch(
+            action,
+            n_p,
+            n_d,
+            f"balance rule: prefill {u_p:.2f} vs decode {u_d:.2f} "
+            f"utilised; a switch cuts the peak by {gain:.0%}",
+        )
+
+    def _online(self, signal: ScenarioSignal) -> RatioDecision | None:
+        if signal.e2e_s is None or signal.ttft_share is None:
+            return None
+        if self._baseline_e2e is None or self._baseline_share is None:
+            self._baseline_e2e, self._baseline_share = signal.e2e_s, signal.ttft_share
+            return None
+        n_p, n_d = signal.n_prefill, signal.n_decode
+        if signal.e2e_s < self._baseline_e2e * self.policy.e2e_rise:
+            # Track slow drifts downward so a later rise is measured from the best seen.
+            self._baseline_e2e = min(self._baseline_e2e, signal.e2e_s)
+            return None
+        share_change = signal.ttft_share - self._baseline_share
+        rise = signal.e2e_s / self._baseline_e2e
+        if share_change > self.policy.share_delta and n_d > self.policy.min_decode:
+            return _switch(
+                "add_prefill",
+                n_p,
+                n_d,
+                f"E2E up {rise:.2f}x with TTFT share up {share_change:+.2f}",
+            )
+        if share_change < -self.policy.share_delta and n_p > self.policy.min_prefill:
+            return _switch(
+                "add_decode",
+                n_p,
+                n_d,
+                f"E2E up {rise:.2f}x with TTFT share down {share_change:+.2f}",
+            )
+        return None
+
+
+def _switch(action: Action, n_p: int, n_d: int, reason: str) -> RatioDecision:
+    if action == "add_prefill":
+        return RatioDecision(action, n_p + 1, n_d - 1, reason)
+    return RatioDecision(action, n_p - 1, n_d + 1, reason)

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import pytest
+
+from pdserve.scheduler.ratio import (
+    RatioController,
+    RatioPolicy,
+    RoleCapacity,
+    ScenarioSignal,
+    balanced_split,
+)
+
+# One prefill finishes 8 requests/s, one decode 2 requests/s: balance is 1 P : 4 D.
+PREFILL = RoleCapacity(batch_size=4, batch_time_s=0.5)
+DECODE = RoleCapacity(batch_size=16, batch_time_s=8.0)
+
+
+def signal(now: float, n_p: int, n_d: int, rate: float, **kw) -> ScenarioSignal:
+    return ScenarioSignal(
+        now=now,
+        n_prefill=n_p,
+        n_decode=n_d,
+        arrival_rate=rate,
+        prefill=PREFILL,
+        decode=DECODE,
+        **kw,
+    )
+
+
+def test_balanced_split_follows_the_balance_equation() -> None:
+    assert balanced_split(5, PREFILL, DECODE) == (1, 4)
+    assert balanced_split(10, PREFILL, DECODE) == (2, 8)
+    # Prompt-heavy traffic: slower prefill, faster decode.
+    assert balanced_split(4, RoleCapacity(1, 1.0), RoleCapacity(3, 1.0)) == (3, 1)
+    with pytest.raises(ValueError):
+        balanced_split(1, PREFILL, DECODE)
+
+
+def test_no_change_when_balanced() -> None:
+    decision = RatioController().decide(signal(100.0, 1, 4, rate=6.0))
+    assert decision.action == "none" and "balanced" in decision.reason
+
+
+def test_moves_one_instance_toward_decode_when_decode_is_the_bottleneck() -> None:
+    decision = RatioController().decide(signal(100.0, 3, 2, rate=3.0))
+    assert (decision.action, decision.n_prefill, decision.n_decode) == ("add_decode", 2, 3)
+    assert "balance rule" in decision.reason
+
+
+def test_moves_toward_prefill_for_prompt_heavy_traffic() -> None:
+    slow_prefill = RoleCapacity(batch_size=1, batch_time_s=1.0)
+    s = ScenarioSignal(
+        now=100.0, n_prefill=1, n_decode=3, arrival_rate=0.9, prefill=slow_prefill, decode=DECODE
+    )
+    decision = RatioController().decide(s)
+    assert (decision.action, decision.n_prefill, decision.n_decode) == ("add_prefill", 2, 2)
+
+
+def test_cooldown_and_hysteresis() -> None:
+    controller = RatioController(RatioPolicy(cooldown_s=30.0, tolerance=0.15))
+    assert controller.decide(signal(100.0, 3, 2, rate=3.0)).action == "add_decode"
+    assert "cooling down" in controller.decide(signal(110.0, 2, 3, rate=3.0)).reason
+    # 2P/3D at 3 req/s: decode 0.5 vs prefill 0.19; a switch to 1P/4D cuts the peak
+    # to 0.375 (25% > tolerance), so it happens once the cool-down has passed.
+    assert controller.decide(signal(131.0, 2, 3, rate=3.0)).action == "add_decode"
+    # A gain under the tolerance is left alone.
+    tight = RatioController(RatioPolicy(tolerance=0.9))
+    assert "within tolerance" in tight.decide(signal(0.0, 2, 3, rate=3.0)).reason
+
+
+def test_never_below_one_prefill_and_one_decode() -> None:
+    decision = RatioController().decide(signal(100.0, 1, 1, rate=50.0))
+    assert decision.action == "none"
+    assert (decision.n_prefill, decision.n_decode) == (1, 1)
+
+
+def test_no_traffic_no_change() -> None:
+    assert RatioController().decide(signal(100.0, 2, 2, rate=0.0)).action == "none"
+
+
+def test_online_signal_e2e_rising_with_ttft_share() -> None:
+    controller = RatioController(RatioPolicy(cooldown_s=0.0))
+    # Rate 0 keeps the capacity model silent so the online signal is what decides.
+    assert (
+        controller.decide(signal(0.0, 2, 2, rate=0.0, e2e_s=2.0, ttft_share=0.2)).action == "none"
+    )
+    up = controller.decide(signal(10.0, 2, 2, rate=0.0, e2e_s=3.0, ttft_share=0.5))
+    assert up.action == "add_prefill" and "TTFT share up" in up.reason
+
+    controller = RatioController(RatioPolicy(cooldown_s=0.0))
+    controller.decide(signal(0.0, 2, 2, rate=0.0, e2e_s=2.0, ttft_share=0.5))
+    down = controller.decide(signal(10.0, 2, 2, rate=0.0, e2e_s=3.0, ttft_share=0.2))
+    assert down.action == "add_decode" and "TTFT share down" in down.reason
+    # A small latency wobble is not a trigger.
+    steady = RatioController(RatioPolicy(cooldown_s=0.0))
+    steady.decide(signal(0.0, 2, 2, rate=0.0, e2e_s=2.0, ttft_share=0.5))
+    assert steady.decide(signal(10.0, 2, 2, rate=0.0, e2e_s=2.2, ttft_share=0.9)).action == "none"
+
+
+def test_policy_validation() -> None:
+    with pytest.raises(ValueError, match="tolerance"):
+        RatioPolicy(tolerance=1.5)
+    with pytest.raises(ValueError, match="one prefill and one decode"):
+        RatioPolicy(min_prefill=0)
+    with pytest.raises(ValueError, match="positive"):
+        RoleCapacity(0, 1.0)
