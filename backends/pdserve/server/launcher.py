@@ -1,0 +1,307 @@
+"""``pdserve serve``: start the real tritonserver shipped by ``nvidia-pytriton``.
+
+The launcher assembles a backend directory in a temp dir::
+
+    <tmp>/backends/
+      python/   libtriton_python.so, triton_python_backend_utils.py, the stub
+      pdserve/  model.py (symlink to this package's model.py)
+
+and starts ``tritonserver`` in poll mode, bound to loopback unless told
+otherwise, in its own process group so every stub it forks goes down with it.
+
+Why the environment matters: the stub embeds the system libpython of the same
+minor version as the running interpreter (pointing it at another build, e.g.
+pyenv's via PYTHONHOME, corrupted BYTES tensors here). We hand it our
+site-packages through ``PDSERVE_SITE_PACKAGES``; ``model.py`` adds them with
+``site.addsitedir`` so the editable-install ``.pth`` hooks run (plain
+``PYTHONPATH`` skips those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+
+from pdserve.errors import Unavailable
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # backends/pdserve
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    poll_secs: int = 5
+    ready_timeout_s: float = 300.0
+    log_verbose: int = 0
+    log_file: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if not 0 < port < 65536:
+                raise ValueError(f"{name} must be in 1..65535, got {port}")
+        if self.poll_secs <= 0:
+            raise ValueError(f"poll_secs must be positive, got {self.poll_secs}")
+        if self.ready_timeout_s <= 0:
+            raise ValueError(f"ready_timeout_s must be positive, got {self.ready_timeout_s}")
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+def pytriton_paths() -> tuple[Path, Path]:
+    """(tritonserver root, nvidia_pytriton.libs) of the installed nvidia-pytriton."""
+    import pytriton
+
+    site = Path(pytriton.__file__).resolve().parent.parent
+    return site / "pytriton" / "tritonserver", site / "nvidia_pytriton.libs"
+
+
+def assemble_backend_dir(dest: Path) -> Path:
+    """Lay out python/ and pdserve/ backends under ``dest``; returns the backends dir."""
+    triton_root, _ = pytriton_paths()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = triton_root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise Unavailable(f"nvidia-pytriton ships no Python backend stub for Python {version}")
+    backends = dest / "backends"
+    python_dir = backends / "python"
+    python_dir.mkdir(parents=True)
+    for src in (triton_root / "backends" / "python").iterdir():
+        if src.is_file():
+            shutil.copy2(src, python_dir / src.name)
+    shutil.copy2(stub, python_dir / stub.name)
+    pdserve_dir = backends / "pdserve"
+    pdserve_dir.mkdir()
+    shutil.copy2(PACKAGE_DIR / "model.py", pdserve_dir / "model.py")
+    return backends
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for tritonserver and the stubs it forks."""
+    _, libs = pytriton_paths()
+    env = dict(os.environ)
+    # The stub links the system libpython of the same minor version; pointing it
+    # at another build of it (e.g. pyenv's, via PYTHONHOME) corrupted BYTES
+    # tensors on this machine, so we leave interpreter discovery alone.
+    env.pop("PYTHONHOME", None)
+    ld = [str(libs)]
+    if env.get("LD_LIBRARY_PATH"):
+        ld.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(ld)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    site_dirs = [p for p in sys.path if p.endswith("site-packages")]
+    env["PDSERVE_SITE_PACKAGES"] = os.pathsep.join(site_dirs)
+    env.pop("PYTHONPATH", None)
+    env.update(extra or {})
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class TritonServer:
+    """A running tritonserver; a context manager that ALWAYS stops it."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: object = None
+
+    def command(self, backend_dir: Path) -> list[str]:
+        o = self.options
+        triton_root, _ = pytriton_paths()
+        return [
+            str(triton_root / "bin" / "tritonserver"),
+            f"--model-repository={Path(o.repository).resolve()}",
+            f"--backend-directory={backend_dir}",
+            "--model-control-mode=poll",
+            f"--repository-poll-secs={o.poll_secs}",
+            f"--http-address={o.host}",
+            f"--http-port={o.http_port}",
+            f"--grpc-address={o.host}",
+            f"--grpc-port={o.grpc_port}",
+            f"--metrics-address={o.host}",
+            f"--metrics-port={o.metrics_port}",
+            "--allow-metrics=true",
+            f"--log-verbose={o.log_verbose}",
+            "--exit-timeout-secs=10",
+        ]
+
+    def start(self) -> TritonServer:
+        if not Path(self.options.repository).is_dir():
+            raise FileNotFoundError(f"model repository {self.options.repository} is not a dir")
+        self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-backend-")
+        backend_dir = assemble_backend_dir(Path(self._tmp.name))
+        log = self.options.log_file
+        out = open(log, "ab") if log else None  # noqa: SIM115 - closed in stop()
+        self._log = out
+        self.process = subprocess.Popen(
+            self.command(backend_dir),
+            env=server_env(self.options.extra_env),
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,  # own process group: stubs die with it
+        )
+        return self
+
+    def model_names(self) -> list[str]:
+        req = urllib.request.Request(
+            f"http://{self.options.http_url}/v2/repository/index", data=b"{}", method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return [m["name"] for m in json.loads(resp.read())]
+
+    def is_ready(self) -> bool:
+        try:
+            url = f"http://{self.options.http_url}/v2/health/ready"
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self) -> None:
+        """Block until every model in the repository is READY; raise on exit/timeout."""
+        deadline = time.monotonic() + self.options.ready_timeout_s
+        expected = {p.name for p in Path(self.options.repository).iterdir() if p.is_dir()}
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise Unavailable(f"tritonserver exited with code {self.process.returncode}")
+            if self.is_ready():
+                with contextlib.suppress(urllib.error.URLError, OSError):
+                    req = urllib.request.Request(
+                        f"http://{self.options.http_url}/v2/repository/index",
+                        data=b"{}",
+                        method="POST",
+                    )
+                    with urllib.request.urlopen(req, timeout=5) as resp:
+                        index = json.loads(resp.read())
+                    ready = {m["name"] for m in index if m.get("state") == "READY"}
+                    if expected <= ready:
+                        return
+            time.sleep(0.5)
+        raise Unavailable(
+            f"models not ready after {self.options.ready_timeout_s:.0f}s "
+            f"(expected {sorted(expected)})"
+        )
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM the process group, SIGKILL what is left; remove the temp dir."""
+        proc = self.process
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+            # Stubs may outlive the server briefly; the whole group goes.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+            self.process = None
+        if self._log is not None:
+            self._log.close()  # type: ignore[attr-defined]
+            self._log = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repository", default="model_repository", type=Path)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--poll-secs", type=int, default=5)
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--log-verbose", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = ServerOptions(
+        repository=args.repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        poll_secs=args.poll_secs,
+        ready_timeout_s=args.ready_timeout,
+        log_verbose=args.log_verbose,
+    )
+    server = TritonServer(options)
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    try:
+        server.wait_ready()
+        print(
+            f"pdserve ready: HTTP http://{options.http_url}  gRPC {options.grpc_url}  "
+            f"metrics {options.metrics_url}",
+            flush=True,
+        )
+        while not stopping and server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+        rc = 0 if stopping else 1
+    except Unavailable as e:
+        print(f"pdserve serve: {e}", file=sys.stderr)
+        rc = 1
+    finally:
+        server.stop()
+    return rc
+
