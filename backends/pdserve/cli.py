@@ -14,6 +14,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pdserve.engine.generate_cli", "offline generation with the engine (no server)"),
+    "bench": ("pdserve.bench.cli", "load generator: TTFT, ITL, throughput, goodput"),
 }
 
 
