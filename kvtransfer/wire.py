@@ -1,0 +1,260 @@
+"""The control-channel wire protocol: framing, authentication, checksums.
+
+Every transport talks over one authenticated TCP connection per transfer
+(pooled by the sender). Only the tcp transport also carries the KV bytes on it;
+shm and mooncake write them one-sided and send a NOTE naming the span.
+
+Handshake (mutual HMAC-SHA256 challenge-response; the secret never travels):
+
+    receiver -> sender   b"PDKV1" + nonce_r[32]
+    sender   -> receiver nonce_s[32] + HMAC(secret, b"s" + nonce_r + nonce_s)
+    receiver -> sender   HMAC(secret, b"r" + nonce_r + nonce_s)   (32 zero bytes = refused)
+
+Frame (24-byte header, then ``meta_len`` bytes of JSON, then ``payload_len`` bytes):
+
+    | magic "KV" | type u8 | flags u8 | meta_len u32 | offset u64 | payload_len u64 |
+
+``offset`` is a byte offset in the receiver's arena. DATA frames carry payload
+(tcp); NOTE frames carry none (shm/mooncake wrote the bytes already). Either
+with FLAG_ACK asks for one ACK frame: that is the block-fixed baseline's
+per-page confirmation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import select
+import socket
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pdserve.errors import TransferError
+
+GREETING = b"PDKV1"
+NONCE_BYTES = 32
+MAC_BYTES = 32
+REFUSED = bytes(MAC_BYTES)
+MAX_META_BYTES = 64 * 1024
+
+_HEADER = struct.Struct("!2sBBIQQ")
+HEADER_BYTES = _HEADER.size
+MAGIC = b"KV"
+
+BEGIN, GRANT, DATA, NOTE, ACK, END, DONE, ERR, ABORT = range(1, 10)
+FRAME_NAMES = {
+    BEGIN: "BEGIN", GRANT: "GRANT", DATA: "DATA", NOTE: "NOTE", ACK: "ACK",
+    END: "END", DONE: "DONE", ERR: "ERR", ABORT: "ABORT",
+}  # fmt: skip
+FLAG_ACK = 1
+
+
+class ProtocolError(TransferError):
+    """The peer sent something this protocol does not allow."""
+
+
+class Refused(TransferError):
+    """The receiver answered ERR: it refused or aborted the transfer."""
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: int
+    flags: int
+    meta_len: int
+    offset: int
+    payload_len: int
+
+    @property
+    def wants_ack(self) -> bool:
+        return bool(self.flags & FLAG_ACK)
+
+
+def checksum(data: memoryview, kind: str, value: int = 0) -> int:
+    """Running checksum of ``data`` continuing from ``value`` (zlib.crc32)."""
+    if kind == "none":
+        return 0
+    return zlib.crc32(data, value)
+
+
+def byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a flat uint8 tensor; zero-copy when contiguous, one copy otherwise."""
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()  # KV on an accelerator is staged through host memory
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def as_memoryview(flat: torch.Tensor) -> memoryview:
+    """A writable memoryview of a 1-D uint8 CPU tensor (shares its memory)."""
+    array: Any = flat.numpy()
+    return memoryview(array).cast("B")
+
+
+def _mac(secret: bytes, role: bytes, nonce_r: bytes, nonce_s: bytes) -> bytes:
+    return hmac.new(secret, role + nonce_r + nonce_s, hashlib.sha256).digest()
+
+
+class Connection:
+    """One framed, authenticated control connection (either side)."""
+
+    def __init__(self, sock: socket.socket, io_timeout_s: float) -> None:
+        self.sock = sock
+        self.io_timeout_s = io_timeout_s
+        sock.settimeout(io_timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._header_buf = bytearray(HEADER_BYTES)
+
+    # -- handshake ---------------------------------------------------------------
+    @classmethod
+    def connect(cls, endpoint: tuple[str, int], secret: bytes, connect_timeout_s: float,
+                io_timeout_s: float) -> Connection:
+        """Dial a receiver and authenticate both ways; raises ``TransferError``."""
+        try:
+            sock = socket.create_connection(endpoint, timeout=connect_timeout_s)
+        except OSError as exc:
+            raise TransferError(f"cannot connect to KV receiver {endpoint}: {exc}") from None
+        conn = cls(sock, io_timeout_s)
+        try:
+            greeting = conn.recv_exact(len(GREETING) + NONCE_BYTES)
+            if greeting[: len(GREETING)] != GREETING:
+                raise ProtocolError(f"{endpoint} is not a pdserve KV receiver")
+            nonce_r, nonce_s = greeting[len(GREETING):], os.urandom(NONCE_BYTES)
+            conn.sock.sendall(nonce_s + _mac(secret, b"s", nonce_r, nonce_s))
+            proof = conn.recv_exact(MAC_BYTES)
+        except TransferError as exc:
+            conn.close()
+            raise TransferError(f"authentication with {endpoint} failed: {exc}") from None
+        if not hmac.compare_digest(proof, _mac(secret, b"r", nonce_r, nonce_s)):
+            conn.close()
+            raise TransferError(
+                f"authentication with {endpoint} failed: "
+                + ("the receiver refused our secret" if proof == REFUSED else "bad receiver proof")
+            )
+        return conn
+
+    def accept_handshake(self, secret: bytes) -> bool:
+        """Receiver side of the handshake; False (peer refused) on a wrong secret."""
+        nonce_r = os.urandom(NONCE_BYTES)
+        self.sock.sendall(GREETING + nonce_r)
+        reply = self.recv_exact(NONCE_BYTES + MAC_BYTES)
+        nonce_s, mac = reply[:NONCE_BYTES], reply[NONCE_BYTES:]
+        if not hmac.compare_digest(mac, _mac(secret, b"s", nonce_r, nonce_s)):
+            self.sock.sendall(REFUSED)
+            return False
+        self.sock.sendall(_mac(secret, b"r", nonce_r, nonce_s))
+        return True
+
+    # -- frames ------------------------------------------------------------------
+    def send_frame(self, kind: int, *, meta: dict[str, Any] | None = None, offset: int = 0,
+                   payload: memoryview | None = None, flags: int = 0) -> None:
+        meta_bytes = json.dumps(meta, separators=(",", ":")).encode() if meta else b""
+        payload_len = 0 if payload is None else payload.nbytes
+        header = _HEADER.pack(MAGIC, kind, flags, len(meta_bytes), offset, payload_len)
+        buffers: list[Any] = [header + meta_bytes]
+        if payload_len:
+            assert payload is not None
+            buffers.append(payload)
+        self._send_all(buffers)
+
+    def recv_header(self) -> Header:
+        self._recv_into_exact(memoryview(self._header_buf))
+        magic, kind, flags, meta_len, offset, payload_len = _HEADER.unpack(self._header_buf)
+        if magic != MAGIC or kind not in FRAME_NAMES:
+            raise ProtocolError(f"bad frame header (magic {magic!r}, type {kind})")
+        if meta_len > MAX_META_BYTES:
+            raise ProtocolError(f"frame metadata of {meta_len} bytes exceeds {MAX_META_BYTES}")
+        return Header(kind, flags, meta_len, offset, payload_len)
+
+    def recv_meta(self, header: Header) -> dict[str, Any]:
+        if not header.meta_len:
+            return {}
+        try:
+            meta = json.loads(self.recv_exact(header.meta_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(f"frame metadata is not JSON: {exc}") from None
+        if not isinstance(meta, dict):
+            raise ProtocolError("frame metadata must be a JSON object")
+        return meta
+
+    def recv_frame(self) -> tuple[Header, dict[str, Any]]:
+        header = self.recv_header()
+        return header, self.recv_meta(header)
+
+    def expect(self, kind: int) -> tuple[Header, dict[str, Any]]:
+        """Next frame, which must be ``kind``; an ERR frame raises its message."""
+        header, meta = self.recv_frame()
+        if header.kind == ERR:
+            raise Refused(f"receiver refused: {meta.get('message', 'no reason given')}")
+        if header.kind != kind or header.payload_len:
+            raise ProtocolError(f"expected {FRAME_NAMES[kind]}, got {FRAME_NAMES[header.kind]}")
+        return header, meta
+
+    def poll_error(self) -> None:
+        """Raise if the receiver already sent ERR (or hung up); never blocks."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if readable:
+            header, meta = self.recv_frame()
+            if header.kind == ERR:
+                raise Refused(f"receiver aborted: {meta.get('message', 'no reason given')}")
+            raise ProtocolError(f"unexpected {FRAME_NAMES[header.kind]} from receiver")
+
+    def readable_within(self, timeout_s: float) -> bool:
+        readable, _, _ = select.select([self.sock], [], [], timeout_s)
+        return bool(readable)
+
+    # -- bytes -------------------------------------------------------------------
+    def recv_exact(self, nbytes: int) -> bytes:
+        buf = bytearray(nbytes)
+        self._recv_into_exact(memoryview(buf))
+        return bytes(buf)
+
+    def recv_payload_into(self, view: memoryview, should_stop: Callable[[], bool]) -> None:
+        """Receive exactly ``len(view)`` bytes straight into ``view`` (the arena)."""
+        self._recv_into_exact(view, should_stop)
+
+    def _recv_into_exact(self, view: memoryview,
+                         should_stop: Callable[[], bool] | None = None) -> None:
+        pos, total = 0, view.nbytes
+        try:
+            while pos < total:
+                n = self.sock.recv_into(view[pos:])
+                if n == 0:
+                    raise TransferError(f"peer closed the connection after {pos} of {total} bytes")
+                pos += n
+                if should_stop is not None and should_stop():
+                    raise TransferError("transfer aborted by the receiver")
+        except TimeoutError:
+            raise TransferError(
+                f"timed out after {self.io_timeout_s}s waiting for data ({pos} of {total} bytes)"
+            ) from None
+        except OSError as exc:
+            raise TransferError(f"connection failed: {exc}") from None
+
+    def _send_all(self, buffers: list[Any]) -> None:
+        views = [memoryview(b).cast("B") for b in buffers]
+        try:
+            while views:
+                sent = self.sock.sendmsg(views)
+                while sent:
+                    if sent >= views[0].nbytes:
+                        sent -= views[0].nbytes
+                        views.pop(0)
+                    else:
+                        views[0], sent = views[0][sent:], 0
+        except TimeoutError:
+            raise TransferError(f"timed out after {self.io_timeout_s}s sending to peer") from None
+        except OSError as exc:
+            raise TransferError(f"connection failed: {exc}") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
