@@ -14,6 +14,8 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pdserve.engine.generate_cli", "offline generation with the engine (no server)"),
+    "serve": ("pdserve.server.launcher", "start tritonserver on a pdserve model repository"),
+    "repo": ("pdserve.server.repo", "build a model repository from a deployment spec"),
     "bench": ("pdserve.bench.cli", "load generator: TTFT, ITL, throughput, goodput"),
 }
 

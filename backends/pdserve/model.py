@@ -1,0 +1,84 @@
+"""Triton entry point of the pdserve Python-based backend: a thin adapter.
+
+Reads the model's config.pbtxt ``parameters``, builds the role (router,
+prefill, decode, aggregated) and hands it each request. Every request ends with
+the FINAL flag: a role that raises gets its error sent here.
+"""
+
+from __future__ import annotations
+
+import os
+import site
+
+# The stub's interpreter does not know our venv; the launcher passes its
+# site-packages (with .pth files, so the editable install resolves).
+for _dir in os.environ.get("PDSERVE_SITE_PACKAGES", "").split(os.pathsep):
+    if _dir:
+        site.addsitedir(_dir)
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+from typing import Any  # noqa: E402
+
+from pdserve.roles.instance import apply_pinning  # noqa: E402
+from pdserve.roles.requests import ROUTER_INPUTS, parse_request  # noqa: E402
+from pdserve.roles.triton import Responder, read_inputs, read_instance_request  # noqa: E402
+from pdserve.server.config import InstanceConfig, parse_parameters  # noqa: E402
+
+
+def _build_role(cfg: InstanceConfig) -> Any:
+    if cfg.role == "router":
+        from pdserve.roles.router import RouterRole
+
+        return RouterRole(cfg)
+    if cfg.role == "prefill":
+        from pdserve.roles.prefill import PrefillRole
+
+        return PrefillRole(cfg)
+    if cfg.role == "decode":
+        from pdserve.roles.decode import DecodeRole
+
+        return DecodeRole(cfg)
+    from pdserve.roles.aggregated import AggregatedRole
+
+    return AggregatedRole(cfg)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        model_config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        self.cfg = parse_parameters(args["model_name"], params)
+        apply_pinning(self.cfg)
+        self.role = _build_role(self.cfg)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def execute(self, requests: list[Any]) -> None:
+        # Decoupled: each request becomes its own task and answers on its own.
+        loop = asyncio.get_running_loop()
+        for request in requests:
+            task = loop.create_task(self._serve(request))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, request: Any) -> None:
+        out = Responder(request)
+        try:
+            if self.cfg.role == "router":
+                params = json.loads(request.parameters() or "{}")
+                req = parse_request(read_inputs(request, ROUTER_INPUTS), params,
+                                    self.role.tokenizer, self.role.limits)
+                await self.role.handle(request, req, out)
+            else:
+                op, payload = read_instance_request(request)
+                await self.role.handle(op, payload, out)
+        except BaseException as exc:  # every path must end with FINAL
+            out.fail(exc)
+        finally:
+            if self.cfg.role == "router":
+                out.close()
+
+    def finalize(self) -> None:
+        role = getattr(self, "role", None)
+        if role is not None:
+            role.close()

@@ -1,0 +1,158 @@
+"""Decode role: reserve KV for a request, then stream its tokens from the running batch.
+
+    reserve  -> reserve an extent (kvtransfer receiver), answer TokenChunk(handle),
+                keep the stream open
+    commit   -> the KV has landed: verify, claim the extent, start the sequence
+                with the first token (from prefill) in the continuous batch;
+                tokens stream on the reserve call
+    abort    -> cancel the reservation or stop the sequence; ends the stream
+
+KV ownership: the receiver owns a reservation until ``claim``; then the
+sequence does and the batcher frees it when the sequence ends. A reservation
+never committed expires after ``kv_ttl_s`` (receiver TTL) and its stream ends
+with an error (reaped here).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.engine import ContinuousBatcher, SamplingParams
+from pdserve.errors import InvalidArgument, Unavailable
+from pdserve.kvtransfer.factory import make_receiver
+from pdserve.roles.batch_worker import BatchWorker
+from pdserve.roles.common import ResponderSink, ack
+from pdserve.roles.contracts import AbortCall, CommitCall, GenerateCall, TokenChunk
+from pdserve.roles.instance import close_arena, load_engine, make_arena, transfer_config
+from pdserve.roles.metrics import InstanceMetrics
+from pdserve.roles.triton import Responder, payload_out
+from pdserve.server.config import InstanceConfig
+
+
+@dataclass
+class _Pending:
+    call: GenerateCall
+    params: SamplingParams
+    sink: ResponderSink
+    deadline: float
+
+
+class DecodeRole:
+    def __init__(self, cfg: InstanceConfig) -> None:
+        self.cfg = cfg
+        self.arena = make_arena(cfg)
+        self.engine = load_engine(cfg, self.arena)
+        self.receiver = make_receiver(cfg.kv_transport, self.arena, self.engine.layout,
+                                      self.engine.fingerprint, transfer_config(cfg), cfg.name)
+        self.metrics = InstanceMetrics(cfg.name)
+        batcher = ContinuousBatcher(self.engine, max_batch_size=cfg.max_batch_size,
+                                    max_step_tokens=max(cfg.max_step_tokens, cfg.max_batch_size),
+                                    chunked_prefill=False)
+        self.worker = BatchWorker(batcher, cfg.name, on_step=self._on_step)
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name=f"{cfg.name}-reaper",
+                                        daemon=True)
+        self._reaper.start()
+        self._update_kv()
+
+    async def handle(self, op: str, payload: bytes, out: Responder) -> None:
+        if op == "reserve":
+            self._reserve(GenerateCall.from_bytes(payload), out)
+        elif op == "commit":
+            self._commit(CommitCall.from_bytes(payload))
+            ack(out)
+        elif op == "abort":
+            self.abort(AbortCall.from_bytes(payload).request_id)
+            ack(out)
+        else:
+            raise InvalidArgument(f"decode instance {self.cfg.name} does not serve op {op!r}")
+
+    def _reserve(self, call: GenerateCall, out: Responder) -> None:
+        params = SamplingParams.from_dict(call.sampling)
+        # Validates the prompt against the model (ids, context) before taking KV.
+        self.engine.new_sequence(call.request_id, list(call.prompt_ids), params)
+        handle = self.receiver.reserve(call.request_id, len(call.prompt_ids), params.max_tokens,
+                                       ttl_s=self.cfg.kv_ttl_s)
+        sink = ResponderSink(out)
+        with self._lock:
+            self._pending[call.request_id] = _Pending(
+                call, params, sink, time.monotonic() + 2 * self.cfg.kv_ttl_s)
+        self._update_kv()
+        out.send(payload_out(TokenChunk(handle=handle.to_bytes().decode()).to_bytes()))
+
+    def _commit(self, call: CommitCall) -> None:
+        with self._lock:
+            pending = self._pending.pop(call.request_id, None)
+        if pending is None:
+            raise InvalidArgument(f"no reservation for request {call.request_id!r} to commit")
+        try:
+            self.receiver.wait(call.request_id, timeout_s=self.cfg.kv_ttl_s)  # verified landing
+            extent = self.receiver.claim(call.request_id)
+        except BaseException as exc:
+            self.receiver.cancel(call.request_id)
+            pending.sink.fail(exc)
+            raise
+        try:
+            seq = self.engine.new_sequence(call.request_id, list(pending.call.prompt_ids),
+                                           pending.params, extent=extent)
+            seq.num_cached_tokens = seq.num_prompt_tokens
+            seq.output_ids.append(call.first_token)
+            if pending.params.stop:  # stop strings see the first token's text too
+                seq.output_text = self.engine.tokenizer.decode([call.first_token])
+            self.worker.add(seq, pending.sink)
+        except BaseException as exc:
+            self.arena.free(extent)
+            pending.sink.fail(exc)
+            raise
+        self.metrics.prompt_tokens.increment(len(pending.call.prompt_ids))
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            self.receiver.cancel(request_id)
+            pending.sink.chunk(TokenChunk(finish_reason="abort"), final=True)
+        else:
+            self.worker.abort(request_id)
+        self._update_kv()
+
+    def _reap(self) -> None:
+        """End reservations nobody committed (router or prefill gone)."""
+        while not self._stop.wait(1.0):
+            now = time.monotonic()
+            with self._lock:
+                expired = [rid for rid, p in self._pending.items() if p.deadline < now]
+                dead = [self._pending.pop(rid) for rid in expired]
+            for rid, pending in zip(expired, dead, strict=True):
+                self.receiver.cancel(rid)
+                pending.sink.fail(Unavailable(f"KV reservation for {rid!r} was never committed"))
+            self._update_kv()
+
+    def _on_step(self, generated: int) -> None:
+        self.metrics.generated_tokens.increment(generated)
+        self.metrics.running_batch.set(self.worker.batcher.num_running)
+        self._update_kv()
+
+    def _update_kv(self) -> None:
+        self.metrics.set_kv(self.arena.bytes_in_use, self.arena.bytes_free)
+
+    def stats(self) -> dict[str, Any]:
+        return {"pending": len(self._pending), "streams": self.worker.num_streams}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reaper.join(timeout=5)
+        with self._lock:
+            pending = list(self._pending.items())
+            self._pending.clear()
+        for rid, p in pending:
+            self.receiver.cancel(rid)
+            p.sink.fail(Unavailable("decode instance is shutting down"))
+        self.worker.close()
+        self.receiver.close()
+        close_arena(self.arena)

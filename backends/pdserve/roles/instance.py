@@ -1,0 +1,53 @@
+"""Building an instance's pieces from its config (no Triton import).
+
+Thread pinning, engine loading and KV transfer endpoints, shared by the
+prefill, decode and aggregated roles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from pdserve.engine import LLMEngine
+from pdserve.kvtransfer.arena import Arena
+from pdserve.kvtransfer.config import TransferConfig
+from pdserve.kvtransfer.shm import ShmArena
+from pdserve.server.config import InstanceConfig
+
+
+def apply_pinning(cfg: InstanceConfig) -> None:
+    """Pin this stub to ``cpu_cores`` (if set) and size torch's thread pool."""
+    if cfg.cpu_cores is not None:
+        usable = os.sched_getaffinity(0) | set(range(os.cpu_count() or 1))
+        missing = sorted(set(cfg.cpu_cores) - usable)
+        if missing:
+            raise ValueError(f"{cfg.name}: cpu_cores {missing} do not exist on this machine")
+        os.sched_setaffinity(0, cfg.cpu_cores)
+    torch.set_num_threads(cfg.threads)
+
+
+def transfer_config(cfg: InstanceConfig) -> TransferConfig:
+    # The deployment's secret is expanded to the transport's minimum length so
+    # short operator strings still work; both sides derive the same bytes.
+    return TransferConfig(secret=hashlib.sha256(cfg.kv_secret.encode()).digest(),
+                          io_timeout_s=max(10.0, cfg.kv_ttl_s))
+
+
+def make_arena(cfg: InstanceConfig) -> Arena:
+    """The decode arena: in shared memory when prefill writes into it one-sided."""
+    if cfg.kv_transport == "shm":
+        return ShmArena(cfg.kv_capacity_bytes)
+    return Arena(cfg.kv_capacity_bytes)
+
+
+def load_engine(cfg: InstanceConfig, arena: Arena | None = None) -> LLMEngine:
+    return LLMEngine.load(cfg.model, dtype=cfg.dtype, device=cfg.device, kv_arena=arena,
+                          kv_capacity_bytes=cfg.kv_capacity_bytes)
+
+
+def close_arena(arena: Arena) -> None:
+    if isinstance(arena, ShmArena):
+        arena.close()

@@ -1,0 +1,57 @@
+"""Per-instance Prometheus metrics on Triton's metrics port (``pb_utils.MetricFamily``).
+
+Every metric carries the label ``instance`` (the Triton model name). Families
+are created once per stub process; each role records what it observes:
+router TTFT/TPOT, tokens and prefill rejections; decode/aggregated running
+batch and KV arena bytes; prefill KV transfer seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import triton_python_backend_utils as pb_utils
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+TRANSFER_BUCKETS = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]
+
+
+class InstanceMetrics:
+    def __init__(self, instance: str) -> None:
+        labels = {"instance": instance}
+        fam = pb_utils.MetricFamily
+        self._families: list[Any] = []
+
+        def make(name: str, desc: str, kind: Any, buckets: list[float] | None = None) -> Any:
+            family = fam(name=name, description=desc, kind=kind)
+            self._families.append(family)
+            if buckets is None:
+                return family.Metric(labels=labels)
+            return family.Metric(labels=labels, buckets=buckets)
+
+        self.ttft = make("pdserve_time_to_first_token_seconds",
+                         "Time from request arrival to the first token", fam.HISTOGRAM,
+                         LATENCY_BUCKETS)
+        self.tpot = make("pdserve_time_per_output_token_seconds",
+                         "Mean time per output token after the first, per request",
+                         fam.HISTOGRAM, LATENCY_BUCKETS)
+        self.prompt_tokens = make("pdserve_prompt_tokens_total", "Prompt tokens processed",
+                                  fam.COUNTER)
+        self.generated_tokens = make("pdserve_generated_tokens_total", "Tokens generated",
+                                     fam.COUNTER)
+        self.running_batch = make("pdserve_running_batch_size",
+                                  "Sequences in the running batch", fam.GAUGE)
+        self.kv_bytes_in_use = make("pdserve_kv_arena_bytes_in_use",
+                                    "KV arena bytes held by extents", fam.GAUGE)
+        self.kv_bytes_free = make("pdserve_kv_arena_bytes_free", "KV arena bytes free",
+                                  fam.GAUGE)
+        self.kv_transfer = make("pdserve_kv_transfer_seconds",
+                                "Time to send one request's prompt KV", fam.HISTOGRAM,
+                                TRANSFER_BUCKETS)
+        self.prefill_rejections = make("pdserve_prefill_rejections_total",
+                                       "Prompts refused for lack of a free prefill slot",
+                                       fam.COUNTER)
+
+    def set_kv(self, in_use: int, free: int) -> None:
+        self.kv_bytes_in_use.set(in_use)
+        self.kv_bytes_free.set(free)

@@ -1,0 +1,159 @@
+"""Prefill role: on-demand prefill, KV written straight into the decode instance's extent.
+
+    prefill -> accepted only with a free batch slot (else rejected at once,
+               UNAVAILABLE, so the router tries the next instance); prompts that
+               arrive together are prefilled in one packed forward; each
+               prompt's KV goes to its KVHandle (whole region, or layer by layer
+               while later layers still compute); answers one PrefillResult.
+
+KV ownership: the local extent a prompt is prefilled into is allocated by the
+engine here and released right after its transfer, on success and failure.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from pdserve.engine import SamplingParams, Sequence
+from pdserve.errors import InvalidArgument
+from pdserve.kvtransfer.factory import make_sender
+from pdserve.kvtransfer.handle import KVHandle
+from pdserve.kvtransfer.transport import SendStream
+from pdserve.roles.contracts import PrefillCall, PrefillResult
+from pdserve.roles.instance import load_engine, transfer_config
+from pdserve.roles.metrics import InstanceMetrics
+from pdserve.roles.triton import Responder, payload_out
+from pdserve.scheduler.forwarding import PrefillRejected
+from pdserve.server.config import InstanceConfig
+
+
+@dataclass
+class _Job:
+    call: PrefillCall
+    handle: KVHandle
+    params: SamplingParams
+    out: Responder
+
+
+class PrefillRole:
+    def __init__(self, cfg: InstanceConfig) -> None:
+        self.cfg = cfg
+        self.engine = load_engine(cfg)
+        self.sender = make_sender(cfg.kv_transport, self.engine.layout, self.engine.fingerprint,
+                                  transfer_config(cfg))
+        self.metrics = InstanceMetrics(cfg.name)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: list[_Job] = []
+        self._in_flight = 0  # queued + running; never above max_batch_size
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=f"{cfg.name}-prefill", daemon=True)
+        self._thread.start()
+        self._update_kv()
+
+    async def handle(self, op: str, payload: bytes, out: Responder) -> None:
+        if op != "prefill":
+            raise InvalidArgument(f"prefill instance {self.cfg.name} does not serve op {op!r}")
+        call = PrefillCall.from_bytes(payload)
+        job = _Job(call, KVHandle.from_bytes(call.handle.encode()),
+                   SamplingParams.from_dict(call.sampling), out)
+        with self._lock:
+            if self._in_flight >= self.cfg.max_batch_size:
+                self.metrics.prefill_rejections.increment(1)
+                raise PrefillRejected(
+                    f"{self.cfg.name} has no free slot ({self._in_flight} prompts in flight)")
+            self._in_flight += 1
+            self._queue.append(job)
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._queue:
+                    self._wake.wait()
+                if self._stop:
+                    jobs, self._queue = self._queue, []
+                    for job in jobs:
+                        job.out.fail(PrefillRejected(f"{self.cfg.name} is shutting down"))
+                    return
+                jobs, self._queue = self._queue, []
+            try:
+                self._prefill(jobs)
+            finally:
+                with self._lock:
+                    self._in_flight -= len(jobs)
+                self._update_kv()
+
+    def _prefill(self, jobs: list[_Job]) -> None:
+        seqs: list[Sequence] = []
+        ready: list[_Job] = []
+        for job in jobs:
+            try:
+                seqs.append(self.engine.new_sequence(job.call.request_id,
+                                                     list(job.call.prompt_ids), job.params))
+                ready.append(job)
+            except Exception as exc:
+                job.out.fail(exc)
+        streams: dict[int, SendStream] = {}
+        try:
+            layerwise = self.cfg.kv_send_mode == "layerwise"
+            if layerwise:
+                for i, job in enumerate(ready):
+                    streams[i] = self.sender.begin(job.handle, "layerwise")
+            for seq in seqs:
+                self.engine.allocate(seq)
+            t0 = time.perf_counter()
+
+            def on_layer_done(layer: int) -> None:
+                for i, stream in list(streams.items()):
+                    try:
+                        stream.send_layer(layer, self.engine.kv_prompt_view(seqs[i])[layer])
+                    except Exception as exc:
+                        del streams[i]
+                        ready[i].out.fail(exc)
+
+            first = self.engine.prefill(seqs, on_layer_done if layerwise else None)
+            prefill_s = time.perf_counter() - t0
+            for i, (job, seq) in enumerate(zip(ready, seqs, strict=True)):
+                if job.out.is_final:
+                    continue  # its transfer already failed
+                self._finish_one(job, seq, first[i], streams.get(i), prefill_s)
+        except Exception as exc:
+            for i, job in enumerate(ready):
+                if i in streams:
+                    streams[i].abort(f"prefill failed: {exc}")
+                job.out.fail(exc)
+        finally:
+            for seq in seqs:
+                self.engine.release(seq)
+
+    def _finish_one(self, job: _Job, seq: Sequence, first: int, stream: SendStream | None,
+                    prefill_s: float) -> None:
+        t0 = time.perf_counter()
+        try:
+            if stream is not None:
+                stream.finish()
+            else:
+                self.sender.send(job.handle, self.engine.kv_prompt_view(seq), "whole")
+        except Exception as exc:
+            job.out.fail(exc)
+            return
+        transfer_s = time.perf_counter() - t0
+        self.metrics.kv_transfer.observe(transfer_s)
+        self.metrics.prompt_tokens.increment(seq.num_prompt_tokens)
+        result = PrefillResult(job.call.request_id, first, prefill_s, transfer_s,
+                               finish_reason=seq.finish_reason or "",
+                               text_len=seq.stop_text_len if seq.stop_text_len is not None else -1)
+        job.out.send(payload_out(result.to_bytes()), final=True)
+
+    def _update_kv(self) -> None:
+        self.metrics.set_kv(self.engine.arena.bytes_in_use, self.engine.arena.bytes_free)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        self.sender.close()

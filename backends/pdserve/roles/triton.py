@@ -1,0 +1,157 @@
+"""The Triton glue every role shares; the ONE place errors become TritonErrors.
+
+``Responder`` wraps a decoupled response sender so that each request ends with
+exactly one FINAL flag (errors included) and is safe to use from any thread.
+``InstanceClient`` makes BLS calls to P/D instances and iterates their
+decoupled response streams on a dedicated thread pool: ``async_exec`` returns a
+*synchronous* iterator, and iterating it on the event loop (or on the default
+executor, ~6 threads here) would serialise or cap the router's streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncGenerator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from pdserve.errors import Cancelled, InternalError, InvalidArgument, PdserveError, Unavailable
+from pdserve.roles.contracts import Op
+from pdserve.scheduler.forwarding import PrefillRejected
+
+REJECTED_MARK = "[prefill-rejected]"  # how a prefill rejection survives the BLS hop
+
+_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _code(name: str) -> Any:
+    # TritonError is injected by the stub after import, so look it up late.
+    return getattr(pb_utils.TritonError, name)
+
+
+def to_triton_error(exc: BaseException) -> Any:
+    """Map any exception to a ``pb_utils.TritonError`` (typed errors keep their code)."""
+    if isinstance(exc, PdserveError):
+        message = str(exc)
+        if isinstance(exc, PrefillRejected):
+            message = f"{REJECTED_MARK} {message}"
+        return pb_utils.TritonError(message, _code(exc.code))
+    if isinstance(exc, ValueError):
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+    return pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}",
+                                pb_utils.TritonError.INTERNAL)
+
+
+def from_triton_error(error: Any, instance: str) -> PdserveError:
+    """A BLS error from ``instance`` -> the typed error the router acts on."""
+    message = error.message()
+    code = error.code()
+    if message.startswith(REJECTED_MARK):
+        return PrefillRejected(message[len(REJECTED_MARK):].strip())
+    if code == pb_utils.TritonError.INVALID_ARG:
+        return InvalidArgument(message)
+    if code == pb_utils.TritonError.CANCELLED:
+        return Cancelled(f"{instance}: {message}")
+    return Unavailable(f"instance {instance} failed: {message}")
+
+
+class Responder:
+    """Sends responses of one request; guarantees one FINAL flag, thread-safe."""
+
+    def __init__(self, request: Any) -> None:
+        self._sender = request.get_response_sender()
+        self._lock = threading.Lock()
+        self.is_final = False
+
+    def send(self, outputs: Mapping[str, np.ndarray], final: bool = False) -> None:
+        tensors = [pb_utils.Tensor(name, arr) for name, arr in outputs.items()]
+        with self._lock:
+            if self.is_final:
+                return
+            self.is_final = final
+            self._sender.send(pb_utils.InferenceResponse(output_tensors=tensors),
+                              flags=_FINAL if final else 0)
+
+    def fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.is_final:
+                return
+            self.is_final = True
+            self._sender.send(pb_utils.InferenceResponse(error=to_triton_error(exc)), flags=_FINAL)
+
+    def close(self) -> None:
+        """FINAL with no response (nothing more to say)."""
+        with self._lock:
+            if not self.is_final:
+                self.is_final = True
+                self._sender.send(flags=_FINAL)
+
+
+def payload_out(data: bytes) -> dict[str, np.ndarray]:
+    return {"payload": np.array([data], dtype=np.object_)}
+
+
+def read_instance_request(request: Any) -> tuple[str, bytes]:
+    """(op, payload) of a call to a P/D instance."""
+    op = pb_utils.get_input_tensor_by_name(request, "op")
+    payload = pb_utils.get_input_tensor_by_name(request, "payload")
+    if op is None or payload is None:
+        raise InvalidArgument("instance requests need 'op' and 'payload' inputs")
+    raw_op = op.as_numpy().reshape(-1)[0]
+    return (raw_op.decode() if isinstance(raw_op, bytes) else str(raw_op),
+            bytes(payload.as_numpy().reshape(-1)[0]))
+
+
+def read_inputs(request: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            out[name] = tensor.as_numpy()
+    return out
+
+
+class InstanceClient:
+    """BLS calls to P/D instances; streams are iterated on ``pool`` threads."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+
+    def _request(self, model: str, op: Op, payload: bytes) -> Any:
+        return pb_utils.InferenceRequest(
+            model_name=model,
+            inputs=[
+                pb_utils.Tensor("op", np.array([op.encode()], dtype=np.object_)),
+                pb_utils.Tensor("payload", np.array([payload], dtype=np.object_)),
+            ],
+            requested_output_names=["payload"],
+        )
+
+    async def stream(self, model: str, op: Op, payload: bytes) -> AsyncGenerator[bytes, None]:
+        """Each response payload of a decoupled call; raises the instance's error."""
+        loop = asyncio.get_running_loop()
+        responses = await self._request(model, op, payload).async_exec(decoupled=True)
+        it = iter(responses)
+        while True:
+            response = await loop.run_in_executor(self._pool, next, it, None)
+            if response is None:
+                return
+            if response.has_error():
+                raise from_triton_error(response.error(), model)
+            tensor = pb_utils.get_output_tensor_by_name(response, "payload")
+            if tensor is not None:
+                yield bytes(tensor.as_numpy().reshape(-1)[0])
+            # A response without payload is the bare FINAL flag; the iterator ends next.
+
+    async def call(self, model: str, op: Op, payload: bytes) -> bytes:
+        """A call answered by exactly one payload."""
+        result: bytes | None = None
+        async for data in self.stream(model, op, payload):
+            result = data
+        if result is None:
+            raise InternalError(f"instance {model} answered {op} with no payload")
+        return result

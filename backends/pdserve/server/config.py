@@ -1,0 +1,218 @@
+"""Instance configuration: config.pbtxt ``parameters`` -> one frozen dataclass.
+
+``parse_parameters`` is the ONE place that turns the string map Triton hands a
+model (``{"role": "prefill", "cpu_cores": "0-1", ...}``) into typed config;
+``to_parameters`` is its inverse, used by ``repo build`` to write config.pbtxt.
+Bad values raise ``ValueError`` naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Literal, cast
+
+Role = Literal["router", "prefill", "decode", "aggregated"]
+ROLES: tuple[Role, ...] = ("router", "prefill", "decode", "aggregated")
+Transport = Literal["shm", "tcp", "mooncake"]
+TRANSPORTS: tuple[Transport, ...] = ("shm", "tcp", "mooncake")
+SendMode = Literal["whole", "layerwise"]
+SEND_MODES: tuple[SendMode, ...] = ("whole", "layerwise")
+
+
+def parse_cpu_cores(spec: str) -> tuple[int, ...]:
+    """``"0"``, ``"0-3"``, ``"0,2-3"`` -> sorted unique core ids."""
+    cores: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"cpu_cores {spec!r} has an empty entry")
+        lo, _, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"cpu_cores {spec!r}: {part!r} is not N or N-M") from None
+        if first < 0 or last < first:
+            raise ValueError(f"cpu_cores {spec!r}: bad range {part!r}")
+        cores.update(range(first, last + 1))
+    return tuple(sorted(cores))
+
+
+def format_cpu_cores(cores: tuple[int, ...]) -> str:
+    return ",".join(str(c) for c in cores)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where the router sends one scenario: P and D instances, or aggregated ones."""
+
+    prefill: tuple[str, ...] = ()
+    decode: tuple[str, ...] = ()
+    aggregated: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        disaggregated = bool(self.prefill) and bool(self.decode)
+        if disaggregated == bool(self.aggregated):
+            raise ValueError(
+                "a route needs prefill AND decode instances, or aggregated ones only; got "
+                f"prefill={list(self.prefill)} decode={list(self.decode)} "
+                f"aggregated={list(self.aggregated)}"
+            )
+
+    @property
+    def is_aggregated(self) -> bool:
+        return bool(self.aggregated)
+
+    def to_json(self) -> dict[str, list[str]]:
+        keys = ("prefill", "decode", "aggregated")
+        return {k: list(getattr(self, k)) for k in keys if getattr(self, k)}
+
+    @classmethod
+    def from_json(cls, raw: object) -> Route:
+        if not isinstance(raw, dict) or set(raw) - {"prefill", "decode", "aggregated"}:
+            raise ValueError(f"route must map prefill/decode/aggregated to names, got {raw!r}")
+        lists = {}
+        for key, names in raw.items():
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"route {key!r} must be a list of model names, got {names!r}")
+            lists[key] = tuple(names)
+        return cls(**lists)
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """Everything one Triton model instance of pdserve needs to start."""
+
+    name: str
+    role: Role
+    scenario: str = "default"
+    model: str = "tiny"  # built-in preset name or a checkpoint directory
+    dtype: str = "float32"
+    device: str = "cpu"
+    cpu_cores: tuple[int, ...] | None = None  # None: leave affinity alone
+    num_threads: int | None = None  # None: one per usable core
+    max_batch_size: int = 32  # prefill: concurrent prompts; decode: running batch
+    max_step_tokens: int = 2048  # aggregated/decode: tokens per batcher step
+    kv_capacity_bytes: int = 256 << 20
+    kv_transport: Transport = "shm"
+    kv_send_mode: SendMode = "whole"
+    kv_ttl_s: float = 30.0
+    kv_secret: str = "pdserve-local"  # shared by every instance of one deployment
+    max_tokens_limit: int = 1024  # router: largest max_tokens a client may ask for
+    ttft_budget_s: float = 30.0  # router: how long a request may look for a prefill slot
+    stream_threads: int = 512  # router: threads that iterate BLS response streams
+    routes: Mapping[str, Route] = field(default_factory=dict)  # router only
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("name must not be empty")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.kv_transport not in TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {TRANSPORTS}, got {self.kv_transport!r}")
+        if self.kv_send_mode not in SEND_MODES:
+            raise ValueError(f"kv_send_mode must be one of {SEND_MODES}, got {self.kv_send_mode!r}")
+        for key in ("max_batch_size", "max_step_tokens", "kv_capacity_bytes", "max_tokens_limit",
+                    "stream_threads"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("kv_ttl_s", "ttft_budget_s"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.num_threads is not None and self.num_threads <= 0:
+            raise ValueError(f"num_threads must be positive, got {self.num_threads}")
+        if self.cpu_cores is not None and not self.cpu_cores:
+            raise ValueError("cpu_cores must not be empty")
+        if self.role == "router":
+            if not self.routes:
+                raise ValueError("a router needs 'routes' (scenario -> instances)")
+            if "default" not in self.routes:
+                raise ValueError(
+                    f"routes must include a 'default' scenario, got {sorted(self.routes)}"
+                )
+
+    @property
+    def threads(self) -> int:
+        """Torch threads: explicit, else one per pinned (or usable) core."""
+        if self.num_threads is not None:
+            return self.num_threads
+        if self.cpu_cores is not None:
+            return len(self.cpu_cores)
+        return len(os.sched_getaffinity(0))
+
+    @property
+    def instance_names(self) -> tuple[str, ...]:
+        """Every instance a router may call, in route order."""
+        names: list[str] = []
+        for route in self.routes.values():
+            for n in (*route.prefill, *route.decode, *route.aggregated):
+                if n not in names:
+                    names.append(n)
+        return tuple(names)
+
+
+_INT_KEYS = ("num_threads", "max_batch_size", "max_step_tokens", "kv_capacity_bytes",
+             "max_tokens_limit", "stream_threads")
+_FLOAT_KEYS = ("kv_ttl_s", "ttft_budget_s")
+_KNOWN = {f.name for f in fields(InstanceConfig)} - {"name"}
+
+
+def parse_parameters(name: str, params: Mapping[str, str]) -> InstanceConfig:
+    """The config.pbtxt ``parameters`` of model ``name`` -> ``InstanceConfig``."""
+    unknown = sorted(set(params) - _KNOWN)
+    if unknown:
+        raise ValueError(f"model {name!r}: unknown parameters {unknown}; known: {sorted(_KNOWN)}")
+    kw: dict[str, object] = {}
+    for key, raw in params.items():
+        value = raw.strip()
+        if key in _INT_KEYS:
+            try:
+                kw[key] = int(value)
+            except ValueError:
+                raise ValueError(f"model {name!r}: {key} must be an integer, got {raw!r}") from None
+        elif key in _FLOAT_KEYS:
+            try:
+                kw[key] = float(value)
+            except ValueError:
+                raise ValueError(f"model {name!r}: {key} must be a number, got {raw!r}") from None
+        elif key == "cpu_cores":
+            kw[key] = parse_cpu_cores(value) if value else None
+        elif key == "routes":
+            kw[key] = _parse_routes(name, value)
+        else:
+            kw[key] = value
+    if "role" not in kw:
+        raise ValueError(f"model {name!r}: parameter 'role' is required (one of {ROLES})")
+    kw["role"] = cast(Role, kw["role"])
+    try:
+        return InstanceConfig(name=name, **kw)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ValueError(f"model {name!r}: {exc}") from None
+
+
+def to_parameters(cfg: InstanceConfig) -> dict[str, str]:
+    """Inverse of ``parse_parameters``: only values that differ from the defaults."""
+    default = InstanceConfig(name="x", role="prefill")
+    out: dict[str, str] = {"role": cfg.role}
+    for f in fields(InstanceConfig):
+        if f.name in ("name", "role", "routes"):
+            continue
+        value = getattr(cfg, f.name)
+        if value == getattr(default, f.name):
+            continue
+        out[f.name] = format_cpu_cores(value) if f.name == "cpu_cores" else str(value)
+    if cfg.routes:
+        out["routes"] = json.dumps({k: r.to_json() for k, r in cfg.routes.items()}, sort_keys=True)
+    return out
+
+
+def _parse_routes(name: str, value: str) -> dict[str, Route]:
+    try:
+        raw = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"model {name!r}: routes is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"model {name!r}: routes must map scenario -> route, got {raw!r}")
+    return {str(k): Route.from_json(v) for k, v in raw.items()}
