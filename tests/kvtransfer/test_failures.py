@@ -1,0 +1,256 @@
+"""Every failure gives a clear TransferError on the other side and frees the extent."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import time
+
+import pytest
+
+from pdserve.errors import InvalidArgument, OutOfKVSpace, TransferError
+from pdserve.kvtransfer import KVLayout, make_sender, wire
+from pdserve.kvtransfer.config import parse_endpoint
+from pdserve.kvtransfer.handle import KVHandle
+from tests.kvtransfer import helpers
+from tests.kvtransfer.conftest import Pair, close_pair, open_pair
+
+
+def raw_begin(pair: Pair, handle: KVHandle, secret: bytes = helpers.SECRET) -> wire.Connection:
+    """A hand-driven sender: authenticated connection with a granted BEGIN."""
+    conn = wire.Connection.connect(parse_endpoint(handle.endpoint), secret, 2, 3)
+    conn.send_frame(wire.BEGIN, meta={
+        "request_id": handle.request_id, "fingerprint": handle.model_fingerprint,
+        "layout": dataclasses.asdict(handle.layout), "mode": "whole", "checksum": "crc32"})
+    conn.expect(wire.GRANT)
+    return conn
+
+
+def expect_failed(pair: Pair, request_id: str, match: str, timeout_s: float = 5) -> None:
+    with pytest.raises(TransferError, match=match):
+        pair.receiver.wait(request_id, timeout_s=timeout_s)
+    helpers.assert_released(pair.arena)
+    with pytest.raises(TransferError):
+        pair.receiver.claim(request_id)
+
+
+@pytest.fixture
+def tcp_pair():  # type: ignore[no-untyped-def]
+    p = open_pair("tcp")
+    yield p
+    close_pair(p)
+
+
+def test_wrong_secret_is_refused(pair: Pair) -> None:
+    handle = pair.receiver.reserve("r", 16, 4)
+    intruder = make_sender(pair.kind, pair.layout, helpers.fingerprint(),
+                           helpers.config(secret=b"not-the-secret-at-all"))
+    with pytest.raises(TransferError, match="authentication"):
+        intruder.begin(handle, "whole")
+    intruder.close()
+    assert helpers.wait_until(lambda: pair.receiver.num_auth_failures == 1)
+    assert pair.receiver.cancel("r")
+    helpers.assert_released(pair.arena)
+
+
+def test_unauthenticated_bytes_are_dropped(tcp_pair: Pair) -> None:
+    tcp_pair.receiver.reserve("r", 16, 4)
+    with socket.create_connection(parse_endpoint(tcp_pair.receiver.endpoint), timeout=3) as s:
+        s.recv(64)  # greeting + nonce
+        s.sendall(b"\x00" * 64 + b"KV" + b"\x03" * 100)  # garbage proof, then a frame
+        assert s.recv(64) == wire.REFUSED
+        assert s.recv(64) == b""  # closed on us
+    assert tcp_pair.receiver.cancel("r")
+
+
+def test_model_fingerprint_and_layout_mismatch_refused(pair: Pair) -> None:
+    handle = pair.receiver.reserve("r", 16, 4)
+    other_model = make_sender(pair.kind, pair.layout, "other-model", helpers.config())
+    with pytest.raises(InvalidArgument, match="fingerprint mismatch"):
+        other_model.begin(handle, "whole")
+    # A forged handle gets past the sender's own check; the receiver refuses it.
+    with pytest.raises(TransferError, match="fingerprint mismatch"):
+        other_model.begin(dataclasses.replace(handle, model_fingerprint="other-model"), "whole")
+    other_model.close()
+    other_layout = KVLayout(3, 2, 16, "bfloat16")
+    wrong = make_sender(pair.kind, other_layout, helpers.fingerprint(), helpers.config())
+    with pytest.raises(InvalidArgument, match="layout mismatch"):
+        wrong.begin(handle, "whole")
+    wrong.close()
+    # The reservation is still usable by the right sender.
+    pair.sender.send(handle, helpers.random_kv(pair.layout, 16), "whole")
+    pair.receiver.wait("r", 5)
+    pair.arena.free(pair.receiver.claim("r"))
+
+
+def test_reservation_expires_and_frees(pair: Pair) -> None:
+    handle = pair.receiver.reserve("r", 100, 4, ttl_s=0.2)
+    assert pair.arena.bytes_in_use > 0
+    helpers.assert_released(pair.arena)
+    expect_failed(pair, "r", "expired")
+    with pytest.raises(TransferError, match="expired"):
+        pair.sender.send(handle, helpers.random_kv(pair.layout, 100), "whole")
+
+
+def test_landed_but_unclaimed_expires(pair: Pair) -> None:
+    handle = pair.receiver.reserve("r", 16, 4, ttl_s=0.5)
+    pair.sender.send(handle, helpers.random_kv(pair.layout, 16), "whole")
+    pair.receiver.wait("r", 5)
+    time.sleep(0.6)
+    helpers.assert_released(pair.arena)
+    with pytest.raises(TransferError, match="not claimed"):
+        pair.receiver.claim("r")
+
+
+def test_wait_timeout_fails_and_frees(pair: Pair) -> None:
+    pair.receiver.reserve("r", 16, 4)
+    start = time.monotonic()
+    expect_failed(pair, "r", "within 0.2s", timeout_s=0.2)
+    assert time.monotonic() - start < 2
+
+
+def test_cancel_mid_transfer_stops_sender(pair: Pair) -> None:
+    handle = pair.receiver.reserve("r", 100, 4)
+    kv = helpers.random_kv(pair.layout, 100)
+    stream = pair.sender.begin(handle, "layerwise")
+    stream.send_layer(0, kv[0])
+    assert pair.receiver.cancel("r")
+    with pytest.raises(TransferError):
+        for layer in range(1, pair.layout.num_layers):
+            stream.send_layer(layer, kv[layer])
+        stream.finish()
+    expect_failed(pair, "r", "cancelled")
+
+
+def test_receiver_goes_away(pair: Pair) -> None:
+    handle = pair.receiver.reserve("r", 100, 4)
+    kv = helpers.random_kv(pair.layout, 100)
+    stream = pair.sender.begin(handle, "layerwise")
+    stream.send_layer(0, kv[0])
+    pair.receiver.close()
+    helpers.assert_released(pair.arena)
+    with pytest.raises(TransferError):
+        for layer in range(1, pair.layout.num_layers):
+            stream.send_layer(layer, kv[layer])
+        stream.finish()
+    with pytest.raises(TransferError, match="closed|connect"):
+        pair.sender.send(handle, kv, "whole")
+
+
+def test_incomplete_stream_is_rejected(pair: Pair) -> None:
+    handle = pair.receiver.reserve("r", 17, 4)
+    kv = helpers.random_kv(pair.layout, 17)
+    stream = pair.sender.begin(handle, "layerwise")
+    with pytest.raises(InvalidArgument, match="in order"):
+        stream.send_layer(1, kv[1])
+    with pytest.raises(InvalidArgument, match="does not match"):
+        stream.send_layer(0, kv[0, :, :5])
+    stream.send_layer(0, kv[0])
+    with pytest.raises(InvalidArgument, match="only"):
+        stream.finish()
+    expect_failed(pair, "r", "sender aborted")
+
+
+def test_corrupted_payload_detected_by_checksum(pair: Pair) -> None:
+    handle = pair.receiver.reserve("r", 100, 4)
+    kv = helpers.random_kv(pair.layout, 100)
+    if pair.kind == "tcp":
+        conn = raw_begin(pair, handle)
+        flat = wire.byte_view(kv).clone()
+        crc = wire.checksum(wire.as_memoryview(flat), "crc32")
+        flat[1234] ^= 0x40  # a bit flipped on the way
+        conn.send_frame(wire.DATA, offset=handle.extent_offset, payload=wire.as_memoryview(flat))
+        conn.send_frame(wire.END, meta={"nbytes": flat.numel(), "checksum": crc})
+        with pytest.raises(TransferError, match="checksum mismatch"):
+            conn.expect(wire.DONE)
+        conn.close()
+    else:  # one-sided: flip a bit in the landed bytes before the completion notice
+        stream = pair.sender.begin(handle, "whole")
+        stream.send_all(kv)
+        pair.arena.buffer[handle.extent_offset + 1234] ^= 0x40
+        with pytest.raises(TransferError, match="checksum mismatch"):
+            stream.finish()
+    expect_failed(pair, "r", "checksum mismatch")
+
+
+def test_oversized_message_refused(tcp_pair: Pair) -> None:
+    handle = tcp_pair.receiver.reserve("r", 16, 4)
+    conn = raw_begin(tcp_pair, handle)
+    # Header claims more bytes than the prompt region: refused before any is read.
+    conn.sock.sendall(wire._HEADER.pack(wire.MAGIC, wire.DATA, 0, 0, handle.extent_offset,
+                                        handle.prompt_nbytes + 64))
+    with pytest.raises(TransferError, match="span .* refused"):
+        conn.expect(wire.ACK)
+    conn.close()
+    expect_failed(tcp_pair, "r", "refused")
+
+
+def test_oversized_metadata_refused(tcp_pair: Pair) -> None:
+    handle = tcp_pair.receiver.reserve("r", 16, 4)
+    conn = raw_begin(tcp_pair, handle)
+    conn.sock.sendall(wire._HEADER.pack(wire.MAGIC, wire.END, 0, 1 << 30, 0, 0))
+    with pytest.raises(TransferError, match="exceeds"):
+        conn.expect(wire.DONE)
+    conn.close()
+    expect_failed(tcp_pair, "r", "exceeds")
+
+
+def test_truncated_message_detected(tcp_pair: Pair) -> None:
+    handle = tcp_pair.receiver.reserve("r", 16, 4)
+    conn = raw_begin(tcp_pair, handle)
+    flat = wire.byte_view(helpers.random_kv(tcp_pair.layout, 16))
+    conn.sock.sendall(wire._HEADER.pack(wire.MAGIC, wire.DATA, 0, 0, handle.extent_offset,
+                                        flat.numel()))
+    conn.sock.sendall(wire.as_memoryview(flat)[: flat.numel() // 2])
+    conn.close()  # the sender dies half way through the payload
+    expect_failed(tcp_pair, "r", "closed the connection after")
+
+
+def test_short_transfer_detected_at_end(tcp_pair: Pair) -> None:
+    handle = tcp_pair.receiver.reserve("r", 16, 4)
+    conn = raw_begin(tcp_pair, handle)
+    flat = wire.byte_view(helpers.random_kv(tcp_pair.layout, 16))
+    half = wire.as_memoryview(flat)[: flat.numel() // 2]
+    conn.send_frame(wire.DATA, offset=handle.extent_offset, payload=half)
+    conn.send_frame(wire.END, meta={"nbytes": flat.numel() // 2, "checksum": 0})
+    with pytest.raises(TransferError, match="truncated"):
+        conn.expect(wire.DONE)
+    conn.close()
+    expect_failed(tcp_pair, "r", "truncated")
+
+
+def test_stalled_sender_times_out(tcp_pair: Pair) -> None:
+    tcp_pair.receiver.close()
+    close_pair(tcp_pair)
+    pair = open_pair("tcp", io_timeout_s=0.3)
+    try:
+        handle = pair.receiver.reserve("r", 16, 4)
+        conn = raw_begin(pair, handle)  # granted, then silence
+        expect_failed(pair, "r", "timed out")
+        conn.close()
+    finally:
+        close_pair(pair)
+
+
+def test_reserve_errors(pair: Pair) -> None:
+    pair.receiver.reserve("r", 16, 4)
+    with pytest.raises(InvalidArgument, match="already"):
+        pair.receiver.reserve("r", 16, 4)
+    with pytest.raises(OutOfKVSpace):
+        pair.receiver.reserve("huge", 1 << 20, 0)
+    with pytest.raises(InvalidArgument):
+        pair.receiver.reserve("bad id", 16, 4)
+    with pytest.raises(InvalidArgument):
+        pair.receiver.reserve("zero", 0, 4)
+    assert pair.receiver.cancel("r") and not pair.receiver.cancel("r")
+
+
+def test_shm_handle_cannot_escape_dev_shm() -> None:
+    pair = open_pair("shm")
+    try:
+        handle = pair.receiver.reserve("r", 16, 4)
+        with pytest.raises(InvalidArgument, match="segment name"):
+            pair.sender.begin(dataclasses.replace(handle, data_endpoint="../../etc/passwd"))
+        pair.receiver.cancel("r")
+    finally:
+        close_pair(pair)
