@@ -98,6 +98,7 @@ class PrefillResult(_Message):
     transfer_s: float  # KV send, as seen by the prefill side
     finish_reason: str = ""  # set when the first token already ends the request
     text_len: int = -1  # as in TokenChunk
+    rng_state: str = ""  # hex of the sampler's generator state after the first token
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,9 @@ class CommitCall(_Message):
 
     request_id: str
     first_token: int
+    # A seeded request's generator continues on decode where prefill left it,
+    # so disaggregated sampling draws exactly what one engine would.
+    rng_state: str = ""
 
 
 @dataclass(frozen=True)

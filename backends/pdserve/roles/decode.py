@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from pdserve.engine import ContinuousBatcher, SamplingParams
 from pdserve.errors import InvalidArgument, Unavailable
 from pdserve.kvtransfer.factory import make_receiver
@@ -102,6 +104,9 @@ class DecodeRole:
                                            pending.params, extent=extent)
             seq.num_cached_tokens = seq.num_prompt_tokens
             seq.output_ids.append(call.first_token)
+            if call.rng_state and seq.generator is not None:
+                state = bytearray.fromhex(call.rng_state)
+                seq.generator.set_state(torch.frombuffer(state, dtype=torch.uint8).clone())
             if pending.params.stop:  # stop strings see the first token's text too
                 seq.output_text = self.engine.tokenizer.decode([call.first_token])
             self.worker.add(seq, pending.sink)

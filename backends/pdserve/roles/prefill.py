@@ -145,7 +145,8 @@ class PrefillRole:
         self.metrics.prompt_tokens.increment(seq.num_prompt_tokens)
         result = PrefillResult(job.call.request_id, first, prefill_s, transfer_s,
                                finish_reason=seq.finish_reason or "",
-                               text_len=seq.stop_text_len if seq.stop_text_len is not None else -1)
+                               text_len=seq.stop_text_len if seq.stop_text_len is not None else -1,
+                               rng_state=_rng_state(seq))
         job.out.send(payload_out(result.to_bytes()), final=True)
 
     def _update_kv(self) -> None:
@@ -157,3 +158,8 @@ class PrefillRole:
             self._wake.notify()
         self._thread.join(timeout=30)
         self.sender.close()
+
+
+def _rng_state(seq: Sequence) -> str:
+    gen = seq.generator
+    return "" if gen is None else bytes(gen.get_state().numpy().tobytes()).hex()

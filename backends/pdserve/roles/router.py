@@ -123,7 +123,7 @@ class RouterRole:
                 await self._drain(stream)
                 emitter.finish(result.finish_reason or "abort", result.text_len)
                 return
-            commit = CommitCall(req.request_id, result.first_token)
+            commit = CommitCall(req.request_id, result.first_token, result.rng_state)
             await self.client.call(decode, "commit", commit.to_bytes())
             await self._relay(stream, emitter)
         except BaseException:

@@ -1,0 +1,33 @@
+"""A real tritonserver per test module, on a repository generated from a spec.
+
+The fixture picks free ports, waits until every model is READY and ALWAYS
+stops the server and its stubs (also when the test fails).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pdserve.server.launcher import ServerOptions, TritonServer, free_port
+from pdserve.server.repo import build
+
+SPECS = Path(__file__).parent / "specs"
+
+
+def start_server(spec: str, tmp: Path) -> TritonServer:
+    repo = tmp / "repo"
+    build(SPECS / spec, repo, force=True)
+    options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
+                            metrics_port=free_port(), ready_timeout_s=180,
+                            log_file=tmp / "tritonserver.log")
+    return TritonServer(options)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    server = start_server("tiny_pd.yaml", tmp_path_factory.mktemp("tiny_pd"))
+    with server:
+        yield server

@@ -1,0 +1,122 @@
+"""Client helpers for the e2e tests: gRPC streaming, HTTP generate, metrics."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+
+@dataclass
+class Result:
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""
+    error: str | None = None
+    responses: int = 0
+
+
+def _inputs(text: str | None, ids: list[int] | None, stream: bool,
+            sampling: dict[str, Any] | None, scenario: str | None) -> list[Any]:
+    inputs = []
+    if text is not None:
+        t = grpcclient.InferInput("text_input", [1], "BYTES")
+        t.set_data_from_numpy(np.array([text.encode()], dtype=object))
+        inputs.append(t)
+    if ids is not None:
+        t = grpcclient.InferInput("input_ids", [len(ids)], "INT32")
+        t.set_data_from_numpy(np.array(ids, dtype=np.int32))
+        inputs.append(t)
+    s = grpcclient.InferInput("stream", [1], "BOOL")
+    s.set_data_from_numpy(np.array([stream]))
+    inputs.append(s)
+    e = grpcclient.InferInput("exclude_input_in_output", [1], "BOOL")
+    e.set_data_from_numpy(np.array([True]))
+    inputs.append(e)
+    if sampling is not None:
+        p = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
+        p.set_data_from_numpy(np.array([json.dumps(sampling).encode()], dtype=object))
+        inputs.append(p)
+    if scenario is not None:
+        c = grpcclient.InferInput("scenario", [1], "BYTES")
+        c.set_data_from_numpy(np.array([scenario.encode()], dtype=object))
+        inputs.append(c)
+    return inputs
+
+
+def generate_many(url: str, requests: list[dict[str, Any]], *, stream: bool = True,
+                  timeout_s: float = 120.0) -> list[Result]:
+    """Send every request on one gRPC stream at once; collect each until FINAL."""
+    client = grpcclient.InferenceServerClient(url)
+    events: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: events.put((result, error)))
+    results = [Result() for _ in requests]
+    try:
+        for i, r in enumerate(requests):
+            client.async_stream_infer(
+                "pdserve",
+                _inputs(r.get("text"), r.get("ids"), stream, r.get("sampling"), r.get("scenario")),
+                request_id=str(i), enable_empty_final_response=True,
+            )
+        pending = len(requests)
+        while pending:
+            result, error = events.get(timeout=timeout_s)
+            if error is not None:
+                # Errors carry no request id in the callback; match by order of failure.
+                idx = next(i for i, r in enumerate(results) if r.error is None and
+                           not r.finish_reason)
+                results[idx].error = str(error)
+                pending -= 1
+                continue
+            resp = result.get_response()
+            res = results[int(resp.id)]
+            res.responses += 1
+            out = result.as_numpy("text_output")
+            if out is not None and out.size:
+                res.text += out.reshape(-1)[0].decode("utf-8", errors="replace")
+                res.ids.extend(result.as_numpy("output_ids").tolist())
+                reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
+                res.finish_reason = reason or res.finish_reason
+            if resp.parameters["triton_final_response"].bool_param:
+                pending -= 1
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    return results
+
+
+def http_generate(http_url: str, body: dict[str, Any], timeout_s: float = 60.0,
+                  endpoint: str = "generate") -> tuple[int, dict[str, Any] | str]:
+    req = urllib.request.Request(f"http://{http_url}/v2/models/pdserve/{endpoint}",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            raw = resp.read().decode()
+            return resp.status, raw if endpoint == "generate_stream" else json.loads(raw)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode())
+
+
+_METRIC = re.compile(r'^(\w+)\{([^}]*)\}\s+([0-9.eE+-]+)$')
+
+
+def scrape(metrics_url: str) -> dict[tuple[str, str], float]:
+    """{(metric name, instance): value} for the pdserve_* metrics."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        m = _METRIC.match(line)
+        if m and m.group(1).startswith("pdserve_"):
+            inst = re.search(r'instance="([^"]+)"', m.group(2))
+            if inst and "le=" not in m.group(2):
+                out[(m.group(1), inst.group(1))] = float(m.group(3))
+    return out

@@ -1,0 +1,164 @@
+"""End to end through a real tritonserver: router + prefill + decode, and aggregated."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from pdserve.engine import PRESETS, LLMEngine, SamplingParams, generate
+from pdserve.server.launcher import TritonServer
+from tests.serving.helpers import generate_many, http_generate, scrape
+
+pytestmark = pytest.mark.e2e
+
+KV_INSTANCES = ("prefill_0", "decode_0", "aggregated_0")
+
+
+def _prompts(n: int) -> list[str]:
+    rng = random.Random(7)
+    words = "the quick brown fox jumps over a lazy dog while router prefill decode stream".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+def _sampling(i: int) -> dict[str, object]:
+    if i % 2 == 0:
+        return {"temperature": 0.0, "max_tokens": 12, "ignore_eos": True}
+    return {"temperature": 0.8, "top_p": 0.9, "seed": 1000 + i, "max_tokens": 12,
+            "ignore_eos": True}
+
+
+def _wait_kv_free(server: TritonServer, timeout_s: float = 15.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = scrape(server.options.metrics_url)
+        used = {i: m.get(("pdserve_kv_arena_bytes_in_use", i), -1.0) for i in KV_INSTANCES}
+        if all(v == 0 for v in used.values()) or time.monotonic() > deadline:
+            return used
+        time.sleep(0.25)
+
+
+def test_outputs_identical_disaggregated_aggregated_offline(tiny_server: TritonServer) -> None:
+    prompts = _prompts(20)
+    engine = LLMEngine.load("tiny")
+    tok = engine.tokenizer
+    params = [SamplingParams.from_dict(_sampling(i)) for i in range(20)]
+    offline = generate(engine, [tok.encode(p) for p in prompts], params)
+    for scenario in ("default", "agg"):
+        results = generate_many(tiny_server.options.grpc_url, [
+            {"text": p, "sampling": _sampling(i), "scenario": scenario}
+            for i, p in enumerate(prompts)
+        ])
+        for i, r in enumerate(results):
+            assert r.error is None, r.error
+            assert r.ids == offline[i], f"{scenario} prompt {i}: {r.ids} != {offline[i]}"
+            assert r.finish_reason == "length"
+            assert r.text == tok.decode(offline[i])
+    assert _wait_kv_free(tiny_server) == dict.fromkeys(KV_INSTANCES, 0)
+
+
+def test_64_concurrent_streams(tiny_server: TritonServer) -> None:
+    prompts = _prompts(64)
+    results = generate_many(tiny_server.options.grpc_url, [
+        {"text": p, "sampling": {"max_tokens": 8 + i % 9, "ignore_eos": True},
+         "scenario": "default"} for i, p in enumerate(prompts)
+    ])
+    for i, r in enumerate(results):
+        assert r.error is None, r.error
+        assert len(r.ids) == 8 + i % 9
+        assert r.finish_reason == "length"
+        assert r.responses >= 2  # streamed, not one blob
+    assert _wait_kv_free(tiny_server) == dict.fromkeys(KV_INSTANCES, 0)
+
+
+@pytest.mark.parametrize("scenario", ["default", "agg"])
+def test_cancel_mid_stream_frees_kv(tiny_server: TritonServer, scenario: str) -> None:
+    client = grpcclient.InferenceServerClient(tiny_server.options.grpc_url)
+    got: list[object] = []
+    client.start_stream(callback=lambda result, error: got.append(result or error))
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"a long story " * 8], dtype=object))
+    stream = grpcclient.InferInput("stream", [1], "BOOL")
+    stream.set_data_from_numpy(np.array([True]))
+    scen = grpcclient.InferInput("scenario", [1], "BYTES")
+    scen.set_data_from_numpy(np.array([scenario.encode()], dtype=object))
+    client.async_stream_infer("pdserve", [text, stream, scen],
+                              parameters={"max_tokens": 250, "sampling_parameters":
+                                          '{"ignore_eos": true}'})
+    deadline = time.monotonic() + 30
+    while len(got) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(got) >= 3, got
+    in_use = scrape(tiny_server.options.metrics_url)
+    holder = "decode_0" if scenario == "default" else "aggregated_0"
+    assert in_use[("pdserve_kv_arena_bytes_in_use", holder)] > 0  # mid-stream
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    assert _wait_kv_free(tiny_server) == dict.fromkeys(KV_INSTANCES, 0)
+    # The server still serves.
+    ok = generate_many(tiny_server.options.grpc_url, [{"text": "hi", "sampling":
+                                                       {"max_tokens": 3, "ignore_eos": True}}])
+    assert ok[0].error is None and len(ok[0].ids) == 3
+
+
+BAD_REQUESTS = [
+    ({"max_tokens": 4}, "text_input is required"),
+    ({"text_input": "", "max_tokens": 4}, "text_input must not be empty"),
+    ({"text_input": "x" * PRESETS["tiny"].max_context, "max_tokens": 4},
+     "exceeds the model context"),
+    ({"text_input": "hi", "max_tokens": 0}, "max_tokens must be in [1, 256]"),
+    ({"text_input": "hi", "max_tokens": 257}, "max_tokens must be in [1, 256]"),
+    ({"text_input": "hi", "sampling_parameters": "{temperature: 1"},
+     "sampling_parameters is not valid JSON"),
+    ({"text_input": "hi", "sampling_parameters": '{"temperature": -1}'}, "temperature"),
+    ({"text_input": "hi", "scenario": "nope"}, "unknown scenario 'nope'"),
+    ({"input_ids": [999999], "max_tokens": 2}, "input_ids must be integers in"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_REQUESTS)
+def test_bad_requests_get_invalid_arg(tiny_server: TritonServer, body: dict[str, object],
+                                      message: str) -> None:
+    status, reply = http_generate(tiny_server.options.http_url, body)
+    assert status == 400, reply
+    assert isinstance(reply, dict) and message in reply["error"], reply
+    status, reply = http_generate(tiny_server.options.http_url,
+                                  {"text_input": "hi", "max_tokens": 3,
+                                   "exclude_input_in_output": True})
+    assert status == 200 and isinstance(reply, dict) and reply["finish_reason"], reply
+
+
+def test_wrong_tensor_type_is_invalid_arg(tiny_server: TritonServer) -> None:
+    client = grpcclient.InferenceServerClient(tiny_server.options.grpc_url)
+    errors: list[InferenceServerException] = []
+    client.start_stream(callback=lambda result, error: errors.append(error))
+    bad = grpcclient.InferInput("text_input", [1], "INT32")
+    bad.set_data_from_numpy(np.array([5], dtype=np.int32))
+    client.async_stream_infer("pdserve", [bad])
+    deadline = time.monotonic() + 10
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.stop_stream()
+    client.close()
+    assert errors and errors[0] is not None
+    assert "INVALID_ARG" in str(errors[0].status()) or "data-type" in str(errors[0])
+
+
+def test_http_generate_and_stream(tiny_server: TritonServer) -> None:
+    body = {"text_input": "hello", "max_tokens": 5, "exclude_input_in_output": True,
+            "sampling_parameters": '{"ignore_eos": true}'}
+    status, reply = http_generate(tiny_server.options.http_url, body)
+    assert status == 200 and isinstance(reply, dict)
+    assert len(reply["output_ids"]) == 5 and reply["finish_reason"] == "length"
+    status, sse = http_generate(tiny_server.options.http_url, {**body, "stream": True},
+                                endpoint="generate_stream")
+    assert status == 200 and isinstance(sse, str)
+    events = [line for line in sse.splitlines() if line.startswith("data:")]
+    assert len(events) >= 5
+    m = scrape(tiny_server.options.metrics_url)
+    assert m[("pdserve_generated_tokens_total", "pdserve")] > 0
+    assert m[("pdserve_prompt_tokens_total", "prefill_0")] > 0
