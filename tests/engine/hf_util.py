@@ -52,4 +52,5 @@ def write_tokenizer(path: Path) -> None:
         vocab[w] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     tok.save(str(path / "tokenizer.json"))

@@ -25,7 +25,7 @@ def _capture_logits(engine: LLMEngine) -> list[torch.Tensor]:
         captured.append(out.clone())
         return out
 
-    engine.model.forward = spy  # type: ignore[method-assign]
+    engine.model.forward = spy
     return captured
 
 

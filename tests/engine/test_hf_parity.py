@@ -25,7 +25,7 @@ def _engine_logits(engine: LLMEngine, prompt: list[int], feed: list[int]) -> lis
         captured.append(out[0].clone())
         return out
 
-    engine.model.forward = spy  # type: ignore[method-assign]
+    engine.model.forward = spy
     try:
         engine.prefill([seq])
         for tok in feed:
