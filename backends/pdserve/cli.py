@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pdserve.server.launcher", "start tritonserver on a pdserve model repository"),
     "repo": ("pdserve.server.repo", "build a model repository from a deployment spec"),
     "bench": ("pdserve.bench.cli", "load generator: TTFT, ITL, throughput, goodput"),
+    "controller": ("pdserve.scheduler.controller.cli", "health, replacement and P/D ratio loop"),
+    "upgrade": ("pdserve.scheduler.controller.upgrade", "rolling upgrade to new weights"),
 }
 
 

@@ -1,0 +1,102 @@
+"""``pdserve controller``: the long-running controller process.
+
+    pdserve controller --repository DIR --server 127.0.0.1:8000 [--server ...]
+                       --probe-interval-s 2 --metrics-port 9400
+
+Stops cleanly on SIGINT/SIGTERM: the loop ends, probe threads and the
+metrics HTTP thread are joined. Several routers share what it decides through
+the repository and ``<repository>.state.json`` (see ``state``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from pdserve.errors import PdserveError
+from pdserve.scheduler.controller.controller import Controller, ControllerOptions
+from pdserve.scheduler.controller.health import HealthPolicy
+from pdserve.scheduler.controller.metrics import ControllerMetrics
+from pdserve.scheduler.controller.ratio_loop import RatioLoop
+from pdserve.scheduler.controller.repository import Repository
+from pdserve.scheduler.controller.state import default_state_path
+from pdserve.scheduler.ratio import RatioPolicy
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repository", type=Path, required=True)
+    parser.add_argument("--server", action="append", default=[],
+                        help="HOST:HTTP_PORT[:METRICS_PORT] of a tritonserver (repeatable; "
+                             "metrics default to HTTP_PORT+2)")
+    parser.add_argument("--probe-interval-s", type=float, default=2.0)
+    parser.add_argument("--fail-threshold", type=int, default=2)
+    parser.add_argument("--load-timeout-s", type=float, default=300.0)
+    parser.add_argument("--ratio-interval-s", type=float, default=30.0)
+    parser.add_argument("--ratio-cooldown-s", type=float, default=60.0)
+    parser.add_argument("--drain-timeout-s", type=float, default=60.0)
+    parser.add_argument("--no-ratio", action="store_true", help="health and replacement only")
+    parser.add_argument("--state-file", type=Path, help="default: <repository>.state.json")
+    parser.add_argument("--edit-log", type=Path, help="JSON lines of every repository edit")
+    parser.add_argument("--metrics-port", type=int, default=9400, help="0 picks a free port")
+    parser.add_argument("--metrics-address", default="127.0.0.1")
+
+
+def build(args: argparse.Namespace) -> Controller:
+    from pdserve.scheduler.controller.probe import ServerAddress, TritonProbeClient
+    from pdserve.scheduler.controller.signals import scrape_text
+
+    addresses = [ServerAddress.parse(s) for s in args.server or ["127.0.0.1:8000"]]
+    health = HealthPolicy(probe_interval_s=args.probe_interval_s,
+                          probe_timeout_s=min(args.probe_interval_s, 5.0),
+                          fail_threshold=args.fail_threshold, load_timeout_s=args.load_timeout_s)
+    options = ControllerOptions(
+        servers=tuple(dict.fromkeys(a.http for a in addresses)),
+        state_path=args.state_file or default_state_path(args.repository),
+        health=health, ratio_interval_s=args.ratio_interval_s,
+    )
+    ratio = RatioLoop(RatioPolicy(cooldown_s=args.ratio_cooldown_s), args.drain_timeout_s)
+
+    def scrape() -> list[str]:
+        return [scrape_text(a.metrics_url, health.probe_timeout_s) for a in addresses]
+
+    return Controller(
+        Repository(args.repository, edit_log=args.edit_log),
+        TritonProbeClient(health.probe_timeout_s),
+        options, ratio=ratio, metrics=ControllerMetrics(),
+        scrape=None if args.no_ratio else scrape,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        controller = build(args)
+    except (ValueError, PdserveError) as exc:
+        print(f"pdserve controller: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        port = controller.metrics.serve(args.metrics_port, args.metrics_address)
+        print(f"pdserve controller: watching {', '.join(controller.options.servers)}; "
+              f"state {controller.options.state_path}; metrics "
+              f"http://{args.metrics_address}:{port}/metrics", flush=True)
+        controller.run(stop, time.time)  # wall clock: routers compare updated_at
+    except OSError as exc:
+        print(f"pdserve controller: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        controller.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0

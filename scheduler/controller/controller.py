@@ -1,0 +1,299 @@
+"""The controller loop: probe, replace, rebalance, publish.
+
+Every ``probe_interval_s`` one ``tick``:
+
+  1. read the instances from the repository (role, scenario, generation);
+  2. probe every (server, instance) in parallel and feed the health machines;
+  3. replace failed instances: one ``reload`` edit (fresh stub) per model;
+  4. every ``ratio_interval_s``: scrape /metrics, decide per scenario, start a
+     drain-first role switch; finish switches whose donor is idle;
+  5. write the state file the routers read, and the controller's metrics.
+
+``tick`` takes ``now`` and does no sleeping, so tests drive it with a fake
+clock, a fake probe client and a tmp_path repository.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pdserve.scheduler.controller.health import (
+    HealthPolicy,
+    InstanceHealth,
+    ProbeClient,
+    ProbeResult,
+)
+from pdserve.scheduler.controller.metrics import ControllerMetrics
+from pdserve.scheduler.controller.ratio_loop import Candidate, PendingSwitch, RatioLoop
+from pdserve.scheduler.controller.repository import ModelEntry, Repository
+from pdserve.scheduler.controller.signals import Totals, scenario_signal, totals_from_text, window
+from pdserve.scheduler.controller.state import (
+    ControllerState,
+    DrainRequest,
+    InstanceStatus,
+    read_state,
+    update_state,
+    with_drain,
+    without_drain,
+)
+
+log = logging.getLogger(__name__)
+OWNER = "controller"
+Key = tuple[str, str]  # (server, model)
+
+
+@dataclass(frozen=True)
+class ControllerOptions:
+    servers: tuple[str, ...]
+    state_path: Path
+    health: HealthPolicy = field(default_factory=HealthPolicy)
+    ratio_interval_s: float = 30.0
+    probe_workers: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ValueError("the controller needs at least one server")
+        if not self.ratio_interval_s > 0:
+            raise ValueError(f"ratio_interval_s must be positive, got {self.ratio_interval_s}")
+        if self.probe_workers < 1:
+            raise ValueError(f"probe_workers must be >= 1, got {self.probe_workers}")
+
+
+class Controller:
+    def __init__(
+        self,
+        repository: Repository,
+        probe: ProbeClient,
+        options: ControllerOptions,
+        *,
+        ratio: RatioLoop | None = None,
+        metrics: ControllerMetrics | None = None,
+        scrape: Callable[[], list[str]] | None = None,
+    ) -> None:
+        self.repo = repository
+        self.probe_client = probe
+        self.options = options
+        self.ratio = ratio or RatioLoop()
+        self.metrics = metrics or ControllerMetrics()
+        self.scrape = scrape  # /metrics pages of every server; None: no ratio loop
+        self.health: dict[Key, InstanceHealth] = {}
+        self.entries: dict[str, ModelEntry] = {}
+        self._last_totals: Totals | None = None
+        self._last_ratio = float("-inf")
+        self._pool = ThreadPoolExecutor(options.probe_workers, thread_name_prefix="probe")
+        self.state = ControllerState()
+        self._drains: dict[str, DrainRequest] = {}
+
+    # -- the loop ----------------------------------------------------------------
+
+    def tick(self, now: float) -> ControllerState:
+        self._sync(now)
+        self._probe_all(now)
+        self._apply_external_drains(now)
+        self._replace_failed(now)
+        if self.scrape is not None and now - self._last_ratio >= self.options.ratio_interval_s:
+            self._last_ratio = now
+            self._rebalance(now)
+        self._progress_switches(now)
+        return self._publish(now)
+
+    def run(self, stop: threading.Event, clock: Callable[[], float]) -> None:
+        """Tick until ``stop`` is set; an error in one tick is logged, not fatal."""
+        while not stop.is_set():
+            try:
+                self.tick(clock())
+            except Exception:
+                log.exception("controller tick failed")
+            stop.wait(self.options.health.probe_interval_s)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.probe_client.close()
+        self.metrics.close()
+
+    # -- steps -------------------------------------------------------------------
+
+    def _sync(self, now: float) -> None:
+        self.entries = self.repo.instances()
+        wanted = {(s, n) for s in self.options.servers for n in self.entries}
+        for key in set(self.health) - wanted:
+            del self.health[key]
+        for key in sorted(wanted - set(self.health)):
+            h = InstanceHealth(self.options.health, now)
+            h.expected_generation = self.entries[key[1]].generation
+            self.health[key] = h
+        for (_, name), h in self.health.items():
+            gen = self.entries[name].generation
+            if h.expected_generation is not None and gen > h.expected_generation:
+                # Someone (a switch, an upgrade, an operator) changed the model.
+                if h.state in ("healthy", "suspect"):
+                    h.begin_loading(gen, now)
+                h.expected_generation = gen
+
+    def _probe_all(self, now: float) -> None:
+        keys = sorted(self.health)
+        results = list(self._pool.map(lambda k: self._probe_one(*k), keys))
+        for key, result in zip(keys, results, strict=True):
+            h = self.health[key]
+            before = h.state
+            after = h.observe(result, now)
+            self.metrics.probes.labels("ok" if result.ok else "fail").inc()
+            if after != before:
+                log.info("%s on %s: %s -> %s %s", key[1], key[0], before, after, h.last_error)
+            role = self.entries[key[1]].role
+            if after == "failed" and before != "failed":
+                self.metrics.failures.labels(role).inc()
+            if before == "replacing" and after == "healthy":
+                self.metrics.recoveries.labels(role).inc()
+
+    def _probe_one(self, server: str, model: str) -> ProbeResult:
+        try:
+            return self.probe_client.probe(server, model)
+        except Exception as exc:  # a probe client bug must not stop the loop
+            return ProbeResult(ok=False, error=f"probe raised {exc!r}")
+
+    def _apply_external_drains(self, now: float) -> None:
+        """Drains by others (``pdserve upgrade``) come in through the state file."""
+        drains = read_state(self.options.state_path).draining
+        self._drains = dict(drains)
+        ours = {p.name for p in self.ratio.pending.values()}
+        for (_, name), h in self.health.items():
+            if name in drains and h.state in ("healthy", "suspect", "loading"):
+                h.begin_draining(now)
+            elif name not in drains and name not in ours and h.state == "draining":
+                h.end_draining(now)
+
+    def _replace_failed(self, now: float) -> None:
+        drains = {k for k, v in self._drains.items() if v.owner != OWNER}
+        failed = sorted({name for (_, name), h in self.health.items() if h.state == "failed"})
+        for name in failed:
+            if name in drains:
+                continue  # its owner (an upgrade) is reloading it; not ours to touch
+            for scenario, switch in list(self.ratio.pending.items()):
+                if switch.name == name:
+                    self._abandon_switch(scenario, f"{name} failed while draining")
+            error = next(h.last_error for (_, n), h in self.health.items()
+                         if n == name and h.state == "failed")
+            entry = self.repo.reload(name, reason=f"replace failed instance: {error[:200]}")
+            self.metrics.edits.labels("reload").inc()
+            for (_, n), h in self.health.items():
+                if n == name:
+                    h.begin_replacing(entry.generation, now)
+
+    def _rebalance(self, now: float) -> None:
+        assert self.scrape is not None
+        try:
+            texts = self.scrape()
+        except OSError as exc:
+            log.warning("metrics scrape failed: %s", exc)
+            return
+        scenarios = sorted({e.scenario for e in self.entries.values()})
+        by_instance = {n: e.scenario for n, e in self.entries.items()}
+        totals = totals_from_text(texts, now, by_instance, scenarios)
+        prev, self._last_totals = self._last_totals, totals
+        if prev is None:
+            return
+        for scenario in scenarios:
+            cands = self.candidates(scenario)
+            w = window(prev, totals, scenario)
+            n_p, n_d = RatioLoop.counts(cands)
+            batch = {r: max((self.entries[c.name].max_batch_size for c in cands if c.role == r),
+                            default=1) for r in ("prefill", "decode")}
+            sig = scenario_signal(w, now, n_p, n_d, batch["prefill"], batch["decode"]) if w \
+                else None
+            if sig is None or n_p + n_d == 0:
+                self.metrics.decision(scenario, "none", "no signal in the window")
+                continue
+            decision, switch = self.ratio.decide(scenario, sig, cands)
+            self.metrics.decision(scenario, decision.action, decision.reason)
+            if switch is not None:
+                self._start_switch(switch, now)
+
+    def candidates(self, scenario: str) -> list[Candidate]:
+        out = []
+        for name, entry in sorted(self.entries.items()):
+            if entry.scenario != scenario:
+                continue
+            hs = self._healths(name)
+            in_flight = sum(h.last_load.in_flight for h in hs if h.last_load is not None)
+            routable = all(h.is_routable for h in hs) and name not in self._drains
+            out.append(Candidate(name, entry.role, routable, in_flight))
+        return out
+
+    def _start_switch(self, switch: PendingSwitch, now: float) -> None:
+        log.info("ratio: draining %s to make it %s (%s)", switch.name, switch.to_role,
+                 switch.reason)
+        for h in self._healths(switch.name):
+            h.begin_draining(now)
+        request = DrainRequest(OWNER, f"switch to {switch.to_role}: {switch.reason}", now)
+        self.state = update_state(self.options.state_path,
+                                  lambda s: with_drain(s, switch.name, request))
+
+    def _progress_switches(self, now: float) -> None:
+        for scenario, switch in list(self.ratio.pending.items()):
+            hs = self._healths(switch.name)
+            if not hs or any(h.state not in ("draining",) for h in hs):
+                self._abandon_switch(scenario, f"{switch.name} left draining")
+                continue
+            if not self.ratio.ready(switch, all(h.is_idle for h in hs), now):
+                continue
+            entry = self.repo.switch_role(switch.name, switch.to_role, reason=switch.reason)
+            self.metrics.edits.labels("switch_role").inc()
+            for h in hs:
+                h.begin_loading(entry.generation, now)
+            self._lift_drain(switch.name)
+            self.ratio.finish(scenario)
+
+    def _abandon_switch(self, scenario: str, why: str) -> None:
+        switch = self.ratio.pending.get(scenario)
+        if switch is not None:
+            log.warning("ratio: switch of %s abandoned: %s", switch.name, why)
+            self._lift_drain(switch.name)
+            self.ratio.finish(scenario)
+
+    def _lift_drain(self, name: str) -> None:
+        self.state = update_state(self.options.state_path,
+                                  lambda s: without_drain(s, name, OWNER))
+
+    def _healths(self, name: str) -> list[InstanceHealth]:
+        return [h for (_, n), h in sorted(self.health.items()) if n == name]
+
+    def _publish(self, now: float) -> ControllerState:
+        statuses: dict[str, InstanceStatus] = {}
+        for name, entry in self.entries.items():
+            hs = {s: self.health[(s, name)] for s in self.options.servers}
+            worst = max(hs.values(), key=lambda h: _SEVERITY[h.state])
+            statuses[name] = InstanceStatus(
+                role=entry.role, scenario=entry.scenario, state=worst.state,
+                routable=all(h.is_routable for h in hs.values()),
+                generation=entry.generation, reason=worst.last_error[:300], since=worst.since,
+                servers={s: h.state for s, h in hs.items()},
+            )
+        ratios: dict[str, dict[str, int]] = {}
+        for st in statuses.values():
+            if st.routable:
+                counts = ratios.setdefault(st.scenario, {"prefill": 0, "decode": 0})
+                counts[st.role] = counts.get(st.role, 0) + 1
+
+        def change(s: ControllerState) -> ControllerState:
+            return ControllerState(now, statuses, ratios, s.draining)
+
+        self.state = update_state(self.options.state_path, change)
+        self.metrics.set_instances((st.role, st.state) for st in statuses.values())
+        for scenario, counts in ratios.items():
+            for role, n in counts.items():
+                self.metrics.ratio.labels(scenario, role).set(n)
+        return self.state
+
+
+_SEVERITY = {"healthy": 0, "draining": 1, "loading": 2, "suspect": 3, "replacing": 4,
+             "failed": 5}
+
+
+def servers_of(specs: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(specs))

@@ -1,0 +1,131 @@
+"""The real probe client: Triton's HTTP API (tritonclient.http plus the generate extension).
+
+One probe of model M on server S:
+  1. ``is_model_ready`` (tritonclient.http);
+  2. the loaded config (``get_model_config``): its ``generation`` parameter
+     tells whether a reload has taken effect;
+  3. the heartbeat: ``POST /v2/models/M/generate {"control": "{\"op\":\"health\"}"}``.
+     The generate extension maps JSON fields to input tensors and output
+     tensors back, and, unlike plain HTTP ``infer``, it accepts decoupled
+     models (every pdserve instance is one) answering with one response.
+
+A dead stub shows up in step 3 ("Stub process ... is not healthy"), not in 1.
+Every call has a timeout; failures are results (``ok=False``), never raised.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from pdserve.errors import InvalidArgument
+from pdserve.scheduler.controller.health import ProbeResult
+from pdserve.scheduler.controller.protocol import (
+    CONTROL_INPUT,
+    LOAD_OUTPUT,
+    HealthCall,
+    parse_health_reply,
+)
+from pdserve.scheduler.controller.repository import GENERATION_KEY
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    """``HOST:HTTP_PORT[:METRICS_PORT]``; metrics default to HTTP+2 (Triton's 8000/8002)."""
+
+    host: str
+    http_port: int
+    metrics_port: int
+
+    @classmethod
+    def parse(cls, spec: str) -> ServerAddress:
+        parts = spec.rsplit(":", 2) if spec.count(":") >= 2 else spec.rsplit(":", 1)
+        try:
+            if len(parts) == 3:
+                return cls(parts[0], int(parts[1]), int(parts[2]))
+            if len(parts) == 2:
+                return cls(parts[0], int(parts[1]), int(parts[1]) + 2)
+        except ValueError:
+            pass
+        raise InvalidArgument(f"server must be HOST:HTTP_PORT[:METRICS_PORT], got {spec!r}")
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise InvalidArgument("server host must not be empty")
+        for port in (self.http_port, self.metrics_port):
+            if not 0 < port < 65536:
+                raise InvalidArgument(f"port must be in 1..65535, got {port}")
+
+    @property
+    def http(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def __str__(self) -> str:
+        return self.http
+
+
+class TritonProbeClient:
+    """Probes over HTTP; ``server`` arguments are ``ServerAddress.http`` strings."""
+
+    def __init__(self, timeout_s: float = 2.0) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.timeout_s = timeout_s
+
+    def probe(self, server: str, model: str) -> ProbeResult:
+        client = httpclient.InferenceServerClient(
+            server, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+        )
+        try:
+            if not client.is_model_ready(model):
+                return ProbeResult(ok=False, error=f"{model} is not ready on {server}")
+            config: dict[str, Any] = client.get_model_config(model)
+        except (InferenceServerException, OSError) as exc:
+            return ProbeResult(ok=False, error=f"{model} on {server}: {exc}")
+        finally:
+            client.close()
+        generation = _generation(config)
+        try:
+            load = parse_health_reply(self._heartbeat(server, model), model)
+        except (InvalidArgument, OSError, ValueError) as exc:
+            return ProbeResult(ok=False, generation=generation, error=f"heartbeat: {exc}")
+        return ProbeResult(ok=True, load=load, generation=generation)
+
+    def _heartbeat(self, server: str, model: str) -> bytes:
+        body = json.dumps({CONTROL_INPUT: HealthCall().to_bytes().decode()}).encode()
+        req = urllib.request.Request(
+            f"http://{server}/v2/models/{model}/generate", data=body, method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                reply = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:300]
+            raise OSError(f"HTTP {exc.code}: {detail}") from None
+        value = reply.get(LOAD_OUTPUT) if isinstance(reply, dict) else None
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if not isinstance(value, str):
+            raise InvalidArgument(f"reply has no {LOAD_OUTPUT!r} string: {str(reply)[:200]}")
+        return value.encode()
+
+    def close(self) -> None:
+        """Nothing pooled: each probe opens and closes its own connection."""
+
+
+def _generation(config: dict[str, Any]) -> int | None:
+    raw = config.get("parameters", {}).get(GENERATION_KEY, {}).get("string_value")
+    if raw is None:
+        return 0  # never bumped
+    return int(raw) if str(raw).isdigit() else None

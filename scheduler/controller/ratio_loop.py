@@ -1,0 +1,93 @@
+"""P/D ratio per scenario, applied one role switch at a time, drain first.
+
+Each scenario has its own ``RatioController`` (cool-down, hysteresis, online
+trigger). When it asks for one more prefill (decode), the loop picks a donor:
+the routable decode (prefill) of that scenario with the least in flight. The
+donor is drained (no new work; in-flight requests finish), and switched
+through the repository when idle or after ``drain_timeout_s``::
+
+    decide --> pick donor --> draining ... idle or timeout --> switch_role --> loading --> healthy
+
+One switch per scenario is in progress at a time, and a scenario never drops
+below ``min_prefill`` / ``min_decode`` routable instances: the donor must be
+routable and the counts are of routable instances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.scheduler.ratio import RatioController, RatioDecision, RatioPolicy, ScenarioSignal
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the loop needs to know about one instance of a scenario."""
+
+    name: str
+    role: str
+    routable: bool
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class PendingSwitch:
+    scenario: str
+    name: str
+    to_role: str
+    started: float
+    reason: str
+
+
+class RatioLoop:
+    def __init__(self, policy: RatioPolicy | None = None, drain_timeout_s: float = 60.0) -> None:
+        if not drain_timeout_s > 0:
+            raise ValueError(f"drain_timeout_s must be positive, got {drain_timeout_s}")
+        self.policy = policy or RatioPolicy()
+        self.drain_timeout_s = drain_timeout_s
+        self._controllers: dict[str, RatioController] = {}
+        self.pending: dict[str, PendingSwitch] = {}
+
+    @staticmethod
+    def counts(candidates: Sequence[Candidate]) -> tuple[int, int]:
+        """Routable (prefill, decode) instances."""
+        n_p = sum(1 for c in candidates if c.routable and c.role == "prefill")
+        n_d = sum(1 for c in candidates if c.routable and c.role == "decode")
+        return n_p, n_d
+
+    def decide(
+        self, scenario: str, signal: ScenarioSignal, candidates: Sequence[Candidate]
+    ) -> tuple[RatioDecision, PendingSwitch | None]:
+        """The controller's decision and, when it acts, the switch to start (donor chosen)."""
+        n_p, n_d = signal.n_prefill, signal.n_decode
+        if scenario in self.pending:
+            p = self.pending[scenario]
+            return RatioDecision("none", n_p, n_d, f"switch of {p.name} in progress"), None
+        if n_p < self.policy.min_prefill or n_d < self.policy.min_decode:
+            # Not a ratio question: failed instances are being replaced.
+            return RatioDecision("none", n_p, n_d,
+                                 f"below the minimum routable 1P/1D ({n_p}P/{n_d}D)"), None
+        controller = self._controllers.setdefault(scenario, RatioController(self.policy))
+        decision = controller.decide(signal)
+        if decision.action == "none":
+            return decision, None
+        from_role, to_role = (("decode", "prefill") if decision.action == "add_prefill"
+                              else ("prefill", "decode"))
+        donors = sorted((c for c in candidates if c.routable and c.role == from_role),
+                        key=lambda c: (c.in_flight, c.name))
+        remaining = (n_d if from_role == "decode" else n_p) - 1
+        minimum = self.policy.min_decode if from_role == "decode" else self.policy.min_prefill
+        if not donors or remaining < minimum:
+            return RatioDecision("none", n_p, n_d,
+                                 f"no {from_role} can go without breaking the minimum"), None
+        switch = PendingSwitch(scenario, donors[0].name, to_role, signal.now, decision.reason)
+        self.pending[scenario] = switch
+        return decision, switch
+
+    def ready(self, switch: PendingSwitch, idle: bool, now: float) -> bool:
+        """Switch once the donor is idle, or when draining took too long."""
+        return idle or now - switch.started >= self.drain_timeout_s
+
+    def finish(self, scenario: str) -> None:
+        self.pending.pop(scenario, None)

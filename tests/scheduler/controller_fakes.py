@@ -1,0 +1,61 @@
+"""Fakes for the controller tests: a repository on tmp_path and a fake Triton."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pdserve.scheduler.controller.health import ProbeResult
+from pdserve.scheduler.controller.repository import Repository
+from pdserve.scheduler.instance import InstanceLoad
+from pdserve.server.config import InstanceConfig
+from pdserve.server.repo import instances_from_spec, write_repository
+
+
+def make_repo(tmp_path: Path, prefill: int = 2, decode: int = 2) -> Repository:
+    spec = {"scenarios": {"default": {"prefill": prefill, "decode": decode}}}
+    instances: list[InstanceConfig] = instances_from_spec(spec)
+    write_repository(instances, tmp_path / "repo")
+    return Repository(tmp_path / "repo", edit_log=tmp_path / "edits.jsonl")
+
+
+class FakeTriton:
+    """Loads what the repository says when ``poll()`` runs, like poll mode does.
+
+    ``kill(model)`` is a dead stub: ready, but the heartbeat fails until the
+    model is reloaded (its generation changes and a poll happens).
+    """
+
+    def __init__(self, repo: Repository, server: str = "s0") -> None:
+        self.repo = repo
+        self.server = server
+        self.loaded: dict[str, int] = {}
+        self.dead: set[str] = set()
+        self.broken: set[str] = set()  # fails to load at all (bad weights)
+        self.in_flight: dict[str, int] = {}
+        self.probes: list[str] = []
+        self.poll()
+
+    def poll(self) -> None:
+        for name, entry in self.repo.instances().items():
+            if self.loaded.get(name) != entry.generation:
+                self.loaded[name] = entry.generation
+                self.dead.discard(name)  # a reload starts a fresh stub
+
+    def kill(self, model: str) -> None:
+        self.dead.add(model)
+
+    def probe(self, server: str, model: str) -> ProbeResult:
+        self.probes.append(model)
+        entry = self.repo.instances()[model]
+        if model in self.broken:
+            return ProbeResult(ok=False, error=f"{model}: load failed")
+        if model in self.dead:
+            return ProbeResult(ok=False, generation=self.loaded[model],
+                               error=f"Stub process '{model}' is not healthy")
+        load = InstanceLoad(name=model, role=entry.role,  # type: ignore[arg-type]
+                            scenario=entry.scenario, max_batch_size=entry.max_batch_size,
+                            in_flight=self.in_flight.get(model, 0))
+        return ProbeResult(ok=True, load=load, generation=self.loaded[model])
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,218 @@
+"""The controller loop with a fake clock, a fake Triton and a tmp_path repository."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pdserve.scheduler.controller.controller import Controller, ControllerOptions
+from pdserve.scheduler.controller.health import HealthPolicy
+from pdserve.scheduler.controller.ratio_loop import RatioLoop
+from pdserve.scheduler.controller.state import read_state
+from pdserve.scheduler.ratio import RatioPolicy
+from tests.scheduler.controller_fakes import FakeTriton, make_repo
+
+
+class Traffic:
+    """Cumulative router metrics, rendered as Triton's /metrics text."""
+
+    def __init__(self) -> None:
+        self.requests = 0.0
+        self.ttft_sum = 0.0
+        self.tpot_sum = 0.0
+        self.generated = 0.0
+
+    def add(self, requests: int, ttft_s: float, tpot_s: float, out_tokens: int) -> None:
+        self.requests += requests
+        self.ttft_sum += requests * ttft_s
+        self.tpot_sum += requests * tpot_s
+        self.generated += requests * out_tokens
+
+    def text(self) -> str:
+        lab = 'instance="pdserve"'
+        lines = []
+        for name, total in (("pdserve_time_to_first_token_seconds", self.ttft_sum),
+                            ("pdserve_time_per_output_token_seconds", self.tpot_sum)):
+            lines += [f"# TYPE {name} histogram",
+                      f'{name}_bucket{{{lab},le="+Inf"}} {self.requests}',
+                      f"{name}_sum{{{lab}}} {total}", f"{name}_count{{{lab}}} {self.requests}"]
+        lines += ["# TYPE pdserve_generated_tokens_total counter",
+                  f"pdserve_generated_tokens_total{{{lab}}} {self.generated}",
+                  "# TYPE nv_inference_count counter", 'nv_inference_count{model="x"} 7']
+        return "\n".join(lines) + "\n"
+
+
+def make(tmp_path: Path, prefill: int = 2, decode: int = 2, traffic: Traffic | None = None,
+         drain_timeout_s: float = 30.0) -> tuple[Controller, FakeTriton]:
+    repo = make_repo(tmp_path, prefill, decode)
+    triton = FakeTriton(repo)
+    options = ControllerOptions(servers=("s0",), state_path=tmp_path / "state.json",
+                                health=HealthPolicy(probe_interval_s=2.0, fail_threshold=2,
+                                                    load_timeout_s=60.0),
+                                ratio_interval_s=10.0, probe_workers=2)
+    ratio = RatioLoop(RatioPolicy(cooldown_s=0.0), drain_timeout_s=drain_timeout_s)
+    scrape = (lambda: [traffic.text()]) if traffic is not None else None
+    return Controller(repo, triton, options, ratio=ratio, scrape=scrape), triton
+
+
+def states(c: Controller) -> dict[str, str]:
+    return {name: st.state for name, st in c.state.instances.items()}
+
+
+def test_a_dead_stub_leaves_routing_within_two_probes_and_is_replaced(tmp_path: Path) -> None:
+    c, triton = make(tmp_path)
+    try:
+        c.tick(0.0)
+        assert set(states(c).values()) == {"healthy"}
+        triton.kill("prefill_1")
+        c.tick(2.0)
+        shared = read_state(tmp_path / "state.json")
+        assert not shared.is_routable("prefill_1")  # out of routing after ONE probe
+        assert shared.instances["prefill_1"].state == "suspect"
+        c.tick(4.0)  # second failure: failed -> a reload edit, now replacing
+        assert states(c)["prefill_1"] == "replacing"
+        assert c.repo.entry("prefill_1").generation == 1
+        assert c.repo.edits[-1].kind == "reload" and "not healthy" in c.repo.edits[-1].reason
+        c.tick(6.0)  # Triton has not polled yet: the dead stub is still there
+        assert states(c)["prefill_1"] == "replacing"
+        assert c.repo.entry("prefill_1").generation == 1  # no second edit meanwhile
+        triton.poll()  # poll mode reloads it with a fresh stub
+        c.tick(8.0)
+        assert states(c)["prefill_1"] == "healthy"
+        assert read_state(tmp_path / "state.json").is_routable("prefill_1")
+        reg = c.metrics.registry
+        assert reg.get_sample_value("pdserve_controller_instance_failures_total",
+                                    {"role": "prefill"}) == 1
+        assert reg.get_sample_value("pdserve_controller_instance_recoveries_total",
+                                    {"role": "prefill"}) == 1
+        assert reg.get_sample_value("pdserve_controller_instances",
+                                    {"role": "prefill", "state": "healthy"}) == 2
+    finally:
+        c.close()
+
+
+def test_a_replacement_that_never_comes_up_is_retried(tmp_path: Path) -> None:
+    c, triton = make(tmp_path)
+    try:
+        c.tick(0.0)
+        triton.broken.add("decode_0")
+        for t in (2.0, 4.0):
+            c.tick(t)
+        assert states(c)["decode_0"] == "replacing"
+        c.tick(70.0)  # past load_timeout_s: failed again, and replaced again
+        assert states(c)["decode_0"] == "replacing"
+        assert c.repo.entry("decode_0").generation == 2
+    finally:
+        c.close()
+
+
+def test_ratio_moves_toward_prefill_drain_first(tmp_path: Path) -> None:
+    traffic = Traffic()
+    c, triton = make(tmp_path, traffic=traffic)
+    try:
+        c.tick(0.0)  # first scrape: the baseline for the window
+        triton.in_flight["decode_0"] = 3
+        triton.in_flight["decode_1"] = 1
+        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)  # prompt-heavy
+        c.tick(10.0)
+        # decode_1 (least in flight) is drained, not yet switched.
+        assert states(c)["decode_1"] == "draining"
+        shared = read_state(tmp_path / "state.json")
+        assert "decode_1" in shared.draining and not shared.is_routable("decode_1")
+        assert c.repo.entry("decode_1").role == "decode"
+        c.tick(12.0)  # still busy: keeps draining
+        assert c.repo.entry("decode_1").role == "decode"
+        triton.in_flight["decode_1"] = 0
+        c.tick(14.0)  # idle: switched through the repository
+        assert c.repo.entry("decode_1").role == "prefill"
+        assert states(c)["decode_1"] == "loading"
+        assert "decode_1" not in read_state(tmp_path / "state.json").draining
+        triton.poll()
+        c.tick(16.0)
+        assert states(c)["decode_1"] == "healthy"
+        assert c.state.ratios["default"] == {"prefill": 3, "decode": 1}
+        # More prompt-heavy traffic cannot take the last decode.
+        traffic.add(100, ttft_s=4.0, tpot_s=0.01, out_tokens=11)
+        c.tick(30.0)
+        assert c.repo.entry("decode_0").role == "decode"
+        assert all(e.kind == "switch_role" for e in c.repo.edits)
+        assert len(c.repo.edits) == 1
+        reg = c.metrics.registry
+        assert reg.get_sample_value("pdserve_controller_ratio_decisions_total", {
+            "scenario": "default", "action": "add_prefill", "reason": "balance_rule"}) == 1
+    finally:
+        c.close()
+
+
+def test_ratio_moves_toward_decode_and_switches_after_drain_timeout(tmp_path: Path) -> None:
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=3, decode=1, traffic=traffic, drain_timeout_s=5.0)
+    try:
+        c.tick(0.0)
+        triton.in_flight.update(prefill_0=1, prefill_1=2, prefill_2=2)
+        traffic.add(50, ttft_s=0.05, tpot_s=0.05, out_tokens=200)  # output-heavy
+        c.tick(10.0)
+        assert states(c)["prefill_0"] == "draining"
+        c.tick(12.0)
+        assert c.repo.entry("prefill_0").role == "prefill"  # busy, within the timeout
+        c.tick(16.0)  # drain timeout passed: switched anyway
+        assert c.repo.entry("prefill_0").role == "decode"
+    finally:
+        c.close()
+
+
+def test_balanced_traffic_changes_nothing(tmp_path: Path) -> None:
+    traffic = Traffic()
+    c, _ = make(tmp_path, traffic=traffic)
+    try:
+        c.tick(0.0)
+        # prefill 32/0.5 = 64 req/s, decode 32/(0.05*10) = 64 req/s per instance.
+        traffic.add(200, ttft_s=0.5, tpot_s=0.05, out_tokens=11)
+        c.tick(10.0)
+        c.tick(20.0)  # no traffic in this window: no decision either
+        assert c.repo.edits == []
+        assert set(states(c).values()) == {"healthy"}
+        reg = c.metrics.registry
+        assert reg.get_sample_value("pdserve_controller_ratio_decisions_total", {
+            "scenario": "default", "action": "none", "reason": "balanced"}) == 1
+        assert reg.get_sample_value("pdserve_controller_ratio_decisions_total", {
+            "scenario": "default", "action": "none", "reason": "no_signal"}) == 1
+    finally:
+        c.close()
+
+
+def test_external_drain_is_honoured_and_not_replaced(tmp_path: Path) -> None:
+    from pdserve.scheduler.controller.state import DrainRequest, update_state, with_drain
+
+    c, triton = make(tmp_path)
+    try:
+        c.tick(0.0)
+        update_state(tmp_path / "state.json",
+                     lambda s: with_drain(s, "decode_0", DrainRequest("upgrade", "u", 0.0)))
+        c.tick(2.0)
+        assert states(c)["decode_0"] == "draining"
+        triton.kill("decode_0")  # an upgrade reloading it looks like this
+        c.tick(4.0)
+        c.tick(6.0)
+        assert all(e.kind != "reload" for e in c.repo.edits)  # the owner handles it
+    finally:
+        c.close()
+
+
+def test_state_file_is_json_with_every_instance(tmp_path: Path) -> None:
+    c, _ = make(tmp_path)
+    try:
+        c.tick(0.0)
+        raw = json.loads((tmp_path / "state.json").read_text())
+        assert raw["version"] == 1
+        assert set(raw["instances"]) == {"prefill_0", "prefill_1", "decode_0", "decode_1"}
+        assert raw["instances"]["decode_0"]["servers"] == {"s0": "healthy"}
+    finally:
+        c.close()
+
+
+def test_options_validation(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least one server"):
+        ControllerOptions(servers=(), state_path=tmp_path / "s.json")
