@@ -40,6 +40,7 @@ from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2
 
 from pdserve.errors import ErrorCode, InvalidArgument, PdserveError
+from pdserve.server.config import InstanceConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ GENERATION_KEY = "generation"
 MODEL_KEY = "model"
 SWITCHABLE_ROLES = ("prefill", "decode")
 INSTANCE_ROLES = ("prefill", "decode", "aggregated")
+DEFAULT_MODEL = str(InstanceConfig.__dataclass_fields__["model"].default)
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -76,6 +78,11 @@ class ModelEntry:
     @property
     def scenario(self) -> str:
         return self.params.get("scenario", "default")
+
+    @property
+    def model(self) -> str:
+        """The weights: the ``model`` parameter, or the serving side's default when absent."""
+        return self.params.get(MODEL_KEY) or DEFAULT_MODEL
 
     @property
     def generation(self) -> int:

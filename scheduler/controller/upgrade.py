@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pdserve.errors import PdserveError
 from pdserve.scheduler.controller.health import ProbeClient, ProbeResult
-from pdserve.scheduler.controller.repository import MODEL_KEY, Repository
+from pdserve.scheduler.controller.repository import Repository
 from pdserve.scheduler.controller.state import (
     DrainRequest,
     default_state_path,
@@ -92,7 +92,7 @@ class RollingUpgrade:
             if entry is None:
                 report.failed, report.error = name, f"{name} is not an instance in the repository"
                 return report
-            if entry.params.get(MODEL_KEY) == model and self._loaded(name, entry.generation):
+            if entry.model == model and self._loaded(name, entry.generation):
                 report.skipped.append(name)
                 continue
             error = self._upgrade_one(name, model)

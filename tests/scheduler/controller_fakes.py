@@ -52,7 +52,7 @@ class FakeTriton:
         if model in self.dead:
             return ProbeResult(ok=False, generation=self.loaded[model],
                                error=f"Stub process '{model}' is not healthy")
-        load = InstanceLoad(name=model, role=entry.role,  # type: ignore[arg-type]
+        load = InstanceLoad(name=model, role=entry.role,
                             scenario=entry.scenario, max_batch_size=entry.max_batch_size,
                             in_flight=self.in_flight.get(model, 0))
         return ProbeResult(ok=True, load=load, generation=self.loaded[model])

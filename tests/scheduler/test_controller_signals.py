@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+
+from pdserve.errors import InvalidArgument
+from pdserve.scheduler.controller.probe import ServerAddress
+from pdserve.scheduler.controller.protocol import HealthCall, answer_health, parse_health_reply
+from pdserve.scheduler.controller.signals import scenario_signal, totals_from_text, window
+from pdserve.scheduler.controller.state import ControllerState, read_state
+from pdserve.scheduler.instance import InstanceLoad
+
+PAGE = """\
+# TYPE pdserve_time_to_first_token_seconds histogram
+pdserve_time_to_first_token_seconds_bucket{{instance="pdserve",le="+Inf"}} {n}
+pdserve_time_to_first_token_seconds_sum{{instance="pdserve"}} {ttft}
+pdserve_time_to_first_token_seconds_count{{instance="pdserve"}} {n}
+# TYPE pdserve_time_per_output_token_seconds histogram
+pdserve_time_per_output_token_seconds_sum{{instance="pdserve"}} {tpot}
+pdserve_time_per_output_token_seconds_count{{instance="pdserve"}} {n}
+# TYPE pdserve_generated_tokens_total counter
+pdserve_generated_tokens_total{{instance="pdserve"}} {gen}
+"""
+
+
+def page(n: int, ttft: float, tpot: float, gen: int) -> str:
+    return PAGE.format(n=n, ttft=ttft, tpot=tpot, gen=gen)
+
+
+def test_window_from_two_scrapes_of_two_servers() -> None:
+    prev = totals_from_text([page(10, 1.0, 0.1, 100)] * 2, 0.0, {}, ["default"])
+    cur = totals_from_text([page(30, 5.0, 0.5, 500)] * 2, 10.0, {}, ["default"])
+    w = window(prev, cur, "default")
+    assert w is not None
+    assert w.requests == 40 and w.arrival_rate == pytest.approx(4.0)
+    assert w.ttft_s == pytest.approx(8.0 / 40) and w.tpot_s == pytest.approx(0.8 / 40)
+    assert w.output_tokens == pytest.approx(20.0)
+    sig = scenario_signal(w, 10.0, 2, 2, prefill_batch=8, decode_batch=16)
+    assert sig is not None
+    assert sig.prefill.requests_per_s == pytest.approx(8 / 0.2)
+    assert sig.decode.batch_time_s == pytest.approx(0.02 * 19)
+    assert sig.ttft_share == pytest.approx(0.2 / (0.2 + 0.02 * 19))
+
+
+def test_no_traffic_or_a_restarted_server_gives_no_window() -> None:
+    a = totals_from_text([page(10, 1.0, 0.1, 100)], 0.0, {}, ["default"])
+    assert window(a, totals_from_text([page(10, 1.0, 0.1, 100)], 5.0, {}, ["default"]),
+                  "default") is None
+    assert window(a, totals_from_text([page(2, 0.1, 0.01, 9)], 5.0, {}, ["default"]),
+                  "default") is None
+
+
+def test_unlabelled_router_series_are_dropped_with_several_scenarios() -> None:
+    t = totals_from_text([page(10, 1.0, 0.1, 100)], 0.0, {}, ["a", "b"])
+    assert t.values == {}
+    labelled = page(10, 1.0, 0.1, 100).replace('instance="pdserve"',
+                                                'instance="pdserve",scenario="b"')
+    t = totals_from_text([labelled], 0.0, {}, ["a", "b"])
+    assert t.get("b", "ttft_count") == 10 and t.get("a", "ttft_count") == 0
+
+
+def test_heartbeat_contract_round_trip() -> None:
+    assert HealthCall.from_bytes(HealthCall().to_bytes()) == HealthCall()
+    load = InstanceLoad("decode_0", "decode", "default", 8, in_flight=3)
+    assert parse_health_reply(answer_health(load), "decode_0") == load
+    with pytest.raises(InvalidArgument, match="answered by"):
+        parse_health_reply(answer_health(load), "decode_1")
+    with pytest.raises(InvalidArgument):
+        HealthCall.from_bytes(b'{"op": "reboot"}')
+    with pytest.raises(InvalidArgument):
+        HealthCall.from_bytes(b"not json")
+
+
+def test_server_address_and_state_file_errors(tmp_path) -> None:
+    a = ServerAddress.parse("127.0.0.1:8000")
+    assert a.http == "127.0.0.1:8000" and a.metrics_url == "http://127.0.0.1:8002/metrics"
+    assert ServerAddress.parse("h:1:9").metrics_port == 9
+    with pytest.raises(InvalidArgument):
+        ServerAddress.parse("nohost")
+    assert read_state(tmp_path / "absent.json") == ControllerState()
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(InvalidArgument, match="malformed"):
+        read_state(tmp_path / "bad.json")
