@@ -20,6 +20,7 @@ import asyncio  # noqa: E402
 import json  # noqa: E402
 from typing import Any  # noqa: E402
 
+from pdserve.roles.common import ack  # noqa: E402
 from pdserve.roles.instance import apply_pinning  # noqa: E402
 from pdserve.roles.requests import ROUTER_INPUTS, parse_request  # noqa: E402
 from pdserve.roles.triton import Responder, read_inputs, read_instance_request  # noqa: E402
@@ -71,7 +72,10 @@ class TritonPythonModel:
                 await self.role.handle(request, req, out)
             else:
                 op, payload = read_instance_request(request)
-                await self.role.handle(op, payload, out)
+                if op == "ping":
+                    ack(out)
+                else:
+                    await self.role.handle(op, payload, out)
         except BaseException as exc:  # every path must end with FINAL
             out.fail(exc)
         finally:

@@ -21,7 +21,8 @@ KV_INSTANCES = ("prefill_0", "decode_0", "aggregated_0")
 
 def _prompts(n: int) -> list[str]:
     rng = random.Random(7)
-    words = "the quick brown fox jumps over a lazy dog while router prefill decode stream".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while",
+             "router", "prefill", "decode", "stream"]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for _ in range(n)]
 
 

@@ -9,6 +9,7 @@ request or response, next to a STRING ``op`` saying what to do:
     router -> decode      op=commit   CommitCall     one empty TokenChunk (ack)
     router -> decode/agg  op=abort    AbortCall      one empty TokenChunk (ack)
     router -> aggregated  op=generate GenerateCall   stream of TokenChunk
+    router -> any         op=ping     (empty)        one empty TokenChunk (liveness probe)
 
 Bad bytes raise ``InvalidArgument`` saying what is wrong.
 """
@@ -21,8 +22,8 @@ from typing import Any, Literal, TypeVar
 
 from pdserve.errors import InvalidArgument
 
-Op = Literal["reserve", "prefill", "commit", "abort", "generate"]
-OPS: tuple[Op, ...] = ("reserve", "prefill", "commit", "abort", "generate")
+Op = Literal["reserve", "prefill", "commit", "abort", "generate", "ping"]
+OPS: tuple[Op, ...] = ("reserve", "prefill", "commit", "abort", "generate", "ping")
 MAX_PAYLOAD_BYTES = 16 << 20
 
 T = TypeVar("T", bound="_Message")

@@ -116,10 +116,18 @@ def read_inputs(request: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 
 class InstanceClient:
-    """BLS calls to P/D instances; streams are iterated on ``pool`` threads."""
+    """BLS calls to P/D instances; streams are iterated on ``pool`` threads.
 
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
+    Liveness: when an instance's stub dies, Triton keeps the model READY and a
+    BLS response iterator already open just blocks. So after ``probe_after_s``
+    without a response we ping the instance; a dead stub fails the ping at once
+    ("Stub process ... is not healthy") and the stream raises ``Unavailable``.
+    The thread blocked on the dead iterator is abandoned (it holds nothing else).
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, probe_after_s: float = 1.0) -> None:
         self._pool = pool
+        self.probe_after_s = probe_after_s
 
     def _request(self, model: str, op: Op, payload: bytes) -> Any:
         return pb_utils.InferenceRequest(
@@ -137,7 +145,14 @@ class InstanceClient:
         responses = await self._request(model, op, payload).async_exec(decoupled=True)
         it = iter(responses)
         while True:
-            response = await loop.run_in_executor(self._pool, next, it, None)
+            future = loop.run_in_executor(self._pool, next, it, None)
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=self.probe_after_s)
+                if done:
+                    break
+                if op != "ping":
+                    await self._probe(model)
+            response = future.result()
             if response is None:
                 return
             if response.has_error():
@@ -146,6 +161,12 @@ class InstanceClient:
             if tensor is not None:
                 yield bytes(tensor.as_numpy().reshape(-1)[0])
             # A response without payload is the bare FINAL flag; the iterator ends next.
+
+    async def _probe(self, model: str) -> None:
+        try:
+            await asyncio.wait_for(self.call(model, "ping", b""), timeout=30)
+        except TimeoutError:
+            raise Unavailable(f"instance {model} does not answer a liveness probe") from None
 
     async def call(self, model: str, op: Op, payload: bytes) -> bytes:
         """A call answered by exactly one payload."""

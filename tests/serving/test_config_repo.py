@@ -1,0 +1,89 @@
+"""Instance config parsing and repository generation (no server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pdserve.server.config import (
+    InstanceConfig,
+    Route,
+    parse_cpu_cores,
+    parse_parameters,
+    to_parameters,
+)
+from pdserve.server.repo import build, instances_from_spec, write_repository
+
+SPEC = Path(__file__).parent / "specs" / "tiny_pd.yaml"
+
+
+def test_cpu_cores() -> None:
+    assert parse_cpu_cores("0") == (0,)
+    assert parse_cpu_cores("0-2,5") == (0, 1, 2, 5)
+    for bad in ("", "a", "3-1", "-1", "0,,1"):
+        with pytest.raises(ValueError, match="cpu_cores"):
+            parse_cpu_cores(bad)
+
+
+def test_parameters_round_trip() -> None:
+    cfg = InstanceConfig(name="r", role="router", cpu_cores=(0, 1), kv_send_mode="layerwise",
+                         routes={"default": Route(prefill=("p",), decode=("d",)),
+                                 "agg": Route(aggregated=("a0", "a1"))})
+    back = parse_parameters("r", to_parameters(cfg))
+    assert back == cfg
+    assert set(back.instance_names) == {"p", "d", "a0", "a1"}
+    assert back.threads == 2
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({}, "'role' is required"),
+    ({"role": "chef"}, "role must be one of"),
+    ({"role": "prefill", "max_batch_size": "x"}, "max_batch_size must be an integer"),
+    ({"role": "prefill", "max_batch_size": "0"}, "max_batch_size must be positive"),
+    ({"role": "prefill", "colour": "red"}, "unknown parameters"),
+    ({"role": "router"}, "needs 'routes'"),
+    ({"role": "router", "routes": "{"}, "routes is not JSON"),
+    ({"role": "router", "routes": '{"x": {"prefill": ["p"]}}'}, "prefill AND decode"),
+    ({"role": "router", "routes": '{"x": {"aggregated": ["a"]}}'}, "'default' scenario"),
+])
+def test_bad_parameters(params: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_parameters("m", params)
+
+
+def test_spec_expands_to_instances(tmp_path: Path) -> None:
+    instances = build(SPEC, tmp_path / "repo")
+    names = [c.name for c in instances]
+    assert names == ["pdserve", "prefill_0", "decode_0", "aggregated_0"]
+    router = instances[0]
+    assert router.routes["default"] == Route(prefill=("prefill_0",), decode=("decode_0",))
+    assert router.routes["agg"] == Route(aggregated=("aggregated_0",))
+    for cfg in instances:
+        text = (tmp_path / "repo" / cfg.name / "config.pbtxt").read_text()
+        assert 'backend: "pdserve"' in text and "decoupled: true" in text
+        assert (tmp_path / "repo" / cfg.name / "1").is_dir()
+    with pytest.raises(FileExistsError):
+        write_repository(instances, tmp_path / "repo")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo.")]  # no temp left
+
+
+def test_spec_pins_cores_per_instance() -> None:
+    spec = {"model": "tiny", "scenarios": {"default": {
+        "prefill": 2, "decode": 1, "cpu_cores": {"prefill": ["0", "1"], "decode": ["0-1"]}}}}
+    insts = {c.name: c for c in instances_from_spec(spec)}
+    assert insts["prefill_0"].cpu_cores == (0,)
+    assert insts["prefill_1"].cpu_cores == (1,)
+    assert insts["decode_0"].cpu_cores == (0, 1)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"modle": "tiny"}, "unknown spec keys"),
+    ({"scenarios": {"default": {"prefill": 1}}}, "prefill AND decode"),
+    ({"scenarios": {"default": {"prefill": -1, "decode": 1}}}, "count >= 0"),
+    ({"limits": {"max_tokens": 0}}, "max_tokens_limit must be positive"),
+    ({"kv": {"transport": "pigeon"}}, "kv_transport"),
+])
+def test_bad_specs(spec: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        instances_from_spec(spec)
