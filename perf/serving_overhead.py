@@ -1,0 +1,132 @@
+"""Router + Triton overhead: tokens/s and TTFT through the server vs the offline engine.
+
+    python -m perf.serving_overhead --json OUT [--model tiny] [--requests 32] [--max-tokens 32]
+
+Same prompts, same sampling (greedy, ignore_eos), all requests at once. The
+offline run is ``engine.generate`` (one continuous batcher, chunked prefill) in
+this process; the server runs the ``agg`` scenario (one aggregated instance:
+the same batcher behind router + Triton) and the ``default`` scenario (1P/1D).
+Torch threads: 1 per engine process on both sides, so the comparison isolates
+serving cost; 1P/1D uses two engine processes and is reported for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import tritonclient.grpc as grpcclient
+import yaml
+
+from pdserve.engine import LLMEngine, SamplingParams, generate
+from pdserve.server.launcher import ServerOptions, TritonServer, free_port
+from pdserve.server.repo import build
+
+
+def _prompts(n: int) -> list[str]:
+    return [f"request {i}: " + "tell me a story about serving " * (1 + i % 4) for i in range(n)]
+
+
+def offline(model: str, prompts: list[str], max_tokens: int) -> dict[str, float]:
+    torch.set_num_threads(1)
+    engine = LLMEngine.load(model)
+    ids = [engine.tokenizer.encode(p) for p in prompts]
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    generate(engine, ids[:2], params, chunked_prefill=True)  # warm-up
+    t0 = time.perf_counter()
+    out = generate(engine, ids, params, chunked_prefill=True)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o) for o in out)
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def served(grpc_url: str, prompts: list[str], max_tokens: int, scenario: str) -> dict[str, float]:
+    client = grpcclient.InferenceServerClient(grpc_url)
+    events: queue.Queue[tuple[Any, Any, float]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: events.put(
+        (result, error, time.perf_counter())))
+    sampling = json.dumps({"ignore_eos": True, "max_tokens": max_tokens}).encode()
+    start: dict[str, float] = {}
+    first: dict[str, float] = {}
+    tokens = 0
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        inputs = []
+        for name, dtype, value in (("text_input", "BYTES", p.encode()), ("stream", "BOOL", True),
+                                   ("sampling_parameters", "BYTES", sampling),
+                                   ("scenario", "BYTES", scenario.encode())):
+            t = grpcclient.InferInput(name, [1], dtype)
+            t.set_data_from_numpy(np.array([value], dtype=object if dtype == "BYTES" else bool))
+            inputs.append(t)
+        start[str(i)] = time.perf_counter()
+        client.async_stream_infer("pdserve", inputs, request_id=str(i),
+                                  enable_empty_final_response=True)
+    pending = len(prompts)
+    while pending:
+        result, error, at = events.get(timeout=300)
+        if error is not None:
+            raise RuntimeError(str(error))
+        resp = result.get_response()
+        n = len(result.as_numpy("output_ids"))
+        tokens += n
+        if n and resp.id not in first:
+            first[resp.id] = at - start[resp.id]
+        if resp.parameters["triton_final_response"].bool_param:
+            pending -= 1
+    wall = time.perf_counter() - t0
+    client.stop_stream()
+    client.close()
+    ttfts = sorted(first.values())
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_mean_s": float(np.mean(ttfts))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    args = ap.parse_args()
+    prompts = _prompts(args.requests)
+    report: dict[str, Any] = {"model": args.model, "requests": args.requests,
+                              "max_tokens": args.max_tokens}
+    report["offline"] = offline(args.model, prompts, args.max_tokens)
+    spec = {"model": args.model, "router": {"name": "pdserve", "num_threads": 1},
+            "limits": {"max_tokens": 1024, "max_batch_size": 64, "kv_capacity_mb": 256},
+            "kv": {"transport": "shm", "send_mode": "whole"},
+            "scenarios": {"default": {"prefill": 1, "decode": 1}, "agg": {"aggregated": 1}}}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.yaml"
+        spec_path.write_text(yaml.safe_dump(spec))
+        build(spec_path, Path(tmp) / "repo")
+        for name in ("pdserve", "prefill_0", "decode_0", "aggregated_0"):  # 1 torch thread each
+            cfg = Path(tmp) / "repo" / name / "config.pbtxt"
+            cfg.write_text(cfg.read_text().replace(
+                'parameters { key: "role"',
+                'parameters { key: "num_threads" value { string_value: "1" } }\n'
+                'parameters { key: "role"') if name != "pdserve" else cfg.read_text())
+        opts = ServerOptions(repository=Path(tmp) / "repo", http_port=free_port(),
+                             grpc_port=free_port(), metrics_port=free_port())
+        with TritonServer(opts):
+            for scenario in ("agg", "default"):
+                served(opts.grpc_url, prompts[:2], args.max_tokens, scenario)  # warm-up
+                report[f"server_{scenario}"] = served(opts.grpc_url, prompts, args.max_tokens,
+                                                      scenario)
+    report["agg_throughput_ratio"] = (report["server_agg"]["tokens_per_s"]
+                                      / report["offline"]["tokens_per_s"])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
