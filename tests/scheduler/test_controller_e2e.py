@@ -97,7 +97,7 @@ def stub_pids(server: TritonServer, model: str) -> list[int]:
             and f"{model}_0_0" in args]
 
 
-def wait_for(what: str, predicate, timeout_s: float, step) -> float:  # type: ignore[no-untyped-def]
+def wait_for(what: str, predicate, timeout_s: float, step) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         step()
