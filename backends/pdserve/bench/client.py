@@ -27,7 +27,6 @@ import grpc
 import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
-from tritonclient.utils import serialize_byte_tensor
 
 from pdserve.bench.records import RequestRecord, RequestSpec, RequestStatus
 from pdserve.bench.workload import PromptIds
@@ -124,9 +123,8 @@ def build_request(config: ClientConfig, spec: RequestSpec) -> service_pb2.ModelI
 
 
 def _bytes_tensor(value: bytes) -> bytes:
-    serialized = serialize_byte_tensor(np.array([value], dtype=np.object_))
-    assert serialized is not None
-    return bytes(serialized.tobytes())
+    """A one-element BYTES tensor in Triton's raw form: 4-byte little-endian length, then data."""
+    return len(value).to_bytes(4, "little") + value
 
 
 def _add_input(
