@@ -18,7 +18,7 @@ PROMPT_LENGTHS = (1, 15, 16, 17, 100, 513)
 def config(**overrides: object) -> TransferConfig:
     base: dict[str, object] = {"secret": SECRET, "io_timeout_s": 3.0, "connect_timeout_s": 2.0}
     base.update(overrides)
-    return TransferConfig(**base)  # type: ignore[arg-type]
+    return TransferConfig(**base)
 
 
 def fingerprint(layout: KVLayout = LAYOUT, model: str = "test-model") -> str:

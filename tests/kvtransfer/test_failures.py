@@ -35,7 +35,7 @@ def expect_failed(pair: Pair, request_id: str, match: str, timeout_s: float = 5)
 
 
 @pytest.fixture
-def tcp_pair():  # type: ignore[no-untyped-def]
+def tcp_pair():
     p = open_pair("tcp")
     yield p
     close_pair(p)
@@ -133,7 +133,7 @@ def test_receiver_goes_away(pair: Pair) -> None:
         for layer in range(1, pair.layout.num_layers):
             stream.send_layer(layer, kv[layer])
         stream.finish()
-    with pytest.raises(TransferError, match="closed|connect"):
+    with pytest.raises(TransferError, match=r"closed|connect"):
         pair.sender.send(handle, kv, "whole")
 
 
@@ -179,7 +179,7 @@ def test_oversized_message_refused(tcp_pair: Pair) -> None:
     # Header claims more bytes than the prompt region: refused before any is read.
     conn.sock.sendall(wire._HEADER.pack(wire.MAGIC, wire.DATA, 0, 0, handle.extent_offset,
                                         handle.prompt_nbytes + 64))
-    with pytest.raises(TransferError, match="span .* refused"):
+    with pytest.raises(TransferError, match=r"span .* refused"):
         conn.expect(wire.ACK)
     conn.close()
     expect_failed(tcp_pair, "r", "refused")

@@ -15,7 +15,7 @@ BASE = dict(
 
 
 def test_round_trip_is_exact() -> None:
-    handle = KVHandle(**BASE)  # type: ignore[arg-type]
+    handle = KVHandle(**BASE)
     again = KVHandle.from_bytes(handle.to_bytes())
     assert again == handle
     assert again.prompt_nbytes == 2 * 2 * 17 * 2 * 8 * 2
@@ -48,4 +48,4 @@ def test_config_validation() -> None:
     assert TransferConfig(secret=b"s" * 16, host="0.0.0.0", advertise_host="10.0.0.2").public_host \
         == "10.0.0.2"
     with pytest.raises(ValueError, match="checksum"):
-        TransferConfig(secret=b"s" * 16, checksum="md5")  # type: ignore[arg-type]
+        TransferConfig(secret=b"s" * 16, checksum="md5")

@@ -56,7 +56,7 @@ def test_sender_killed_mid_transfer(kind: str) -> None:
         assert pair.arena.bytes_in_use > 0
         proc.kill()
         start = time.monotonic()
-        with pytest.raises(TransferError, match="closed the connection|connection failed"):
+        with pytest.raises(TransferError, match=r"closed the connection|connection failed"):
             pair.receiver.wait("doomed", timeout_s=5)
         assert time.monotonic() - start < 5  # noticed at once, not by the TTL or the wait
         helpers.assert_released(pair.arena)

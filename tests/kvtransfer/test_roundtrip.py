@@ -23,7 +23,7 @@ def transfer(pair: Pair, request_id: str, kv: torch.Tensor, mode: str,
                 stream.send_layer(layer, kv[layer])
             sent = stream.finish()
     else:
-        sent = pair.sender.send(handle, kv, mode)  # type: ignore[arg-type]
+        sent = pair.sender.send(handle, kv, mode)
     landed = pair.receiver.wait(request_id, timeout_s=5)
     assert landed.nbytes == sent.nbytes == pair.layout.region_bytes(tp)
     assert landed.checksum == sent.checksum is not None
