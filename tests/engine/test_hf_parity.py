@@ -67,7 +67,7 @@ def test_logits_match_transformers(tmp_path: Path, arch: str, overrides: dict) -
 def test_qwen2_bias_is_used(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, "qwen2")
     engine = LLMEngine.load(str(tmp_path))
-    assert engine.config.attention_bias and engine.model.layers[0].qkv_bias is not None
+    assert engine.config.attention_bias and engine.model.layers[0].qkv.bias is not None
 
 
 def test_mistral_context_is_clamped_to_sliding_window(tmp_path: Path) -> None:

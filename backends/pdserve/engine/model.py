@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from pdserve.engine.attention import decode_attention, prefill_attention
 from pdserve.engine.config import ModelConfig
+from pdserve.engine.linear import Linear
 from pdserve.engine.rope import RotaryCache, apply_rotary
 
 
@@ -38,19 +39,18 @@ class AttnItem:
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(H + 2 Hkv) D, hidden]
-    qkv_bias: torch.Tensor | None  # [(H + 2 Hkv) D]
-    o: torch.Tensor  # [hidden, H D]
+    qkv: Linear  # weight [(H + 2 Hkv) D, hidden], bias [(H + 2 Hkv) D] (Qwen2)
+    o: Linear  # [hidden, H D]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 I, hidden]
-    down: torch.Tensor  # [hidden, I]
+    gate_up: Linear  # [2 I, hidden]
+    down: Linear  # [hidden, I]
 
 
 class LlamaModel:
     """Weights plus the forward; stateless between calls (thread-agnostic)."""
 
     def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor],
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, *, pack_weights: bool = True) -> None:
         self.config = config
         self.device = device
         self.dtype = dtype
@@ -65,16 +65,17 @@ class LlamaModel:
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             a, m = p + "self_attn.", p + "mlp."
+            qkv_bias = torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"),
+                                  w(a + "v_proj.bias")]) if config.attention_bias else None
             self.layers.append(LayerWeights(
                 input_norm=w(p + "input_layernorm.weight"),
-                qkv=torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"),
-                               w(a + "v_proj.weight")]),
-                qkv_bias=torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"),
-                                    w(a + "v_proj.bias")]) if config.attention_bias else None,
-                o=w(a + "o_proj.weight"),
+                qkv=Linear(torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"),
+                                      w(a + "v_proj.weight")]), qkv_bias, pack=pack_weights),
+                o=Linear(w(a + "o_proj.weight"), pack=pack_weights),
                 post_norm=w(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")]),
-                down=w(m + "down_proj.weight"),
+                gate_up=Linear(torch.cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")]),
+                               pack=pack_weights),
+                down=Linear(w(m + "down_proj.weight"), pack=pack_weights),
             ))
         self.rotary = RotaryCache(config, device, dtype)
         self.scale = config.head_dim**-0.5
@@ -84,8 +85,8 @@ class LlamaModel:
         """Bytes of weights read per forward (embedding lookup excluded)."""
         total = self.lm_head.numel() + self.norm.numel()
         for lw in self.layers:
-            total += sum(t.numel() for t in (lw.input_norm, lw.qkv, lw.o, lw.post_norm,
-                                             lw.gate_up, lw.down))
+            total += lw.input_norm.numel() + lw.post_norm.numel()
+            total += sum(lin.weight.numel() for lin in (lw.qkv, lw.o, lw.gate_up, lw.down))
         return total * self.dtype.itemsize
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,7 @@ class LlamaModel:
         attn_out = torch.empty(x.shape[0], c.q_size, device=x.device, dtype=x.dtype)  # [N, H D]
         for layer, lw in enumerate(self.layers):
             h = self._rms_norm(x, lw.input_norm)
-            qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # [N, (H + 2 Hkv) D]
+            qkv = lw.qkv(h)  # [N, (H + 2 Hkv) D]
             q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
             q = apply_rotary(q.view(-1, h_q, d), cos, sin)  # [N, H, D]
             k = apply_rotary(k.view(-1, h_kv, d), cos, sin)  # [N, Hkv, D]
@@ -114,10 +115,10 @@ class LlamaModel:
                 self._attend(layer, it, q, k, v, attn_out)
             if on_layer_done is not None:
                 on_layer_done(layer)
-            x = x + F.linear(attn_out, lw.o)
+            x = x + lw.o(attn_out)
             h = self._rms_norm(x, lw.post_norm)
-            gate, up = F.linear(h, lw.gate_up).chunk(2, dim=-1)  # [N, I] each
-            x = x + F.linear(F.silu(gate) * up, lw.down)
+            gate, up = lw.gate_up(h).chunk(2, dim=-1)  # [N, I] each
+            x = x + lw.down(F.silu(gate) * up)
         h = self._rms_norm(x[logit_rows], self.norm)  # [B, hidden]
         return F.linear(h, self.lm_head).float()  # [B, V]
 
