@@ -68,7 +68,8 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             self.num_open_streams -= 1
 
     async def _serve(self, request: Any) -> AsyncIterator[Any]:
-        inputs = {t.name: raw for t, raw in zip(request.inputs, request.raw_input_contents)}
+        raws = request.raw_input_contents
+        inputs = {t.name: raw for t, raw in zip(request.inputs, raws, strict=True)}
         got = Received(
             model=request.model_name,
             input_ids=np.frombuffer(inputs["input_ids"], "<i4").tolist(),

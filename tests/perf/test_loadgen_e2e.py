@@ -64,7 +64,9 @@ def test_bench_10_requests_closed_loop(server: TritonServer, tmp_path: Path) -> 
     assert _kv_in_use(server) == dict.fromkeys(KV_INSTANCES, 0)
 
 
-def test_bench_deadline_cancels_in_flight_and_frees_kv(server: TritonServer, tmp_path: Path) -> None:
+def test_bench_deadline_cancels_in_flight_and_frees_kv(
+    server: TritonServer, tmp_path: Path
+) -> None:
     rc = pdserve_main(
         ["bench", "--url", server.options.grpc_url, "--no-progress", "--json",
          str(tmp_path / "d.json"), "--request-rate", "20", "--max-duration-s", "1.5",

@@ -123,7 +123,8 @@ def test_sender_failure_becomes_a_client_error_record() -> None:
 def test_progress_counts_and_draws() -> None:
     out = io.StringIO()
     progress = Progress(total=6, max_duration_s=None, enabled=True, stream=out)
-    asyncio.run(run_load(specs(6), LoadConfig("concurrency", concurrency=2), FakeSender(), (), progress))
+    cfg = LoadConfig("concurrency", concurrency=2)
+    asyncio.run(run_load(specs(6), cfg, FakeSender(), (), progress))
     progress.close()
     assert (progress.num_done, progress.num_in_flight, progress.num_failed) == (6, 0, 0)
     assert "6/6 done" in out.getvalue().splitlines()[-1]
