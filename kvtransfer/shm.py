@@ -102,6 +102,34 @@ def check_segment_name(name: str) -> str:
     return name
 
 
+def sweep_stale_segments() -> list[str]:
+    """Unlink pdkv segments whose creating process is gone (killed before close).
+
+    Only the creator unlinks, so a SIGKILLed decode instance leaves its segment
+    behind; call this at instance start-up. Only safe where /dev/shm and the pid
+    namespace are shared by the same set of processes (one container / host).
+    """
+    removed = []
+    for name in os.listdir(SHM_DIR):
+        match = re.match(r"^pdkv-(\d+)-[0-9a-f]+$", name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed.append(name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ShmArena(Arena):
     """An Arena whose buffer is a shared-memory segment this process owns."""
 

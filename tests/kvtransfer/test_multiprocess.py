@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 
 import pytest
@@ -64,3 +65,26 @@ def test_sender_killed_mid_transfer(kind: str) -> None:
         proc.kill()
         proc.join()
         close_pair(pair)
+
+
+def _create_segment_and_die(conn: object) -> None:
+    from pdserve.kvtransfer import ShmArena
+
+    arena = ShmArena(1 << 16)
+    conn.send(arena.name)  # type: ignore[attr-defined]
+    time.sleep(60)
+
+
+def test_sweep_removes_segments_of_killed_owners() -> None:
+    from pdserve.kvtransfer.shm import sweep_stale_segments
+
+    parent, child = CTX.Pipe()
+    proc = CTX.Process(target=_create_segment_and_die, args=(child,))
+    proc.start()
+    assert parent.poll(30)
+    name = parent.recv()
+    assert name not in sweep_stale_segments()  # owner alive: kept
+    proc.kill()
+    proc.join()
+    assert name in sweep_stale_segments()
+    assert not os.path.exists(f"/dev/shm/{name}")
