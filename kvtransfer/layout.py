@@ -6,8 +6,8 @@ A request's KV lives in ONE contiguous extent of an arena. The extent holds a
 prompt region followed by a generation region, each layer-major:
 
     extent.offset
-    |<------------- prompt region [L, 2, Tp, Hkv, D] ------------->|<- generation [L, 2, G, Hkv, D] ->|
-    | layer 0: K[Tp,Hkv,D] V[Tp,Hkv,D] | layer 1: K V | ... | L-1 | layer 0: K V | ...              |
+    |<------- prompt region [L, 2, Tp, Hkv, D] ------->|<- generation [L, 2, G, Hkv, D] ->|
+    | layer 0: K[Tp..] V[Tp..] | layer 1: K V | ... L-1 | layer 0: K V | ... | L-1       |
 
 Because the prompt region is packed for exactly Tp tokens, the byte offset of
 any layer is computed from the token count alone, and one (offset, length)
