@@ -70,7 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop sending and cancel in-flight requests after this long",
     )
     load.add_argument("--warmup-requests", type=int, default=0, help="unmeasured requests first")
-    load.add_argument("--request-timeout-s", type=float, help="cancel any request after this long")
+    load.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=600.0,
+        help="cancel any request after this long (default 600; a stuck stream never hangs a run)",
+    )
     load.add_argument("--seed", type=int, default=0, help="seeds arrivals, lengths and prompt ids")
 
     lengths = parser.add_argument_group("lengths (synthetic modes)")
