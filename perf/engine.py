@@ -3,15 +3,16 @@
     python -m perf.engine --preset small --json OUT
 
 Measured in one process on the same thread count, each workload alternating
-pdserve and HF runs and keeping the best (least disturbed) time of each:
+pdserve and HF runs (so both see the same background load):
 
 - prefill: batches of ``--prefill-batch`` prompts of ``--prefill-len`` tokens.
   pdserve packs them into one forward; HF runs model(ids) on [B, T] (equal
-  lengths, so no padding) keeping only the last logits.
-- decode at each batch size: ``--decode-steps`` steps after a
-  ``--decode-prompt-len``-token prefill. HF time = generate(max_new_tokens =
-  1 + steps) minus generate(max_new_tokens = 1), i.e. decode steps only, with
-  its DynamicCache; EOS is disabled on both sides.
+  lengths, so no padding) keeping only the last logits. Best of the repeats.
+- decode at each batch size: ``--decode-steps`` timed steps after a
+  ``--decode-prompt-len``-token prefill and one warm-up step, per repeat; the
+  figure is the MEDIAN step time over all repeats. HF steps are timed inside
+  generate (with its DynamicCache) by a StoppingCriteria that only records a
+  timestamp per step; EOS is disabled on both sides.
 - limits: matmul peak = best FLOP/s of a square fp32 GEMM (``--gemm-n``);
   memcpy bandwidth = (bytes read + bytes written) / time of a large tensor
   ``copy_`` (so one byte moved counts twice, as STREAM "copy" does).
@@ -26,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -68,7 +71,7 @@ def hf_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.d
     """The preset's exact weights in a transformers LlamaForCausalLM."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hf_cfg = LlamaConfig(
+    fields: dict[str, Any] = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
@@ -77,7 +80,7 @@ def hf_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.d
         tie_word_embeddings=config.tie_word_embeddings, attention_bias=config.attention_bias,
         bos_token_id=config.bos_token_id, eos_token_id=None, pad_token_id=0,
     )
-    model = LlamaForCausalLM(hf_cfg)
+    model: Any = LlamaForCausalLM(LlamaConfig(**fields))
     model.load_state_dict(state, strict=True)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -115,41 +118,51 @@ def bench_prefill(engine: LLMEngine, hf: Any, batch: int, length: int, repeats: 
     return min(t_ours), min(t_hf)
 
 
+class _StepClock:
+    """A transformers StoppingCriteria that only timestamps each decode step."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
 def bench_decode(engine: LLMEngine, hf: Any, batch: int, prompt_len: int, steps: int,
-                 repeats: int) -> tuple[float, float]:
+                 repeats: int) -> tuple[list[float], list[float]]:
+    """Per-step decode times (seconds) of pdserve and of HF generate."""
+    from transformers import StoppingCriteriaList
+
     ids = prompts(batch, prompt_len, seed=2)
     params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
 
-    def ours() -> float:
+    def ours() -> list[float]:
         seqs = [engine.new_sequence(f"d{i}", p, params) for i, p in enumerate(ids)]
         try:
             engine.prefill(seqs)
             engine.decode_step(seqs)  # warm-up step
-
-            def run() -> None:
-                for _ in range(steps):
-                    engine.decode_step(seqs)
-
-            return _timed(run)
+            return [_timed(lambda: engine.decode_step(seqs)) for _ in range(steps)]
         finally:
             for s in seqs:
                 engine.release(s)
 
     x = torch.tensor(ids)
 
-    def gen(n: int) -> float:
+    def theirs() -> list[float]:
+        clock = _StepClock()
         with torch.inference_mode():
-            return _timed(lambda: hf.generate(x, max_new_tokens=n, min_new_tokens=n,
-                                              do_sample=False))
+            hf.generate(x, max_new_tokens=steps + 2, min_new_tokens=steps + 2, do_sample=False,
+                        stopping_criteria=StoppingCriteriaList([clock]))
+        # stamps[0] ends the prefill; stamps[1] the warm-up step; then `steps` steps.
+        return [b - a for a, b in itertools.pairwise(clock.stamps[1:])]
 
-    def theirs() -> float:
-        return gen(1 + steps) - gen(1)
-
-    t_ours, t_hf = [], []
+    t_ours: list[float] = []
+    t_hf: list[float] = []
     for _ in range(repeats):
-        t_ours.append(ours())
-        t_hf.append(theirs())
-    return min(t_ours), min(t_hf)
+        t_ours += ours()
+        t_hf += theirs()
+    return t_ours, t_hf
 
 
 def cpu_model() -> str:
@@ -177,14 +190,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     attn_flops = 2 * 2 * c.num_heads * c.head_dim * args.prefill_len * (args.prefill_len + 1) / 2
     flops = 2 * c.num_matmul_params * tokens + attn_flops * c.num_layers * args.prefill_batch
 
-    decode, decode_hf, bw_util, step_ms = {}, {}, {}, {}
+    decode, decode_hf, bw_util, step_ms, hf_step_ms = {}, {}, {}, {}, {}
     for b in args.decode_batches:
-        t, t_hf = bench_decode(engine, hf, b, args.decode_prompt_len, args.decode_steps,
-                               args.repeats)
-        decode[str(b)] = b * args.decode_steps / t
-        decode_hf[str(b)] = b * args.decode_steps / t_hf
-        step_ms[str(b)] = 1e3 * t / args.decode_steps
-        bw_util[str(b)] = engine.model.weight_bytes / (t / args.decode_steps) / bw
+        steps, steps_hf = bench_decode(engine, hf, b, args.decode_prompt_len, args.decode_steps,
+                                       args.repeats)
+        # Median step: robust to bursts from other jobs on the shared cores.
+        t, t_hf = statistics.median(steps), statistics.median(steps_hf)
+        decode[str(b)] = b / t
+        decode_hf[str(b)] = b / t_hf
+        step_ms[str(b)] = 1e3 * t
+        hf_step_ms[str(b)] = 1e3 * t_hf
+        bw_util[str(b)] = engine.model.weight_bytes / t / bw
     assert engine.arena.bytes_in_use == 0
     return {
         "preset": args.preset, "dtype": args.dtype, "params": c.num_params,
@@ -193,7 +209,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_tok_s": tokens / t_pf, "hf_prefill_tok_s": tokens / t_pf_hf,
         "prefill_flops_per_s": flops / t_pf, "prefill_mfu": flops / t_pf / peak,
         "decode_prompt_len": args.decode_prompt_len, "decode_steps": args.decode_steps,
-        "decode_tok_s": decode, "hf_decode_tok_s": decode_hf, "decode_step_ms": step_ms,
+        "decode_tok_s": decode, "hf_decode_tok_s": decode_hf,
+        "decode_step_ms": step_ms, "hf_decode_step_ms": hf_step_ms,
         "decode_bw_util": bw_util,
         "decode_speedup_vs_hf": {b: decode[b] / decode_hf[b] for b in decode},
         "matmul_peak_flops": peak, "memcpy_bytes_per_s": bw,
