@@ -11,7 +11,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-ChecksumKind = Literal["crc32", "none"]
+ChecksumKind = Literal["xxh3", "crc32", "none"]
+VerifyKind = Literal["at_end", "streaming"]
 
 MIN_SECRET_BYTES = 16
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -25,8 +26,13 @@ class TransferConfig:
         them (HMAC challenge-response, never sent on the wire).
     host/port: where a receiver binds its control socket; port 0 picks a free
         one. Never a wildcard unless ``advertise_host`` says what peers dial.
-    checksum: "crc32" (default) verifies every transfer end to end; "none"
-        exists only so the benchmark can report the checksum's cost.
+    checksum: "xxh3" (default, xxHash3-64) verifies every transfer end to end;
+        "crc32" is accepted (slower); "none" exists only so the benchmark can
+        report the checksum's cost.
+    verify: when the receiver of a one-sided transport (shm, mooncake) hashes
+        the landed bytes: "at_end" (one pass over the region at END: catches
+        any change up to END) or "streaming" (each span as its NOTE arrives,
+        overlapping the sender's next chunk). See shm.py for the trade-off.
     page_tokens: tokens per page of the block-fixed baseline.
     """
 
@@ -36,7 +42,8 @@ class TransferConfig:
     advertise_host: str | None = None
     connect_timeout_s: float = 5.0
     io_timeout_s: float = 10.0
-    checksum: ChecksumKind = "crc32"
+    checksum: ChecksumKind = "xxh3"
+    verify: VerifyKind = "at_end"
     max_connections: int = 64
     page_tokens: int = 16
     mooncake_protocol: str = "tcp"
@@ -53,8 +60,12 @@ class TransferConfig:
         for name in ("connect_timeout_s", "io_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.checksum not in ("crc32", "none"):
-            raise ValueError(f"checksum must be 'crc32' or 'none', got {self.checksum!r}")
+        if self.checksum not in ("xxh3", "crc32", "none"):
+            raise ValueError(
+                f"checksum must be 'xxh3', 'crc32' or 'none', got {self.checksum!r}"
+            )
+        if self.verify not in ("at_end", "streaming"):
+            raise ValueError(f"verify must be 'at_end' or 'streaming', got {self.verify!r}")
         if self.max_connections <= 0:
             raise ValueError(f"max_connections must be positive, got {self.max_connections}")
         if self.page_tokens <= 0:

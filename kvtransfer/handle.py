@@ -49,7 +49,7 @@ class KVHandle:
     head_dim: int
     dtype: str
     model_fingerprint: str
-    checksum: str = "crc32"
+    checksum: str = "xxh3"
     data_endpoint: str = ""
     remote_base: int = 0
     version: int = HANDLE_VERSION
@@ -60,8 +60,10 @@ class KVHandle:
             raise ValueError(f"handle version {self.version} not supported (want {HANDLE_VERSION})")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
-        if self.checksum not in ("crc32", "none"):
-            raise ValueError(f"checksum must be 'crc32' or 'none', got {self.checksum!r}")
+        if self.checksum not in ("xxh3", "crc32", "none"):
+            raise ValueError(
+                f"checksum must be 'xxh3', 'crc32' or 'none', got {self.checksum!r}"
+            )
         if self.extent_offset < 0 or self.remote_base < 0:
             raise ValueError("extent_offset and remote_base must be non-negative")
         if self.prompt_tokens <= 0 or self.max_new_tokens < 0:

@@ -83,6 +83,7 @@ class MooncakeSender(ControlSender):
     """Prefill side: ``transfer_sync_write`` per span, then NOTE on the control channel."""
 
     transport = "mooncake"
+    one_sided = True
 
     def __init__(self, layout: KVLayout, model_fingerprint: str, config: TransferConfig,
                  host: str = "127.0.0.1") -> None:
@@ -122,6 +123,7 @@ class MooncakeSender(ControlSender):
         if rc != 0:
             raise TransferError(f"Mooncake write of {nbytes} bytes to {handle.data_endpoint} "
                                 f"failed (rc={rc})")
+        stream.hasher.update(wire.as_memoryview(flat))  # the engine moved it: one more pass
         stream.conn.send_frame(wire.NOTE, offset=offset, meta={"nbytes": nbytes},
                                flags=wire.FLAG_ACK if ack else 0)
         if ack:

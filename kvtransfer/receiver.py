@@ -4,12 +4,16 @@ A ``ControlReceiver`` listens on one authenticated TCP socket (``wire.py``).
 Each accepted connection gets a thread that serves transfers one after the
 other (senders pool connections):
 
-    BEGIN {request_id, fingerprint, layout, mode, ...}  -> GRANT | ERR
-    DATA  offset, payload   (tcp: received straight into the arena)
+    BEGIN {request_id, fingerprint, layout, mode, ...}  -> GRANT (one-sided only) | ERR
+    DATA  offset, payload   (tcp: received straight into the arena, hashed per chunk)
     NOTE  offset, nbytes    (shm, mooncake: the sender already wrote the bytes)
           ... with FLAG_ACK -> ACK per message (block-fixed baseline)
     END   {nbytes, checksum}                            -> DONE | ERR
     ABORT {reason}
+
+A refused BEGIN is answered ERR, then the frames the sender pipelined behind
+it are read and dropped up to its END/ABORT, so the connection stays in step
+and the sender gets the reason rather than a broken pipe.
 
 Spans must arrive in region order and tile the prompt region exactly; END
 verifies the byte count and the checksum over the landed bytes before the KV
@@ -42,6 +46,7 @@ from pdserve.kvtransfer.transport import DEFAULT_TTL_S, MODES, KVReceiver, Trans
 log = logging.getLogger(__name__)
 ACCEPT_POLL_S = 0.1
 IDLE_POLL_S = 0.2
+DRAIN_CHUNK_BYTES = 256 << 10
 
 
 class _Transfer:
@@ -52,7 +57,7 @@ class _Transfer:
         self.start, self.nbytes = layout.prompt_span(res.extent.offset, res.prompt_tokens)
         self.next = self.start  # spans arrive in region order
         self.mode = mode
-        self.checksum = checksum
+        self.hasher = wire.Hasher(checksum)  # over the landed bytes, in region order
         self.num_messages = 0
         self.began = time.perf_counter()
 
@@ -208,12 +213,14 @@ class ControlReceiver(KVReceiver):
             res = self._check_begin(meta)
         except PdserveError as exc:
             conn.send_frame(wire.ERR, meta={"message": str(exc)})
-            return  # nothing was granted; the connection stays usable
+            self._drain(conn)  # nothing was granted; the connection stays usable
+            return
         xfer = _Transfer(res, self.layout, meta["mode"], meta["checksum"])
         result: TransferResult | None = None
         error = "connection lost"
         try:
-            conn.send_frame(wire.GRANT)
+            if self.data_frame == wire.NOTE:
+                conn.send_frame(wire.GRANT)  # one-sided writers wait for it (sender.py)
             result = self._receive(conn, xfer)
         except PdserveError as exc:
             error = str(exc)
@@ -243,6 +250,25 @@ class ControlReceiver(KVReceiver):
             raise InvalidArgument(f"mode {mode!r} / checksum {checksum!r} not accepted here")
         return self.reservations.begin_write(request_id)
 
+    def _drain(self, conn: wire.Connection) -> None:
+        """Drop what a refused sender pipelined behind its BEGIN, up to END/ABORT."""
+        budget = self.arena.capacity  # no honest transfer carries more than this
+        scratch = memoryview(bytearray(DRAIN_CHUNK_BYTES))
+        while True:
+            header, _ = conn.recv_frame()
+            if header.kind in (wire.END, wire.ABORT):
+                return
+            if header.kind not in (wire.DATA, wire.NOTE) or header.payload_len > budget:
+                raise wire.ProtocolError(
+                    f"unexpected {wire.FRAME_NAMES[header.kind]} frame after a refused BEGIN"
+                )
+            budget -= header.payload_len
+            left = header.payload_len
+            while left:
+                n = min(left, DRAIN_CHUNK_BYTES)
+                conn.recv_payload_into(scratch[:n], wire.Hasher("none"), lambda: False)
+                left -= n
+
     def _receive(self, conn: wire.Connection, xfer: _Transfer) -> TransferResult:
         res = xfer.res
         while True:
@@ -258,12 +284,14 @@ class ControlReceiver(KVReceiver):
             if header.kind == wire.DATA:
                 xfer.accept_span(header.offset, header.payload_len)
                 view = self._arena_view[header.offset : header.offset + header.payload_len]
-                conn.recv_payload_into(view, lambda: res.is_failed)
+                conn.recv_payload_into(view, xfer.hasher, lambda: res.is_failed)
             elif header.kind == wire.NOTE:
                 nbytes = meta.get("nbytes")
                 if type(nbytes) is not int:
                     raise wire.ProtocolError(f"NOTE without an integer nbytes: {nbytes!r}")
                 xfer.accept_span(header.offset, nbytes)
+                if self.config.verify == "streaming":
+                    xfer.hasher.update(self._arena_view[header.offset : header.offset + nbytes])
             elif header.kind == wire.END:
                 return self._verify(xfer, meta)
             elif header.kind == wire.ABORT:
@@ -280,14 +308,14 @@ class ControlReceiver(KVReceiver):
                 f"truncated KV transfer: {got} bytes landed, sender claims "
                 f"{meta.get('nbytes')}, the prompt region is {xfer.nbytes}"
             )
-        value: int | None = None
-        if xfer.checksum != "none":
-            view = self._arena_view[xfer.start : xfer.start + xfer.nbytes]
-            value = wire.checksum(view, xfer.checksum)
-            if value != meta.get("checksum"):
-                raise TransferError(
-                    f"KV checksum mismatch for {xfer.res.request_id!r}: landed {value:#010x}, "
-                    f"sender {meta.get('checksum')}; the bytes are corrupt"
-                )
+        if self.data_frame == wire.NOTE and self.config.verify == "at_end":
+            # One pass over the landed region now: catches any change up to END.
+            xfer.hasher.update(self._arena_view[xfer.start : xfer.start + xfer.nbytes])
+        value = xfer.hasher.value()
+        if value is not None and value != meta.get("checksum"):
+            raise TransferError(
+                f"KV checksum mismatch for {xfer.res.request_id!r}: landed {value:#018x}, "
+                f"sender {meta.get('checksum')}; the bytes are corrupt"
+            )
         return TransferResult(xfer.res.request_id, xfer.nbytes, xfer.mode, xfer.num_messages,
                               value, time.perf_counter() - xfer.began)

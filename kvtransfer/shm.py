@@ -40,6 +40,7 @@ from pdserve.kvtransfer.layout import KVLayout
 from pdserve.kvtransfer.receiver import ControlReceiver
 from pdserve.kvtransfer.sender import ControlSender, ControlStream
 
+NOTE_BYTES = 2 << 20  # a NOTE per this many written bytes: lets a streaming receiver keep up
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "pdkv-"
 _NAME = re.compile(r"^pdkv-[A-Za-z0-9_-]{1,200}$")  # no path separators: names come off the wire
@@ -173,6 +174,7 @@ class ShmSender(ControlSender):
     """Prefill side: attach each receiver's segment once, copy spans into it."""
 
     transport = "shm"
+    one_sided = True
 
     def __init__(self, layout: KVLayout, model_fingerprint: str, config: TransferConfig) -> None:
         super().__init__(layout, model_fingerprint, config)
@@ -194,8 +196,24 @@ class ShmSender(ControlSender):
 
     def _put(self, stream: ControlStream, offset: int, flat: torch.Tensor, ack: bool) -> None:
         dst = self._segment(stream.handle.data_endpoint).tensor
-        dst[offset : offset + flat.numel()].copy_(flat)
-        stream.conn.send_frame(wire.NOTE, offset=offset, meta={"nbytes": flat.numel()},
+        nbytes = flat.numel()
+        if not stream.hasher.enabled:
+            dst[offset : offset + nbytes].copy_(flat)
+            self._note(stream, offset, nbytes, ack)
+            return
+        src = wire.as_memoryview(flat)
+        noted = 0
+        for start in range(0, nbytes, wire.CHUNK_BYTES):
+            end = min(start + wire.CHUNK_BYTES, nbytes)
+            dst[offset + start : offset + end].copy_(flat[start:end])
+            stream.hasher.update(src[start:end])  # the source chunk is still in cache
+            if end - noted >= NOTE_BYTES or end == nbytes:
+                self._note(stream, offset + noted, end - noted, ack and end == nbytes)
+                noted = end
+
+    @staticmethod
+    def _note(stream: ControlStream, offset: int, nbytes: int, ack: bool) -> None:
+        stream.conn.send_frame(wire.NOTE, offset=offset, meta={"nbytes": nbytes},
                                flags=wire.FLAG_ACK if ack else 0)
         if ack:
             stream.conn.expect(wire.ACK)

@@ -3,7 +3,13 @@
 The sender hands the kernel its KV tensor's own memory (``sendmsg`` of a
 memoryview: header and payload in one call, no staging copy); the receiver
 ``recv_into``s straight into the reserved extent of its arena (a memoryview of
-the arena buffer), so no intermediate buffer exists on either side.
+the arena buffer), so no intermediate buffer exists on either side. With a
+checksum both sides work in ``wire.CHUNK_BYTES`` pieces and hash each piece
+while it is in cache (sender before ``sendmsg``, receiver after ``recv_into``):
+no extra pass over the KV on either side.
+
+One control round trip per transfer: BEGIN, DATA and END go out back to back
+and only DONE is awaited (see ``sender.py``).
 
 Security: peers prove the shared secret (HMAC challenge-response, see
 ``wire.py``); the receiver binds to the address it is given (127.0.0.1 by
@@ -40,7 +46,7 @@ class TcpSender(ControlSender):
     transport = "tcp"
 
     def _put(self, stream: ControlStream, offset: int, flat: torch.Tensor, ack: bool) -> None:
-        stream.conn.send_frame(wire.DATA, offset=offset, payload=wire.as_memoryview(flat),
-                               flags=wire.FLAG_ACK if ack else 0)
+        stream.conn.send_payload(wire.DATA, offset, wire.as_memoryview(flat), stream.hasher,
+                                 flags=wire.FLAG_ACK if ack else 0)
         if ack:
             stream.conn.expect(wire.ACK)

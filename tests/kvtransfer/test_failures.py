@@ -17,12 +17,12 @@ from tests.kvtransfer.conftest import Pair, close_pair, open_pair
 
 
 def raw_begin(pair: Pair, handle: KVHandle, secret: bytes = helpers.SECRET) -> wire.Connection:
-    """A hand-driven sender: authenticated connection with a granted BEGIN."""
+    """A hand-driven tcp sender: authenticated connection, BEGIN sent (tcp has no GRANT)."""
     conn = wire.Connection.connect(parse_endpoint(handle.endpoint), secret, 2, 3)
     conn.send_frame(wire.BEGIN, meta={
         "request_id": handle.request_id, "fingerprint": handle.model_fingerprint,
-        "layout": dataclasses.asdict(handle.layout), "mode": "whole", "checksum": "crc32"})
-    conn.expect(wire.GRANT)
+        "layout": dataclasses.asdict(handle.layout), "mode": "whole",
+        "checksum": handle.checksum})
     return conn
 
 
@@ -68,9 +68,11 @@ def test_model_fingerprint_and_layout_mismatch_refused(pair: Pair) -> None:
     other_model = make_sender(pair.kind, pair.layout, "other-model", helpers.config())
     with pytest.raises(InvalidArgument, match="fingerprint mismatch"):
         other_model.begin(handle, "whole")
-    # A forged handle gets past the sender's own check; the receiver refuses it.
+    # A forged handle gets past the sender's own check; the receiver refuses it (tcp: after
+    # draining the pipelined DATA, so the reason arrives intact and the extent is untouched).
+    forged = dataclasses.replace(handle, model_fingerprint="other-model")
     with pytest.raises(TransferError, match="fingerprint mismatch"):
-        other_model.begin(dataclasses.replace(handle, model_fingerprint="other-model"), "whole")
+        other_model.send(forged, helpers.random_kv(pair.layout, 16), "whole")
     other_model.close()
     other_layout = KVLayout(3, 2, 16, "bfloat16")
     wrong = make_sender(pair.kind, other_layout, helpers.fingerprint(), helpers.config())
@@ -157,7 +159,7 @@ def test_corrupted_payload_detected_by_checksum(pair: Pair) -> None:
     if pair.kind == "tcp":
         conn = raw_begin(pair, handle)
         flat = wire.byte_view(kv).clone()
-        crc = wire.checksum(wire.as_memoryview(flat), "crc32")
+        crc = wire.checksum(wire.as_memoryview(flat), handle.checksum)
         flat[1234] ^= 0x40  # a bit flipped on the way
         conn.send_frame(wire.DATA, offset=handle.extent_offset, payload=wire.as_memoryview(flat))
         conn.send_frame(wire.END, meta={"nbytes": flat.numel(), "checksum": crc})
@@ -171,6 +173,41 @@ def test_corrupted_payload_detected_by_checksum(pair: Pair) -> None:
         with pytest.raises(TransferError, match="checksum mismatch"):
             stream.finish()
     expect_failed(pair, "r", "checksum mismatch")
+
+
+def test_streaming_verify_detects_a_bad_copy() -> None:
+    """verify="streaming": the receiver hashes each span at its NOTE; a copy that went
+    wrong before the NOTE (here: a flipped bit in shm) must still fail the transfer."""
+    pair = open_pair("shm", verify="streaming")
+    try:
+        handle = pair.receiver.reserve("r", 100, 4)
+        sender = pair.sender
+        real_note = sender._note  # type: ignore[attr-defined]
+
+        def corrupt_then_note(stream, offset: int, nbytes: int, ack: bool) -> None:  # type: ignore[no-untyped-def]
+            pair.arena.buffer[offset + nbytes // 2] ^= 0x40
+            real_note(stream, offset, nbytes, ack)
+
+        sender._note = corrupt_then_note  # type: ignore[attr-defined]
+        with pytest.raises(TransferError, match="checksum mismatch"):
+            sender.send(handle, helpers.random_kv(pair.layout, 100), "whole")
+        expect_failed(pair, "r", "checksum mismatch")
+    finally:
+        close_pair(pair)
+
+
+def test_refused_transfer_keeps_connection_in_step(tcp_pair: Pair) -> None:
+    """A refused pipelined transfer (big DATA behind the BEGIN) is drained, not broken."""
+    handle = tcp_pair.receiver.reserve("r", 2000, 0)
+    tcp_pair.receiver.cancel("r")
+    kv = helpers.random_kv(tcp_pair.layout, 2000)  # 768 KB of DATA behind the refused BEGIN
+    with pytest.raises(TransferError, match="cancelled"):
+        tcp_pair.sender.send(handle, kv, "whole")
+    helpers.assert_released(tcp_pair.arena)
+    ok = tcp_pair.receiver.reserve("ok", 16, 0)
+    tcp_pair.sender.send(ok, helpers.random_kv(tcp_pair.layout, 16), "whole")
+    tcp_pair.receiver.wait("ok", 5)
+    tcp_pair.arena.free(tcp_pair.receiver.claim("ok"))
 
 
 def test_oversized_message_refused(tcp_pair: Pair) -> None:
