@@ -12,6 +12,8 @@ from pdserve.errors import InvalidArgument, OutOfKVSpace, TransferError
 from pdserve.kvtransfer import KVLayout, make_sender, wire
 from pdserve.kvtransfer.config import parse_endpoint
 from pdserve.kvtransfer.handle import KVHandle
+from pdserve.kvtransfer.sender import ControlStream
+from pdserve.kvtransfer.shm import ShmSender
 from tests.kvtransfer import helpers
 from tests.kvtransfer.conftest import Pair, close_pair, open_pair
 
@@ -182,13 +184,15 @@ def test_streaming_verify_detects_a_bad_copy() -> None:
     try:
         handle = pair.receiver.reserve("r", 100, 4)
         sender = pair.sender
-        real_note = sender._note  # type: ignore[attr-defined]
+        assert isinstance(sender, ShmSender)
+        real_note = sender._note
 
-        def corrupt_then_note(stream, offset: int, nbytes: int, ack: bool) -> None:  # type: ignore[no-untyped-def]
+        def corrupt_then_note(stream: ControlStream, offset: int, nbytes: int,
+                              ack: bool) -> None:
             pair.arena.buffer[offset + nbytes // 2] ^= 0x40
             real_note(stream, offset, nbytes, ack)
 
-        sender._note = corrupt_then_note  # type: ignore[attr-defined]
+        sender._note = corrupt_then_note
         with pytest.raises(TransferError, match="checksum mismatch"):
             sender.send(handle, helpers.random_kv(pair.layout, 100), "whole")
         expect_failed(pair, "r", "checksum mismatch")
