@@ -45,52 +45,45 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
 
 
 def decode_attention(q: torch.Tensor, k_prompt: torch.Tensor, v_prompt: torch.Tensor,
-                     k_gen: torch.Tensor, v_gen: torch.Tensor, scale: float) -> torch.Tensor:
-    """One decode token over prompt [Tp, Hkv, D] and generated [n, Hkv, D] K/V.
+                     k_gen: torch.Tensor, v_gen: torch.Tensor, scale: float,
+                     out: torch.Tensor) -> None:
+    """One decode token over its prompt and generated K/V, written into ``out``.
 
-    q [H, D]; returns [H*D]. On CPU this runs the fused flash kernel once per
-    region and merges the two partial results by their log-sum-exp, which is
-    exactly one softmax over the concatenated scores; elsewhere it runs the
-    explicit score-concatenation version.
+    q [H, D]; k_prompt, v_prompt [1, Hkv, Tp, D] and k_gen, v_gen [1, Hkv, n, D]
+    (views into the arena, transposed, not copied); out [H*D]. On CPU this
+    runs the fused flash kernel once per region and merges the two partial
+    results by their log-sum-exp, which is exactly one softmax over the
+    concatenated scores; elsewhere it concatenates the scores explicitly.
     """
-    if q.device.type != "cpu":
-        return decode_attention_reference(q, k_prompt, v_prompt, k_gen, v_gen, scale)
     num_heads, head_dim = q.shape
     num_kv_heads = k_prompt.shape[1]
     # The G query heads of one KV group act as G query rows: no mask is needed
     # for a single position, and the kernel sees plain multi-head attention.
     qg = q.view(1, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [1, Hkv, G, D]
-    out_p, lse_p = _flash_cpu(qg, k_prompt.transpose(0, 1)[None], v_prompt.transpose(0, 1)[None],
-                              scale=scale)  # [1, Hkv, G, D], [1, Hkv, G]
-    out_g, lse_g = _flash_cpu(qg, k_gen.transpose(0, 1)[None], v_gen.transpose(0, 1)[None],
-                              scale=scale)
+    dst = out.view(qg.shape)
+    if q.device.type != "cpu":
+        _decode_attention_reference(qg, k_prompt, v_prompt, k_gen, v_gen, scale, dst)
+        return
+    out_p, lse_p = _flash_cpu(qg, k_prompt, v_prompt, scale=scale)  # [1, Hkv, G, D], [1, Hkv, G]
+    out_g, lse_g = _flash_cpu(qg, k_gen, v_gen, scale=scale)
     # softmax over [Sp | Sg] = w * softmax(Sp) + (1 - w) * softmax(Sg) with
     # w = e^lse_p / (e^lse_p + e^lse_g) = sigmoid(lse_p - lse_g).
     w = torch.sigmoid(lse_p - lse_g).unsqueeze(-1).to(q.dtype)  # [1, Hkv, G, 1]
-    return torch.lerp(out_g, out_p, w).view(num_heads * head_dim)
+    torch.lerp(out_g, out_p, w, out=dst)
 
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
-def decode_attention_reference(q: torch.Tensor, k_prompt: torch.Tensor, v_prompt: torch.Tensor,
-                     k_gen: torch.Tensor, v_gen: torch.Tensor, scale: float) -> torch.Tensor:
-    """One decode token over prompt [Tp, Hkv, D] and generated [n, Hkv, D] K/V.
-
-    q [H, D]; returns [H*D]. The softmax runs in float32.
-    """
-    num_heads, head_dim = q.shape
-    num_kv_heads = k_prompt.shape[1]
-    num_prompt = k_prompt.shape[0]
-    qg = (q * scale).view(num_kv_heads, num_heads // num_kv_heads, head_dim)  # [Hkv, G, D]
+def _decode_attention_reference(qg: torch.Tensor, k_prompt: torch.Tensor,
+                                v_prompt: torch.Tensor, k_gen: torch.Tensor,
+                                v_gen: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """Portable version: scores of both regions, one float32 softmax, two PV sums."""
+    num_prompt = k_prompt.shape[2]
+    qs = qg * scale  # [1, Hkv, G, D]
     scores = torch.cat(
-        (
-            torch.matmul(qg, k_prompt.permute(1, 2, 0)),  # [Hkv, G, Tp]
-            torch.matmul(qg, k_gen.permute(1, 2, 0)),  # [Hkv, G, n]
-        ),
-        dim=-1,
-    )
-    probs = scores.float().softmax(dim=-1).to(q.dtype)  # [Hkv, G, Tp + n]
-    out = torch.matmul(probs[..., :num_prompt], v_prompt.transpose(0, 1))  # [Hkv, G, D]
-    out += torch.matmul(probs[..., num_prompt:], v_gen.transpose(0, 1))
-    return out.view(num_heads * head_dim)
+        (qs @ k_prompt.transpose(-1, -2), qs @ k_gen.transpose(-1, -2)), dim=-1
+    )  # [1, Hkv, G, Tp + n]
+    probs = scores.float().softmax(dim=-1).to(qg.dtype)
+    torch.matmul(probs[..., :num_prompt], v_prompt, out=out)  # [1, Hkv, G, D]
+    out += probs[..., num_prompt:] @ v_gen

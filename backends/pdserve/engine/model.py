@@ -31,6 +31,19 @@ class AttnItem:
     gen_kv: torch.Tensor | None  # [L, 2, G, Hkv, D] view; used by decode items
     is_decode: bool
 
+    def __post_init__(self) -> None:
+        if not self.is_decode:
+            return
+        # Views a decode token needs in every layer, made once per step (all
+        # views into the arena, nothing copied).
+        assert self.gen_kv is not None and self.num_tokens == 1
+        slot = self.start - self.prompt_kv.shape[2]  # generation slot of this token
+        prompt = self.prompt_kv.transpose(2, 3).unsqueeze(2)  # [L, 2, 1, Hkv, Tp, D]
+        gen = self.gen_kv[:, :, : slot + 1].transpose(2, 3).unsqueeze(2)  # [L, 2, 1, Hkv, n, D]
+        self.k_prompt, self.v_prompt = prompt[:, 0], prompt[:, 1]
+        self.k_gen, self.v_gen = gen[:, 0], gen[:, 1]
+        self.kv_slot = self.gen_kv[:, :, slot]  # [L, 2, Hkv, D]: where this token's K/V go
+
     @property
     def num_tokens(self) -> int:
         return self.rows.stop - self.rows.start
@@ -60,7 +73,8 @@ class LlamaModel:
 
         self.embed = w("model.embed_tokens.weight")  # [V, hidden]
         self.norm = w("model.norm.weight")  # [hidden]
-        self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
+        head = self.embed if config.tie_word_embeddings else w("lm_head.weight")  # [V, hidden]
+        self.lm_head = Linear(head, pack=pack_weights)
         self.layers: list[LayerWeights] = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
@@ -83,7 +97,7 @@ class LlamaModel:
     @property
     def weight_bytes(self) -> int:
         """Bytes of weights read per forward (embedding lookup excluded)."""
-        total = self.lm_head.numel() + self.norm.numel()
+        total = self.lm_head.weight.numel() + self.norm.numel()
         for lw in self.layers:
             total += lw.input_norm.numel() + lw.post_norm.numel()
             total += sum(lin.weight.numel() for lin in (lw.qkv, lw.o, lw.gate_up, lw.down))
@@ -107,10 +121,10 @@ class LlamaModel:
         for layer, lw in enumerate(self.layers):
             h = self._rms_norm(x, lw.input_norm)
             qkv = lw.qkv(h)  # [N, (H + 2 Hkv) D]
-            q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-            q = apply_rotary(q.view(-1, h_q, d), cos, sin)  # [N, H, D]
-            k = apply_rotary(k.view(-1, h_kv, d), cos, sin)  # [N, Hkv, D]
-            v = v.view(-1, h_kv, d)  # [N, Hkv, D]
+            # Rotate q and k heads in one pass: they are adjacent in qkv.
+            qk = apply_rotary(qkv[:, : c.q_size + c.kv_size].view(-1, h_q + h_kv, d), cos, sin)
+            q, k = qk[:, :h_q], qk[:, h_q:]  # [N, H, D], [N, Hkv, D]
+            v = qkv[:, c.q_size + c.kv_size :].view(-1, h_kv, d)  # [N, Hkv, D]
             for it in items:
                 self._attend(layer, it, q, k, v, attn_out)
             if on_layer_done is not None:
@@ -120,20 +134,18 @@ class LlamaModel:
             gate, up = lw.gate_up(h).chunk(2, dim=-1)  # [N, I] each
             x = x + lw.down(F.silu(gate) * up)
         h = self._rms_norm(x[logit_rows], self.norm)  # [B, hidden]
-        return F.linear(h, self.lm_head).float()  # [B, V]
+        return self.lm_head(h).float()  # [B, V]
 
     def _attend(self, layer: int, it: AttnItem, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, out: torch.Tensor) -> None:
         r = it.rows
         if it.is_decode:
-            assert it.gen_kv is not None
-            slot = it.start - it.prompt_kv.shape[2]  # generation slot of this token
-            gen = it.gen_kv[layer]  # [2, G, Hkv, D]
-            gen[0, slot] = k[r.start]
-            gen[1, slot] = v[r.start]
-            prompt = it.prompt_kv[layer]  # [2, Tp, Hkv, D]
-            out[r.start] = decode_attention(q[r.start], prompt[0], prompt[1],
-                                            gen[0, : slot + 1], gen[1, : slot + 1], self.scale)
+            row = r.start
+            slot = it.kv_slot[layer]  # [2, Hkv, D]
+            slot[0] = k[row]
+            slot[1] = v[row]
+            decode_attention(q[row], it.k_prompt[layer], it.v_prompt[layer], it.k_gen[layer],
+                             it.v_gen[layer], self.scale, out[row])
         else:
             end = it.start + it.num_tokens
             kv = it.prompt_kv[layer]  # [2, Tp, Hkv, D]
