@@ -9,12 +9,14 @@ Public API (see ``transport.py`` for which side calls what):
     KVHandle                         where a request's KV must land (to_bytes/from_bytes)
     make_receiver / make_sender      "shm" | "tcp" | "mooncake"
     KVReceiver, KVSender, SendStream, TransferResult, TransferMode
+    BackgroundStream                 layer-wise sends on a worker thread (overlap prefill)
     model_fingerprint                id that mismatched models refuse on
 """
 
 from __future__ import annotations
 
 from pdserve.kvtransfer.arena import Arena, Extent
+from pdserve.kvtransfer.background import BackgroundStream
 from pdserve.kvtransfer.config import TransferConfig
 from pdserve.kvtransfer.factory import KINDS, make_receiver, make_sender, model_fingerprint
 from pdserve.kvtransfer.handle import KVHandle
@@ -33,6 +35,7 @@ __all__ = [
     "KINDS",
     "MODES",
     "Arena",
+    "BackgroundStream",
     "Extent",
     "KVHandle",
     "KVLayout",
