@@ -117,3 +117,26 @@ def test_top_k_and_top_p_restrict_the_support() -> None:
                for _ in range(300)}
     assert draws_p == {0, 1}
     assert sample(logits, [SamplingParams()], [None]) == [0]
+
+
+def test_stop_string_across_a_handoff(tiny: LLMEngine) -> None:
+    """A sequence whose first token came from another engine still matches stop
+    strings that span the first and later tokens."""
+    prompt = [256, 72, 105, 33]
+    free = generate(tiny, [prompt], SamplingParams(max_tokens=30, ignore_eos=True))[0]
+    text = tiny.tokenizer.decode(free)
+    stop = tiny.tokenizer.decode(free[:3])  # spans the handed-off first token
+    producer = tiny.new_sequence("p", prompt, SamplingParams(max_tokens=30, ignore_eos=True))
+    first = tiny.prefill([producer])[0]
+    consumer = tiny.new_sequence("c", prompt, SamplingParams(max_tokens=30, stop=(stop,),
+                                                              ignore_eos=True))
+    tiny.allocate(consumer)
+    tiny.kv_prompt_view(consumer).copy_(tiny.kv_prompt_view(producer))
+    tiny.release(producer)
+    consumer.num_cached_tokens = len(prompt)
+    consumer.output_ids.append(first)
+    while not consumer.is_finished:
+        tiny.decode_step([consumer])
+    tiny.release(consumer)
+    assert stop and text.startswith(stop)
+    assert consumer.finish_reason == "stop" and consumer.stop_text_len == 0

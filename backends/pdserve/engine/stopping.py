@@ -32,6 +32,9 @@ class StopChecker:
     def _matches_stop_string(self, seq: Sequence, token: int) -> bool:
         if seq.detokenizer is None:
             seq.detokenizer = IncrementalDetokenizer(self._tokenizer)
+            # A sequence prefilled elsewhere (decode role) arrives with tokens
+            # this engine never checked: replay them so text stays contiguous.
+            seq.output_text = "".join(seq.detokenizer.push(t) for t in seq.output_ids[:-1])
         new_text = seq.detokenizer.push(token)
         if not new_text:
             return False
