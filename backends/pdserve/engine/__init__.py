@@ -14,6 +14,8 @@ Additions beyond the agreed contract (nothing was renamed or removed):
 - ``Sequence.output_text``/``stop_text_len`` (text up to a stop string) and
   ``Sequence.error`` (why the batcher aborted it, e.g. OutOfKVSpace).
 - ``generate(..., max_step_tokens=None)``.
+- ``load_tokenizer_and_config(model)`` (tokenizer_loader.py, added by serving): the
+  router's tokenizer and limits without loading weights.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pdserve.engine.engine import LLMEngine, PrefillChunk
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import Sequence
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.engine.tokenizer_loader import load_tokenizer_and_config
 
 __all__ = [
     "PRESETS",
@@ -37,4 +40,5 @@ __all__ = [
     "StepOutput",
     "Tokenizer",
     "generate",
+    "load_tokenizer_and_config",
 ]

@@ -1,6 +1,8 @@
 """Aggregated role: prefill and decode in one instance, chunked prefill (the baseline).
 
-    generate -> new sequence in the continuous batch; tokens stream back
+    generate -> open the token channel to the calling router (once per router),
+                add a new sequence to the continuous batch, answer Accepted;
+                tokens go to the channel, one message per router per step
     abort    -> stop it; the batcher frees its KV
 """
 
@@ -9,11 +11,12 @@ from __future__ import annotations
 from pdserve.engine import ContinuousBatcher, SamplingParams
 from pdserve.errors import InvalidArgument
 from pdserve.roles.batch_worker import BatchWorker
-from pdserve.roles.common import ResponderSink, ack
-from pdserve.roles.contracts import AbortCall, GenerateCall
-from pdserve.roles.instance import load_engine
-from pdserve.roles.metrics import InstanceMetrics
-from pdserve.roles.triton import Responder
+from pdserve.roles.common import ack
+from pdserve.roles.contracts import AbortCall, Accepted, GenerateCall
+from pdserve.roles.instance import load_engine, transfer_config
+from pdserve.roles.metrics import InstanceMetrics, MetricsThrottle
+from pdserve.roles.token_sender import ChannelHub
+from pdserve.roles.triton import Responder, payload_out
 from pdserve.server.config import InstanceConfig
 
 
@@ -22,30 +25,44 @@ class AggregatedRole:
         self.cfg = cfg
         self.engine = load_engine(cfg)
         self.metrics = InstanceMetrics(cfg.name)
+        self.hub = ChannelHub(cfg.name, transfer_config(cfg).secret, on_broken=self._abort_many)
         batcher = ContinuousBatcher(self.engine, max_batch_size=cfg.max_batch_size,
                                     max_step_tokens=max(cfg.max_step_tokens, cfg.max_batch_size),
                                     chunked_prefill=True)
-        self.worker = BatchWorker(batcher, cfg.name, on_step=self._on_step)
-        self._on_step(0)
+        self.worker = BatchWorker(batcher, cfg.name, on_step=self._on_step, flush=self.hub.flush)
+        self.throttle = MetricsThrottle(self._publish)
+        self._publish(0)
 
     async def handle(self, op: str, payload: bytes, out: Responder) -> None:
         if op == "generate":
             call = GenerateCall.from_bytes(payload)
+            if not call.channel:
+                raise InvalidArgument("generate needs the router's token channel address")
             params = SamplingParams.from_dict(call.sampling)
             seq = self.engine.new_sequence(call.request_id, list(call.prompt_ids), params)
-            self.worker.add(seq, ResponderSink(out))
+            self.hub.connect(call.channel)
+            self.worker.add(seq, self.hub.sink(call.channel, call.request_id))
             self.metrics.prompt_tokens.increment(len(call.prompt_ids))
+            out.send(payload_out(Accepted(self.hub.incarnation.hex()).to_bytes()), final=True)
         elif op == "abort":
             self.worker.abort(AbortCall.from_bytes(payload).request_id)
-            self._on_step(0)
+            self._publish(0)
             ack(out)
         else:
             raise InvalidArgument(f"aggregated instance {self.cfg.name} does not serve op {op!r}")
 
+    def _abort_many(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.worker.abort(rid)
+
     def _on_step(self, generated: int) -> None:
+        self.throttle.step(generated, idle=self.worker.batcher.num_running == 0)
+
+    def _publish(self, generated: int) -> None:
         self.metrics.generated_tokens.increment(generated)
         self.metrics.running_batch.set(self.worker.batcher.num_running)
         self.metrics.set_kv(self.engine.arena.bytes_in_use, self.engine.arena.bytes_free)
 
     def close(self) -> None:
         self.worker.close()
+        self.hub.close()

@@ -4,12 +4,16 @@ Each message is a small frozen dataclass with ``to_bytes``/``from_bytes``
 (compact JSON); it travels as the single BYTES tensor ``payload`` of a BLS
 request or response, next to a STRING ``op`` saying what to do:
 
-    router -> decode      op=reserve  GenerateCall   stream: TokenChunk(handle) then tokens
+    router -> decode      op=reserve  GenerateCall   one Accepted (KV handle, channel incarnation)
     router -> prefill     op=prefill  PrefillCall    one PrefillResult
     router -> decode      op=commit   CommitCall     one empty TokenChunk (ack)
     router -> decode/agg  op=abort    AbortCall      one empty TokenChunk (ack)
-    router -> aggregated  op=generate GenerateCall   stream of TokenChunk
+    router -> aggregated  op=generate GenerateCall   one Accepted (channel incarnation)
     router -> any         op=ping     (empty)        one empty TokenChunk (liveness probe)
+
+Every call completes at once: the tokens of reserve/generate requests travel on
+the token channel (``token_wire``), never as Triton responses, so no request
+stays in flight in Triton while an instance streams.
 
 Bad bytes raise ``InvalidArgument`` saying what is wrong.
 """
@@ -71,11 +75,20 @@ class GenerateCall(_Message):
     request_id: str
     prompt_ids: tuple[int, ...]
     sampling: dict[str, Any]  # SamplingParams.from_dict input, max_tokens included
+    channel: str = ""  # the router's token channel address (token_wire.parse_address)
 
     def __post_init__(self) -> None:
         _check_ids("prompt_ids", self.prompt_ids)
         if not isinstance(self.sampling, dict):
             raise ValueError("sampling must be a JSON object")
+
+
+@dataclass(frozen=True)
+class Accepted(_Message):
+    """Answer to reserve/generate: tokens will come on the channel of ``incarnation``."""
+
+    incarnation: str  # hex of the instance stub's ChannelHub.incarnation
+    handle: str = ""  # reserve only: KVHandle.to_bytes() decoded as UTF-8
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """Decode role: reserve KV for a request, then stream its tokens from the running batch.
 
-    reserve  -> reserve an extent (kvtransfer receiver), answer TokenChunk(handle),
-                keep the stream open
+    reserve  -> open the token channel to the calling router (once per router),
+                reserve an extent (kvtransfer receiver), answer Accepted(handle)
     commit   -> the KV has landed: verify, claim the extent, start the sequence
                 with the first token (from prefill) in the continuous batch;
-                tokens stream on the reserve call
-    abort    -> cancel the reservation or stop the sequence; ends the stream
+                tokens go to the router's token channel, one message per step
+    abort    -> cancel the reservation or stop the sequence; ends its stream
+
+Every call answers at once; nothing stays in flight in Triton while tokens
+stream (see ``token_wire`` for why).
 
 KV ownership: the receiver owns a reservation until ``claim``; then the
 sequence does and the batcher frees it when the sequence ends. A reservation
@@ -26,10 +29,11 @@ from pdserve.engine import ContinuousBatcher, SamplingParams
 from pdserve.errors import InvalidArgument, Unavailable
 from pdserve.kvtransfer.factory import make_receiver
 from pdserve.roles.batch_worker import BatchWorker
-from pdserve.roles.common import ResponderSink, ack
-from pdserve.roles.contracts import AbortCall, CommitCall, GenerateCall, TokenChunk
+from pdserve.roles.common import ack
+from pdserve.roles.contracts import AbortCall, Accepted, CommitCall, GenerateCall, TokenChunk
 from pdserve.roles.instance import close_arena, load_engine, make_arena, transfer_config
-from pdserve.roles.metrics import InstanceMetrics
+from pdserve.roles.metrics import InstanceMetrics, MetricsThrottle
+from pdserve.roles.token_sender import ChannelHub, ChannelSink
 from pdserve.roles.triton import Responder, payload_out
 from pdserve.server.config import InstanceConfig
 
@@ -38,7 +42,7 @@ from pdserve.server.config import InstanceConfig
 class _Pending:
     call: GenerateCall
     params: SamplingParams
-    sink: ResponderSink
+    sink: ChannelSink
     deadline: float
 
 
@@ -50,10 +54,12 @@ class DecodeRole:
         self.receiver = make_receiver(cfg.kv_transport, self.arena, self.engine.layout,
                                       self.engine.fingerprint, transfer_config(cfg), cfg.name)
         self.metrics = InstanceMetrics(cfg.name)
+        self.hub = ChannelHub(cfg.name, transfer_config(cfg).secret, on_broken=self._abort_many)
         batcher = ContinuousBatcher(self.engine, max_batch_size=cfg.max_batch_size,
                                     max_step_tokens=max(cfg.max_step_tokens, cfg.max_batch_size),
                                     chunked_prefill=False)
-        self.worker = BatchWorker(batcher, cfg.name, on_step=self._on_step)
+        self.worker = BatchWorker(batcher, cfg.name, on_step=self._on_step, flush=self.hub.flush)
+        self.throttle = MetricsThrottle(self._publish)
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._stop = threading.Event()
@@ -78,14 +84,22 @@ class DecodeRole:
         params = SamplingParams.from_dict(call.sampling)
         # Validates the prompt against the model (ids, context) before taking KV.
         self.engine.new_sequence(call.request_id, list(call.prompt_ids), params)
+        if not call.channel:
+            raise InvalidArgument("reserve needs the router's token channel address")
+        self.hub.connect(call.channel)
         handle = self.receiver.reserve(call.request_id, len(call.prompt_ids), params.max_tokens,
                                        ttl_s=self.cfg.kv_ttl_s)
-        sink = ResponderSink(out)
+        try:
+            sink = self.hub.sink(call.channel, call.request_id)
+        except BaseException:
+            self.receiver.cancel(call.request_id)
+            raise
         with self._lock:
             self._pending[call.request_id] = _Pending(
                 call, params, sink, time.monotonic() + 2 * self.cfg.kv_ttl_s)
         self._update_kv()
-        out.send(payload_out(TokenChunk(handle=handle.to_bytes().decode()).to_bytes()))
+        accepted = Accepted(self.hub.incarnation.hex(), handle.to_bytes().decode())
+        out.send(payload_out(accepted.to_bytes()), final=True)
 
     def _commit(self, call: CommitCall) -> None:
         with self._lock:
@@ -98,6 +112,7 @@ class DecodeRole:
         except BaseException as exc:
             self.receiver.cancel(call.request_id)
             pending.sink.fail(exc)
+            self.hub.flush()
             raise
         try:
             seq = self.engine.new_sequence(call.request_id, list(pending.call.prompt_ids),
@@ -113,6 +128,7 @@ class DecodeRole:
         except BaseException as exc:
             self.arena.free(extent)
             pending.sink.fail(exc)
+            self.hub.flush()
             raise
         self.metrics.prompt_tokens.increment(len(pending.call.prompt_ids))
 
@@ -122,9 +138,15 @@ class DecodeRole:
         if pending is not None:
             self.receiver.cancel(request_id)
             pending.sink.chunk(TokenChunk(finish_reason="abort"), final=True)
+            self.hub.flush()
         else:
             self.worker.abort(request_id)
         self._update_kv()
+
+    def _abort_many(self, request_ids: list[str]) -> None:
+        """Their router's channel broke: nobody reads these streams, free their KV."""
+        for rid in request_ids:
+            self.abort(rid)
 
     def _reap(self) -> None:
         """End reservations nobody committed (router or prefill gone)."""
@@ -136,9 +158,14 @@ class DecodeRole:
             for rid, pending in zip(expired, dead, strict=True):
                 self.receiver.cancel(rid)
                 pending.sink.fail(Unavailable(f"KV reservation for {rid!r} was never committed"))
-            self._update_kv()
+            if dead:
+                self.hub.flush()
+                self._update_kv()
 
     def _on_step(self, generated: int) -> None:
+        self.throttle.step(generated, idle=self.worker.batcher.num_running == 0)
+
+    def _publish(self, generated: int) -> None:
         self.metrics.generated_tokens.increment(generated)
         self.metrics.running_batch.set(self.worker.batcher.num_running)
         self._update_kv()
@@ -159,5 +186,6 @@ class DecodeRole:
             self.receiver.cancel(rid)
             p.sink.fail(Unavailable("decode instance is shutting down"))
         self.worker.close()
+        self.hub.close()
         self.receiver.close()
         close_arena(self.arena)

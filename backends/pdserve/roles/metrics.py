@@ -8,6 +8,9 @@ batch and KV arena bytes; prefill KV transfer seconds.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
@@ -55,3 +58,28 @@ class InstanceMetrics:
     def set_kv(self, in_use: int, free: int) -> None:
         self.kv_bytes_in_use.set(in_use)
         self.kv_bytes_free.set(free)
+
+
+class MetricsThrottle:
+    """Publish step metrics at most every ``period_s``, and whenever the batch goes idle.
+
+    Each metric update is a message over the stub's shared-memory IPC; a stub
+    killed inside one can abort tritonserver (see ``token_wire``), so the step
+    loop must not send several per step.
+    """
+
+    def __init__(self, publish: Callable[[int], None], period_s: float = 0.25) -> None:
+        self._publish = publish  # called with the tokens generated since the last call
+        self.period_s = period_s
+        self._lock = threading.Lock()
+        self._generated = 0
+        self._last = 0.0
+
+    def step(self, generated: int, idle: bool) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._generated += generated
+            if not idle and now - self._last < self.period_s:
+                return
+            pending, self._generated, self._last = self._generated, 0, now
+        self._publish(pending)

@@ -20,6 +20,8 @@ Transport = Literal["shm", "tcp", "mooncake"]
 TRANSPORTS: tuple[Transport, ...] = ("shm", "tcp", "mooncake")
 SendMode = Literal["whole", "layerwise"]
 SEND_MODES: tuple[SendMode, ...] = ("whole", "layerwise")
+TokenChannel = Literal["unix", "tcp"]
+TOKEN_CHANNELS: tuple[TokenChannel, ...] = ("unix", "tcp")
 
 
 def parse_cpu_cores(spec: str) -> tuple[int, ...]:
@@ -103,6 +105,10 @@ class InstanceConfig:
     max_tokens_limit: int = 1024  # router: largest max_tokens a client may ask for
     ttft_budget_s: float = 30.0  # router: how long a request may look for a prefill slot
     stream_threads: int = 512  # router: threads that iterate BLS response streams
+    # router: how instances send it tokens; "unix" (one host, 0700 dir) or "tcp"
+    # (across hosts, HMAC handshake with kv_secret), listening on token_host
+    token_channel: TokenChannel = "unix"
+    token_host: str = "127.0.0.1"
     routes: Mapping[str, Route] = field(default_factory=dict)  # router only
 
     def __post_init__(self) -> None:
@@ -112,6 +118,11 @@ class InstanceConfig:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.kv_transport not in TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {TRANSPORTS}, got {self.kv_transport!r}")
+        if self.token_channel not in TOKEN_CHANNELS:
+            raise ValueError(
+                f"token_channel must be one of {TOKEN_CHANNELS}, got {self.token_channel!r}")
+        if not self.token_host:
+            raise ValueError("token_host must not be empty")
         if self.kv_send_mode not in SEND_MODES:
             raise ValueError(f"kv_send_mode must be one of {SEND_MODES}, got {self.kv_send_mode!r}")
         for key in ("max_batch_size", "max_step_tokens", "kv_capacity_bytes", "max_tokens_limit",

@@ -1,0 +1,180 @@
+"""Instance side of the token channel: decode/aggregated -> each router (no Triton import).
+
+    hub = ChannelHub("decode_0", secret, on_broken=role.abort_many)
+    hub.connect("unix:/tmp/pdserve-xyz/pdserve.sock")    # in reserve/generate
+    sink = hub.sink(address, request_id)                  # a batch_worker.Sink
+    ...                                                   # worker calls sink.chunk()
+    hub.flush()                                           # once per batcher step
+
+Sinks only queue entries; ``flush`` writes ONE frame per router with everything
+queued since the last flush (the batch thread calls it after each step). A
+write that fails (router gone) drops that router's connection and hands the
+request ids still streaming to it to ``on_broken``, which aborts them, so
+their KV is freed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+from pdserve.errors import PdserveError, Unavailable
+from pdserve.kvtransfer.wire import Connection
+from pdserve.roles.contracts import TokenChunk
+from pdserve.roles.token_wire import Entry, encode_hello, encode_step, parse_address
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+SEND_TIMEOUT_S = 30.0  # a router that reads nothing for this long is treated as gone
+
+
+class _Writer:
+    """One connection to one router, its queued entries and live request ids."""
+
+    def __init__(self, address: str, sock: socket.socket) -> None:
+        self.address = address
+        self.sock = sock
+        self.queued: list[Entry] = []
+        self.live: set[str] = set()
+        self.broken = False
+
+
+class ChannelHub:
+    def __init__(self, name: str, secret: bytes,
+                 on_broken: Callable[[list[str]], None] | None = None) -> None:
+        self.name = name
+        self.incarnation = os.urandom(16)  # tells the router this stub from a restarted one
+        self._secret = secret
+        self._on_broken = on_broken
+        self._lock = threading.Lock()  # guards _writers and each writer's queue/live
+        self._send_lock = threading.Lock()  # one frame on the wire at a time
+        self._writers: dict[str, _Writer] = {}
+
+    # -- connections -------------------------------------------------------------------
+    def connect(self, address: str) -> None:
+        """Open the channel to ``address`` unless open; raises ``Unavailable``."""
+        with self._lock:
+            writer = self._writers.get(address)
+            if writer is not None and not writer.broken:
+                return
+        sock = self._dial(address)
+        try:
+            sock.sendall(encode_hello(self.name, self.incarnation))
+        except OSError as exc:
+            sock.close()
+            raise Unavailable(f"{self.name}: token channel to {address} failed: {exc}") from None
+        with self._lock:
+            old = self._writers.get(address)
+            if old is not None and not old.broken:  # another caller won the race
+                sock.close()
+                return
+            self._writers[address] = _Writer(address, sock)
+
+    def _dial(self, address: str) -> socket.socket:
+        family, target = parse_address(address)
+        try:
+            if family == "unix":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(CONNECT_TIMEOUT_S)
+                try:
+                    sock.connect(str(target))
+                except OSError:
+                    sock.close()
+                    raise
+            else:
+                assert isinstance(target, tuple)
+                # Across hosts the router proves the deployment secret (and we ours):
+                # the kvtransfer handshake, reused as is.
+                conn = Connection.connect(target, self._secret, CONNECT_TIMEOUT_S, SEND_TIMEOUT_S)
+                sock = conn.sock
+        except (OSError, PdserveError) as exc:
+            raise Unavailable(f"{self.name}: cannot open token channel to {address}: "
+                              f"{exc}") from None
+        sock.settimeout(SEND_TIMEOUT_S)
+        return sock
+
+    # -- entries -----------------------------------------------------------------------
+    def sink(self, address: str, request_id: str) -> ChannelSink:
+        with self._lock:
+            writer = self._writers.get(address)
+            if writer is None or writer.broken:
+                raise Unavailable(f"{self.name}: no token channel to {address}")
+            writer.live.add(request_id)
+        return ChannelSink(self, writer, request_id)
+
+    def _queue(self, writer: _Writer, entry: Entry) -> None:
+        with self._lock:
+            if writer.broken:
+                return
+            writer.queued.append(entry)
+            if entry.is_final:
+                writer.live.discard(entry.request_id)
+
+    def flush(self) -> None:
+        """Write each router's queued entries as one frame (called once per step)."""
+        with self._lock:
+            batches = [(w, w.queued) for w in self._writers.values() if w.queued]
+            for w, _ in batches:
+                w.queued = []
+        for writer, entries in batches:
+            try:
+                with self._send_lock:
+                    writer.sock.sendall(encode_step(entries))
+            except OSError as exc:
+                log.warning("%s: token channel to %s failed: %s", self.name, writer.address, exc)
+                self._drop(writer)
+
+    def _drop(self, writer: _Writer) -> None:
+        with self._lock:
+            writer.broken = True
+            if self._writers.get(writer.address) is writer:
+                del self._writers[writer.address]
+            orphans = sorted(writer.live)
+            writer.live.clear()
+        with contextlib.suppress(OSError):
+            writer.sock.close()
+        if orphans and self._on_broken is not None:
+            self._on_broken(orphans)
+
+    @property
+    def num_channels(self) -> int:
+        with self._lock:
+            return len(self._writers)
+
+    def close(self) -> None:
+        """Flush what is queued, then close every connection (the routers see EOF)."""
+        self.flush()
+        with self._lock:
+            writers = list(self._writers.values())
+            self._writers.clear()
+        for w in writers:
+            with contextlib.suppress(OSError):
+                w.sock.close()
+
+
+class ChannelSink:
+    """A ``batch_worker.Sink`` that queues one request's tokens on its router's channel."""
+
+    def __init__(self, hub: ChannelHub, writer: _Writer, request_id: str) -> None:
+        self._hub = hub
+        self._writer = writer
+        self.request_id = request_id
+
+    def chunk(self, chunk: TokenChunk, final: bool) -> None:
+        reason = chunk.finish_reason or ("abort" if final else "")
+        self._hub._queue(self._writer, Entry(self.request_id, chunk.token_ids, reason,
+                                             chunk.text_len))
+
+    def fail(self, exc: BaseException) -> None:
+        error = exc if isinstance(exc, PdserveError) else Unavailable(
+            f"{self._hub.name}: {type(exc).__name__}: {exc}")
+        self._hub._queue(self._writer, Entry(self.request_id, error=error))
+
+    def send_now(self) -> None:
+        """Flush outside a batcher step (abort, reservation expiry)."""
+        self._hub.flush()

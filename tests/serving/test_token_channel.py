@@ -1,0 +1,193 @@
+"""The token channel without Triton: wire format, hub -> server, coalescing, EOF, auth."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from pdserve.errors import InvalidArgument, Unavailable
+from pdserve.roles.contracts import TokenChunk
+from pdserve.roles.token_receiver import ChannelServer, InstanceLost
+from pdserve.roles.token_sender import ChannelHub
+from pdserve.roles.token_wire import (
+    ChannelError,
+    Entry,
+    decode_hello,
+    decode_step,
+    encode_hello,
+    encode_step,
+    parse_address,
+)
+
+SECRET = b"s" * 32
+
+
+def test_step_round_trip() -> None:
+    entries = [Entry("a", (1, 2, 3)), Entry("b", (7,), "stop", 5), Entry("c", (), "abort"),
+               Entry("d", error=Unavailable("KV reservation expired"))]
+    frame = encode_step(entries)
+    back = decode_step(frame[4:])
+    assert [(e.request_id, e.token_ids, e.finish_reason, e.text_len) for e in back[:3]] == [
+        ("a", (1, 2, 3), "", -1), ("b", (7,), "stop", 5), ("c", (), "abort", -1)]
+    assert isinstance(back[3].error, Unavailable) and "expired" in str(back[3].error)
+    assert decode_hello(encode_hello("decode_0", b"x" * 16)[4:]) == ("decode_0", b"x" * 16)
+
+
+@pytest.mark.parametrize("body", [b"\x00", b"\x00\x01\x09\x00\x00\x00\x00\x00\x00\x00\x00a",
+                                  b"\x00\x01\x00\xff\xff\xff\xff\x00\x00\x00\x05a\x00"])
+def test_bad_step_is_channel_error(body: bytes) -> None:
+    with pytest.raises(ChannelError):
+        decode_step(body)
+
+
+def test_bad_hello_and_address() -> None:
+    with pytest.raises(ChannelError):
+        decode_hello(b"HTTP/1.1 200")
+    with pytest.raises(InvalidArgument):
+        parse_address("udp:1.2.3.4:5")
+    assert parse_address("tcp:10.0.0.1:9000") == ("tcp", ("10.0.0.1", 9000))
+
+
+FAMILIES = pytest.mark.parametrize("family", ["unix", "tcp"])
+
+
+def _with_server(family: str, body: Callable[[ChannelServer], Awaitable[None]]) -> None:
+    """No pytest-asyncio here: each test runs its own loop around one server."""
+
+    async def main() -> None:
+        srv = ChannelServer("router", SECRET, family=family,  # type: ignore[arg-type]
+                            roles={"decode_0": "decode"})
+        await srv.start()
+        try:
+            await asyncio.wait_for(body(srv), 30)
+        finally:
+            await srv.close()
+
+    asyncio.run(main())
+
+
+async def _in_thread(fn: object, *args: object) -> object:
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)  # type: ignore[arg-type]
+
+
+async def _tokens_flow_and_finish(server: ChannelServer) -> None:
+    hub = ChannelHub("decode_0", SECRET)
+    await _in_thread(hub.connect, server.address)
+    got: list[tuple[int, ...]] = []
+    stream = server.open("r1", got.append)
+    await server.bind(stream, "decode_0", hub.incarnation)
+    sink = hub.sink(server.address, "r1")
+    sink.chunk(TokenChunk(token_ids=(5, 6)), final=False)
+    hub.flush()
+    sink.chunk(TokenChunk(token_ids=(7,), finish_reason="length"), final=True)
+    hub.flush()
+    assert await asyncio.wait_for(stream.done, 5) == ("length", -1)
+    assert [t for chunk in got for t in chunk] == [5, 6, 7]
+    server.close_stream(stream)
+    hub.close()
+    if server.family == "unix":
+        sock_dir = Path(server.address[len("unix:"):]).parent
+        assert stat.S_IMODE(os.stat(sock_dir).st_mode) == 0o700
+
+
+async def _router_behind_gets_one_coalesced_delivery(server: ChannelServer) -> None:
+    hub = ChannelHub("decode_0", SECRET)
+    await _in_thread(hub.connect, server.address)
+    got: list[tuple[int, ...]] = []
+    stream = server.open("r1", got.append)
+    await server.bind(stream, "decode_0", hub.incarnation)
+    sink = hub.sink(server.address, "r1")
+    for t in range(10):  # ten steps written while the loop is not reading
+        sink.chunk(TokenChunk(token_ids=(t,)), final=False)
+        hub.flush()
+    sink.chunk(TokenChunk(finish_reason="stop", text_len=3), final=True)
+    hub.flush()
+    assert await asyncio.wait_for(stream.done, 5) == ("stop", 3)
+    assert got == [tuple(range(10))]
+    server.close_stream(stream)
+    hub.close()
+
+
+async def _eof_fails_bound_streams_at_once(server: ChannelServer) -> None:
+    hub = ChannelHub("decode_0", SECRET)
+    await _in_thread(hub.connect, server.address)
+    streams = [server.open(f"r{i}", lambda ids: None) for i in range(3)]
+    for s in streams:
+        await server.bind(s, "decode_0", hub.incarnation)
+    hub.close()  # what a SIGKILLed stub looks like to the router: EOF
+    for s in streams:
+        with pytest.raises(InstanceLost, match="decode instance decode_0 failed"):
+            await asyncio.wait_for(s.done, 5)
+        server.close_stream(s)
+    assert server.failure("decode_0", within_s=10) is not None
+    # A fresh stub of the instance connecting clears the failure.
+    hub2 = ChannelHub("decode_0", SECRET)
+    await _in_thread(hub2.connect, server.address)
+    late = server.open("r9", lambda ids: None)
+    await server.bind(late, "decode_0", hub2.incarnation)
+    assert server.failure("decode_0", within_s=10) is None
+    server.close_stream(late)
+    hub2.close()
+
+
+async def _wrong_secret() -> None:
+    srv = ChannelServer("router", SECRET, family="tcp")
+    await srv.start()
+    try:
+        hub = ChannelHub("decode_0", b"w" * 32)
+        with pytest.raises(Unavailable, match="authentication"):
+            await _in_thread(hub.connect, srv.address)
+        assert hub.num_channels == 0
+    finally:
+        await srv.close()
+
+
+async def _router_gone() -> None:
+    srv = ChannelServer("router", SECRET)
+    await srv.start()
+    orphans: list[str] = []
+    hub = ChannelHub("decode_0", SECRET, on_broken=orphans.extend)
+    await _in_thread(hub.connect, srv.address)
+    sinks = [hub.sink(srv.address, f"r{i}") for i in range(2)]
+    sinks[1].chunk(TokenChunk(finish_reason="length"), final=True)  # r1 ended already
+    await srv.close()
+    await asyncio.sleep(0.1)
+    for _ in range(50):  # the first write after the peer closed may still succeed
+        sinks[0].chunk(TokenChunk(token_ids=(1,)), final=False)
+        await _in_thread(hub.flush)
+        if orphans:
+            break
+        await asyncio.sleep(0.02)
+    assert orphans == ["r0"]
+    assert hub.num_channels == 0
+    with pytest.raises(Unavailable):
+        hub.sink(srv.address, "r2")
+    assert not Path(srv.address[len("unix:"):]).parent.exists()
+
+
+@FAMILIES
+def test_tokens_flow_and_finish(family: str) -> None:
+    _with_server(family, _tokens_flow_and_finish)
+
+
+@FAMILIES
+def test_router_behind_gets_one_coalesced_delivery(family: str) -> None:
+    _with_server(family, _router_behind_gets_one_coalesced_delivery)
+
+
+@FAMILIES
+def test_eof_fails_bound_streams_at_once(family: str) -> None:
+    _with_server(family, _eof_fails_bound_streams_at_once)
+
+
+def test_wrong_secret_is_refused_on_tcp() -> None:
+    asyncio.run(_wrong_secret())
+
+
+def test_router_gone_aborts_live_requests() -> None:
+    asyncio.run(_router_gone())
