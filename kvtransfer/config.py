@@ -30,9 +30,10 @@ class TransferConfig:
         "crc32" is accepted (slower); "none" exists only so the benchmark can
         report the checksum's cost.
     verify: when the receiver of a one-sided transport (shm, mooncake) hashes
-        the landed bytes: "at_end" (one pass over the region at END: catches
-        any change up to END) or "streaming" (each span as its NOTE arrives,
-        overlapping the sender's next chunk). See shm.py for the trade-off.
+        the landed bytes: "streaming" (default: each span as its NOTE arrives,
+        overlapping the sender's next chunk, and in layer-wise mode the
+        prefill's next layers) or "at_end" (one pass over the region at END:
+        also catches a change made after the NOTE). See shm.py.
     page_tokens: tokens per page of the block-fixed baseline.
     """
 
@@ -43,7 +44,7 @@ class TransferConfig:
     connect_timeout_s: float = 5.0
     io_timeout_s: float = 10.0
     checksum: ChecksumKind = "xxh3"
-    verify: VerifyKind = "at_end"
+    verify: VerifyKind = "streaming"
     max_connections: int = 64
     page_tokens: int = 16
     mooncake_protocol: str = "tcp"

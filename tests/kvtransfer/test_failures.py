@@ -15,7 +15,9 @@ from pdserve.kvtransfer.handle import KVHandle
 from pdserve.kvtransfer.sender import ControlStream
 from pdserve.kvtransfer.shm import ShmSender
 from tests.kvtransfer import helpers
-from tests.kvtransfer.conftest import Pair, close_pair, open_pair
+from tests.kvtransfer.conftest import TRANSPORTS, Pair, close_pair, open_pair
+
+ONE_SIDED = [k for k in TRANSPORTS if getattr(k, "values", (k,))[0] != "tcp"]
 
 
 def raw_begin(pair: Pair, handle: KVHandle, secret: bytes = helpers.SECRET) -> wire.Connection:
@@ -155,32 +157,40 @@ def test_incomplete_stream_is_rejected(pair: Pair) -> None:
     expect_failed(pair, "r", "sender aborted")
 
 
-def test_corrupted_payload_detected_by_checksum(pair: Pair) -> None:
-    handle = pair.receiver.reserve("r", 100, 4)
-    kv = helpers.random_kv(pair.layout, 100)
-    if pair.kind == "tcp":
-        conn = raw_begin(pair, handle)
-        flat = wire.byte_view(kv).clone()
-        crc = wire.checksum(wire.as_memoryview(flat), handle.checksum)
-        flat[1234] ^= 0x40  # a bit flipped on the way
-        conn.send_frame(wire.DATA, offset=handle.extent_offset, payload=wire.as_memoryview(flat))
-        conn.send_frame(wire.END, meta={"nbytes": flat.numel(), "checksum": crc})
-        with pytest.raises(TransferError, match="checksum mismatch"):
-            conn.expect(wire.DONE)
-        conn.close()
-    else:  # one-sided: flip a bit in the landed bytes before the completion notice
+def test_corrupted_payload_detected_by_checksum(tcp_pair: Pair) -> None:
+    handle = tcp_pair.receiver.reserve("r", 100, 4)
+    conn = raw_begin(tcp_pair, handle)
+    flat = wire.byte_view(helpers.random_kv(tcp_pair.layout, 100)).clone()
+    crc = wire.checksum(wire.as_memoryview(flat), handle.checksum)
+    flat[1234] ^= 0x40  # a bit flipped on the way
+    conn.send_frame(wire.DATA, offset=handle.extent_offset, payload=wire.as_memoryview(flat))
+    conn.send_frame(wire.END, meta={"nbytes": flat.numel(), "checksum": crc})
+    with pytest.raises(TransferError, match="checksum mismatch"):
+        conn.expect(wire.DONE)
+    conn.close()
+    expect_failed(tcp_pair, "r", "checksum mismatch")
+
+
+@pytest.mark.parametrize("kind", ONE_SIDED)
+def test_at_end_verify_detects_change_before_end(kind: str) -> None:
+    """verify="at_end": a bit flipped in the landed bytes before END is caught."""
+    pair = open_pair(kind, verify="at_end")
+    try:
+        handle = pair.receiver.reserve("r", 100, 4)
         stream = pair.sender.begin(handle, "whole")
-        stream.send_all(kv)
+        stream.send_all(helpers.random_kv(pair.layout, 100))
         pair.arena.buffer[handle.extent_offset + 1234] ^= 0x40
         with pytest.raises(TransferError, match="checksum mismatch"):
             stream.finish()
-    expect_failed(pair, "r", "checksum mismatch")
+        expect_failed(pair, "r", "checksum mismatch")
+    finally:
+        close_pair(pair)
 
 
 def test_streaming_verify_detects_a_bad_copy() -> None:
-    """verify="streaming": the receiver hashes each span at its NOTE; a copy that went
-    wrong before the NOTE (here: a flipped bit in shm) must still fail the transfer."""
-    pair = open_pair("shm", verify="streaming")
+    """verify="streaming" (the default): the receiver hashes each span at its NOTE; a
+    copy that went wrong before the NOTE (a flipped bit in shm) must fail the transfer."""
+    pair = open_pair("shm")
     try:
         handle = pair.receiver.reserve("r", 100, 4)
         sender = pair.sender
