@@ -83,6 +83,9 @@ def served(grpc_url: str, prompts: list[str], max_tokens: int, scenario: str) ->
     wall = time.perf_counter() - t0
     client.stop_stream()
     client.close()
+    if tokens != len(prompts) * max_tokens:  # ignore_eos: every request runs to max_tokens
+        raise RuntimeError(f"{scenario}: got {tokens} tokens, expected "
+                           f"{len(prompts) * max_tokens}")
     ttfts = sorted(first.values())
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_mean_s": float(np.mean(ttfts))}

@@ -26,6 +26,8 @@ from pdserve.roles.requests import ROUTER_INPUTS, parse_request  # noqa: E402
 from pdserve.roles.triton import Responder, read_inputs, read_instance_request  # noqa: E402
 from pdserve.server.config import InstanceConfig, parse_parameters  # noqa: E402
 
+EXECUTE_HOLD_S = 0.02
+
 
 def _build_role(cfg: InstanceConfig) -> Any:
     if cfg.role == "router":
@@ -61,6 +63,13 @@ class TritonPythonModel:
             task = loop.create_task(self._serve(request))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        # The stub schedules this coroutine with run_coroutine_threadsafe and only
+        # then adds the future to its set of background futures; the done callback
+        # removes it. Returning at once let the callback win that race (the loop
+        # thread took the GIL first): "Cannot remove future from background;
+        # KeyError" in the log, and the future then stayed in the set for good.
+        # Sleeping past the GIL switch interval (5 ms) lets the stub's thread finish.
+        await asyncio.sleep(EXECUTE_HOLD_S)
 
     async def _serve(self, request: Any) -> None:
         out = Responder(request)

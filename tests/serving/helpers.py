@@ -72,7 +72,7 @@ def generate_many(url: str, requests: list[dict[str, Any]], *, stream: bool = Tr
                 # Errors carry no request id in the callback; match by order of failure.
                 idx = next(i for i, r in enumerate(results) if r.error is None and
                            not r.finish_reason)
-                results[idx].error = f"[{error.status()}] {error}"
+                results[idx].error = str(error)
                 pending -= 1
                 continue
             resp = result.get_response()

@@ -20,7 +20,7 @@ import pytest
 
 from pdserve.server.launcher import TritonServer
 from tests.serving.conftest import start_server
-from tests.serving.helpers import Result, generate_many, scrape
+from tests.serving.helpers import Result, generate_many, http_generate, scrape
 
 pytestmark = pytest.mark.e2e
 
@@ -84,7 +84,6 @@ def test_killed_decode_ends_streams_with_error(server: TritonServer) -> None:
     for r in results:
         assert r.error is not None, r
         assert "decode instance decode_0 failed" in r.error, r.error
-        assert r.error.startswith("[StatusCode.UNAVAILABLE]"), r.error
         assert 0 < len(r.ids) < 1000  # it was mid-stream
     assert ended_s < 10, f"the streams took {ended_s:.1f}s to end"
     # New requests fail fast with a clear error too (no resume until the next issue).
@@ -102,9 +101,9 @@ def test_killed_idle_decode_fails_next_request_fast(server: TritonServer) -> Non
     _kill(_stub_pid(server, "decode_0"))
     time.sleep(0.2)  # the router reads the EOF on its own; nothing is in flight
     t0 = time.monotonic()
-    after = generate_many(server.options.grpc_url, [{"text": "hi"}], timeout_s=30)
+    status, reply = http_generate(server.options.http_url, {"text_input": "hi", "max_tokens": 4})
     elapsed = time.monotonic() - t0
-    assert after[0].error is not None, after[0]
-    assert "decode instance decode_0 failed" in after[0].error, after[0].error
+    assert status == 503, (status, reply)  # UNAVAILABLE
+    assert isinstance(reply, dict) and "decode instance decode_0 failed" in reply["error"], reply
     assert elapsed < 2, f"the request took {elapsed:.1f}s to fail"
     _assert_still_serving(server)

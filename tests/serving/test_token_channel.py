@@ -155,6 +155,8 @@ async def _router_gone() -> None:
     await _in_thread(hub.connect, srv.address)
     sinks = [hub.sink(srv.address, f"r{i}") for i in range(2)]
     sinks[1].chunk(TokenChunk(finish_reason="length"), final=True)  # r1 ended already
+    stream = srv.open("r0", lambda ids: None)
+    await srv.bind(stream, "decode_0", hub.incarnation)  # the router has the connection
     await srv.close()
     await asyncio.sleep(0.1)
     for _ in range(50):  # the first write after the peer closed may still succeed
@@ -191,3 +193,25 @@ def test_wrong_secret_is_refused_on_tcp() -> None:
 
 def test_router_gone_aborts_live_requests() -> None:
     asyncio.run(_router_gone())
+
+
+async def _tokens_before_bind(server: ChannelServer) -> None:
+    hub = ChannelHub("decode_0", SECRET)
+    await _in_thread(hub.connect, server.address)
+    got: list[tuple[int, ...]] = []
+    stream = server.open("r1", got.append)
+    sink = hub.sink(server.address, "r1")
+    sink.chunk(TokenChunk(token_ids=(1, 2)), final=False)  # before the router binds
+    hub.flush()
+    await asyncio.sleep(0.1)
+    await server.bind(stream, "decode_0", hub.incarnation)
+    sink.chunk(TokenChunk(token_ids=(3,), finish_reason="length"), final=True)
+    hub.flush()
+    assert await asyncio.wait_for(stream.done, 5) == ("length", -1)
+    assert [t for chunk in got for t in chunk] == [1, 2, 3]
+    server.close_stream(stream)
+    hub.close()
+
+
+def test_tokens_before_bind_are_kept() -> None:
+    _with_server("unix", _tokens_before_bind)

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pdserve.engine import load_tokenizer_and_config
@@ -40,6 +39,7 @@ from pdserve.roles.contracts import (
     PrefillCall,
     PrefillResult,
 )
+from pdserve.roles.daemon_executor import DaemonExecutor
 from pdserve.roles.emitter import Emitter
 from pdserve.roles.instance import transfer_config
 from pdserve.roles.metrics import InstanceMetrics
@@ -63,8 +63,7 @@ class RouterRole:
                              max_tokens_limit=cfg.max_tokens_limit,
                              vocab_size=config.vocab_size,
                              scenarios=tuple(cfg.routes))
-        self.pool = ThreadPoolExecutor(max_workers=cfg.stream_threads,
-                                       thread_name_prefix=f"{cfg.name}-bls")
+        self.pool = DaemonExecutor(cfg.stream_threads, name=f"{cfg.name}-bls")
         self.client = InstanceClient(self.pool)
         self.policy = ForwardingPolicy(ttft_budget_s=cfg.ttft_budget_s)
         self.metrics = InstanceMetrics(cfg.name)

@@ -60,6 +60,9 @@ class TokenStream:
     on_tokens: Callable[[tuple[int, ...]], None]
     done: asyncio.Future[tuple[str, int]]  # (finish reason, text_len), or the error
     peer: _Peer | None = None
+    # Entries that came before ``bind``: an aggregated instance starts streaming as
+    # soon as it accepts, possibly before the router has read its answer.
+    early: list[tuple[_Peer, list[Entry]]] = field(default_factory=list)
 
     def deliver(self, entries: list[Entry]) -> None:
         ids: list[int] = []
@@ -105,6 +108,7 @@ class ChannelServer:
         self._peers: dict[tuple[str, bytes], _Peer] = {}
         self._hello = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
         self.failed: dict[str, tuple[float, str]] = {}  # instance -> (monotonic time, why)
 
     async def start(self) -> str:
@@ -173,6 +177,10 @@ class ChannelServer:
                                "failed: token channel closed")
         stream.peer = peer
         peer.streams.add(stream)
+        for source, entries in stream.early:
+            if source is peer:
+                stream.deliver(entries)
+        stream.early.clear()
 
     def close_stream(self, stream: TokenStream) -> None:
         if self._streams.get(stream.request_id) is stream:
@@ -194,6 +202,9 @@ class ChannelServer:
     # -- connections -----------------------------------------------------------------
     async def _on_connect(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
+        if self._closed:  # accepted just before close(): its task started too late
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -231,8 +242,12 @@ class ChannelServer:
                     pending.setdefault(e.request_id, []).append(e)
             for rid, entries in pending.items():
                 stream = self._streams.get(rid)
-                if stream is not None and stream.peer is peer:
+                if stream is None:
+                    continue  # ended here already (e.g. cancelled)
+                if stream.peer is peer:
                     stream.deliver(entries)
+                elif stream.peer is None:
+                    stream.early.append((peer, entries))
 
     def _lose(self, peer: _Peer, why: str) -> None:
         peer.closed = True
@@ -257,6 +272,7 @@ class ChannelServer:
             self._dir = None
 
     async def close(self) -> None:
+        self._closed = True
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)

@@ -3,9 +3,10 @@
 ``Responder`` wraps a decoupled response sender so that each request ends with
 exactly one FINAL flag (errors included) and is safe to use from any thread.
 ``InstanceClient`` makes BLS calls to P/D instances and iterates their
-decoupled response streams on a dedicated thread pool: ``async_exec`` returns a
-*synchronous* iterator, and iterating it on the event loop (or on the default
-executor, ~6 threads here) would serialise or cap the router's streams.
+decoupled response streams on a dedicated pool of daemon threads:
+``async_exec`` returns a *synchronous* iterator, and iterating it on the event
+loop (or on the default executor, ~6 threads here) would serialise or cap the
+router's calls.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncGenerator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from pdserve.errors import Cancelled, InternalError, InvalidArgument, PdserveError, Unavailable
 from pdserve.roles.contracts import Op
+from pdserve.roles.daemon_executor import DaemonExecutor
 from pdserve.scheduler.forwarding import PrefillRejected
 
 REJECTED_MARK = "[prefill-rejected]"  # how a prefill rejection survives the BLS hop
@@ -122,10 +123,13 @@ class InstanceClient:
     BLS response iterator already open just blocks. So after ``probe_after_s``
     without a response we ping the instance; a dead stub fails the ping at once
     ("Stub process ... is not healthy") and the stream raises ``Unavailable``.
-    The thread blocked on the dead iterator is abandoned (it holds nothing else).
+    The thread blocked on the dead iterator cannot be woken (2.51 has no BLS
+    cancel); it is a daemon, counted in ``pool.num_abandoned``. Since tokens
+    travel on the token channel, only a stub dying inside a short control call
+    leaves one behind.
     """
 
-    def __init__(self, pool: ThreadPoolExecutor, probe_after_s: float = 1.0) -> None:
+    def __init__(self, pool: DaemonExecutor, probe_after_s: float = 1.0) -> None:
         self._pool = pool
         self.probe_after_s = probe_after_s
 
@@ -145,13 +149,18 @@ class InstanceClient:
         responses = await self._request(model, op, payload).async_exec(decoupled=True)
         it = iter(responses)
         while True:
-            future = loop.run_in_executor(self._pool, next, it, None)
+            pending = self._pool.submit(next, it, None)
+            future = asyncio.wrap_future(pending, loop=loop)
             while True:
                 done, _ = await asyncio.wait({future}, timeout=self.probe_after_s)
                 if done:
                     break
                 if op != "ping":
-                    await self._probe(model)
+                    try:
+                        await self._probe(model)
+                    except BaseException:
+                        self._pool.abandon(pending)
+                        raise
             response = future.result()
             if response is None:
                 return
