@@ -11,17 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from pdserve.engine.config import PRESETS, ModelConfig, load_config
+from pdserve.engine.config import PRESETS, ModelConfig
 from pdserve.engine.device import resolve_device
 from pdserve.engine.model import AttnItem, LlamaModel
 from pdserve.engine.sampling import SamplingParams, make_generator, sample
 from pdserve.engine.sequence import Sequence
 from pdserve.engine.stopping import StopChecker
-from pdserve.engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.engine.tokenizer_loader import load_tokenizer_and_config
 from pdserve.engine.weights import fingerprint, load_state_dict, random_state_dict
 from pdserve.errors import InvalidArgument
 from pdserve.kvtransfer.arena import Arena, Extent
@@ -62,23 +62,11 @@ class LLMEngine:
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         dev = resolve_device(device)
-        tokenizer: Tokenizer
+        tokenizer, config = load_tokenizer_and_config(model)
         if model in PRESETS:
-            config = PRESETS[model]
             state = random_state_dict(config, seed)
-            tokenizer = ByteTokenizer(config.vocab_size, config.bos_token_id or 0,
-                                      config.eos_token_ids[0])
-        elif Path(model).is_dir():
-            config = load_config(model)
-            state = load_state_dict(model, config)
-            tokenizer = load_tokenizer(model, bos_token_id=config.bos_token_id,
-                                       eos_token_ids=config.eos_token_ids,
-                                       vocab_size=config.vocab_size)
         else:
-            raise InvalidArgument(
-                f"model must be a preset ({', '.join(PRESETS)}) or a checkpoint directory, "
-                f"got {model!r}"
-            )
+            state = load_state_dict(model, config)
         if kv_arena is None:
             layout = config.kv_layout(dtype)
             capacity = kv_capacity_bytes or min(
