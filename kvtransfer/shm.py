@@ -6,8 +6,30 @@ keeps its whole KV arena in a POSIX shared-memory segment (``ShmArena``:
 its engine attends over the arena in place. A prefill instance attaches to the
 segment by name (from the handle) and copies its KV straight into the
 reserved extent: one memcpy, no copy on the decode side. The authenticated
-control connection carries only BEGIN/GRANT, a NOTE per written span, and
-END (length + checksum) / DONE.
+control connection carries only BEGIN/GRANT, a NOTE per ``NOTE_BYTES`` written,
+and END (length + checksum) / DONE.
+
+Who verifies, and when. The sender copies in ``wire.CHUNK_BYTES`` chunks and
+hashes each SOURCE chunk right after copying it (still in cache: nearly free).
+The receiver must still check what LANDED, or a bad copy, a short write or a
+stray writer would go unnoticed; that needs its own pass over the extent.
+Two ways, both measured by ``perf.kv_transfer`` (``checksum`` vs
+``checksum_at_end``, perf/RESULTS.md):
+
+    verify="streaming" (default)  hash each span when its NOTE arrives, on the
+        receiver's connection thread, while the sender copies the next chunk
+        (and, layer-wise, while prefill computes the next layer): at END only
+        the last span is left. Misses a change made to a span after its NOTE
+        was hashed (nothing may write there then but a buggy process).
+    verify="at_end"  one pass over the whole region at END: also catches such
+        late changes, but the pass is cache-cold and fully exposed (~0.4-0.5x
+        a memcpy of the region here, xxh3 ~12 GB/s vs memcpy ~7 GB/s).
+
+Either way a copy that went wrong before its NOTE is caught, so the default is
+the one that hides the pass. On a busy 2-core box the overlap has no free core
+to run on, which is why shm with checksum stays below 70 % of memcpy there.
+
+Why the one-sided writer waits for GRANT (unlike tcp): see ``sender.py``.
 
     arena = ShmArena(capacity_bytes)          # decode instance owns it
     receiver = ShmReceiver(arena, layout, fingerprint, config)
