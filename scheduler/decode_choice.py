@@ -17,16 +17,19 @@ from pdserve.scheduler.instance import InstanceLoad
 
 def rank_decodes(loads: Iterable[InstanceLoad], kv_bytes_needed: int) -> list[str]:
     """Decode instances able to take a request needing ``kv_bytes_needed``, best first."""
-    fits = [
-        load
-        for load in loads
-        if load.is_routable
+    fits = [load for load in loads if can_take(load, kv_bytes_needed)]
+    fits.sort(key=decode_rank_key)
+    return [load.name for load in fits]
+
+
+def can_take(load: InstanceLoad, kv_bytes_needed: int) -> bool:
+    """Routable decode (or aggregated) with a free batch slot and enough free KV."""
+    return (
+        load.is_routable
         and load.role in ("decode", "aggregated")
         and load.free_slots > 0
         and load.kv_free_bytes >= kv_bytes_needed
-    ]
-    fits.sort(key=_score)
-    return [load.name for load in fits]
+    )
 
 
 def choose_decode(loads: Iterable[InstanceLoad], kv_bytes_needed: int) -> str:
@@ -46,6 +49,10 @@ def choose_decode(loads: Iterable[InstanceLoad], kv_bytes_needed: int) -> str:
     )
 
 
-def _score(load: InstanceLoad) -> tuple[float, float, str]:
+def decode_rank_key(load: InstanceLoad) -> tuple[float, float, str]:
+    """The order of ``rank_decodes`` (best first), exposed for incremental indexes."""
     kv_free_share = load.kv_free_bytes / load.kv_total_bytes if load.kv_total_bytes else 0.0
     return (-kv_free_share, load.batch_utilization, load.name)
+
+
+_score = decode_rank_key  # the name older callers used

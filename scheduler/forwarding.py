@@ -65,11 +65,20 @@ def rank_prefills(loads: Iterable[InstanceLoad]) -> list[str]:
 
     Ties go to the larger free batch, then the name, so ranking is deterministic.
     """
-    candidates = [
-        load for load in loads if load.is_routable and load.role in ("prefill", "aggregated")
-    ]
-    candidates.sort(key=lambda load: (load.in_flight, -load.free_slots, load.name))
+    candidates = [load for load in loads if is_prefill_candidate(load)]
+    candidates.sort(key=prefill_rank_key)
     return [load.name for load in candidates]
+
+
+def is_prefill_candidate(load: InstanceLoad) -> bool:
+    """May receive prompts at all (full or not): routable and able to prefill."""
+    return load.is_routable and load.role in ("prefill", "aggregated")
+
+
+def prefill_rank_key(load: InstanceLoad) -> tuple[int, int, str]:
+    """The order of ``rank_prefills``, exposed so that an incremental index
+    (the simulator's, a router's with many instances) keeps exactly this order."""
+    return (load.in_flight, -load.free_slots, load.name)
 
 
 def shortest_queue(loads: Iterable[InstanceLoad]) -> str:

@@ -1,0 +1,22 @@
+"""pdserve.scheduler.sim: a discrete-event simulator of a pdserve cluster.
+
+It lives under ``scheduler/`` (not ``perf/``) because it is a consumer of the
+routing and ratio policies, like the router and the controller are: it imports
+``pdserve.scheduler`` (forwarding, decode choice, ratio, the controller's
+health state machine, ratio loop and signal code) and drives them in virtual
+time, so a policy change is simulated by the code that ships. ``perf/sim_*.py``
+holds only the experiment scripts that run it.
+
+Modules, one idea each:
+
+- ``profile``: latency models of an instance (prefill, decode step, KV
+  transfer per mode, failure/reload times), loaded from JSON/YAML;
+- ``fit``: fits a profile from ``perf/engine.py`` and ``perf/kv_transfer.py``;
+- ``events``: the event heap (deterministic for a seed);
+- ``index``: per-scenario instance order kept under updates (no O(N) scans);
+- ``instance``: one simulated instance (prefill batches, fluid decode batch);
+- ``workload``: Poisson/bursty/day-night/trace arrivals, failure injection;
+- ``cluster``: routing, admission, decode choice, ratio and recovery;
+- ``results``: per-request outcomes -> the ``pdserve bench`` JSON shape;
+- ``cli``: ``pdserve sim run | profile | compare``.
+"""

@@ -1,0 +1,424 @@
+"""The simulated cluster: a request's path through the real routing policies.
+
+    arrival -> scenario (ScenarioClassifier) -> decode choice (can_take /
+    decode_rank_key, KV reserved) -> forward_on_demand (rank_prefills order,
+    PrefillRejected, back-off, early intervention) or shortest_queue (the
+    local-queue baseline) -> prefill batch -> KV transfer -> first token ->
+    decode batch -> last token
+
+``forward_on_demand`` is the router's own coroutine, driven here without an
+event loop: its injected ``sleep`` yields a ``_Sleep`` that becomes a heap
+event, and an accepted attempt parks (``_Park``) until the prompt's KV has
+reached the decode instance, or raises ``Unavailable`` into the coroutine when
+the prefill instance fails, which makes the policy try the next one.
+Recovery and the P/D ratio are in ``control``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Coroutine, Generator, Iterator
+from functools import partial
+from typing import Any
+
+from pdserve.bench.records import RequestSpec
+from pdserve.errors import Unavailable
+from pdserve.scheduler.controller.health import InstanceHealth
+from pdserve.scheduler.decode_choice import can_take, decode_rank_key
+from pdserve.scheduler.forwarding import (
+    PrefillRejected,
+    forward_on_demand,
+    is_prefill_candidate,
+    prefill_rank_key,
+    shortest_queue,
+)
+from pdserve.scheduler.instance import InstanceLoad, Role
+from pdserve.scheduler.scenario import ScenarioClassifier, ScenarioRule
+from pdserve.scheduler.sim.config import ScenarioSpec, SimConfig
+from pdserve.scheduler.sim.events import EventLoop
+from pdserve.scheduler.sim.index import RankedIndex
+from pdserve.scheduler.sim.instance import SimInstance, SimRequest
+from pdserve.scheduler.sim.profile import Profile
+from pdserve.scheduler.sim.results import Outcomes, PolicyCost
+from pdserve.scheduler.sim.workload import scenario_arrivals, spec_arrivals
+
+
+class _Sleep:
+    __slots__ = ("delay",)
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        yield self
+
+
+class _Park:
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return (yield self)
+
+
+_PARK = _Park()
+
+
+def _sleep(delay: float) -> _Sleep:
+    return _Sleep(delay)
+
+
+class ScenarioState:
+    """One scenario's instances and the structures its decisions read."""
+
+    def __init__(self, spec: ScenarioSpec) -> None:
+        self.spec = spec
+        self.members: list[SimInstance] = []
+        self.loads: dict[str, InstanceLoad] = {}
+        self.prefills = RankedIndex(prefill_rank_key)
+        self.decodes = RankedIndex(decode_rank_key)
+        # window counters for the ratio loop
+        self.win_first = 0
+        self.win_ttft = 0.0
+        self.win_tpot = 0.0
+        self.win_tpot_n = 0
+        self.win_tokens = 0
+
+
+class Cluster:
+    def __init__(
+        self,
+        config: SimConfig,
+        profile: Profile,
+        trace: list[RequestSpec] | None = None,
+        rules: tuple[ScenarioRule, ...] = (),
+    ) -> None:
+        self.config = config
+        self.profile = profile
+        self.loop = EventLoop()
+        self.outcomes = Outcomes()
+        self.cost = PolicyCost()
+        self.scenarios: dict[str, ScenarioState] = {}
+        self.instances: list[SimInstance] = []
+        self.by_name: dict[str, SimInstance] = {}
+        self.classifier = ScenarioClassifier([s.name for s in config.scenarios], rules)
+        self._trace = trace
+        self._local = config.admission == "local_queue"
+        self._rtt = profile.attempt_rtt_s
+        for spec in config.scenarios:
+            sc = ScenarioState(spec)
+            self.scenarios[spec.name] = sc
+            roles: list[Role] = (["prefill"] * spec.n_prefill + ["decode"] * spec.n_decode
+                                 + ["aggregated"] * spec.n_aggregated)
+            for i, role in enumerate(roles):
+                self._add_instance(sc, f"{spec.name}/{role[0]}{i}", role)
+        from pdserve.scheduler.sim.control import Control  # cycle: control needs Cluster
+
+        self.control = Control(self)
+
+    def _add_instance(self, sc: ScenarioState, name: str, role: Role) -> None:
+        n = len(self.instances)
+        interval = self.config.health.probe_interval_s
+        phase = ((n * 2654435761 + self.config.seed) % 1000003) / 1000003 * interval
+        inst = SimInstance(name, sc.spec.name, role, self.profile,
+                           InstanceHealth(self.config.health, 0.0, "healthy"), phase)
+        inst.local_queue = self._local
+        self.instances.append(inst)
+        self.by_name[name] = inst
+        sc.members.append(inst)
+        self.touch(inst)
+
+    # -- bookkeeping ---------------------------------------------------------
+    def touch(self, inst: SimInstance) -> None:
+        """Re-snapshot ``inst`` and re-rank it (call after any change the policies see)."""
+        load = inst.snapshot()
+        inst.load = load
+        sc = self.scenarios[inst.scenario]
+        sc.loads[inst.name] = load
+        sc.prefills.update(load, is_prefill_candidate(load))
+        sc.decodes.update(load, load.is_routable and load.role != "prefill")
+
+    # -- running -------------------------------------------------------------
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        for name, arrivals in self._arrival_streams():
+            self._next_arrival((name, arrivals))
+        self.control.start()
+        self.loop.run(self.config.duration_s + self.config.max_drain_s)
+        self.control.stop()
+        self.wall_s = time.perf_counter() - t0
+
+    def _arrival_streams(self) -> Iterator[tuple[str | None, Iterator[tuple[float, int, int]]]]:
+        for k, spec in enumerate(self.config.scenarios):
+            if spec.load is not None:
+                seed = self.config.seed * 1000003 + k
+                yield spec.name, scenario_arrivals(spec.load, self.config.duration_s, seed)
+        if self._trace is not None:
+            yield None, spec_arrivals([s for s in self._trace
+                                       if (s.arrival_s or 0.0) < self.config.duration_s])
+
+    def _next_arrival(self, stream: tuple[str | None, Iterator[tuple[float, int, int]]]) -> None:
+        item = next(stream[1], None)
+        if item is not None:
+            self.loop.at(item[0], self._arrive, (stream, item))
+
+    def _arrive(self, arg: tuple[Any, tuple[float, int, int]]) -> None:
+        stream, (t, input_len, output_len) = arg
+        scenario = self.classifier.classify(stream[0], input_len)
+        req = SimRequest(self.outcomes.new(t, input_len, output_len), scenario, t,
+                         input_len, output_len)
+        req.deadline = t + self.config.forwarding.ttft_budget_s
+        self._next_arrival(stream)
+        self._admit(req)
+
+    def _admit(self, req: SimRequest) -> None:
+        sc = self.scenarios[req.scenario]
+        if sc.spec.n_aggregated == 0 and not self._reserve_decode(sc, req):
+            # No decode has room: wait as the forwarding policy does (doubling back-off)
+            # while the TTFT budget allows, then end the request early.
+            fw = self.config.forwarding
+            req.backoff = min(max(req.backoff * 2, fw.min_backoff_s), fw.max_backoff_s)
+            est = self.profile.prefill.prompt_time(req.input_len)
+            if self.loop.now + req.backoff + est < req.deadline:
+                self.loop.after(req.backoff, self._admit, req)
+            else:
+                self._end(req, "UNAVAILABLE", "no decode instance could take the request "
+                          "within its TTFT budget")
+            return
+        if self._local:
+            self._enqueue_local(req)
+            return
+        c = self.cost
+        t0 = time.perf_counter()
+        coro = forward_on_demand(
+            sc.prefills.names,
+            partial(self._attempt, req),
+            self.config.forwarding,
+            deadline=req.deadline,
+            estimated_prefill_s=self.profile.prefill.prompt_time(req.input_len),
+            clock=self.loop.clock,
+            sleep=_sleep,
+        )
+        self._drive(req, coro)
+        c.add("forward", time.perf_counter() - t0)
+
+    def _reserve_decode(self, sc: ScenarioState, req: SimRequest) -> bool:
+        t0 = time.perf_counter()
+        need = req.kv_tokens * self.profile.kv_bytes_per_token
+        loads = sc.loads
+        chosen = next((n for n in sc.decodes if can_take(loads[n], need)), None)
+        self.cost.add("decode_choice", time.perf_counter() - t0)
+        if chosen is None:
+            return False
+        inst = self.by_name[chosen]
+        inst.reserved.add(req)
+        inst.kv_used += req.kv_tokens
+        req.decode = inst
+        self.touch(inst)
+        return True
+
+    def _release_decode(self, req: SimRequest) -> None:
+        inst = req.decode
+        if inst is not None and req in inst.reserved:
+            inst.reserved.discard(req)
+            inst.kv_used -= req.kv_tokens
+            self.touch(inst)
+        req.decode = None
+
+    # -- on-demand forwarding ------------------------------------------------
+    async def _attempt(self, req: SimRequest, name: str) -> str:
+        inst = self.by_name[name]
+        # A refusal costs one round trip in reality; here it is instant (the
+        # back-off between sweeps dominates), and the accepted attempt's round
+        # trip is added to the first token (``_first_token``).
+        if not inst.alive:
+            raise Unavailable(f"{name}: instance not answering")
+        if inst.pf_in_flight >= self.profile.prefill.max_batch_size or (
+            inst.role == "aggregated" and not self._reserve_local(inst, req)
+        ):
+            raise PrefillRejected(f"{name}: no free prefill slot")
+        inst.pf_in_flight += 1
+        req.prefill = inst
+        inst.pending.append(req)
+        self.touch(inst)
+        self._maybe_start_batch(inst)
+        await _PARK  # resumed when the KV reached decode, or thrown into on failure
+        return name
+
+    def _reserve_local(self, inst: SimInstance, req: SimRequest) -> bool:
+        """Aggregated role: the prompt's instance also decodes it."""
+        need = req.kv_tokens * self.profile.kv_bytes_per_token
+        if inst.load is None or not can_take(inst.load, need):
+            return False
+        inst.reserved.add(req)
+        inst.kv_used += req.kv_tokens
+        req.decode = inst
+        return True
+
+    def _drive(self, req: SimRequest, coro: Coroutine[Any, Any, Any],
+               exc: BaseException | None = None) -> None:
+        req.coro = None
+        try:
+            y = coro.send(None) if exc is None else coro.throw(exc)
+        except StopIteration:
+            self._first_token(req)
+            return
+        except Unavailable as e:
+            self._release_decode(req)
+            self._end(req, "UNAVAILABLE", str(e))
+            return
+        if isinstance(y, _Sleep):
+            self.loop.after(y.delay, self._resume, (req, coro))
+        else:
+            req.coro = coro
+
+    def _resume(self, arg: tuple[SimRequest, Coroutine[Any, Any, Any]]) -> None:
+        t0 = time.perf_counter()
+        self._drive(*arg)
+        self.cost.add("forward_retry", time.perf_counter() - t0)
+
+    # -- local-queue baseline --------------------------------------------------
+    def _enqueue_local(self, req: SimRequest) -> None:
+        sc = self.scenarios[req.scenario]
+        t0 = time.perf_counter()
+        try:
+            name = shortest_queue(sc.loads.values())
+        except Unavailable:
+            name = None
+        self.cost.add("shortest_queue", time.perf_counter() - t0)
+        if name is None:  # every prefill of the scenario is down: wait for one
+            self.loop.after(self.config.forwarding.max_backoff_s, self._enqueue_local, req)
+            return
+        inst = self.by_name[name]
+        req.prefill = inst
+        inst.pending.append(req)
+        self.touch(inst)
+        self._maybe_start_batch(inst)
+
+    # -- prefill and transfer ------------------------------------------------
+    def _maybe_start_batch(self, inst: SimInstance) -> None:
+        if inst.pf_busy or not inst.pending or not inst.alive:
+            return
+        pf = self.profile.prefill
+        slots = pf.max_batch_size - len(inst.transferring) if self._local else pf.max_batch_size
+        batch: list[SimRequest] = []
+        tokens = 0
+        while inst.pending and len(batch) < slots:
+            nxt = inst.pending[0].input_len
+            if batch and tokens + nxt > pf.max_batch_tokens:
+                break
+            batch.append(inst.pending.popleft())
+            tokens += nxt
+        if not batch:
+            return
+        dur = pf.batch_time(tokens, float(sum(r.input_len * r.input_len for r in batch)))
+        if inst.role == "aggregated":
+            dur = self._mix_prefill(inst, tokens, dur)
+        inst.pf_busy = True
+        inst.pf_running = batch
+        self.touch(inst)
+        self.loop.after(dur, self._batch_done, (inst, inst.epoch, dur))
+
+    def _mix_prefill(self, inst: SimInstance, tokens: int, prefill_s: float) -> float:
+        """Chunked prefill: each chunk rides on one decode step of the running batch."""
+        if not inst.running:
+            return prefill_s
+        n_iter = -(-tokens // self.profile.chunk_tokens)
+        inst.sync(self.loop.now)
+        base = self.profile.decode.step_time(len(inst.running), inst.ctx)
+        inst.mix_extra_s = prefill_s / n_iter
+        inst.mixing_until = self.loop.now + n_iter * (base + inst.mix_extra_s)
+        inst.restep(self.loop.now)
+        self._schedule_decode(inst)
+        return inst.mixing_until - self.loop.now
+
+    def _batch_done(self, arg: tuple[SimInstance, int, float]) -> None:
+        inst, epoch, dur = arg
+        if epoch != inst.epoch:
+            return
+        inst.pf_busy = False
+        batch, inst.pf_running = inst.pf_running, []
+        if inst.role == "aggregated" and inst.running:
+            inst.sync(self.loop.now)
+            inst.restep(self.loop.now)
+            self._schedule_decode(inst)
+        mode = self.config.transfer_mode
+        for req in batch:
+            if inst.role == "aggregated":
+                t = 0.0  # the KV is already where it decodes
+            else:
+                t = self.profile.transfer_time(mode, req.input_len)
+                if mode == "layerwise":  # all layers but the last moved during prefill
+                    t = max(t / self.profile.num_layers, t - dur)
+            inst.transferring.add(req)
+            self.loop.after(t, self._transfer_done, (req, inst, epoch))
+        self._maybe_start_batch(inst)
+
+    def _transfer_done(self, arg: tuple[SimRequest, SimInstance, int]) -> None:
+        req, inst, epoch = arg
+        if epoch != inst.epoch:
+            return
+        inst.transferring.discard(req)
+        if not self._local:
+            inst.pf_in_flight -= 1
+        req.prefill = None
+        self.touch(inst)
+        self._maybe_start_batch(inst)
+        dec = req.decode
+        if dec is None or not dec.alive or req not in dec.reserved:
+            # the decode side died while this prompt was in prefill: the request is lost
+            if req.coro is not None:
+                req.coro.close()
+                req.coro = None
+            self._release_decode(req)
+            self._end(req, "INSTANCE_FAILED", "decode instance failed before the KV arrived")
+            return
+        if req.coro is not None:
+            self._drive(req, req.coro)
+        else:
+            self._first_token(req)
+
+    # -- decode ----------------------------------------------------------------
+    def _first_token(self, req: SimRequest) -> None:
+        now = self.loop.now
+        req.first_token = now + self._rtt
+        dec = req.decode
+        assert dec is not None and req in dec.reserved
+        dec.reserved.discard(req)
+        sc = self.scenarios[req.scenario]
+        sc.win_first += 1
+        sc.win_ttft += req.first_token - req.arrival
+        if req.output_len == 1:
+            dec.kv_used -= req.kv_tokens
+            self.touch(dec)
+            self._finish(req, req.first_token)
+            return
+        dec.join(req, now)
+        self.touch(dec)
+        self._schedule_decode(dec)
+
+    def _schedule_decode(self, inst: SimInstance) -> None:
+        inst.decode_version += 1
+        t = inst.next_end_time()
+        if t is not None:
+            self.loop.at(t, self._decode_tick, (inst, inst.decode_version))
+
+    def _decode_tick(self, arg: tuple[SimInstance, int]) -> None:
+        inst, version = arg
+        if version != inst.decode_version:
+            return
+        now = self.loop.now
+        for req in inst.pop_finished(now):
+            inst.kv_used -= req.kv_tokens
+            self._finish(req, max(now, req.first_token))
+        self.touch(inst)
+        self._schedule_decode(inst)
+
+    def _finish(self, req: SimRequest, last: float) -> None:
+        sc = self.scenarios[req.scenario]
+        sc.win_tokens += req.output_len
+        if req.output_len > 1:
+            sc.win_tpot += (last - req.first_token) / (req.output_len - 1)
+            sc.win_tpot_n += 1
+        self.outcomes.ok(req.index, req.first_token, last, req.output_len)
+
+    def _end(self, req: SimRequest, kind: str, message: str) -> None:
+        first = req.first_token if req.first_token >= 0 else None
+        self.outcomes.error(req.index, self.loop.now, kind, message, first)

@@ -1,0 +1,82 @@
+"""What to simulate: scenarios with their instance counts and loads, and policies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pdserve.bench.metrics import Slo
+from pdserve.scheduler.controller.health import HealthPolicy
+from pdserve.scheduler.forwarding import ForwardingPolicy
+from pdserve.scheduler.ratio import RatioPolicy
+from pdserve.scheduler.sim.profile import TRANSFER_MODES, TransferMode
+from pdserve.scheduler.sim.workload import ScenarioLoad
+
+Admission = Literal["on_demand", "local_queue"]
+RatioMode = Literal["static", "dynamic"]
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    name: str
+    n_prefill: int = 0
+    n_decode: int = 0
+    n_aggregated: int = 0
+    load: ScenarioLoad | None = None  # None: fed only by a trace
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("scenario name must not be empty")
+        if min(self.n_prefill, self.n_decode, self.n_aggregated) < 0:
+            raise ValueError(f"scenario {self.name}: instance counts must be >= 0")
+        disagg = self.n_prefill > 0 and self.n_decode > 0
+        if not disagg and self.n_aggregated == 0:
+            raise ValueError(
+                f"scenario {self.name}: needs >= 1 prefill and >= 1 decode, or aggregated ones")
+        if self.n_aggregated and (self.n_prefill or self.n_decode):
+            raise ValueError(f"scenario {self.name}: mixing aggregated with P/D is not modelled")
+
+    @property
+    def num_instances(self) -> int:
+        return self.n_prefill + self.n_decode + self.n_aggregated
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    scenarios: tuple[ScenarioSpec, ...]
+    duration_s: float  # arrivals stop here; requests in flight are then let finish
+    admission: Admission = "on_demand"
+    transfer_mode: TransferMode = "block_free"
+    ratio: RatioMode = "static"
+    forwarding: ForwardingPolicy = field(default_factory=ForwardingPolicy)
+    ratio_policy: RatioPolicy = field(default_factory=RatioPolicy)
+    ratio_interval_s: float = 30.0
+    drain_timeout_s: float = 60.0
+    health: HealthPolicy = field(default_factory=HealthPolicy)
+    failures_per_hour_per_1000: float = 0.0
+    slo: Slo = field(default_factory=Slo)
+    seed: int = 0
+    max_drain_s: float = 3600.0  # after duration_s: end of the simulation at the latest
+
+    def __post_init__(self) -> None:
+        if not self.scenarios:
+            raise ValueError("at least one scenario")
+        names = [s.name for s in self.scenarios]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate scenario names: {names}")
+        if not self.duration_s > 0:
+            raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
+        if self.admission not in ("on_demand", "local_queue"):
+            raise ValueError(f"admission must be on_demand or local_queue, got {self.admission}")
+        if self.transfer_mode not in TRANSFER_MODES:
+            raise ValueError(f"transfer_mode must be one of {TRANSFER_MODES}")
+        if self.ratio not in ("static", "dynamic"):
+            raise ValueError(f"ratio must be static or dynamic, got {self.ratio}")
+        if not self.ratio_interval_s > 0 or not self.drain_timeout_s > 0:
+            raise ValueError("ratio_interval_s and drain_timeout_s must be > 0")
+        if self.failures_per_hour_per_1000 < 0 or self.max_drain_s < 0:
+            raise ValueError("failure rate and max_drain_s must be >= 0")
+
+    @property
+    def num_instances(self) -> int:
+        return sum(s.num_instances for s in self.scenarios)

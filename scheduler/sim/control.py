@@ -1,0 +1,203 @@
+"""Failures, recovery and the P/D ratio, as the controller does them.
+
+Recovery uses the controller's ``InstanceHealth`` state machine: a failed
+instance keeps being routed to until a probe fails (suspect: out of routing),
+is replaced after ``fail_threshold`` failed probes (``begin_replacing``,
+reload for ``profile.reload_s``) and returns on the first probe that sees the
+new generation. Probes of healthy instances are not simulated: an ``ok``
+probe of a healthy instance leaves the state machine unchanged, so skipping
+them is exact and saves 10,000 instances / 2 s of events.
+
+The ratio uses the controller's ``RatioLoop`` (donor choice, one switch at a
+time, drain, minimums) fed by ``signals.scenario_signal`` over the window's
+TTFT/TPOT, exactly what the live controller computes from /metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+from pdserve.errors import Unavailable
+from pdserve.scheduler.controller.health import ProbeResult
+from pdserve.scheduler.controller.ratio_loop import Candidate, PendingSwitch, RatioLoop
+from pdserve.scheduler.controller.signals import Window, scenario_signal
+from pdserve.scheduler.sim.instance import SimInstance, SimRequest
+from pdserve.scheduler.sim.workload import failure_times
+
+if TYPE_CHECKING:
+    from pdserve.scheduler.sim.cluster import Cluster, ScenarioState
+
+
+class Control:
+    def __init__(self, cluster: Cluster) -> None:
+        self.c = cluster
+        cfg = cluster.config
+        self.ratio_loop = RatioLoop(cfg.ratio_policy, cfg.drain_timeout_s)
+        self.decisions: list[dict[str, object]] = []
+        self.num_failures = 0
+        self.num_replaced = 0
+        self.detect_s: list[float] = []  # failure -> out of routing
+        self.recover_s: list[float] = []  # failure -> routable again
+        self._failed_at: dict[str, float] = {}
+        self._stopped = False
+
+    def start(self) -> None:
+        cfg, loop = self.c.config, self.c.loop
+        for t, k in failure_times(len(self.c.instances), cfg.failures_per_hour_per_1000,
+                                  cfg.duration_s, cfg.seed):
+            loop.at(t, self._fail_event, self.c.instances[k])
+        if cfg.ratio == "dynamic":
+            for name in self.c.scenarios:
+                loop.at(cfg.ratio_interval_s, self._ratio_tick, name)
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    # -- failures ----------------------------------------------------------------
+    def _fail_event(self, inst: SimInstance) -> None:
+        if not inst.alive or inst.health.state != "healthy":
+            return  # already down or being switched: the injected failure is moot
+        self.num_failures += 1
+        self._failed_at[inst.name] = self.c.loop.now
+        inst.alive = False
+        self.evict(inst, "INSTANCE_FAILED")
+        self._schedule_probe(inst)
+
+    def evict(self, inst: SimInstance, kind: str) -> None:
+        """Everything on ``inst`` is lost: prompts are retried elsewhere, streams end."""
+        c = self.c
+        inst.epoch += 1
+        inst.decode_version += 1
+        prompts = [*inst.pending, *inst.pf_running, *inst.transferring]
+        inst.pending.clear()
+        inst.pf_running = []
+        inst.transferring.clear()
+        inst.pf_busy = False
+        inst.pf_in_flight = 0
+        streams = sorted(inst.running, key=lambda r: r.index)
+        reserved = sorted(inst.reserved, key=lambda r: r.index)
+        inst.running.clear()
+        inst.reserved.clear()
+        inst.ends.clear()
+        inst.kv_used = 0
+        inst.ctx = 0.0
+        inst.mixing_until = -1.0
+        c.touch(inst)
+        for req in streams:
+            c._end(req, kind, f"{inst.name} failed while decoding")
+        for req in reserved:  # their prompts are in prefill elsewhere (or here)
+            req.decode = None
+        for req in sorted(prompts, key=lambda r: r.index):
+            req.prefill = None
+            self._retry_prompt(req, inst)
+
+    def _retry_prompt(self, req: SimRequest, inst: SimInstance) -> None:
+        c = self.c
+        if req.decode is None:  # decode gone too (aggregated, same instance): lost
+            if req.coro is not None:
+                req.coro.close()
+                req.coro = None
+            c._end(req, "INSTANCE_FAILED", f"{inst.name} failed during prefill")
+        elif req.coro is not None:  # the router's policy tries the next prefill
+            c._drive(req, req.coro, Unavailable(f"{inst.name} failed during prefill"))
+        else:
+            c._enqueue_local(req)
+
+    def _schedule_probe(self, inst: SimInstance) -> None:
+        interval = self.c.config.health.probe_interval_s
+        now = self.c.loop.now
+        k = math.floor((now - inst.probe_phase) / interval) + 1
+        t = inst.probe_phase + k * interval
+        if t <= now + 1e-6:  # round-off put us on this very probe again
+            t += interval
+        self.c.loop.at(t, self._probe, inst)
+
+    def _probe(self, inst: SimInstance) -> None:
+        c, now = self.c, self.c.loop.now
+        t0 = time.perf_counter()
+        result = (ProbeResult(ok=True, generation=inst.generation) if inst.alive
+                  else ProbeResult(ok=False, error="heartbeat timed out"))
+        was = inst.health.state
+        state = inst.health.observe(result, now)
+        if state == "failed":
+            inst.health.begin_replacing(inst.generation + 1, now)
+            c.loop.after(c.profile.reload_s, self._reloaded, inst)
+        c.cost.add("health", time.perf_counter() - t0)
+        if was == "healthy" and state != "healthy":
+            self.detect_s.append(now - self._failed_at.get(inst.name, now))
+        if state == "healthy":
+            self.recover_s.append(now - self._failed_at.pop(inst.name, now))
+            self.num_replaced += 1
+        else:
+            self._schedule_probe(inst)
+        c.touch(inst)
+
+    def _reloaded(self, inst: SimInstance) -> None:
+        inst.alive = True
+        inst.generation += 1
+
+    # -- P/D ratio -----------------------------------------------------------------
+    def _ratio_tick(self, scenario: str) -> None:
+        c = self.c
+        cfg = c.config
+        if self._stopped or c.loop.now > cfg.duration_s:
+            return
+        sc = c.scenarios[scenario]
+        c.loop.after(cfg.ratio_interval_s, self._ratio_tick, scenario)
+        window = self._take_window(sc)
+        if window is None:
+            return
+        t0 = time.perf_counter()
+        candidates = [Candidate(i.name, i.role, i.is_routable, i.in_flight) for i in sc.members]
+        n_p, n_d = RatioLoop.counts(candidates)
+        signal = scenario_signal(window, c.loop.now, n_p, n_d, c.profile.prefill.max_batch_size,
+                                 c.profile.decode.max_batch_size)
+        if signal is None:
+            return
+        decision, switch = self.ratio_loop.decide(scenario, signal, candidates)
+        c.cost.add("ratio", time.perf_counter() - t0)
+        self.decisions.append({"t": round(c.loop.now, 3), "scenario": scenario,
+                               "action": decision.action, "n_prefill": decision.n_prefill,
+                               "n_decode": decision.n_decode, "reason": decision.reason})
+        if switch is not None:
+            donor = c.by_name[switch.name]
+            donor.health.begin_draining(c.loop.now)
+            c.touch(donor)
+            c.loop.after(1.0, self._switch_check, switch)
+
+    def _take_window(self, sc: ScenarioState) -> Window | None:
+        w = None
+        if sc.win_first > 0 and sc.win_tpot_n > 0:
+            w = Window(seconds=self.c.config.ratio_interval_s, requests=sc.win_first,
+                       ttft_s=sc.win_ttft / sc.win_first, tpot_s=sc.win_tpot / sc.win_tpot_n,
+                       output_tokens=sc.win_tokens / sc.win_first)
+        sc.win_first = sc.win_tpot_n = sc.win_tokens = 0
+        sc.win_ttft = sc.win_tpot = 0.0
+        return w
+
+    def _switch_check(self, switch: PendingSwitch) -> None:
+        c = self.c
+        donor = c.by_name[switch.name]
+        if donor.health.state != "draining":  # failed meanwhile: recovery owns it now
+            self.ratio_loop.finish(switch.scenario)
+            return
+        if not self.ratio_loop.ready(switch, donor.is_idle, c.loop.now):
+            c.loop.after(1.0, self._switch_check, switch)
+            return
+        if not donor.is_idle:
+            self.evict(donor, "DRAIN_TIMEOUT")
+        donor.role = "prefill" if switch.to_role == "prefill" else "decode"
+        donor.epoch += 1
+        donor.health.begin_loading(donor.generation + 1, c.loop.now)
+        c.touch(donor)
+        c.loop.after(c.profile.role_switch_s, self._switched, switch)
+
+    def _switched(self, switch: PendingSwitch) -> None:
+        c = self.c
+        donor = c.by_name[switch.name]
+        donor.generation += 1
+        donor.health.observe(ProbeResult(ok=True, generation=donor.generation), c.loop.now)
+        self.ratio_loop.finish(switch.scenario)
+        c.touch(donor)

@@ -1,0 +1,193 @@
+"""One simulated instance: prefill batches and a fluid continuous decode batch.
+
+Prefill: accepted prompts wait in ``pending`` and run in batches (up to the
+profile's tokens per batch); a prompt holds its slot until its KV has left
+(transfer done), as the prefill side keeps the KV until then.
+
+Decode (continuous batching) is simulated per membership change, not per
+step: between two changes the batch size B and the step time are constant,
+so the batch advances a *virtual step counter* ``v`` at 1 / step_time per
+second. A sequence that joins at step ceil(v) with n tokens to generate ends
+when v reaches ceil(v) + n; the instance keeps those ends in a heap and
+schedules one event at the earliest. Context growth (B tokens per step) is
+added at each change, so the step time follows it piecewise.
+
+    v:   0    1    2    3    4    5 ...
+         |----|----|----|--|--|--|      step time falls when a sequence leaves
+    A    ==========)                    A ends at v = 2
+    B         ==============)           B joined at v = 1, ends at v = 4
+
+The aggregated role mixes prefill chunks into decode steps (chunked prefill):
+while prompts are in progress each step also processes ``chunk_tokens`` of
+them, so the decode step slows by the chunk's prefill time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any
+
+from pdserve.scheduler.controller.health import InstanceHealth
+from pdserve.scheduler.instance import InstanceLoad, Role
+from pdserve.scheduler.sim.profile import Profile
+
+_EPS = 1e-9
+
+
+class SimRequest:
+    __slots__ = (
+        "arrival",
+        "backoff",
+        "coro",
+        "ctx",
+        "deadline",
+        "decode",
+        "first_token",
+        "index",
+        "input_len",
+        "kv_tokens",
+        "output_len",
+        "prefill",
+        "scenario",
+        "v_end",
+    )
+
+    def __init__(
+        self, index: int, scenario: str, arrival: float, input_len: int, output_len: int
+    ) -> None:
+        self.index = index
+        self.scenario = scenario
+        self.arrival = arrival
+        self.input_len = input_len
+        self.output_len = output_len
+        self.kv_tokens = input_len + output_len  # reserved on decode: prompt + max tokens
+        self.deadline = math.inf
+        self.backoff = 0.0  # current wait between decode-choice tries
+        self.coro: Coroutine[Any, Any, Any] | None = None  # its forwarding, while parked
+        self.prefill: SimInstance | None = None
+        self.decode: SimInstance | None = None
+        self.first_token = -1.0
+        self.v_end = 0.0
+        self.ctx = 0  # context tokens it adds to its decode batch
+
+
+class SimInstance:
+    def __init__(self, name: str, scenario: str, role: Role, profile: Profile,
+                 health: InstanceHealth, probe_phase: float) -> None:
+        self.name = name
+        self.scenario = scenario
+        self.role: Role = role
+        self.profile = profile
+        self.health = health
+        self.probe_phase = probe_phase
+        self.alive = True
+        self.epoch = 0  # bumped on failure/switch: events of an older epoch are stale
+        self.generation = 0
+        self.load: InstanceLoad | None = None
+        # prefill side
+        self.pf_in_flight = 0  # accepted, not yet handed to decode
+        self.pending: deque[SimRequest] = deque()
+        self.pf_running: list[SimRequest] = []
+        self.transferring: set[SimRequest] = set()
+        self.pf_busy = False
+        self.local_queue = False  # baseline: prompts queue here instead of being refused
+        # decode side (fluid batch)
+        self.reserved: set[SimRequest] = set()  # KV reserved, prompt not arrived yet
+        self.running: set[SimRequest] = set()
+        self.kv_used = 0
+        self.ctx = 0.0
+        self.v = 0.0
+        self.t_sync = 0.0
+        self.step_s = 0.0
+        self.ends: list[tuple[float, int, SimRequest]] = []
+        self.decode_version = 0
+        self.mixing_until = -1.0  # aggregated: prefill chunks mixed into steps until then
+        self.mix_extra_s = 0.0
+
+    # -- what the policies see -------------------------------------------------
+    @property
+    def max_batch_size(self) -> int:
+        if self.role == "prefill":
+            return self.profile.prefill.max_batch_size
+        return self.profile.decode.max_batch_size
+
+    @property
+    def in_flight(self) -> int:
+        if self.role == "prefill":
+            if self.local_queue:  # queued prompts are reported as ``queued``
+                return len(self.pf_running) + len(self.transferring)
+            return self.pf_in_flight
+        return len(self.running) + len(self.reserved)  # reserved: prompts still in prefill
+
+    @property
+    def is_routable(self) -> bool:
+        return self.health.is_routable
+
+    def snapshot(self) -> InstanceLoad:
+        kv_total = self.profile.decode.kv_capacity_tokens * self.profile.kv_bytes_per_token
+        has_kv = self.role != "prefill"
+        state = self.health.state
+        return InstanceLoad(
+            name=self.name,
+            role=self.role,
+            scenario=self.scenario,
+            max_batch_size=self.max_batch_size,
+            in_flight=min(self.in_flight, 1 << 30),
+            queued=len(self.pending) if self.role == "prefill" else 0,
+            kv_free_bytes=max(0, kv_total - self.kv_used * self.profile.kv_bytes_per_token)
+            if has_kv else 0,
+            kv_total_bytes=kv_total if has_kv else 0,
+            healthy=state in ("healthy", "draining"),
+            draining=state == "draining",
+        )
+
+    @property
+    def is_idle(self) -> bool:
+        return self.in_flight == 0 and not self.pending and not self.transferring
+
+    # -- decode: the fluid batch ---------------------------------------------
+    def sync(self, now: float) -> None:
+        """Advance the virtual step counter to ``now``."""
+        if self.running and self.step_s > 0:
+            steps = (now - self.t_sync) / self.step_s
+            self.v += steps
+            self.ctx += steps * len(self.running)
+        self.t_sync = now
+
+    def restep(self, now: float) -> None:
+        extra = self.mix_extra_s if now < self.mixing_until - _EPS else 0.0
+        self.step_s = self.profile.decode.step_time(len(self.running), self.ctx) + extra
+
+    def join(self, req: SimRequest, now: float) -> None:
+        self.sync(now)
+        start = math.ceil(self.v - _EPS)
+        req.v_end = start + req.output_len - 1
+        req.ctx = req.input_len + 1
+        self.ctx += req.ctx
+        self.running.add(req)
+        heapq.heappush(self.ends, (req.v_end, req.index, req))
+        self.restep(now)
+
+    def next_end_time(self) -> float | None:
+        while self.ends and self.ends[0][2] not in self.running:
+            heapq.heappop(self.ends)
+        if not self.ends:
+            return None
+        return self.t_sync + max(0.0, self.ends[0][0] - self.v) * self.step_s
+
+    def pop_finished(self, now: float) -> list[SimRequest]:
+        self.sync(now)
+        done = []
+        while self.ends and self.ends[0][0] <= self.v + 1e-6:
+            _, _, req = heapq.heappop(self.ends)
+            if req in self.running:
+                self.running.discard(req)
+                self.ctx -= req.ctx + (req.output_len - 1)
+                done.append(req)
+        if not self.running:
+            self.ctx = 0.0
+        self.restep(now)
+        return done
