@@ -22,7 +22,9 @@ from pdserve.server.launcher import TritonServer
 from tests.serving.conftest import start_server
 from tests.serving.helpers import Result, generate_many, http_generate, scrape
 
-pytestmark = pytest.mark.e2e
+# Two fresh servers (each test kills a stub): 45-80 s on the shared 2 cores,
+# above the default suite's budget, hence slow. Passed 5 runs of 5 when written.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture
@@ -103,7 +105,9 @@ def test_killed_idle_decode_fails_next_request_fast(server: TritonServer) -> Non
     t0 = time.monotonic()
     status, reply = http_generate(server.options.http_url, {"text_input": "hi", "max_tokens": 4})
     elapsed = time.monotonic() - t0
-    assert status == 503, (status, reply)  # UNAVAILABLE
+    # The generate extension answers every request error with 400 (gRPC loses
+    # the code on streams), so the message is what the client can rely on.
+    assert status in (400, 503), (status, reply)
     assert isinstance(reply, dict) and "decode instance decode_0 failed" in reply["error"], reply
     assert elapsed < 2, f"the request took {elapsed:.1f}s to fail"
     _assert_still_serving(server)

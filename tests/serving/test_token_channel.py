@@ -125,6 +125,11 @@ async def _eof_fails_bound_streams_at_once(server: ChannelServer) -> None:
             await asyncio.wait_for(s.done, 5)
         server.close_stream(s)
     assert server.failure("decode_0", within_s=10) is not None
+    # A request whose reserve that stub answered just before dying fails at once too.
+    orphan = server.open("r8", lambda ids: None)
+    with pytest.raises(InstanceLost):
+        await asyncio.wait_for(server.bind(orphan, "decode_0", hub.incarnation), 2)
+    server.close_stream(orphan)
     # A fresh stub of the instance connecting clears the failure.
     hub2 = ChannelHub("decode_0", SECRET)
     await _in_thread(hub2.connect, server.address)
@@ -215,3 +220,14 @@ async def _tokens_before_bind(server: ChannelServer) -> None:
 
 def test_tokens_before_bind_are_kept() -> None:
     _with_server("unix", _tokens_before_bind)
+
+
+def test_token_channel_config_is_validated() -> None:
+    from pdserve.server.config import parse_parameters
+
+    cfg = parse_parameters("pdserve", {"role": "router", "token_channel": "tcp",
+                                       "token_host": "10.0.0.5",
+                                       "routes": '{"default": {"aggregated": ["a"]}}'})
+    assert (cfg.token_channel, cfg.token_host) == ("tcp", "10.0.0.5")
+    with pytest.raises(ValueError, match="token_channel must be one of"):
+        parse_parameters("pdserve", {"role": "prefill", "token_channel": "udp"})

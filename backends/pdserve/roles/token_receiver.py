@@ -109,6 +109,7 @@ class ChannelServer:
         self._hello = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._lost: set[tuple[str, bytes]] = set()  # stubs whose channel closed (few: restarts)
         self.failed: dict[str, tuple[float, str]] = {}  # instance -> (monotonic time, why)
 
     async def start(self) -> str:
@@ -166,13 +167,14 @@ class ChannelServer:
         key = (instance, incarnation)
         try:
             async with self._hello:
-                await asyncio.wait_for(self._hello.wait_for(lambda: key in self._peers),
-                                       BIND_TIMEOUT_S)
+                await asyncio.wait_for(
+                    self._hello.wait_for(lambda: key in self._peers or key in self._lost),
+                    BIND_TIMEOUT_S)
         except TimeoutError:
             raise Unavailable(f"instance {instance} accepted a request but its token channel "
                               f"did not connect within {BIND_TIMEOUT_S:.0f}s") from None
-        peer = self._peers[key]
-        if peer.closed:
+        peer = self._peers.get(key)
+        if peer is None or peer.closed:
             raise InstanceLost(f"{self.roles.get(instance, 'pdserve')} instance {instance} "
                                "failed: token channel closed")
         stream.peer = peer
@@ -228,6 +230,10 @@ class ChannelServer:
             writer.close()
             if peer is not None:
                 self._lose(peer, why)
+                if not self._closed:  # wake a bind() waiting for this stub
+                    notify = asyncio.get_running_loop().create_task(self._notify_hello())
+                    self._tasks.add(notify)
+                    notify.add_done_callback(self._tasks.discard)
             if task is not None:
                 self._tasks.discard(task)
 
@@ -249,9 +255,14 @@ class ChannelServer:
                 elif stream.peer is None:
                     stream.early.append((peer, entries))
 
+    async def _notify_hello(self) -> None:
+        async with self._hello:
+            self._hello.notify_all()
+
     def _lose(self, peer: _Peer, why: str) -> None:
         peer.closed = True
         self._peers.pop((peer.name, peer.incarnation), None)
+        self._lost.add((peer.name, peer.incarnation))
         message = f"{self.roles.get(peer.name, 'pdserve')} instance {peer.name} failed: {why}"
         if why != "router is shutting down":
             self.failed[peer.name] = (time.monotonic(), message)
