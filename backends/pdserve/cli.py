@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pdserve.bench.cli", "load generator: TTFT, ITL, throughput, goodput"),
     "controller": ("pdserve.scheduler.controller.cli", "health, replacement and P/D ratio loop"),
     "upgrade": ("pdserve.scheduler.controller.upgrade", "rolling upgrade to new weights"),
+    "sim": ("pdserve.scheduler.sim.cli", "cluster simulator: run, fit a profile, compare"),
 }
 
 

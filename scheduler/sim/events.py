@@ -43,8 +43,6 @@ class EventLoop:
             n += 1
             fn(arg)
         self.num_events += n
-        if until != float("inf") and until > self.now:
-            self.now = until
 
     @property
     def pending(self) -> int:

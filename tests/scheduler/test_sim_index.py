@@ -1,0 +1,47 @@
+"""The simulator's incremental index keeps exactly the policies' order."""
+
+from __future__ import annotations
+
+import random
+
+from pdserve.scheduler.decode_choice import can_take, decode_rank_key, rank_decodes
+from pdserve.scheduler.forwarding import is_prefill_candidate, prefill_rank_key, rank_prefills
+from pdserve.scheduler.instance import InstanceLoad
+from pdserve.scheduler.sim.index import RankedIndex
+
+
+def _random_load(rng: random.Random, name: str) -> InstanceLoad:
+    role = rng.choice(["prefill", "decode", "aggregated"])
+    total = 1000
+    return InstanceLoad(name=name, role=role, scenario="s", max_batch_size=4,
+                        in_flight=rng.randrange(6), kv_free_bytes=rng.randrange(total + 1),
+                        kv_total_bytes=total, healthy=rng.random() > 0.1,
+                        draining=rng.random() < 0.1)
+
+
+def test_index_order_equals_rank_prefills_and_rank_decodes_under_updates() -> None:
+    rng = random.Random(7)
+    loads = {f"i{k}": _random_load(rng, f"i{k}") for k in range(40)}
+    pre, dec = RankedIndex(prefill_rank_key), RankedIndex(decode_rank_key)
+    for step in range(500):
+        name = rng.choice(list(loads))
+        loads[name] = _random_load(rng, name)
+        pre.update(loads[name], is_prefill_candidate(loads[name]))
+        dec.update(loads[name], loads[name].is_routable and loads[name].role != "prefill")
+        if step % 25 == 0:
+            for load in loads.values():  # everything indexed at least once
+                pre.update(load, is_prefill_candidate(load))
+                dec.update(load, load.is_routable and load.role != "prefill")
+            assert pre.names() == rank_prefills(loads.values())
+            need = rng.randrange(800)
+            fits = [n for n in dec if can_take(loads[n], need)]
+            assert fits == rank_decodes(loads.values(), need)
+
+
+def test_removal_takes_an_instance_out() -> None:
+    idx = RankedIndex(prefill_rank_key)
+    a = InstanceLoad("a", "prefill", "s", 4)
+    idx.update(a, True)
+    assert idx.names() == ["a"]
+    idx.update(a, False)
+    assert idx.names() == [] and len(idx) == 0
