@@ -27,8 +27,11 @@ KVReceiver -- called on the DECODE instance
 
 KVSender -- called on the PREFILL instance
     begin(handle, mode) -> SendStream
-        Connect (pooled, authenticated), check the handle against this
-        model's fingerprint and layout, and have the receiver grant the write.
+        Check the handle against this model's fingerprint and layout, connect
+        (pooled, authenticated) and send BEGIN without waiting for the answer.
+        The receiver's refusal (expired, cancelled, other model) surfaces as
+        ``TransferError`` at the first write (shm, mooncake: they wait for
+        GRANT before writing) or at ``finish`` (tcp).
     send(handle, kv, mode) -> TransferResult
         ``begin`` + ``send_all(kv)`` + ``finish``: the whole prompt at once.
     close()
@@ -40,6 +43,8 @@ SendStream -- returned by ``begin``, PREFILL instance
     send_all(kv)                  kv [L, 2, Tp, Hkv, D]
     finish() -> TransferResult    completion notice + checksum; returns once
                                   the receiver verified the bytes
+    (``BackgroundStream`` wraps a stream so that ``send_layer`` returns at once
+    and a worker thread writes while the engine computes the next layer.)
     abort(reason)                 tell the receiver to drop the transfer
 
 Modes: "whole" (one region, one write: ``layout.prompt_span``), "layerwise"
