@@ -14,8 +14,10 @@ its memory (the engine's KV extent) must stay allocated and unchanged until
 ``finish()`` or ``abort()`` returns. A write that fails is reported by the
 next ``send_layer``/``finish`` call; later layers are then dropped.
 
-Overlap needs a free core: the worker's copy (torch ``copy_`` / the kernel's
-socket copy) runs without the GIL, but the per-chunk hashing holds it.
+Overlap needs a free core. The worker's heavy steps (torch ``copy_``, the
+kernel's socket copy, xxhash over large buffers) release the GIL, so the
+engine's Python keeps running; on a saturated 2-core box the worker can still
+fall behind and leave a tail of a few layers for ``finish`` (perf/RESULTS.md).
 """
 
 from __future__ import annotations
