@@ -12,7 +12,7 @@ the benchmark only.
 
 Handshake (mutual HMAC-SHA256 challenge-response; the secret never travels):
 
-    receiver -> sender   b"PDKV1" + nonce_r[32]
+    receiver -> sender   b"PDKV2" + nonce_r[32]   (2: tcp has no GRANT; see sender.py)
     sender   -> receiver nonce_s[32] + HMAC(secret, b"s" + nonce_r + nonce_s)
     receiver -> sender   HMAC(secret, b"r" + nonce_r + nonce_s)   (32 zero bytes = refused)
 
@@ -46,7 +46,7 @@ import xxhash
 
 from pdserve.errors import TransferError
 
-GREETING = b"PDKV1"
+GREETING = b"PDKV2"  # bumped with the protocol: a mixed pair fails at connect, not on a timeout
 NONCE_BYTES = 32
 MAC_BYTES = 32
 REFUSED = bytes(MAC_BYTES)
@@ -172,7 +172,8 @@ class Connection:
         try:
             greeting = conn.recv_exact(len(GREETING) + NONCE_BYTES)
             if greeting[: len(GREETING)] != GREETING:
-                raise ProtocolError(f"{endpoint} is not a pdserve KV receiver")
+                raise ProtocolError(f"{endpoint} is not a pdserve KV receiver speaking "
+                                    f"{GREETING.decode()} (got {greeting[:len(GREETING)]!r})")
             nonce_r, nonce_s = greeting[len(GREETING):], os.urandom(NONCE_BYTES)
             conn.sock.sendall(nonce_s + _mac(secret, b"s", nonce_r, nonce_s))
             proof = conn.recv_exact(MAC_BYTES)

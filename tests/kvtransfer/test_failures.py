@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import threading
 import time
 
 import pytest
@@ -305,3 +306,26 @@ def test_shm_handle_cannot_escape_dev_shm() -> None:
         pair.receiver.cancel("r")
     finally:
         close_pair(pair)
+
+
+def test_other_protocol_version_fails_at_connect(tcp_pair: Pair) -> None:
+    """A receiver speaking another protocol version is refused at once, not on a timeout."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        handle = dataclasses.replace(tcp_pair.receiver.reserve("r", 16, 4),
+                                     endpoint=f"127.0.0.1:{port}")
+
+        def old_receiver() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(b"PDKV1" + bytes(wire.NONCE_BYTES))
+                conn.recv(64)
+
+        thread = threading.Thread(target=old_receiver)
+        thread.start()
+        start = time.monotonic()
+        with pytest.raises(TransferError, match="PDKV2"):
+            tcp_pair.sender.send(handle, helpers.random_kv(tcp_pair.layout, 16), "whole")
+        thread.join()
+        assert time.monotonic() - start < 2
+    assert tcp_pair.receiver.cancel("r")
