@@ -41,6 +41,7 @@ class Control:
         self.detect_s: list[float] = []  # failure -> out of routing
         self.recover_s: list[float] = []  # failure -> routable again
         self._failed_at: dict[str, float] = {}
+        self.fail_log: list[float] = []  # when each injected failure happened
         self._stopped = False
 
     def start(self) -> None:
@@ -61,6 +62,7 @@ class Control:
             return  # already down or being switched: the injected failure is moot
         self.num_failures += 1
         self._failed_at[inst.name] = self.c.loop.now
+        self.fail_log.append(self.c.loop.now)
         inst.alive = False
         self.evict(inst, "INSTANCE_FAILED")
         self._schedule_probe(inst)

@@ -94,7 +94,7 @@ def fit_transfer(kv: dict[str, Any], transport: str) -> tuple[dict[str, Transfer
     a, inv_bw = nonneg_lstsq(x, free)
     blocks = np.array([-(-n // KV_BLOCK_TOKENS) for n in lengths], dtype=float)
     per_block = float(nonneg_lstsq(blocks[:, None], np.maximum(fixed - free, 0.0))[0])
-    bw = 1.0 / inv_bw if inv_bw > 0 else 1e12
+    bw = float(1.0 / inv_bw) if inv_bw > 0 else 1e12
     free_m = TransferModel(latency_s=float(a), bytes_per_s=bw)
     fixed_m = TransferModel(latency_s=float(a), bytes_per_s=bw, per_block_s=per_block,
                             block_tokens=KV_BLOCK_TOKENS)
