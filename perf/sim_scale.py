@@ -138,7 +138,9 @@ def _plot(bins: dict[str, list[float]], cluster: Cluster, path: str) -> None:
     ctl = cluster.control
     for ft in ctl.fail_log:
         ax.axvline(ft / 60, color="gray", lw=0.5, ls="--")
-    ax.set_title("10,000 instances, 1 failure/h/1000 instances (dashed: failures)")
+    n = len(cluster.instances)
+    rate = cluster.config.failures_per_hour_per_1000
+    ax.set_title(f"{n:,} instances, {rate:g} failures/h/1000 instances (dashed: failures)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
