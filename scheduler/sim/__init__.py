@@ -16,7 +16,10 @@ Modules, one idea each:
 - ``index``: per-scenario instance order kept under updates (no O(N) scans);
 - ``instance``: one simulated instance (prefill batches, fluid decode batch);
 - ``workload``: Poisson/bursty/day-night/trace arrivals, failure injection;
-- ``cluster``: routing, admission, decode choice, ratio and recovery;
-- ``results``: per-request outcomes -> the ``pdserve bench`` JSON shape;
+- ``config`` / ``spec``: what to simulate, as dataclasses / from YAML;
+- ``cluster``: a request's path (routing, admission, decode choice);
+- ``control``: failures and recovery, the P/D ratio loop;
+- ``results`` / ``runner``: per-request outcomes -> the ``pdserve bench`` JSON shape;
+- ``compare``: simulated vs measured, relative error per field;
 - ``cli``: ``pdserve sim run | profile | compare``.
 """
