@@ -86,7 +86,10 @@ def test_killed_decode_ends_streams_with_error(server: TritonServer) -> None:
     for r in results:
         assert r.error is not None, r
         assert "decode instance decode_0 failed" in r.error, r.error
-        assert 0 < len(r.ids) < 1000  # it was mid-stream
+        assert len(r.ids) < 1000
+    # Under load a request may not have had its first token yet (then it fails in
+    # bind/prefill with the same message); most were streaming.
+    assert sum(1 for r in results if r.ids) >= 2, [len(r.ids) for r in results]
     assert ended_s < 10, f"the streams took {ended_s:.1f}s to end"
     # New requests fail fast with a clear error too (no resume until the next issue).
     t0 = time.monotonic()

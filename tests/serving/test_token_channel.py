@@ -77,7 +77,9 @@ async def _in_thread(fn: object, *args: object) -> object:
 
 async def _tokens_flow_and_finish(server: ChannelServer) -> None:
     hub = ChannelHub("decode_0", SECRET)
-    await _in_thread(hub.connect, server.address)
+    await hub.ensure(server.address)
+    await hub.ensure(server.address)  # idempotent: one connection
+    assert hub.num_channels == 1 and hub.is_connected(server.address)
     got: list[tuple[int, ...]] = []
     stream = server.open("r1", got.append)
     await server.bind(stream, "decode_0", hub.incarnation)

@@ -40,7 +40,7 @@ class AggregatedRole:
                 raise InvalidArgument("generate needs the router's token channel address")
             params = SamplingParams.from_dict(call.sampling)
             seq = self.engine.new_sequence(call.request_id, list(call.prompt_ids), params)
-            self.hub.connect(call.channel)
+            await self.hub.ensure(call.channel)
             self.worker.add(seq, self.hub.sink(call.channel, call.request_id))
             self.metrics.prompt_tokens.increment(len(call.prompt_ids))
             out.send(payload_out(Accepted(self.hub.incarnation.hex()).to_bytes()), final=True)

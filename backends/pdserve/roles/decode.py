@@ -70,7 +70,11 @@ class DecodeRole:
 
     async def handle(self, op: str, payload: bytes, out: Responder) -> None:
         if op == "reserve":
-            self._reserve(GenerateCall.from_bytes(payload), out)
+            call = GenerateCall.from_bytes(payload)
+            if not call.channel:
+                raise InvalidArgument("reserve needs the router's token channel address")
+            await self.hub.ensure(call.channel)
+            self._reserve(call, out)
         elif op == "commit":
             self._commit(CommitCall.from_bytes(payload))
             ack(out)
@@ -84,9 +88,6 @@ class DecodeRole:
         params = SamplingParams.from_dict(call.sampling)
         # Validates the prompt against the model (ids, context) before taking KV.
         self.engine.new_sequence(call.request_id, list(call.prompt_ids), params)
-        if not call.channel:
-            raise InvalidArgument("reserve needs the router's token channel address")
-        self.hub.connect(call.channel)
         handle = self.receiver.reserve(call.request_id, len(call.prompt_ids), params.max_tokens,
                                        ttl_s=self.cfg.kv_ttl_s)
         try:

@@ -15,6 +15,7 @@ their KV is freed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -56,6 +57,16 @@ class ChannelHub:
         self._writers: dict[str, _Writer] = {}
 
     # -- connections -------------------------------------------------------------------
+    def is_connected(self, address: str) -> bool:
+        with self._lock:
+            writer = self._writers.get(address)
+            return writer is not None and not writer.broken
+
+    async def ensure(self, address: str) -> None:
+        """``connect`` off the event loop (a TCP dial + handshake may take a while)."""
+        if not self.is_connected(address):
+            await asyncio.get_running_loop().run_in_executor(None, self.connect, address)
+
     def connect(self, address: str) -> None:
         """Open the channel to ``address`` unless open; raises ``Unavailable``."""
         with self._lock:
