@@ -1,0 +1,157 @@
+"""Plumbing shared by the experiments: deploy a spec, drive it, record results.
+
+Nothing here decides what an experiment measures; it starts servers the same
+way the serving tests do (``TritonServer`` on free loopback ports, always
+stopped), sends load through the ``pdserve.bench`` library, and writes files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pdserve.bench.client import ClientConfig, TritonStreamClient
+from pdserve.bench.metrics import Slo, Summary, summarize
+from pdserve.bench.records import RequestRecord, RequestSpec
+from pdserve.bench.runner import LoadConfig, RunResult, run_load
+from pdserve.server.launcher import ServerOptions, TritonServer, free_port
+from pdserve.server.repo import instances_from_spec, write_repository
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OUT_ROOT = REPO_ROOT / "perf" / "out"
+FIGURES = REPO_ROOT / "perf" / "figures"
+RESULTS_MD = REPO_ROOT / "perf" / "RESULTS.md"
+AZURE_CONV = REPO_ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on: shared cores make load average part of it."""
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@contextlib.contextmanager
+def deployed(spec: dict[str, Any], workdir: Path, ready_timeout_s: float = 240.0
+             ) -> Iterator[TritonServer]:
+    """Build ``spec`` into a repository under ``workdir`` and serve it; always stopped."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    repo = workdir / "repo"
+    write_repository(instances_from_spec(spec), repo, force=True)
+    options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
+                            metrics_port=free_port(), ready_timeout_s=ready_timeout_s,
+                            log_file=workdir / "tritonserver.log")
+    with TritonServer(options) as server:
+        yield server
+
+
+@dataclass(frozen=True)
+class LoadRun:
+    """One measured point: what was sent and what came back."""
+
+    label: str
+    records: tuple[RequestRecord, ...]
+    wall_s: float
+
+    def summary(self, slo: Slo | None = None) -> Summary:
+        return summarize(self.records, slo)
+
+
+def drive(server: TritonServer, specs: Sequence[RequestSpec], *, label: str,
+          scenario: str | None = None, concurrency: int | None = None,
+          max_duration_s: float | None = None, request_timeout_s: float = 120.0,
+          seed: int = 0) -> LoadRun:
+    """Send ``specs`` (open loop on their arrival times, or closed loop at ``concurrency``)."""
+    config = LoadConfig(mode="concurrency" if concurrency else "trace",
+                        concurrency=concurrency or 1, max_duration_s=max_duration_s)
+    from pdserve.bench.workload import PromptIds
+
+    client_cfg = ClientConfig(url=server.options.grpc_url, prompt_ids=PromptIds(seed=seed),
+                              scenario=scenario, request_timeout_s=request_timeout_s)
+
+    async def go() -> RunResult:
+        async with TritonStreamClient(client_cfg) as client:
+            await client.wait_ready(60.0)
+            return await run_load(specs, config, client.send)
+
+    result = asyncio.run(go())
+    return LoadRun(label, result.records, result.wall_s)
+
+
+def summary_row(summary: Summary) -> dict[str, Any]:
+    """The few figures an experiment table shows, from a bench Summary."""
+    ttft, itl = summary.time_to_first_token_ms, summary.inter_token_latency_ms
+    return {
+        "requests": summary.num_requests,
+        "ok": summary.num_ok,
+        "errors": summary.errors_by_kind,
+        "req_per_s": summary.request_throughput,
+        "out_tok_per_s": summary.output_token_throughput,
+        "ttft_p50_ms": ttft.p50 if ttft else None,
+        "ttft_p90_ms": ttft.p90 if ttft else None,
+        "ttft_p99_ms": ttft.p99 if ttft else None,
+        "tpot_p50_ms": itl.p50 if itl else None,
+        "tpot_p90_ms": itl.p90 if itl else None,
+        "goodput": summary.goodput,
+        "slo_attainment": summary.slo_attainment,
+        "ttft_attainment": summary.ttft_attainment,
+        "tpot_attainment": summary.tpot_attainment,
+    }
+
+
+def out_dir(name: str, quick: bool) -> Path:
+    path = OUT_ROOT / (f"{name}_quick" if quick else name)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def publish_figure(png: Path, name: str) -> Path:
+    """Copy a full run's PNG to perf/figures/ (committed; perf/out/ is not)."""
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    dest = FIGURES / name
+    shutil.copy2(png, dest)
+    return dest
+
+
+def replace_section(key: str, markdown: str, path: Path = RESULTS_MD) -> None:
+    """Put ``markdown`` between this experiment's markers in RESULTS.md (append if new)."""
+    start, end = f"<!-- experiments:{key} start -->", f"<!-- experiments:{key} end -->"
+    block = f"{start}\n{markdown.rstrip()}\n{end}\n"
+    text = path.read_text() if path.exists() else "# pdserve performance results\n"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"

@@ -1,0 +1,159 @@
+"""Experiments E1-E3: specs, accounting and the results section (fast), and each
+experiment's ``--quick`` run against a real tritonserver (e2e, slow).
+
+The e2e runs check the JSON each writes, and that no process of the run is
+left behind (tritonserver and its stubs carry the run's directory in their
+command lines).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pdserve.bench.metrics import Slo
+from pdserve.bench.records import RequestRecord
+from pdserve.server.repo import instances_from_spec
+from perf.experiments import common
+from perf.experiments import e1_disagg_vs_agg as e1
+from perf.experiments import e2_forwarding_vs_queue as e2
+from perf.experiments import e3_dynamic_ratio as e3
+
+
+def _record(index: int, ttft_s: float | None, kind: str | None = None) -> RequestRecord:
+    ok = kind is None
+    return RequestRecord(
+        index=index, input_len=8, requested_output_len=2, send_s=0.0,
+        response_s=(ttft_s, ttft_s + 0.01) if ok and ttft_s is not None else (),
+        response_tokens=(1, 1) if ok else (), final_s=(ttft_s or 0.0) + 0.02,
+        status="ok" if ok else "error", error_kind=kind, error_message=kind or "",
+        scheduled_s=0.0)
+
+
+def _cores(spec: dict[str, object]) -> dict[str, tuple[int, ...] | None]:
+    return {c.name: c.cpu_cores for c in instances_from_spec(spec)}
+
+
+def test_e1_spec_pins_each_instance_to_one_core() -> None:
+    cores = _cores(e1.spec(e1.FULL))
+    assert cores["prefill_0"] == (0,) and cores["decode_0"] == (1,)
+    assert cores["aggregated_0"] == (0,) and cores["aggregated_1"] == (1,)
+    assert cores["pdserve"] is None
+    router = instances_from_spec(e1.spec(e1.FULL))[0]
+    assert router.routes["agg"].aggregated == ("aggregated_0", "aggregated_1")
+
+
+def test_e1_trace_is_replayed_at_the_offered_rate() -> None:
+    specs, time_scale = e1.trace_at(e1.QUICK, 4.0, common.AZURE_CONV)
+    assert len(specs) == 24  # 4 req/s for 6 s
+    span = specs[-1].arrival_s
+    assert span is not None and (len(specs) - 1) / span == pytest.approx(4.0)
+    assert time_scale > 0
+    assert max(s.input_len for s in specs) <= e1.QUICK.max_input_len
+    assert max(s.output_len for s in specs) <= e1.QUICK.max_output_len
+
+
+def test_e1_slos_use_the_better_unloaded_value() -> None:
+    slo = e1.slos({"disagg": {"ttft_p90_ms": 200.0, "tpot_p50_ms": 30.0},
+                   "agg": {"ttft_p90_ms": 100.0, "tpot_p50_ms": 40.0}})
+    assert slo["tpot_tight"] == Slo(ttft_ms=1000.0, tpot_ms=60.0)
+    assert slo["ttft_tight"] == Slo(ttft_ms=300.0, tpot_ms=150.0)
+
+
+def test_e2_attainment_all_and_admitted() -> None:
+    records = [_record(0, 0.05), _record(1, 0.5), _record(2, None, "UNAVAILABLE"),
+               _record(3, None, "DEADLINE")]
+    got = e2.attainment(records, Slo(ttft_ms=100.0))
+    assert got["finished"] == 3 and got["admitted"] == 2 and got["ended_early"] == 1
+    assert got["attainment_all"] == pytest.approx(1 / 3)
+    assert got["attainment_admitted"] == pytest.approx(1 / 2)
+
+
+def test_e2_config_rejects_a_budget_that_leaves_no_room() -> None:
+    with pytest.raises(ValueError, match="ttft_budget_s"):
+        e2.E2Config(prompt_len=8, output_len=2, prefill_slots=1, queue_cap=4, loads=(1.0,),
+                    point_s=1.0, capacity_s=1.0, ttft_slo_ms=100.0, ttft_budget_s=0.2)
+
+
+def test_e3_static_ratios_spread_instances_over_both_cores() -> None:
+    for n_p, n_d in e3.STATIC:
+        cores = [c.cpu_cores for c in instances_from_spec(e3.spec(e3.FULL, n_p, n_d))[1:]]
+        assert len(cores) == 4
+        assert sorted(cores) == [(0,), (0,), (1,), (1,)]  # type: ignore[type-var]
+
+
+def test_e3_blockers_are_reasons_not_crashes() -> None:
+    blockers = e3.dynamic_blockers()
+    assert all(isinstance(b, str) and b for b in blockers)
+
+
+def test_replace_section_appends_then_replaces(tmp_path: Path) -> None:
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# title\n\n## other\ntext\n")
+    common.replace_section("e9", "## E9\nfirst", md)
+    common.replace_section("e9", "## E9\nsecond", md)
+    text = md.read_text()
+    assert text.count("## E9") == 1 and "second" in text and "first" not in text
+    assert text.startswith("# title\n\n## other\ntext\n")
+
+
+def _leftover_processes(marker: str) -> list[str]:
+    left = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmd:
+            left.append(f"{pid}: {cmd[:120]}")
+    return left
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_e1_quick(tmp_path: Path) -> None:
+    assert e1.main(["--quick", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "e1.json").read_text())
+    assert {p["deployment"] for p in doc["points"]} == {"disagg", "agg"}
+    assert len(doc["points"]) == 2 * len(e1.QUICK.rates)
+    for p in doc["points"]:
+        assert p["load"]["ok"] == p["offered_requests"], p["load"]["errors"]
+        assert 0.0 <= p["tpot_tight"]["slo_attainment"] <= 1.0
+    assert (tmp_path / "e1.png").stat().st_size > 0
+    assert _leftover_processes(str(tmp_path)) == []
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_e2_quick(tmp_path: Path) -> None:
+    assert e2.main(["--quick", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "e2.json").read_text())
+    assert doc["on_demand"]["capacity_req_per_s"] > 0
+    on_demand = [p for p in doc["points"] if p["admission"] == "on_demand"]
+    assert [p["load"] for p in on_demand] == list(e2.QUICK.loads)
+    for p in on_demand:
+        assert p["finished"] == p["offered"]
+        assert p["admitted"] + p["ended_early"] == p["finished"]
+    assert (tmp_path / "e2.png").stat().st_size > 0
+    assert _leftover_processes(str(tmp_path)) == []
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_e3_quick(tmp_path: Path) -> None:
+    assert e3.main(["--quick", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "e3.json").read_text())
+    static = {r["deployment"] for r in doc["rows"]} - {"dynamic"}
+    assert static == {"1P3D", "2P2D", "3P1D"}
+    assert all(r["ok"] > 0 for r in doc["rows"])
+    assert ("dynamic" in {r["deployment"] for r in doc["rows"]}) == (not doc["dynamic_blockers"])
+    assert (tmp_path / "e3.png").stat().st_size > 0
+    assert _leftover_processes(str(tmp_path)) == []
