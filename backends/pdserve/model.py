@@ -23,7 +23,14 @@ from typing import Any  # noqa: E402
 from pdserve.roles.common import ack  # noqa: E402
 from pdserve.roles.instance import apply_pinning  # noqa: E402
 from pdserve.roles.requests import ROUTER_INPUTS, parse_request  # noqa: E402
-from pdserve.roles.triton import Responder, read_inputs, read_instance_request  # noqa: E402
+from pdserve.roles.triton import (  # noqa: E402
+    Responder,
+    load_out,
+    read_control,
+    read_inputs,
+    read_instance_request,
+)
+from pdserve.scheduler.controller.protocol import HealthCall, answer_health  # noqa: E402
 from pdserve.server.config import InstanceConfig, parse_parameters  # noqa: E402
 
 EXECUTE_HOLD_S = 0.02
@@ -79,6 +86,9 @@ class TritonPythonModel:
                 req = parse_request(read_inputs(request, ROUTER_INPUTS), params,
                                     self.role.tokenizer, self.role.limits)
                 await self.role.handle(request, req, out)
+            elif (control := read_control(request)) is not None:
+                HealthCall.from_bytes(control)  # validates; "health" is the only op
+                out.send(load_out(answer_health(self.role.load())), final=True)
             else:
                 op, payload = read_instance_request(request)
                 if op == "ping":

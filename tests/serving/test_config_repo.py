@@ -43,6 +43,9 @@ def test_parameters_round_trip() -> None:
     ({"role": "prefill", "max_batch_size": "0"}, "max_batch_size must be positive"),
     ({"role": "prefill", "colour": "red"}, "unknown parameters"),
     ({"role": "router"}, "needs 'routes'"),
+    ({"role": "prefill", "admission": "lottery"}, "admission must be one of"),
+    ({"role": "prefill", "queue_cap": "4"}, "queue_cap needs admission 'queue'"),
+    ({"role": "prefill", "admission": "queue", "queue_cap": "-1"}, "queue_cap must be >= 0"),
     ({"role": "router", "routes": "{"}, "routes is not JSON"),
     ({"role": "router", "routes": '{"x": {"prefill": ["p"]}}'}, "prefill AND decode"),
     ({"role": "router", "routes": '{"x": {"aggregated": ["a"]}}'}, "'default' scenario"),
@@ -50,6 +53,22 @@ def test_parameters_round_trip() -> None:
 def test_bad_parameters(params: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_parameters("m", params)
+
+
+def test_generation_parameter_is_accepted_and_ignored() -> None:
+    # The controller bumps it to make Triton's poll mode reload a model.
+    plain = parse_parameters("p", {"role": "prefill"})
+    assert parse_parameters("p", {"role": "prefill", "generation": "7"}) == plain
+
+
+def test_queue_admission_from_spec() -> None:
+    spec = {"limits": {"admission": "queue", "queue_cap": 8},
+            "scenarios": {"default": {"prefill": 2, "decode": 1}}}
+    insts = instances_from_spec(spec)
+    assert {(c.admission, c.queue_cap) for c in insts} == {("queue", 8)}
+    assert parse_parameters("prefill_0", to_parameters(insts[1])) == insts[1]
+    default = instances_from_spec({"scenarios": {"default": {"prefill": 1, "decode": 1}}})
+    assert {c.admission for c in default} == {"on_demand"}
 
 
 def test_spec_expands_to_instances(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from pdserve.roles.instance import load_engine, transfer_config
 from pdserve.roles.metrics import InstanceMetrics, MetricsThrottle
 from pdserve.roles.token_sender import ChannelHub
 from pdserve.roles.triton import Responder, payload_out
+from pdserve.scheduler.instance import InstanceLoad
 from pdserve.server.config import InstanceConfig
 
 
@@ -50,6 +51,12 @@ class AggregatedRole:
             ack(out)
         else:
             raise InvalidArgument(f"aggregated instance {self.cfg.name} does not serve op {op!r}")
+
+    def load(self) -> InstanceLoad:
+        arena = self.engine.arena
+        return InstanceLoad(self.cfg.name, "aggregated", self.cfg.scenario,
+                            self.cfg.max_batch_size, in_flight=self.worker.num_streams,
+                            kv_free_bytes=arena.bytes_free, kv_total_bytes=arena.capacity)
 
     def _abort_many(self, request_ids: list[str]) -> None:
         for rid in request_ids:

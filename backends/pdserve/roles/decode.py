@@ -35,6 +35,7 @@ from pdserve.roles.instance import close_arena, load_engine, make_arena, transfe
 from pdserve.roles.metrics import InstanceMetrics, MetricsThrottle
 from pdserve.roles.token_sender import ChannelHub, ChannelSink
 from pdserve.roles.triton import Responder, payload_out
+from pdserve.scheduler.instance import InstanceLoad
 from pdserve.server.config import InstanceConfig
 
 
@@ -173,6 +174,15 @@ class DecodeRole:
 
     def _update_kv(self) -> None:
         self.metrics.set_kv(self.arena.bytes_in_use, self.arena.bytes_free)
+
+    def load(self) -> InstanceLoad:
+        """Heartbeat: reserved + running sequences; KV free as the arena sees it."""
+        with self._lock:
+            pending = len(self._pending)
+        return InstanceLoad(self.cfg.name, "decode", self.cfg.scenario, self.cfg.max_batch_size,
+                            in_flight=pending + self.worker.num_streams,
+                            kv_free_bytes=self.arena.bytes_free,
+                            kv_total_bytes=self.arena.capacity)
 
     def stats(self) -> dict[str, Any]:
         return {"pending": len(self._pending), "streams": self.worker.num_streams}

@@ -5,6 +5,11 @@
                arrive together are prefilled in one packed forward; each
                prompt's KV goes to its KVHandle (whole region, or layer by layer
                while later layers still compute); answers one PrefillResult.
+    health  -> this instance's InstanceLoad (the controller's heartbeat).
+
+With ``admission: queue`` (the measured baseline only) a prefill also accepts
+up to ``queue_cap`` prompts beyond its batch into a local FIFO; each forward
+takes at most ``max_batch_size`` of them, oldest first.
 
 KV ownership: the local extent a prompt is prefilled into is allocated by the
 engine here and released right after its transfer, on success and failure.
@@ -26,6 +31,7 @@ from pdserve.roles.instance import load_engine, transfer_config
 from pdserve.roles.metrics import InstanceMetrics
 from pdserve.roles.triton import Responder, payload_out
 from pdserve.scheduler.forwarding import PrefillRejected
+from pdserve.scheduler.instance import InstanceLoad
 from pdserve.server.config import InstanceConfig
 
 
@@ -47,11 +53,25 @@ class PrefillRole:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: list[_Job] = []
-        self._in_flight = 0  # queued + running; never above max_batch_size
+        self._running = 0  # prompts in the forward now
+        # queued + running; never above max_batch_size (+ queue_cap in queue mode)
+        self._in_flight = 0
+        self._capacity = cfg.max_batch_size + (cfg.queue_cap if cfg.admission == "queue" else 0)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"{cfg.name}-prefill", daemon=True)
         self._thread.start()
         self._update_kv()
+
+    def load(self) -> InstanceLoad:
+        with self._lock:
+            running, queued = self._running, len(self._queue)
+        if self.cfg.admission == "on_demand":
+            # Prompts waiting for the next forward hold a batch slot already.
+            running, queued = running + queued, 0
+        return InstanceLoad(self.cfg.name, "prefill", self.cfg.scenario,
+                            self.cfg.max_batch_size, in_flight=running, queued=queued,
+                            kv_free_bytes=self.engine.arena.bytes_free,
+                            kv_total_bytes=self.engine.arena.capacity)
 
     async def handle(self, op: str, payload: bytes, out: Responder) -> None:
         if op != "prefill":
@@ -60,10 +80,11 @@ class PrefillRole:
         job = _Job(call, KVHandle.from_bytes(call.handle.encode()),
                    SamplingParams.from_dict(call.sampling), out)
         with self._lock:
-            if self._in_flight >= self.cfg.max_batch_size:
+            if self._in_flight >= self._capacity:
                 self.metrics.prefill_rejections.increment(1)
+                what = "queue is full" if self.cfg.admission == "queue" else "has no free slot"
                 raise PrefillRejected(
-                    f"{self.cfg.name} has no free slot ({self._in_flight} prompts in flight)")
+                    f"{self.cfg.name} {what} ({self._in_flight} prompts in flight)")
             self._in_flight += 1
             self._queue.append(job)
             self._wake.notify()
@@ -78,12 +99,15 @@ class PrefillRole:
                     for job in jobs:
                         job.out.fail(PrefillRejected(f"{self.cfg.name} is shutting down"))
                     return
-                jobs, self._queue = self._queue, []
+                jobs = self._queue[:self.cfg.max_batch_size]
+                del self._queue[:len(jobs)]
+                self._running = len(jobs)
             try:
                 self._prefill(jobs)
             finally:
                 with self._lock:
                     self._in_flight -= len(jobs)
+                    self._running = 0
                 self._update_kv()
 
     def _prefill(self, jobs: list[_Job]) -> None:

@@ -46,7 +46,13 @@ from pdserve.roles.metrics import InstanceMetrics
 from pdserve.roles.requests import ClientRequest, Limits
 from pdserve.roles.token_receiver import ChannelServer, InstanceLost, TokenStream
 from pdserve.roles.triton import InstanceClient, Responder
-from pdserve.scheduler.forwarding import ForwardingPolicy, PrefillRejected, forward_on_demand
+from pdserve.scheduler.forwarding import (
+    ForwardingPolicy,
+    PrefillRejected,
+    forward_on_demand,
+    shortest_queue,
+)
+from pdserve.scheduler.instance import InstanceLoad
 from pdserve.server.config import InstanceConfig, Route
 
 # request.is_cancelled() is an IPC round trip to tritonserver; at 50 ms it was a
@@ -170,6 +176,13 @@ class RouterRole:
             finally:
                 self._in_flight[name] -= 1
 
+        if self.cfg.admission == "queue":
+            # Baseline: the shortest local queue (router-side counts: queued +
+            # running there), one try, no early intervention; a full queue fails.
+            name = shortest_queue(
+                InstanceLoad(n, "prefill", req.scenario, self.cfg.max_batch_size,
+                             in_flight=self._in_flight[n]) for n in route.prefill)
+            return PrefillResult.from_bytes(await attempt(name))
         result = await forward_on_demand(
             lambda: sorted(route.prefill, key=lambda n: self._in_flight[n]), attempt,
             self.policy, deadline=time.monotonic() + self.cfg.ttft_budget_s)

@@ -22,6 +22,7 @@ import triton_python_backend_utils as pb_utils
 from pdserve.errors import Cancelled, InternalError, InvalidArgument, PdserveError, Unavailable
 from pdserve.roles.contracts import Op
 from pdserve.roles.daemon_executor import DaemonExecutor
+from pdserve.scheduler.controller.protocol import CONTROL_INPUT, LOAD_OUTPUT
 from pdserve.scheduler.forwarding import PrefillRejected
 
 REJECTED_MARK = "[prefill-rejected]"  # how a prefill rejection survives the BLS hop
@@ -105,6 +106,16 @@ def read_instance_request(request: Any) -> tuple[str, bytes]:
     raw_op = op.as_numpy().reshape(-1)[0]
     return (raw_op.decode() if isinstance(raw_op, bytes) else str(raw_op),
             bytes(payload.as_numpy().reshape(-1)[0]))
+
+
+def read_control(request: Any) -> bytes | None:
+    """The heartbeat's ``control`` input (protocol.HealthCall bytes), if present."""
+    tensor = pb_utils.get_input_tensor_by_name(request, CONTROL_INPUT)
+    return None if tensor is None else bytes(tensor.as_numpy().reshape(-1)[0])
+
+
+def load_out(data: bytes) -> dict[str, np.ndarray]:
+    return {LOAD_OUTPUT: np.array([data], dtype=np.object_)}
 
 
 def read_inputs(request: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:

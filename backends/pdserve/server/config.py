@@ -22,6 +22,14 @@ SendMode = Literal["whole", "layerwise"]
 SEND_MODES: tuple[SendMode, ...] = ("whole", "layerwise")
 TokenChannel = Literal["unix", "tcp"]
 TOKEN_CHANNELS: tuple[TokenChannel, ...] = ("unix", "tcp")
+# "on_demand": a prefill accepts only with a free batch slot (P/D-Serve);
+# "queue": per-prefill local FIFO up to queue_cap, shortest-queue routing (baseline only).
+Admission = Literal["on_demand", "queue"]
+ADMISSIONS: tuple[Admission, ...] = ("on_demand", "queue")
+# Parameters that exist only to make Triton's poll mode reload a model (the
+# controller bumps "generation" on every reload/replace/role switch/upgrade);
+# accepted, never read.
+RELOAD_ONLY_KEYS = frozenset({"generation"})
 
 
 def parse_cpu_cores(spec: str) -> tuple[int, ...]:
@@ -109,6 +117,8 @@ class InstanceConfig:
     # (across hosts, HMAC handshake with kv_secret), listening on token_host
     token_channel: TokenChannel = "unix"
     token_host: str = "127.0.0.1"
+    admission: Admission = "on_demand"
+    queue_cap: int = 0  # prefill, admission "queue": prompts waiting beyond the running batch
     routes: Mapping[str, Route] = field(default_factory=dict)  # router only
 
     def __post_init__(self) -> None:
@@ -123,6 +133,12 @@ class InstanceConfig:
                 f"token_channel must be one of {TOKEN_CHANNELS}, got {self.token_channel!r}")
         if not self.token_host:
             raise ValueError("token_host must not be empty")
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
+        if self.queue_cap < 0:
+            raise ValueError(f"queue_cap must be >= 0, got {self.queue_cap}")
+        if self.admission == "on_demand" and self.queue_cap:
+            raise ValueError("queue_cap needs admission 'queue' (on-demand prefills never queue)")
         if self.kv_send_mode not in SEND_MODES:
             raise ValueError(f"kv_send_mode must be one of {SEND_MODES}, got {self.kv_send_mode!r}")
         for key in ("max_batch_size", "max_step_tokens", "kv_capacity_bytes", "max_tokens_limit",
@@ -165,13 +181,14 @@ class InstanceConfig:
 
 
 _INT_KEYS = ("num_threads", "max_batch_size", "max_step_tokens", "kv_capacity_bytes",
-             "max_tokens_limit", "stream_threads")
+             "max_tokens_limit", "stream_threads", "queue_cap")
 _FLOAT_KEYS = ("kv_ttl_s", "ttft_budget_s")
 _KNOWN = {f.name for f in fields(InstanceConfig)} - {"name"}
 
 
 def parse_parameters(name: str, params: Mapping[str, str]) -> InstanceConfig:
     """The config.pbtxt ``parameters`` of model ``name`` -> ``InstanceConfig``."""
+    params = {k: v for k, v in params.items() if k not in RELOAD_ONLY_KEYS}
     unknown = sorted(set(params) - _KNOWN)
     if unknown:
         raise ValueError(f"model {name!r}: unknown parameters {unknown}; known: {sorted(_KNOWN)}")

@@ -6,7 +6,8 @@ Spec (YAML)::
     dtype: float32
     device: cpu
     router: {name: pdserve, cpu_cores: "0-1"}
-    limits: {max_tokens: 1024, max_batch_size: 32, kv_capacity_mb: 256, ttft_budget_s: 30}
+    limits: {max_tokens: 1024, max_batch_size: 32, kv_capacity_mb: 256, ttft_budget_s: 30,
+             admission: on_demand}  # or {admission: queue, queue_cap: N}: the baseline
     kv: {transport: shm, send_mode: whole, ttl_s: 30}
     scenarios:
       default: {prefill: 1, decode: 1, cpu_cores: {prefill: ["0"], decode: ["1"]}}
@@ -53,14 +54,20 @@ output [
 ]
 """
 
+# Data path: op + payload (roles/contracts.py). Heartbeat: control -> load
+# (scheduler/controller/protocol.py), sent alone by the controller through the
+# generate extension, hence every input is optional; a request with neither
+# gets INVALID_ARG from the role.
 INSTANCE_IO = """\
 model_transaction_policy { decoupled: true }
 input [
-  { name: "op" data_type: TYPE_STRING dims: [ 1 ] },
-  { name: "payload" data_type: TYPE_STRING dims: [ 1 ] }
+  { name: "op" data_type: TYPE_STRING dims: [ 1 ] optional: true },
+  { name: "payload" data_type: TYPE_STRING dims: [ 1 ] optional: true },
+  { name: "control" data_type: TYPE_STRING dims: [ 1 ] optional: true }
 ]
 output [
-  { name: "payload" data_type: TYPE_STRING dims: [ 1 ] }
+  { name: "payload" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "load" data_type: TYPE_STRING dims: [ 1 ] }
 ]
 """
 
@@ -90,7 +97,8 @@ def instances_from_spec(spec: Mapping[str, Any]) -> list[InstanceConfig]:
     if unknown:
         raise ValueError(f"unknown spec keys {unknown}; known: {sorted(_TOP_KEYS)}")
     limits = _section(spec, "limits", {"max_tokens", "max_batch_size", "max_step_tokens",
-                                       "kv_capacity_mb", "ttft_budget_s"})
+                                       "kv_capacity_mb", "ttft_budget_s", "admission",
+                                       "queue_cap"})
     kv = _section(spec, "kv", {"transport", "send_mode", "ttl_s", "secret"})
     router = _section(spec, "router", {"name", "cpu_cores", "num_threads"})
     common: dict[str, Any] = {
@@ -105,6 +113,8 @@ def instances_from_spec(spec: Mapping[str, Any]) -> list[InstanceConfig]:
         "kv_ttl_s": float(kv.get("ttl_s", 30.0)),
         "kv_secret": str(kv.get("secret", "pdserve-local")),
         "max_tokens_limit": int(limits.get("max_tokens", 1024)),
+        "admission": str(limits.get("admission", "on_demand")),
+        "queue_cap": int(limits.get("queue_cap", 0)),
     }
     scenarios = spec.get("scenarios") or {"default": {"prefill": 1, "decode": 1}}
     if not isinstance(scenarios, Mapping):
