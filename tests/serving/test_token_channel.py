@@ -233,3 +233,19 @@ def test_token_channel_config_is_validated() -> None:
     assert (cfg.token_channel, cfg.token_host) == ("tcp", "10.0.0.5")
     with pytest.raises(ValueError, match="token_channel must be one of"):
         parse_parameters("pdserve", {"role": "prefill", "token_channel": "udp"})
+
+
+async def _concurrent_connects(server: ChannelServer) -> None:
+    hub = ChannelHub("decode_0", SECRET)
+    await asyncio.gather(*(hub.ensure(server.address) for _ in range(8)))
+    assert hub.num_channels == 1
+    stream = server.open("r1", lambda ids: None)
+    await server.bind(stream, "decode_0", hub.incarnation)  # not torn down by a twin
+    await asyncio.sleep(0.1)
+    assert server.failure("decode_0", within_s=10) is None
+    server.close_stream(stream)
+    hub.close()
+
+
+def test_concurrent_connects_make_one_channel() -> None:
+    _with_server("unix", _concurrent_connects)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -43,6 +44,8 @@ from pdserve.roles.token_wire import (
     decode_hello,
     decode_step,
 )
+
+log = logging.getLogger(__name__)
 
 BIND_TIMEOUT_S = 10.0  # hello of an instance that answered a control call must arrive by then
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -116,7 +119,12 @@ class ChannelServer:
         if self.address:
             return self.address
         if self.family == "unix":
-            self._dir = tempfile.mkdtemp(prefix="pdserve-tok-")  # mode 0700
+            # mode 0700; under the launcher's runtime dir when there is one, so a
+            # SIGKILLed router leaves nothing behind once the server stops.
+            parent = os.environ.get("PDSERVE_RUNTIME_DIR") or None
+            if parent is not None and (not os.path.isdir(parent) or len(parent) > 60):
+                parent = None  # sun_path holds 107 bytes
+            self._dir = tempfile.mkdtemp(prefix="pdserve-tok-", dir=parent)
             path = os.path.join(self._dir, f"{self.name}.sock")
             self._server = await asyncio.start_unix_server(self._on_connect, path=path,
                                                            limit=MAX_FRAME_BYTES)
@@ -214,6 +222,8 @@ class ChannelServer:
         why = "token channel closed"
         try:
             name, incarnation = decode_hello(await _read_frame(reader))
+            if (name, incarnation) in self._peers:  # hubs connect once; refuse a twin
+                raise ChannelError(f"{name} connected twice with one incarnation")
             peer = _Peer(name, incarnation)
             async with self._hello:
                 self._peers[(name, incarnation)] = peer
@@ -226,6 +236,9 @@ class ChannelServer:
             why = f"token channel broke: {exc}"
         except asyncio.CancelledError:
             why = "router is shutting down"
+        except Exception as exc:  # a bug here must still fail the streams, and say why
+            log.exception("token channel reader failed")
+            why = f"token channel reader failed: {type(exc).__name__}: {exc}"
         finally:
             writer.close()
             if peer is not None:

@@ -54,6 +54,7 @@ class ChannelHub:
         self._on_broken = on_broken
         self._lock = threading.Lock()  # guards _writers and each writer's queue/live
         self._send_lock = threading.Lock()  # one frame on the wire at a time
+        self._connect_lock = threading.Lock()
         self._writers: dict[str, _Writer] = {}
 
     # -- connections -------------------------------------------------------------------
@@ -68,23 +69,23 @@ class ChannelHub:
             await asyncio.get_running_loop().run_in_executor(None, self.connect, address)
 
     def connect(self, address: str) -> None:
-        """Open the channel to ``address`` unless open; raises ``Unavailable``."""
-        with self._lock:
-            writer = self._writers.get(address)
-            if writer is not None and not writer.broken:
+        """Open the channel to ``address`` unless open; raises ``Unavailable``.
+
+        Serialised: two connections of one stub to one router would share an
+        incarnation, and the router cannot tell them apart.
+        """
+        with self._connect_lock:
+            if self.is_connected(address):
                 return
-        sock = self._dial(address)
-        try:
-            sock.sendall(encode_hello(self.name, self.incarnation))
-        except OSError as exc:
-            sock.close()
-            raise Unavailable(f"{self.name}: token channel to {address} failed: {exc}") from None
-        with self._lock:
-            old = self._writers.get(address)
-            if old is not None and not old.broken:  # another caller won the race
+            sock = self._dial(address)
+            try:
+                sock.sendall(encode_hello(self.name, self.incarnation))
+            except OSError as exc:
                 sock.close()
-                return
-            self._writers[address] = _Writer(address, sock)
+                raise Unavailable(f"{self.name}: token channel to {address} failed: "
+                                  f"{exc}") from None
+            with self._lock:
+                self._writers[address] = _Writer(address, sock)
 
     def _dial(self, address: str) -> socket.socket:
         family, target = parse_address(address)

@@ -39,6 +39,7 @@ from types import FrameType, TracebackType
 from pdserve.errors import Unavailable
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # backends/pdserve
+RUNTIME_DIR_ENV = "PDSERVE_RUNTIME_DIR"  # where stubs keep sockets (removed on stop)
 
 
 @dataclass(frozen=True)
@@ -165,12 +166,16 @@ class TritonServer:
             raise FileNotFoundError(f"model repository {self.options.repository} is not a dir")
         self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-backend-")
         backend_dir = assemble_backend_dir(Path(self._tmp.name))
+        # Routers put their token channel sockets here, so that they go with the
+        # server even when a stub is killed and never runs its finalize.
+        runtime_dir = Path(self._tmp.name) / "run"
+        runtime_dir.mkdir(mode=0o700)
         log = self.options.log_file
         out = open(log, "ab") if log else None  # noqa: SIM115 - closed in stop()
         self._log = out
         self.process = subprocess.Popen(
             self.command(backend_dir),
-            env=server_env(self.options.extra_env),
+            env=server_env({RUNTIME_DIR_ENV: str(runtime_dir), **self.options.extra_env}),
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,  # own process group: stubs die with it
