@@ -18,6 +18,7 @@ for _dir in os.environ.get("PDSERVE_SITE_PACKAGES", "").split(os.pathsep):
 
 import asyncio  # noqa: E402
 import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from pdserve.roles.common import ack  # noqa: E402
@@ -36,11 +37,11 @@ from pdserve.server.config import InstanceConfig, parse_parameters  # noqa: E402
 EXECUTE_HOLD_S = 0.02
 
 
-def _build_role(cfg: InstanceConfig) -> Any:
+def _build_role(cfg: InstanceConfig, repository: Path) -> Any:
     if cfg.role == "router":
         from pdserve.roles.router import RouterRole
 
-        return RouterRole(cfg)
+        return RouterRole(cfg, repository)
     if cfg.role == "prefill":
         from pdserve.roles.prefill import PrefillRole
 
@@ -60,7 +61,9 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
         self.cfg = parse_parameters(args["model_name"], params)
         apply_pinning(self.cfg)
-        self.role = _build_role(self.cfg)
+        # args["model_repository"] is this model's directory; its parent is the
+        # repository the router reads instance roles from.
+        self.role = _build_role(self.cfg, Path(args["model_repository"]).parent)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def execute(self, requests: list[Any]) -> None:

@@ -40,11 +40,11 @@ class Emitter:
             self.first_token_at = time.perf_counter()
         self.num_tokens += len(token_ids)
         text = "".join(self._detok.push(t) for t in token_ids)
+        self._ids.extend(token_ids)
         if self.request.stream:
             self.send(_outputs(text, list(token_ids), ""), False)
         else:
             self._text.append(text)
-            self._ids.extend(token_ids)
 
     def finish(self, reason: str, text_len: int = -1) -> None:
         """Last response, with FINAL; ``text_len`` >= 0 cuts the text at a stop string."""
@@ -59,6 +59,11 @@ class Emitter:
         if not self.request.exclude_input_in_output:
             text = self.request.prompt_text + text
         self.send(_outputs(text, self._ids, reason), True)
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """Every token sent (or to be sent) so far: what a resumed request continues after."""
+        return tuple(self._ids)
 
     @property
     def ttft_s(self) -> float | None:

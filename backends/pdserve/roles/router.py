@@ -15,18 +15,30 @@ With an aggregated route the request goes to one aggregated instance
 (op=generate), so the baseline is served through the same entry model; its
 tokens come on the token channel too.
 
-An instance whose channel hit EOF (its stub died) fails every request it was
-streaming at once, and requests that would go to it fail fast for
-``FAILED_HOLD_S`` (or until a fresh stub of it connects); moving a request to
-another decode instance is the next issue's work.
+Which instance has which role comes from the model repository, who may get
+work from the controller's state file and the router's own observations, and
+how loaded each one is from their heartbeats (``instance_view``): prefills are
+ranked by ``rank_prefills`` (fewest in flight), decodes by ``rank_decodes``
+(most free KV). With ``admission: queue`` (the measured baseline) a request
+goes to the shortest prefill queue once, without retry or early intervention.
+
+Failures: a prefill whose stub died answers Unavailable at once and
+``forward_on_demand`` moves to the next one. A decode that dies (token channel
+EOF, failed call) is marked unroutable here at once, and each request it held
+is RESUMED: prompt + the tokens already streamed are prefilled again and a new
+decode continues, so the client's stream goes on with no duplicate or missing
+token. Greedy requests continue exactly; a seeded request restarts its
+generator from its seed (the per-step RNG state stays on the dead decode).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from pdserve.engine import load_tokenizer_and_config
@@ -42,31 +54,54 @@ from pdserve.roles.contracts import (
 from pdserve.roles.daemon_executor import DaemonExecutor
 from pdserve.roles.emitter import Emitter
 from pdserve.roles.instance import transfer_config
+from pdserve.roles.instance_view import HEARTBEAT_S, InstanceView
 from pdserve.roles.metrics import InstanceMetrics
 from pdserve.roles.requests import ClientRequest, Limits
 from pdserve.roles.token_receiver import ChannelServer, InstanceLost, TokenStream
 from pdserve.roles.triton import InstanceClient, Responder
+from pdserve.scheduler.decode_choice import choose_decode, rank_decodes
 from pdserve.scheduler.forwarding import (
     ForwardingPolicy,
     PrefillRejected,
     forward_on_demand,
+    rank_prefills,
     shortest_queue,
 )
-from pdserve.scheduler.instance import InstanceLoad
-from pdserve.server.config import InstanceConfig, Route
+from pdserve.scheduler.instance import InstanceLoad, Role
+from pdserve.server.config import InstanceConfig
+
+log = logging.getLogger(__name__)
 
 # request.is_cancelled() is an IPC round trip to tritonserver; at 50 ms it was a
 # third of the router's IPC on a fast model (py-spy), so poll 5x less often.
 CANCEL_POLL_S = 0.25
 FAILED_HOLD_S = 10.0  # how long a decode whose channel broke is not chosen
 ABORT_TIMEOUT_S = 5.0
+HEARTBEAT_TIMEOUT_S = 3.0
+MAX_RESUMES = 3  # decode failures one request survives
+
+
+class DecodeLost(Exception):
+    """Internal: the decode serving a request failed; the request may resume elsewhere."""
+
+    def __init__(self, instance: str, cause: BaseException) -> None:
+        super().__init__(f"{instance}: {cause}")
+        self.instance = instance
+        self.cause = cause
+
+
+def is_instance_dead(exc: BaseException) -> bool:
+    return isinstance(exc, InstanceLost) or (
+        isinstance(exc, Unavailable) and not isinstance(exc, PrefillRejected)
+        and "is not healthy" in str(exc))
 
 
 class RouterRole:
-    def __init__(self, cfg: InstanceConfig) -> None:
+    def __init__(self, cfg: InstanceConfig, repository: Path | None = None) -> None:
         self.cfg = cfg
         tokenizer, config = load_tokenizer_and_config(cfg.model)
         self.tokenizer = tokenizer
+        self.layout = config.kv_layout(cfg.dtype)
         self.limits = Limits(max_context=config.max_context,
                              max_tokens_limit=cfg.max_tokens_limit,
                              vocab_size=config.vocab_size,
@@ -75,24 +110,27 @@ class RouterRole:
         self.client = InstanceClient(self.pool)
         self.policy = ForwardingPolicy(ttft_budget_s=cfg.ttft_budget_s)
         self.metrics = InstanceMetrics(cfg.name)
-        self._in_flight: dict[str, int] = defaultdict(int)
+        self.view = InstanceView(cfg.routes, cfg.max_batch_size, repository)
+        self.num_resumes = 0
         roles = {n: "decode" for r in cfg.routes.values() for n in r.decode}
         roles.update({n: "aggregated" for r in cfg.routes.values() for n in r.aggregated})
         self.channel = ChannelServer(cfg.name, transfer_config(cfg).secret,
                                      family=cfg.token_channel, host=cfg.token_host, roles=roles)
         self._start_lock: asyncio.Lock | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
 
     async def handle(self, request: Any, req: ClientRequest, out: Responder) -> None:
-        route = self.cfg.routes[req.scenario]
+        self._ensure_heartbeats()
+        self.view.refresh()
         emitter = Emitter(req, self.tokenizer, out.send)
         self.metrics.prompt_tokens.increment(len(req.prompt_ids))
         state: dict[str, str] = {}  # "abort_target": instance to abort on cancel
         watcher = asyncio.create_task(self._watch_cancel(request, req, state))
         try:
-            if route.is_aggregated:
-                await self._aggregated(req, route, emitter, state)
+            if self.view.is_aggregated(req.scenario):
+                await self._aggregated(req, emitter, state)
             else:
-                await self._disaggregated(req, route, emitter, state)
+                await self._resumable(req, emitter, state)
             if "cancelled" in state:
                 raise Cancelled(f"request {req.request_id} was cancelled by the client")
         finally:
@@ -106,89 +144,132 @@ class RouterRole:
                 self.metrics.tpot.observe(emitter.tpot_s)
 
     # -- the two paths --------------------------------------------------------------
-    async def _aggregated(self, req: ClientRequest, route: Route, emitter: Emitter,
+    async def _aggregated(self, req: ClientRequest, emitter: Emitter,
                           state: dict[str, str]) -> None:
-        target = self._pick(route.aggregated)
+        target = self._pick(req, "aggregated")
         call = GenerateCall(req.request_id, req.prompt_ids, req.sampling,
                             channel=await self._address())
         stream = self.channel.open(req.request_id, emitter.tokens)
-        self._in_flight[target] += 1
+        self.view.started(target)
         try:
             accepted = Accepted.from_bytes(
                 await self.client.call(target, "generate", call.to_bytes()))
             state["abort_target"] = target
             await self.channel.bind(stream, target, bytes.fromhex(accepted.incarnation))
             await self._finish(stream, emitter)
-        except InstanceLost:
+        except InstanceLost as exc:
+            self.view.record_failure(target, str(exc))
             raise  # nothing left to abort there
         except BaseException:
             await self._abort(target, req.request_id)
             raise
         finally:
-            self._in_flight[target] -= 1
+            self.view.finished(target)
             self.channel.close_stream(stream)
 
-    async def _disaggregated(self, req: ClientRequest, route: Route, emitter: Emitter,
+    async def _resumable(self, req: ClientRequest, emitter: Emitter,
+                         state: dict[str, str]) -> None:
+        """The disaggregated path; a lost decode resumes the request on another one."""
+        part = req
+        for resume in range(MAX_RESUMES + 1):
+            try:
+                await self._disaggregated(part, emitter, state)
+                return
+            except DecodeLost as lost:
+                if is_instance_dead(lost.cause):
+                    self.view.record_failure(lost.instance, str(lost.cause))
+                done = emitter.token_ids
+                if (resume == MAX_RESUMES or "cancelled" in state
+                        or len(done) >= req.max_tokens):
+                    raise lost.cause from None
+                self.num_resumes += 1
+                log.warning("request %s: %s; resuming after %d tokens", req.request_id, lost,
+                            len(done))
+                part = resumed(req, done, resume + 1)
+
+    async def _disaggregated(self, req: ClientRequest, emitter: Emitter,
                              state: dict[str, str]) -> None:
-        decode = self._pick(route.decode)
+        decode = self._pick(req, "decode")
         call = GenerateCall(req.request_id, req.prompt_ids, req.sampling,
                             channel=await self._address())
         stream = self.channel.open(req.request_id, emitter.tokens)
-        self._in_flight[decode] += 1
+        self.view.started(decode, self.layout.extent_bytes(len(req.prompt_ids), req.max_tokens))
+        step = "reserve"
         try:
             accepted = Accepted.from_bytes(
                 await self.client.call(decode, "reserve", call.to_bytes()))
             if not accepted.handle:
                 raise InternalError(f"{decode} answered reserve without a KV handle")
             state["abort_target"] = decode
+            step = "bind"
             await self.channel.bind(stream, decode, bytes.fromhex(accepted.incarnation))
             if "cancelled" in state:
                 await self._abort(decode, req.request_id)
                 return
-            result = await self._prefill(req, route, accepted.handle)
+            step = "prefill"
+            result = await self._prefill(req, decode, accepted.handle)
             emitter.tokens([result.first_token])
             if result.finish_reason or "cancelled" in state:
                 await self._abort(decode, req.request_id)
                 emitter.finish(result.finish_reason or "abort", result.text_len)
                 return
+            step = "commit"
             commit = CommitCall(req.request_id, result.first_token, result.rng_state)
             await self.client.call(decode, "commit", commit.to_bytes())
+            step = "stream"
             await self._finish(stream, emitter)
-        except InstanceLost:
-            raise  # the decode stub is gone: nothing left to abort there
+        except DecodeLost:
+            raise
+        except InstanceLost as exc:
+            raise DecodeLost(decode, exc) from None  # nothing left to abort there
+        except Unavailable as exc:
+            await self._abort(decode, req.request_id)
+            if step == "prefill" and not self._decode_failed(decode):
+                raise  # no prefill could take it in time: the request's own end
+            raise DecodeLost(decode, exc) from None
         except BaseException:
             await self._abort(decode, req.request_id)
             raise
         finally:
-            self._in_flight[decode] -= 1
+            self.view.finished(decode)
             self.channel.close_stream(stream)
 
-    async def _prefill(self, req: ClientRequest, route: Route, handle: str) -> PrefillResult:
+    async def _prefill(self, req: ClientRequest, decode: str, handle: str) -> PrefillResult:
         call = PrefillCall(req.request_id, req.prompt_ids, req.sampling, handle).to_bytes()
 
         async def attempt(name: str) -> bytes:
-            self._in_flight[name] += 1
+            if self._decode_failed(decode):  # its KV target is gone: stop trying prefills
+                raise DecodeLost(decode, Unavailable(f"decode instance {decode} failed"))
+            self.view.started(name)
             try:
                 return await self.client.call(name, "prefill", call)
             except PrefillRejected:
                 self.metrics.prefill_rejections.increment(1)
                 raise
+            except Unavailable as exc:
+                if is_instance_dead(exc):
+                    self.view.record_failure(name, str(exc))
+                raise
             finally:
-                self._in_flight[name] -= 1
+                self.view.finished(name)
 
         if self.cfg.admission == "queue":
-            # Baseline: the shortest local queue (router-side counts: queued +
+            # Baseline: the shortest local queue (this router's counts: queued +
             # running there), one try, no early intervention; a full queue fails.
             name = shortest_queue(
-                InstanceLoad(n, "prefill", req.scenario, self.cfg.max_batch_size,
-                             in_flight=self._in_flight[n]) for n in route.prefill)
+                replace(load, in_flight=self.view.local_in_flight(load.name), queued=0)
+                for load in self.view.loads(req.scenario, "prefill"))
             return PrefillResult.from_bytes(await attempt(name))
         result = await forward_on_demand(
-            lambda: sorted(route.prefill, key=lambda n: self._in_flight[n]), attempt,
+            lambda: rank_prefills(self.view.loads(req.scenario, "prefill")), attempt,
             self.policy, deadline=time.monotonic() + self.cfg.ttft_budget_s)
         return PrefillResult.from_bytes(result.value)
 
     # -- helpers ----------------------------------------------------------------------
+    def _decode_failed(self, decode: str) -> bool:
+        return (self.channel.failure(decode, FAILED_HOLD_S) is not None
+                or self.view.failure(decode) is not None)
+
     async def _address(self) -> str:
         """The token channel's address; the server starts on the first request."""
         if self.channel.address:
@@ -219,14 +300,54 @@ class RouterRole:
         if target is not None:
             await self._abort(target, req.request_id)
 
-    def _pick(self, names: tuple[str, ...]) -> str:
-        """Least loaded instance whose channel has not just broken; else fail fast."""
-        healthy = [n for n in names if self.channel.failure(n, FAILED_HOLD_S) is None]
-        if not healthy:
-            reason = self.channel.failure(names[0], FAILED_HOLD_S)
-            raise Unavailable(reason or f"no instance of {list(names)} is available")
-        return min(healthy, key=lambda n: self._in_flight[n])
+    def _pick(self, req: ClientRequest, role: Role) -> str:
+        """The best routable decode/aggregated instance that can hold the request's KV."""
+        loads: list[InstanceLoad] = []
+        for load in self.view.loads(req.scenario, role):
+            if self.channel.failure(load.name, FAILED_HOLD_S) is not None:
+                load = replace(load, healthy=False)  # its channel just broke
+            loads.append(load)
+        if not loads:
+            raise Unavailable(f"scenario {req.scenario!r} has no {role} instance")
+        need = self.layout.extent_bytes(len(req.prompt_ids), req.max_tokens)
+        ranked = rank_decodes(loads, need)
+        if not ranked:
+            # Every batch is full: the batchers queue beyond their running batch,
+            # so only KV is a hard limit; choose_decode explains a KV shortage.
+            ranked = rank_decodes([replace(load, in_flight=0) for load in loads], need)
+        return ranked[0] if ranked else choose_decode(loads, need)
+
+    # -- heartbeats -------------------------------------------------------------------
+    def _ensure_heartbeats(self) -> None:
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats())
+
+    async def _heartbeats(self) -> None:
+        while True:
+            self.view.refresh()
+            await asyncio.gather(*(self._beat(n) for n in self.view.names()))
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _beat(self, name: str) -> None:
+        try:
+            load = await asyncio.wait_for(self.client.health(name), HEARTBEAT_TIMEOUT_S)
+        except TimeoutError:
+            return  # slow is not dead: a busy CPU instance may answer late
+        except Exception as exc:
+            self.view.record_failure(name, f"heartbeat: {exc}")
+            return
+        self.view.record_load(name, load)
 
     def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         self.channel.close_now()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def resumed(req: ClientRequest, done: tuple[int, ...], n: int) -> ClientRequest:
+    """The rest of ``req`` after ``done`` tokens: prefill prompt + done, generate the rest."""
+    sampling = dict(req.sampling, max_tokens=req.max_tokens - len(done))
+    return replace(req, request_id=f"{req.request_id}~{n}",
+                   prompt_ids=(*req.prompt_ids, *done), sampling=sampling,
+                   max_tokens=req.max_tokens - len(done))

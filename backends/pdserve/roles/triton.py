@@ -22,8 +22,14 @@ import triton_python_backend_utils as pb_utils
 from pdserve.errors import Cancelled, InternalError, InvalidArgument, PdserveError, Unavailable
 from pdserve.roles.contracts import Op
 from pdserve.roles.daemon_executor import DaemonExecutor
-from pdserve.scheduler.controller.protocol import CONTROL_INPUT, LOAD_OUTPUT
+from pdserve.scheduler.controller.protocol import (
+    CONTROL_INPUT,
+    LOAD_OUTPUT,
+    HealthCall,
+    parse_health_reply,
+)
 from pdserve.scheduler.forwarding import PrefillRejected
+from pdserve.scheduler.instance import InstanceLoad
 
 REJECTED_MARK = "[prefill-rejected]"  # how a prefill rejection survives the BLS hop
 
@@ -181,6 +187,32 @@ class InstanceClient:
             if tensor is not None:
                 yield bytes(tensor.as_numpy().reshape(-1)[0])
             # A response without payload is the bare FINAL flag; the iterator ends next.
+
+    async def health(self, model: str) -> InstanceLoad:
+        """The heartbeat the controller sends (protocol.py), as a BLS call."""
+        request = pb_utils.InferenceRequest(
+            model_name=model,
+            inputs=[pb_utils.Tensor(CONTROL_INPUT,
+                                    np.array([HealthCall().to_bytes()], dtype=np.object_))],
+            requested_output_names=[LOAD_OUTPUT],
+        )
+        loop = asyncio.get_running_loop()
+        responses = await request.async_exec(decoupled=True)
+        it = iter(responses)
+        load: InstanceLoad | None = None
+        while True:
+            # A dead stub fails at once; a live one answers from its event loop.
+            response = await asyncio.wrap_future(self._pool.submit(next, it, None), loop=loop)
+            if response is None:
+                break
+            if response.has_error():
+                raise from_triton_error(response.error(), model)
+            tensor = pb_utils.get_output_tensor_by_name(response, LOAD_OUTPUT)
+            if tensor is not None:
+                load = parse_health_reply(bytes(tensor.as_numpy().reshape(-1)[0]), model)
+        if load is None:
+            raise InternalError(f"instance {model} answered the heartbeat with no load")
+        return load
 
     async def _probe(self, model: str) -> None:
         try:

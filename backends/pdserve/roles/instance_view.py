@@ -1,0 +1,194 @@
+"""The router's view of its instances: roles, routability and load (no Triton import).
+
+Three sources, each re-read only when it changed:
+
+    model repository   which instance has which role/scenario (the controller
+                       switches roles there); stat of the root and of each
+                       config.pbtxt, at most every ``check_every_s``
+    state file         ControllerState.is_routable (draining, failed)
+    heartbeats         each instance's own InstanceLoad (the router asks every
+                       ``HEARTBEAT_S``, the same control call the controller sends)
+
+An instance gets work for role R only when the repository says R, its last
+heartbeat (if any) was answered as R (a role switch in progress answers as the
+old role, or not at all, until Triton has reloaded it), the controller lets it,
+and the router has not seen it fail (token-channel EOF, failed call) since its
+last good heartbeat. Without a repository (``routes`` only) the routes fixed at
+start are the roles.
+
+Loads are the last report corrected by what this router sent since: its own
+in-flight calls raise ``in_flight``, KV it reserved since the report lowers
+``kv_free_bytes``, so a burst between two heartbeats spreads out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pdserve.scheduler.controller.repository import Repository, RepositoryError
+from pdserve.scheduler.controller.state import ControllerState, default_state_path, read_state
+from pdserve.scheduler.instance import InstanceLoad, Role, as_role
+from pdserve.server.config import Route
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.5
+# Before an instance's first heartbeat its KV is unknown: assume room (it refuses
+# a reservation it cannot hold, and the first heartbeat comes within HEARTBEAT_S).
+UNKNOWN_KV_BYTES = 1 << 60
+
+
+@dataclass
+class _Seen:
+    """What this router knows of one instance beyond the repository."""
+
+    report: InstanceLoad | None = None  # last heartbeat answer
+    failed: str | None = None  # why it failed, until a good heartbeat
+    local: int = 0  # this router's calls in flight there
+    reserved_bytes: int = 0  # KV this router reserved there since ``report``
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    role: Role
+    scenario: str
+    max_batch_size: int
+
+
+class InstanceView:
+    def __init__(self, routes: Mapping[str, Route], max_batch_size: int,
+                 repository: Path | None = None, state_path: Path | None = None,
+                 check_every_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
+        self._default_batch = max_batch_size
+        self._repo = Repository(repository) if repository is not None else None
+        self._state_path = (state_path if state_path is not None else
+                            default_state_path(repository) if repository is not None else None)
+        self.check_every_s = check_every_s
+        self._clock = clock
+        self._checked = float("-inf")
+        self._stamp: tuple[object, ...] = ()
+        self._state_stamp: float | None = None
+        self.state = ControllerState()
+        self.members: dict[str, Member] = {}
+        for scenario, route in routes.items():
+            for role in ("prefill", "decode", "aggregated"):
+                for name in getattr(route, role):
+                    self.members[name] = Member(name, role, scenario, max_batch_size)
+        self._seen: dict[str, _Seen] = {}
+        self.refresh(force=True)
+
+    # -- sources ------------------------------------------------------------------------
+    def refresh(self, force: bool = False) -> None:
+        """Re-read the repository and the state file if they changed (cheap stats)."""
+        now = self._clock()
+        if not force and now - self._checked < self.check_every_s:
+            return
+        self._checked = now
+        if self._repo is not None:
+            stamp = self._repo_stamp()
+            if force or stamp != self._stamp:
+                self._stamp = stamp
+                self._read_repository()
+        if self._state_path is not None:
+            try:
+                mtime: float | None = os.stat(self._state_path).st_mtime
+            except OSError:
+                mtime = None
+            if force or mtime != self._state_stamp:
+                self._state_stamp = mtime
+                try:
+                    self.state = read_state(self._state_path)
+                except Exception as exc:  # a bad file must not stop routing
+                    log.warning("controller state %s unreadable: %s", self._state_path, exc)
+
+    def _repo_stamp(self) -> tuple[object, ...]:
+        assert self._repo is not None
+        root = self._repo.root
+        stamps: list[object] = []
+        try:
+            stamps.append(os.stat(root).st_mtime_ns)
+            for name in sorted(os.listdir(root)):
+                with_cfg = root / name / "config.pbtxt"
+                try:
+                    st = os.stat(with_cfg)
+                    stamps.append((name, st.st_mtime_ns, st.st_ino))
+                except OSError:
+                    continue
+        except OSError:
+            pass
+        return tuple(stamps)
+
+    def _read_repository(self) -> None:
+        assert self._repo is not None
+        try:
+            entries = self._repo.instances()
+        except (RepositoryError, OSError) as exc:
+            log.warning("model repository %s unreadable, keeping the last view: %s",
+                        self._repo.root, exc)
+            return
+        self.members = {
+            name: Member(name, as_role(e.role), e.scenario, e.max_batch_size)
+            for name, e in entries.items()}
+
+    # -- what the router reports --------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(self.members)
+
+    def record_load(self, name: str, load: InstanceLoad) -> None:
+        seen = self._seen.setdefault(name, _Seen())
+        seen.report, seen.failed, seen.reserved_bytes = load, None, 0
+
+    def record_failure(self, name: str, why: str) -> None:
+        """Seen dead (channel EOF, failed call, failed heartbeat): no work until healthy."""
+        self._seen.setdefault(name, _Seen()).failed = why
+
+    def failure(self, name: str) -> str | None:
+        seen = self._seen.get(name)
+        return None if seen is None else seen.failed
+
+    def started(self, name: str, kv_bytes: int = 0) -> None:
+        seen = self._seen.setdefault(name, _Seen())
+        seen.local += 1
+        seen.reserved_bytes += kv_bytes
+
+    def finished(self, name: str) -> None:
+        self._seen.setdefault(name, _Seen()).local -= 1
+
+    def local_in_flight(self, name: str) -> int:
+        seen = self._seen.get(name)
+        return 0 if seen is None else seen.local
+
+    # -- what routing asks ------------------------------------------------------------
+    def is_aggregated(self, scenario: str) -> bool:
+        roles = {m.role for m in self.members.values() if m.scenario == scenario}
+        return "aggregated" in roles and not {"prefill", "decode"} <= roles
+
+    def group(self, scenario: str, role: Role) -> list[str]:
+        return sorted(m.name for m in self.members.values()
+                      if m.scenario == scenario and m.role == role)
+
+    def loads(self, scenario: str, role: Role) -> list[InstanceLoad]:
+        """Every member of (scenario, role); ``is_routable`` says who may get work now."""
+        return [self._load(self.members[n]) for n in self.group(scenario, role)]
+
+    def _load(self, m: Member) -> InstanceLoad:
+        seen = self._seen.get(m.name) or _Seen()
+        report = seen.report
+        if report is None:  # no heartbeat yet: the repository's word, this router's counts
+            base = InstanceLoad(m.name, m.role, m.scenario, m.max_batch_size,
+                                kv_free_bytes=UNKNOWN_KV_BYTES, kv_total_bytes=UNKNOWN_KV_BYTES)
+        else:
+            base = report
+        healthy = (seen.failed is None and self.state.is_routable(m.name)
+                   and (report is None or report.role == m.role))
+        return replace(
+            base, role=m.role, scenario=m.scenario, healthy=healthy,
+            in_flight=max(base.in_flight, seen.local),
+            kv_free_bytes=max(0, base.kv_free_bytes - seen.reserved_bytes),
+            kv_total_bytes=base.kv_total_bytes)

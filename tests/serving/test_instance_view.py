@@ -1,0 +1,83 @@
+"""The router's instance view: roles from the repository, routability from the
+controller's state file and heartbeats, loads corrected by the router's own calls."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pdserve.roles.instance_view import InstanceView
+from pdserve.scheduler.controller.repository import Repository
+from pdserve.scheduler.controller.state import (
+    DrainRequest,
+    default_state_path,
+    update_state,
+    with_drain,
+)
+from pdserve.scheduler.decode_choice import rank_decodes
+from pdserve.scheduler.forwarding import rank_prefills
+from pdserve.scheduler.instance import InstanceLoad
+from pdserve.server.config import Route
+from pdserve.server.repo import instances_from_spec, write_repository
+
+SPEC = {"limits": {"max_batch_size": 4},
+        "scenarios": {"default": {"prefill": 2, "decode": 2}, "agg": {"aggregated": 1}}}
+
+
+def _view(tmp_path: Path) -> tuple[InstanceView, Path]:
+    repo = write_repository(instances_from_spec(SPEC), tmp_path / "repo")
+    return InstanceView({"default": Route(prefill=("x",), decode=("y",))}, 4, repo,
+                        check_every_s=0.0), repo
+
+
+def test_roles_come_from_the_repository_and_follow_a_switch(tmp_path: Path) -> None:
+    view, repo = _view(tmp_path)
+    assert view.group("default", "prefill") == ["prefill_0", "prefill_1"]
+    assert view.group("default", "decode") == ["decode_0", "decode_1"]
+    assert view.is_aggregated("agg") and not view.is_aggregated("default")
+    Repository(repo).switch_role("prefill_1", "decode", "test")
+    time.sleep(0.01)
+    view.refresh()
+    assert view.group("default", "prefill") == ["prefill_0"]
+    assert view.group("default", "decode") == ["decode_0", "decode_1", "prefill_1"]
+    # Until its reloaded stub answers as a decode, the switched instance gets no work.
+    view.record_load("prefill_1", InstanceLoad("prefill_1", "prefill", "default", 4))
+    assert [x.name for x in view.loads("default", "decode") if x.is_routable] == [
+        "decode_0", "decode_1"]
+    view.record_load("prefill_1", InstanceLoad("prefill_1", "decode", "default", 4,
+                                               kv_free_bytes=100, kv_total_bytes=100))
+    assert "prefill_1" in rank_decodes(view.loads("default", "decode"), 10)
+
+
+def test_drained_and_failed_instances_leave_routing(tmp_path: Path) -> None:
+    view, repo = _view(tmp_path)
+    update_state(default_state_path(repo),
+                 lambda s: with_drain(s, "prefill_0", DrainRequest("upgrade", "test", 0.0)))
+    view.refresh()
+    assert rank_prefills(view.loads("default", "prefill")) == ["prefill_1"]
+    view.record_failure("prefill_1", "token channel closed")
+    assert rank_prefills(view.loads("default", "prefill")) == []
+    view.record_load("prefill_1", InstanceLoad("prefill_1", "prefill", "default", 4))
+    assert rank_prefills(view.loads("default", "prefill")) == ["prefill_1"]
+
+
+def test_loads_count_this_routers_calls_since_the_last_report(tmp_path: Path) -> None:
+    view, _ = _view(tmp_path)
+    for name in ("decode_0", "decode_1"):
+        view.record_load(name, InstanceLoad(name, "decode", "default", 4,
+                                            kv_free_bytes=1000, kv_total_bytes=1000))
+    view.started("decode_0", kv_bytes=600)
+    assert rank_decodes(view.loads("default", "decode"), 100) == ["decode_1", "decode_0"]
+    assert rank_decodes(view.loads("default", "decode"), 500) == ["decode_1"]
+    view.started("prefill_0")
+    assert rank_prefills(view.loads("default", "prefill")) == ["prefill_1", "prefill_0"]
+    view.finished("prefill_0")
+    view.finished("decode_0")
+    assert view.local_in_flight("prefill_0") == 0 == view.local_in_flight("decode_0")
+
+
+def test_without_repository_routes_are_the_roles() -> None:
+    view = InstanceView({"default": Route(prefill=("p",), decode=("d",)),
+                         "agg": Route(aggregated=("a",))}, 8)
+    assert view.group("default", "prefill") == ["p"] and view.is_aggregated("agg")
+    assert view.loads("default", "decode")[0].is_routable
