@@ -21,6 +21,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+from pdserve.kvtransfer.shm import sweep_stale_segments  # noqa: E402
 from pdserve.roles.common import ack  # noqa: E402
 from pdserve.roles.instance import apply_pinning  # noqa: E402
 from pdserve.roles.requests import ROUTER_INPUTS, parse_request  # noqa: E402
@@ -60,6 +61,10 @@ class TritonPythonModel:
         model_config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
         self.cfg = parse_parameters(args["model_name"], params)
+        if self.cfg.role != "router":
+            # Triton 2.51 restarts a killed stub by running initialize again in the
+            # same model load: the dead one's KV segment is ours to unlink.
+            sweep_stale_segments()
         apply_pinning(self.cfg)
         # args["model_repository"] is this model's directory; its parent is the
         # repository the router reads instance roles from.

@@ -17,11 +17,11 @@ from pdserve.server.repo import build
 SPECS = Path(__file__).parent / "specs"
 
 
-def start_server(spec: str, tmp: Path) -> TritonServer:
+def start_server(spec: str, tmp: Path, poll_secs: int = 5) -> TritonServer:
     repo = tmp / "repo"
     build(SPECS / spec, repo, force=True)
     options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), ready_timeout_s=180,
+                            metrics_port=free_port(), ready_timeout_s=180, poll_secs=poll_secs,
                             log_file=tmp / "tritonserver.log")
     return TritonServer(options)
 

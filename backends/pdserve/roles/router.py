@@ -179,7 +179,10 @@ class RouterRole:
                 if is_instance_dead(lost.cause):
                     self.view.record_failure(lost.instance, str(lost.cause))
                 done = emitter.token_ids
-                if (resume == MAX_RESUMES or "cancelled" in state
+                others = [load for load in self.view.loads(req.scenario, "decode")
+                          if load.is_routable and load.name != lost.instance
+                          and self.channel.failure(load.name, FAILED_HOLD_S) is None]
+                if (resume == MAX_RESUMES or "cancelled" in state or not others
                         or len(done) >= req.max_tokens):
                     raise lost.cause from None
                 self.num_resumes += 1
@@ -309,6 +312,9 @@ class RouterRole:
             loads.append(load)
         if not loads:
             raise Unavailable(f"scenario {req.scenario!r} has no {role} instance")
+        if not any(load.is_routable for load in loads):
+            raise Unavailable(self._why_down([load.name for load in loads])
+                              or f"no {role} instance of scenario {req.scenario!r} is routable")
         need = self.layout.extent_bytes(len(req.prompt_ids), req.max_tokens)
         ranked = rank_decodes(loads, need)
         if not ranked:
@@ -316,6 +322,14 @@ class RouterRole:
             # so only KV is a hard limit; choose_decode explains a KV shortage.
             ranked = rank_decodes([replace(load, in_flight=0) for load in loads], need)
         return ranked[0] if ranked else choose_decode(loads, need)
+
+    def _why_down(self, names: list[str]) -> str | None:
+        """What the router saw of the first of ``names`` that failed (channel first)."""
+        for name in names:
+            why = self.channel.failure(name, FAILED_HOLD_S) or self.view.failure(name)
+            if why:
+                return why
+        return None
 
     # -- heartbeats -------------------------------------------------------------------
     def _ensure_heartbeats(self) -> None:

