@@ -15,7 +15,7 @@ import os
 import platform
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from pdserve.bench.client import ClientConfig, TritonStreamClient
 from pdserve.bench.metrics import Slo, Summary, summarize
 from pdserve.bench.records import RequestRecord, RequestSpec
 from pdserve.bench.runner import LoadConfig, RunResult, run_load
+from pdserve.server.config import InstanceConfig
 from pdserve.server.launcher import ServerOptions, TritonServer, free_port
 from pdserve.server.repo import instances_from_spec, write_repository
 
@@ -50,18 +51,44 @@ def machine() -> dict[str, Any]:
     }
 
 
+Adjust = Callable[[InstanceConfig], InstanceConfig]
+
+
 @contextlib.contextmanager
-def deployed(spec: dict[str, Any], workdir: Path, ready_timeout_s: float = 240.0
-             ) -> Iterator[TritonServer]:
-    """Build ``spec`` into a repository under ``workdir`` and serve it; always stopped."""
+def deployed(spec: dict[str, Any], workdir: Path, ready_timeout_s: float = 240.0,
+             adjust: Adjust | None = None, poll_secs: int = 5) -> Iterator[TritonServer]:
+    """Build ``spec`` into a repository under ``workdir`` and serve it; always stopped.
+
+    ``adjust`` may change single instances where the spec format is global
+    (e.g. prefill slots apart from the decode batch size).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     repo = workdir / "repo"
-    write_repository(instances_from_spec(spec), repo, force=True)
+    instances = instances_from_spec(spec)
+    if adjust is not None:
+        instances = [adjust(cfg) for cfg in instances]
+    write_repository(instances, repo, force=True)
     options = ServerOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port(), ready_timeout_s=ready_timeout_s,
+                            poll_secs=poll_secs,
                             log_file=workdir / "tritonserver.log")
     with TritonServer(options) as server:
         yield server
+
+
+@contextlib.contextmanager
+def client_on(cores: set[int]) -> Iterator[None]:
+    """Pin this process (the load generator) to ``cores`` for a while.
+
+    Call it after the server started: children inherit the mask they are
+    forked with, and the server must keep its own pinning.
+    """
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 @dataclass(frozen=True)

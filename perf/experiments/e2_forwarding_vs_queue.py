@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,14 +32,18 @@ from typing import Any
 from pdserve.bench.metrics import DEADLINE_KIND, Slo, meets_ttft
 from pdserve.bench.records import RequestRecord, RequestSpec
 from pdserve.bench.workload import LengthDistribution, iter_arrivals, iter_synthetic_requests
+from pdserve.server.config import InstanceConfig
 from perf.experiments import common
 
 NAME = "e2_forwarding_vs_queue"
-EARLY_END = "UNAVAILABLE"
+# The router's early-intervention error; its text, since in-stream errors carry no code.
+EARLY_END_TEXT = "within its TTFT budget"
+DECODE_BATCH = 128
 
 
 @dataclass(frozen=True)
 class E2Config:
+    model: str
     prompt_len: int
     output_len: int
     prefill_slots: int  # per prefill instance (max_batch_size)
@@ -58,36 +63,49 @@ class E2Config:
             raise ValueError("need prefill_slots >= 1 and queue_cap >= prefill_slots")
 
 
-FULL = E2Config(prompt_len=960, output_len=4, prefill_slots=2, queue_cap=256,
-                loads=(1.0, 2.0, 3.0, 5.0), point_s=20.0, capacity_s=12.0,
-                ttft_slo_ms=250.0, ttft_budget_s=0.15)
+FULL = E2Config(model="small", prompt_len=64, output_len=4, prefill_slots=1, queue_cap=256,
+                loads=(1.0, 2.0, 3.0, 5.0), point_s=20.0, capacity_s=15.0,
+                ttft_slo_ms=1200.0, ttft_budget_s=0.3)
 QUICK = replace(FULL, loads=(1.0, 5.0), point_s=5.0, capacity_s=5.0)
 
 
 def spec(cfg: E2Config, admission: str) -> dict[str, Any]:
     """The 2P+1D deployment; ``admission`` is "on_demand" or "local_queue"."""
     doc: dict[str, Any] = {
-        "model": "tiny",
-        "router": {"name": "pdserve", "num_threads": 1},
+        "model": cfg.model,
+        "router": {"name": "pdserve", "num_threads": 1, "cpu_cores": "1"},
         "limits": {"max_tokens": 64, "max_batch_size": cfg.prefill_slots,
-                   "kv_capacity_mb": 64, "ttft_budget_s": cfg.ttft_budget_s},
+                   "kv_capacity_mb": 1024, "ttft_budget_s": cfg.ttft_budget_s},
         "kv": {"transport": "shm", "send_mode": "whole", "ttl_s": 30},
         # Both prefills share core 0 so that prefill, not the router, is the
-        # bottleneck the experiment is about; decode and router have core 1.
+        # bottleneck the experiment is about; decode, router and the load
+        # generator have core 1.
         "scenarios": {"default": {"prefill": 2, "decode": 1,
                                   "cpu_cores": {"prefill": ["0"], "decode": ["1"]}}},
     }
     if admission == "local_queue":
-        doc.update(local_queue_options(cfg))
+        doc["limits"].update(local_queue_options(cfg))
     return doc
 
 
-def local_queue_options(cfg: E2Config) -> dict[str, Any]:
-    """Spec keys that switch prefills to local FIFOs and the router to shortest_queue.
+def adjust(cfg: E2Config) -> common.Adjust:
+    """Prefill slots are the scarce resource; the decode batch must not be."""
 
-    Raises ``LookupError`` while the roles do not offer the switch yet.
+    def apply(inst: InstanceConfig) -> InstanceConfig:
+        if inst.role == "decode":
+            return replace(inst, max_batch_size=DECODE_BATCH)
+        return inst
+
+    return apply
+
+
+def local_queue_options(cfg: E2Config) -> dict[str, Any]:
+    """The spec's switch to local FIFOs (``limits.admission: queue``, ``queue_cap``).
+
+    With it the router picks the prefill with the shortest queue and sends the
+    prompt there once; the prefill queues it behind its running batch.
     """
-    raise LookupError("the roles offer no local-queue admission option yet")
+    return {"admission": "queue", "queue_cap": cfg.queue_cap}
 
 
 def requests(cfg: E2Config, rate: float | None, count: int, seed: int) -> list[RequestSpec]:
@@ -97,24 +115,44 @@ def requests(cfg: E2Config, rate: float | None, count: int, seed: int) -> list[R
     return list(itertools.islice(it, count))
 
 
+def ended_early(record: RequestRecord) -> bool:
+    """Refused by early intervention (UNAVAILABLE), as opposed to failing once admitted."""
+    return record.error_kind == "UNAVAILABLE" or EARLY_END_TEXT in (record.error_message or "")
+
+
 def attainment(records: Sequence[RequestRecord], slo: Slo) -> dict[str, Any]:
     finished = [r for r in records if r.error_kind != DEADLINE_KIND]
-    admitted = [r for r in finished if r.error_kind != EARLY_END]
+    admitted = [r for r in finished if not ended_early(r)]
     good = sum(1 for r in finished if meets_ttft(r, slo))
+    samples: dict[str, str] = {}
+    for r in finished:
+        key = f"{r.error_kind} ({'ended early' if ended_early(r) else 'admitted'})"
+        if r.error_kind and key not in samples:
+            samples[key] = (r.error_message or "")[:300]
     return {
+        "error_samples": samples,
         "finished": len(finished),
         "admitted": len(admitted),
         "ended_early": len(finished) - len(admitted),
+        "failed_admitted": sum(1 for r in admitted if not r.is_ok),
         "good": good,
         "attainment_all": good / len(finished) if finished else None,
         "attainment_admitted": good / len(admitted) if admitted else None,
+        "attainment_served": good / served if (served := sum(r.is_ok for r in finished)) else None,
     }
+
+
+def warmup(server: Any, cfg: E2Config) -> None:
+    """Unmeasured: the engine packs weights lazily per row count, once per batch size,
+    so the decode's batch sizes are visited before anything is timed."""
+    common.drive(server, requests(cfg, None, 48, seed=99), label="warmup", concurrency=24,
+                 request_timeout_s=120)
 
 
 def measure(server: Any, cfg: E2Config, label: str) -> dict[str, Any]:
     """Unloaded TTFT and closed-loop capacity of one deployment."""
     total_slots = 2 * cfg.prefill_slots
-    common.drive(server, requests(cfg, None, 10, seed=99), label="warmup", concurrency=2)
+    warmup(server, cfg)
     unloaded = common.drive(server, requests(cfg, None, 20, seed=98), label="unloaded",
                             concurrency=1)
     cap = common.drive(server, requests(cfg, None, 100_000, seed=97), label="capacity",
@@ -153,7 +191,8 @@ def run(cfg: E2Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     doc: dict[str, Any] = {"experiment": NAME, "quick": quick, "config": cfg.__dict__,
                            "slo": slo.__dict__, "machine": common.machine(),
                            "spec_on_demand": spec(cfg, "on_demand"), "points": []}
-    with common.deployed(spec(cfg, "on_demand"), out / "on_demand") as server:
+    with common.deployed(spec(cfg, "on_demand"), out / "on_demand", adjust=adjust(cfg)) as server, \
+            common.client_on({1}):
         doc["on_demand"] = measure(server, cfg, "on_demand")
         capacity = doc["on_demand"]["capacity_req_per_s"]
         print(f"capacity {capacity:.1f} req/s; unloaded {doc['on_demand']['unloaded']}",
@@ -165,8 +204,9 @@ def run(cfg: E2Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
         doc["local_queue_blocked"] = str(exc)
     else:
         doc["spec_local_queue"] = baseline
-        with common.deployed(baseline, out / "local_queue") as server:
-            common.drive(server, requests(cfg, None, 10, seed=99), label="warmup", concurrency=2)
+        with common.deployed(baseline, out / "local_queue", adjust=adjust(cfg)) as server, \
+                common.client_on({1}):
+            warmup(server, cfg)
             # Same offered rates as on-demand: multiples of the capacity measured there.
             doc["points"] += sweep(server, cfg, capacity, slo, "local_queue")
     doc["machine_after"] = common.machine()
@@ -184,11 +224,13 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {("on_demand", "attainment_admitted"): ("o-", "on-demand, admitted requests"),
               ("on_demand", "attainment_all"): ("o:", "on-demand, all (ended early = miss)"),
+              ("on_demand", "attainment_served"): ("^-.", "on-demand, served requests"),
               ("local_queue", "attainment_all"): ("s--", "local queue + shortest_queue")}
     for (label, key), (style, name) in styles.items():
         pts = [p for p in doc["points"] if p["admission"] == label]
         if pts:
-            ax.plot([p["load"] for p in pts], [100 * (p[key] or 0) for p in pts], style,
+            ys = [served(p) if key == "attainment_served" else p[key] for p in pts]
+            ax.plot([p["load"] for p in pts], [100 * (y or 0) for y in ys], style,
                     label=name)
     ax.set_xlabel("offered load (x measured prefill capacity)")
     ax.set_ylabel(f"TTFT SLO attainment (%), SLO {doc['slo']['ttft_ms']:.0f} ms")
@@ -206,14 +248,15 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
     cfg, m, od = doc["config"], doc["machine"], doc["on_demand"]
     u = od["unloaded"]
     lines = [
-        "## E2: on-demand forwarding vs local prefill queues, tiny 2P+1D — experiments",
+        "## E2: on-demand forwarding vs local prefill queues, 2P+1D — experiments",
         "",
         f"Command: `.venv/bin/python -m perf.experiments.{NAME}`  ",
         f"Machine: {m['cpu']}, {m['usable_cores']} usable cores shared with other engineers' "
         f"jobs, load average {m['load_average']} before / {doc['machine_after']['load_average']} "
         f"after, {m['date_utc']}.  ",
-        f"Deployment: `tiny`, prefill_0 and prefill_1 both on core 0 with "
-        f"{cfg['prefill_slots']} slots each, decode_0 on core 1, router unpinned; shm KV. "
+        f"Deployment: `{cfg['model']}`, prefill_0 and prefill_1 both on core 0 with "
+        f"{cfg['prefill_slots']} slot(s) each; decode_0, the router and the load generator on "
+        "core 1; shm KV. "
         f"Requests: {cfg['prompt_len']}-token prompts, {cfg['output_len']} output tokens, "
         f"Poisson arrivals, {cfg['point_s']:.0f} s per load point.  ",
         f"Unloaded TTFT p50 {u['ttft_p50_ms']:.1f} ms, p90 {u['ttft_p90_ms']:.1f} ms. "
@@ -223,17 +266,25 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         f"{4 * cfg['prefill_slots']} in flight, {cfg['capacity_s']:.0f} s). "
         "Load = offered Poisson rate / C.",
         "",
-        "| admission | load | rate req/s | offered | ended early (UNAVAILABLE) | TTFT p50/p99 ms "
-        "(served) | attainment, all requests | attainment, admitted requests |",
-        "|---|---|---|---|---|---|---|---|",
+        "| admission | load | rate req/s | offered | ended early (UNAVAILABLE) | failed after "
+        "admission | TTFT p50/p99 ms (served) | attainment, all requests | attainment, admitted "
+        "requests | attainment, served requests |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in doc["points"]:
         b = p["bench"]
         lines.append(
             f"| {p['admission']} | {p['load']:g}x | {p['rate']:.1f} | {p['offered']} | "
-            f"{p['ended_early']} | {common.fmt(b['ttft_p50_ms'])}/{common.fmt(b['ttft_p99_ms'])}"
+            f"{p['ended_early']} | {p['failed_admitted']} | "
+            f"{common.fmt(b['ttft_p50_ms'])}/{common.fmt(b['ttft_p99_ms'])}"
             f" | {common.pct(p['attainment_all'])} | "
-            f"{common.pct(p['attainment_admitted'])} |")
+            f"{common.pct(p['attainment_admitted'])} | {common.pct(served(p))} |")
+    lines += ["", *verdict(doc)]
+    failures = {k: v for p in doc["points"] for k, v in p.get("error_samples", {}).items()
+                 if "admitted" in k}
+    if failures:
+        lines += ["", "Errors of admitted requests (first message per kind): " + "; ".join(
+            f"{k}: `{v}`" for k, v in failures.items())]
     if "local_queue_blocked" in doc:
         lines += ["", f"**Local-queue baseline: blocked** — {doc['local_queue_blocked']}"]
     if figure:
@@ -241,14 +292,51 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
     return "\n".join(lines)
 
 
+def served(point: dict[str, Any]) -> float | None:
+    """Attainment over requests that completed (older JSON lacks the field)."""
+    if "attainment_served" in point:
+        return point["attainment_served"]  # type: ignore[no-any-return]
+    ok = point["bench"]["ok"]
+    return point["good"] / ok if ok else None
+
+
+def verdict(doc: dict[str, Any]) -> list[str]:
+    """The goal (>= 99% at the highest load where the queue baseline falls) in numbers."""
+    top = max(doc["config"]["loads"])
+    at_top = {p["admission"]: p for p in doc["points"] if p["load"] == top}
+    lines = []
+    od = at_top.get("on_demand")
+    if od:
+        met = (od["attainment_admitted"] or 0) >= 0.99
+        lines.append(
+            f"- At {top:g}x, on-demand: {common.pct(od['attainment_admitted'])} of admitted "
+            f"requests met the TTFT SLO ({'goal met' if met else 'goal of >= 99% NOT met'}), "
+            f"{common.pct(od['attainment_all'])} of all requests; {od['ended_early']} of "
+            f"{od['finished']} were ended early with UNAVAILABLE and {od['failed_admitted']} "
+            f"failed after admission; {common.pct(served(od))} of served (completed) requests "
+            "met it.")
+    lq = at_top.get("local_queue")
+    if lq:
+        lines.append(f"- At {top:g}x, local queues: {common.pct(lq['attainment_all'])} of all "
+                     f"requests met it (TTFT p99 {common.fmt(lq['bench']['ttft_p99_ms'], '.0f')}"
+                     " ms): nothing is refused, so queued prompts wait past the SLO.")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 short load points")
     parser.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
     parser.add_argument("--out", type=Path, help="output dir (default perf/out/<experiment>)")
+    parser.add_argument("--from-json", type=Path,
+                        help="re-render RESULTS.md and the PNG from an earlier run's e2.json")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
-    doc = run(cfg, args.quick, args.out)
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+        doc["png"] = str(plot(doc, args.from_json.with_suffix(".png")))
+    else:
+        doc = run(cfg, args.quick, args.out)
     figure = None
     if not args.quick and not args.no_results:
         figure = "figures/e2_forwarding_vs_queue.png"

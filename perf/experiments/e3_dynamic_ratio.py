@@ -25,7 +25,7 @@ import itertools
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from pdserve.bench.metrics import Slo
 from pdserve.bench.records import RequestSpec
 from pdserve.bench.workload import LengthDistribution, iter_synthetic_requests
 from pdserve.scheduler.controller.protocol import CONTROL_INPUT
+from pdserve.server import config as server_config
 from pdserve.server.config import InstanceConfig
 from pdserve.server.launcher import TritonServer, free_port
 from pdserve.server.repo import config_pbtxt
@@ -93,11 +94,10 @@ def dynamic_blockers() -> list[str]:
             f"instance models declare no `{CONTROL_INPUT}` heartbeat input "
             "(server/repo.py INSTANCE_IO has only op/payload), so every controller "
             "heartbeat fails and the controller would treat all 4 instances as dead")
-    if "generation" not in {f.name for f in fields(InstanceConfig)}:
+    if "generation" not in getattr(server_config, "RELOAD_ONLY_KEYS", ()):
         blockers.append(
-            "InstanceConfig has no `generation` parameter, and the router takes its routes "
-            "from its own static `routes` parameter, so a role switched through the "
-            "repository is never routed to as its new role")
+            "instances do not accept the controller's `generation` parameter, so a role "
+            "switch or reload edit through the repository fails to load")
     return blockers
 
 
@@ -160,7 +160,8 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     blockers = dynamic_blockers()
     doc["dynamic_blockers"] = blockers
     if not blockers:
-        with common.deployed(spec(cfg, 2, 2), out / "dynamic") as server, \
+        # Poll every second so a role switch the controller writes is loaded soon.
+        with common.deployed(spec(cfg, 2, 2), out / "dynamic", poll_secs=1) as server, \
                 controller(server, cfg, out / "dynamic") as edits:
             doc["rows"] += run_phases(server, cfg, "dynamic", slo)
             doc["controller_edits"] = edits.read_text().splitlines() if edits.exists() else []
