@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -21,6 +23,14 @@ class Result:
     finish_reason: str = ""
     error: str | None = None
     responses: int = 0
+    token_times: list[float] = field(default_factory=list)  # monotonic, one per token
+    ended_at: float = 0.0  # monotonic time of the final response or the error
+
+    @property
+    def max_gap_s(self) -> float:
+        """Longest wait between two consecutive tokens the client saw."""
+        t = self.token_times
+        return max((b - a for a, b in itertools.pairwise(t)), default=0.0)
 
 
 def _inputs(text: str | None, ids: list[int] | None, stream: bool,
@@ -69,9 +79,13 @@ def generate_many(url: str, requests: list[dict[str, Any]], *, stream: bool = Tr
         while pending:
             result, error = events.get(timeout=timeout_s)
             if error is not None:
-                # Errors carry no request id in the callback; match by order of failure.
-                idx = next(i for i, r in enumerate(results) if r.error is None and
-                           not r.finish_reason)
+                # Errors carry no request id in the callback: give it to a request
+                # that has had no response yet (requests fail before their first
+                # token here, or on instance loss), else to the first unfinished one.
+                open_ = [i for i, r in enumerate(results) if r.error is None and
+                         not r.finish_reason]
+                idx = next((i for i in open_ if results[i].responses == 0), open_[0])
+                results[idx].ended_at = time.monotonic()
                 results[idx].error = str(error)
                 pending -= 1
                 continue
@@ -81,10 +95,13 @@ def generate_many(url: str, requests: list[dict[str, Any]], *, stream: bool = Tr
             out = result.as_numpy("text_output")
             if out is not None and out.size:
                 res.text += out.reshape(-1)[0].decode("utf-8", errors="replace")
-                res.ids.extend(result.as_numpy("output_ids").tolist())
+                new_ids = result.as_numpy("output_ids").tolist()
+                res.ids.extend(new_ids)
+                res.token_times.extend([time.monotonic()] * len(new_ids))
                 reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
                 res.finish_reason = reason or res.finish_reason
             if resp.parameters["triton_final_response"].bool_param:
+                res.ended_at = time.monotonic()
                 pending -= 1
     finally:
         client.stop_stream(cancel_requests=True)

@@ -163,15 +163,71 @@ def test_prefill_killed_under_load(cluster: Cluster) -> None:
 def test_decode_killed_under_load_resumes(cluster: Cluster) -> None:
     _wait(lambda: _all_routable(cluster), 90, "every instance healthy")
     with Load(cluster, max_tokens=120, width=6) as load:
-        time.sleep(2.0)  # streams are running on both decodes
+        probe = TritonProbeClient(timeout_s=5.0)
+
+        def busy(name: str) -> bool:
+            load = probe.probe(cluster.server.options.http_url, name).load
+            return load is not None and load.in_flight > 0
+
+        _wait(lambda: busy("decode_0") and busy("decode_1"), 30, "streams on both decodes")
         killed = time.monotonic()
         _kill(_stub_pid(cluster.server, "decode_0"))
         out_s = _wait(lambda: not cluster.state().is_routable("decode_0"), 30,
                       "decode_0 out of routing (controller)")
         back_s = _wait(lambda: _all_routable(cluster), 90, "decode_0 back in routing")
         time.sleep(1.0)
+    resumed = scrape(cluster.server.options.metrics_url)[("pdserve_resumed_requests_total",
+                                                           "pdserve")]
+    gap = max(r.max_gap_s for _, r in load.results)
     print(f"\ndecode kill: out of routing {out_s:.2f}s, back "
           f"{time.monotonic() - killed:.2f}s after the kill ({back_s:.2f}s after out); "
-          f"{len(load.results)} requests")
+          f"{len(load.results)} requests, {resumed:.0f} resumed, longest token gap {gap:.2f}s")
     load.check_all_correct()
+    assert resumed >= 1  # streams of the dead decode went on elsewhere
     _wait(lambda: _kv_released(cluster), 20, "KV released")
+
+
+def test_burst_of_10x_capacity(cluster: Cluster) -> None:
+    """2 decodes x batch 8 = 16 streams; 160 arrive at once with a 5 s TTFT budget."""
+    _wait(lambda: _all_routable(cluster), 90, "every instance healthy")
+    grpc, metrics = cluster.server.options.grpc_url, cluster.server.options.metrics_url
+    n, max_tokens = 160, 160
+    peak = {"router": 0.0}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.1):
+            m = scrape(metrics)
+            peak["router"] = max(peak["router"],
+                                 m.get(("pdserve_router_requests_in_flight", "pdserve"), 0.0))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t0 = time.monotonic()
+    try:
+        results = generate_many(grpc, [
+            {"ids": PROMPTS[i % len(PROMPTS)],
+             "sampling": {"max_tokens": max_tokens, "ignore_eos": True}}
+            for i in range(n)], timeout_s=120)
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+    failed = [r for r in results if r.error is not None]
+    done = [(i, r) for i, r in enumerate(results) if r.error is None]
+    print(f"\nburst: {len(done)} served, {len(failed)} UNAVAILABLE; last failure after "
+          f"{max((r.ended_at - t0 for r in failed), default=0):.2f}s; whole burst "
+          f"{max(r.ended_at for r in results) - t0:.2f}s; router peak {peak['router']:.0f}")
+    assert failed and done, "a 10x burst must both serve and shed"
+    for r in failed:
+        assert "TTFT budget" in (r.error or ""), r.error
+        assert r.ended_at - t0 < 5.0 + 3.0  # ended at its budget, not left to wait
+    for i, r in done:
+        assert r.ids == cluster.expected(PROMPTS[i % len(PROMPTS)], max_tokens)
+    assert peak["router"] <= n
+    _wait(lambda: _kv_released(cluster), 20, "KV released after the burst")
+    _wait(lambda: scrape(metrics).get(("pdserve_router_requests_in_flight", "pdserve")) == 0,
+          10, "router tasks drained")
+    after = generate_many(grpc, [{"ids": p, "sampling": {"max_tokens": 8, "ignore_eos": True}}
+                                 for p in PROMPTS])
+    for p, r in zip(PROMPTS, after, strict=True):
+        assert r.error is None and r.ids == cluster.expected(p, 8), r

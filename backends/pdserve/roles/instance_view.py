@@ -16,9 +16,11 @@ and the router has not seen it fail (token-channel EOF, failed call) since its
 last good heartbeat. Without a repository (``routes`` only) the routes fixed at
 start are the roles.
 
-Loads are the last report corrected by what this router sent since: its own
-in-flight calls raise ``in_flight``, KV it reserved since the report lowers
-``kv_free_bytes``, so a burst between two heartbeats spreads out.
+Loads are the last report corrected by what this router did since: ``in_flight``
+is the report's count minus this router's calls at that time (other routers'
+work) plus this router's calls now, and KV it reserved since the report lowers
+``kv_free_bytes``, so a burst between two heartbeats spreads out and a slot
+freed here is seen at once.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class _Seen:
     report: InstanceLoad | None = None  # last heartbeat answer
     failed: str | None = None  # why it failed, until a good heartbeat
     local: int = 0  # this router's calls in flight there
+    local_at_report: int = 0  # ``local`` when ``report`` came: the rest is other routers'
     reserved_bytes: int = 0  # KV this router reserved there since ``report``
 
 
@@ -143,6 +146,7 @@ class InstanceView:
     def record_load(self, name: str, load: InstanceLoad) -> None:
         seen = self._seen.setdefault(name, _Seen())
         seen.report, seen.failed, seen.reserved_bytes = load, None, 0
+        seen.local_at_report = seen.local
 
     def record_failure(self, name: str, why: str) -> None:
         """Seen dead (channel EOF, failed call, failed heartbeat): no work until healthy."""
@@ -189,6 +193,6 @@ class InstanceView:
                    and (report is None or report.role == m.role))
         return replace(
             base, role=m.role, scenario=m.scenario, healthy=healthy,
-            in_flight=max(base.in_flight, seen.local),
+            in_flight=max(0, base.in_flight - seen.local_at_report) + seen.local,
             kv_free_bytes=max(0, base.kv_free_bytes - seen.reserved_bytes),
             kv_total_bytes=base.kv_total_bytes)

@@ -55,6 +55,12 @@ class InstanceMetrics:
                                        "Prompts refused for lack of a free prefill slot",
                                        fam.COUNTER)
 
+        self.requests_in_flight = make("pdserve_router_requests_in_flight",
+                                       "Client requests the router is serving now", fam.GAUGE)
+        self.resumed = make("pdserve_resumed_requests_total",
+                            "Requests moved to another decode after theirs failed (router)",
+                            fam.COUNTER)
+
     def set_kv(self, in_use: int, free: int) -> None:
         self.kv_bytes_in_use.set(in_use)
         self.kv_bytes_free.set(free)

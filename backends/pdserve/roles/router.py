@@ -59,7 +59,7 @@ from pdserve.roles.metrics import InstanceMetrics
 from pdserve.roles.requests import ClientRequest, Limits
 from pdserve.roles.token_receiver import ChannelServer, InstanceLost, TokenStream
 from pdserve.roles.triton import InstanceClient, Responder
-from pdserve.scheduler.decode_choice import choose_decode, rank_decodes
+from pdserve.scheduler.decode_choice import choose_decode
 from pdserve.scheduler.forwarding import (
     ForwardingPolicy,
     PrefillRejected,
@@ -90,6 +90,10 @@ class DecodeLost(Exception):
         self.cause = cause
 
 
+class NoInstance(Unavailable):
+    """No instance of the role is routable at all (as opposed to all being full)."""
+
+
 def is_instance_dead(exc: BaseException) -> bool:
     return isinstance(exc, InstanceLost) or (
         isinstance(exc, Unavailable) and not isinstance(exc, PrefillRejected)
@@ -112,6 +116,7 @@ class RouterRole:
         self.metrics = InstanceMetrics(cfg.name)
         self.view = InstanceView(cfg.routes, cfg.max_batch_size, repository)
         self.num_resumes = 0
+        self._num_requests = 0  # client requests in this router now (bounded-memory check)
         roles = {n: "decode" for r in cfg.routes.values() for n in r.decode}
         roles.update({n: "aggregated" for r in cfg.routes.values() for n in r.aggregated})
         self.channel = ChannelServer(cfg.name, transfer_config(cfg).secret,
@@ -126,6 +131,8 @@ class RouterRole:
         self.metrics.prompt_tokens.increment(len(req.prompt_ids))
         state: dict[str, str] = {}  # "abort_target": instance to abort on cancel
         watcher = asyncio.create_task(self._watch_cancel(request, req, state))
+        self._num_requests += 1
+        self.metrics.requests_in_flight.set(self._num_requests)
         try:
             if self.view.is_aggregated(req.scenario):
                 await self._aggregated(req, emitter, state)
@@ -134,6 +141,8 @@ class RouterRole:
             if "cancelled" in state:
                 raise Cancelled(f"request {req.request_id} was cancelled by the client")
         finally:
+            self._num_requests -= 1
+            self.metrics.requests_in_flight.set(self._num_requests)
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
@@ -146,7 +155,7 @@ class RouterRole:
     # -- the two paths --------------------------------------------------------------
     async def _aggregated(self, req: ClientRequest, emitter: Emitter,
                           state: dict[str, str]) -> None:
-        target = self._pick(req, "aggregated")
+        target = await self._choose(req, "aggregated", time.monotonic() + self.cfg.ttft_budget_s)
         call = GenerateCall(req.request_id, req.prompt_ids, req.sampling,
                             channel=await self._address())
         stream = self.channel.open(req.request_id, emitter.tokens)
@@ -186,21 +195,29 @@ class RouterRole:
                         or len(done) >= req.max_tokens):
                     raise lost.cause from None
                 self.num_resumes += 1
+                self.metrics.resumed.increment(1)
                 log.warning("request %s: %s; resuming after %d tokens", req.request_id, lost,
                             len(done))
                 part = resumed(req, done, resume + 1)
 
     async def _disaggregated(self, req: ClientRequest, emitter: Emitter,
                              state: dict[str, str]) -> None:
-        decode = self._pick(req, "decode")
+        deadline = time.monotonic() + self.cfg.ttft_budget_s
+        decode = await self._choose(req, "decode", deadline)
         call = GenerateCall(req.request_id, req.prompt_ids, req.sampling,
                             channel=await self._address())
         stream = self.channel.open(req.request_id, emitter.tokens)
         self.view.started(decode, self.layout.extent_bytes(len(req.prompt_ids), req.max_tokens))
         step = "reserve"
+        def lost() -> bool:
+            # Once bound, the stream's own channel is the decisive signal: a stub
+            # restarted in place (Triton 2.51) answers pings and heartbeats again
+            # while calls made to the dead one never complete.
+            return stream.done.done() or self._decode_failed(decode)
+
         try:
             accepted = Accepted.from_bytes(
-                await self.client.call(decode, "reserve", call.to_bytes()))
+                await self.client.call(decode, "reserve", call.to_bytes(), lost=lost))
             if not accepted.handle:
                 raise InternalError(f"{decode} answered reserve without a KV handle")
             state["abort_target"] = decode
@@ -210,15 +227,17 @@ class RouterRole:
                 await self._abort(decode, req.request_id)
                 return
             step = "prefill"
-            result = await self._prefill(req, decode, accepted.handle)
+            result = await self._prefill(req, decode, accepted.handle, deadline)
             emitter.tokens([result.first_token])
             if result.finish_reason or "cancelled" in state:
                 await self._abort(decode, req.request_id)
                 emitter.finish(result.finish_reason or "abort", result.text_len)
                 return
             step = "commit"
+            if lost():  # its KV landed in a dead stub's arena: resume elsewhere
+                raise DecodeLost(decode, Unavailable(self._why_down([decode]) or "lost"))
             commit = CommitCall(req.request_id, result.first_token, result.rng_state)
-            await self.client.call(decode, "commit", commit.to_bytes())
+            await self.client.call(decode, "commit", commit.to_bytes(), lost=lost)
             step = "stream"
             await self._finish(stream, emitter)
         except DecodeLost:
@@ -237,7 +256,8 @@ class RouterRole:
             self.view.finished(decode)
             self.channel.close_stream(stream)
 
-    async def _prefill(self, req: ClientRequest, decode: str, handle: str) -> PrefillResult:
+    async def _prefill(self, req: ClientRequest, decode: str, handle: str,
+                       deadline: float) -> PrefillResult:
         call = PrefillCall(req.request_id, req.prompt_ids, req.sampling, handle).to_bytes()
 
         async def attempt(name: str) -> bytes:
@@ -245,7 +265,11 @@ class RouterRole:
                 raise DecodeLost(decode, Unavailable(f"decode instance {decode} failed"))
             self.view.started(name)
             try:
-                return await self.client.call(name, "prefill", call)
+                # Bounded by the TTFT budget: a stub restarted under this call
+                # never answers it (InstanceClient), and late is too late anyway.
+                return await self.client.call(
+                    name, "prefill", call, timeout_s=deadline - time.monotonic(),
+                    lost=lambda: self.view.failure(name) is not None)
             except PrefillRejected:
                 self.metrics.prefill_rejections.increment(1)
                 raise
@@ -265,7 +289,7 @@ class RouterRole:
             return PrefillResult.from_bytes(await attempt(name))
         result = await forward_on_demand(
             lambda: rank_prefills(self.view.loads(req.scenario, "prefill")), attempt,
-            self.policy, deadline=time.monotonic() + self.cfg.ttft_budget_s)
+            self.policy, deadline=deadline)
         return PrefillResult.from_bytes(result.value)
 
     # -- helpers ----------------------------------------------------------------------
@@ -303,6 +327,28 @@ class RouterRole:
         if target is not None:
             await self._abort(target, req.request_id)
 
+    async def _choose(self, req: ClientRequest, role: Role, deadline: float) -> str:
+        """``_pick``, waiting for room (KV, batch slot) while the TTFT budget allows.
+
+        With no routable instance at all it fails at once (nothing to wait for
+        that this request's budget could see through: a replacement takes longer).
+        """
+        backoff = self.policy.min_backoff_s
+        while True:
+            try:
+                return self._pick(req, role)
+            except NoInstance:
+                raise
+            except Unavailable as exc:
+                now = time.monotonic()
+                if now + backoff >= deadline:
+                    raise Unavailable(
+                        f"request could not find room on a {role} instance within its TTFT "
+                        f"budget of {self.cfg.ttft_budget_s:g}s (ended early rather than "
+                        f"answered late): {exc}") from None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.policy.max_backoff_s)
+
     def _pick(self, req: ClientRequest, role: Role) -> str:
         """The best routable decode/aggregated instance that can hold the request's KV."""
         loads: list[InstanceLoad] = []
@@ -311,17 +357,12 @@ class RouterRole:
                 load = replace(load, healthy=False)  # its channel just broke
             loads.append(load)
         if not loads:
-            raise Unavailable(f"scenario {req.scenario!r} has no {role} instance")
+            raise NoInstance(f"scenario {req.scenario!r} has no {role} instance")
         if not any(load.is_routable for load in loads):
-            raise Unavailable(self._why_down([load.name for load in loads])
+            raise NoInstance(self._why_down([load.name for load in loads])
                               or f"no {role} instance of scenario {req.scenario!r} is routable")
         need = self.layout.extent_bytes(len(req.prompt_ids), req.max_tokens)
-        ranked = rank_decodes(loads, need)
-        if not ranked:
-            # Every batch is full: the batchers queue beyond their running batch,
-            # so only KV is a hard limit; choose_decode explains a KV shortage.
-            ranked = rank_decodes([replace(load, in_flight=0) for load in loads], need)
-        return ranked[0] if ranked else choose_decode(loads, need)
+        return choose_decode(loads, need)  # raises Unavailable saying what is short
 
     def _why_down(self, names: list[str]) -> str | None:
         """What the router saw of the first of ``names`` that failed (channel first)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from pdserve.scheduler.controller.protocol import (
 from pdserve.scheduler.forwarding import PrefillRejected
 from pdserve.scheduler.instance import InstanceLoad
 
+CALL_TIMEOUT_S = 30.0  # control calls answer at once; a prefill within its TTFT budget
 REJECTED_MARK = "[prefill-rejected]"  # how a prefill rejection survives the BLS hop
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -140,6 +141,9 @@ class InstanceClient:
     BLS response iterator already open just blocks. So after ``probe_after_s``
     without a response we ping the instance; a dead stub fails the ping at once
     ("Stub process ... is not healthy") and the stream raises ``Unavailable``.
+    But Triton 2.51 also restarts the stub on that request, and once the fresh
+    stub answers pings the old iterator still never ends: callers bound every
+    call with a timeout (``call(timeout_s=...)``) for that case.
     The thread blocked on the dead iterator cannot be woken (2.51 has no BLS
     cancel); it is a daemon, counted in ``pool.num_abandoned``. Since tokens
     travel on the token channel, only a stub dying inside a short control call
@@ -160,24 +164,31 @@ class InstanceClient:
             requested_output_names=["payload"],
         )
 
-    async def stream(self, model: str, op: Op, payload: bytes) -> AsyncGenerator[bytes, None]:
-        """Each response payload of a decoupled call; raises the instance's error."""
+    async def stream(self, model: str, op: Op, payload: bytes,
+                     lost: Callable[[], bool] | None = None) -> AsyncGenerator[bytes, None]:
+        """Each response payload of a decoupled call; raises the instance's error.
+
+        ``lost()`` is asked every ``probe_after_s`` while waiting: true means the
+        caller saw the instance die (its token channel broke), so stop waiting.
+        """
         loop = asyncio.get_running_loop()
         responses = await self._request(model, op, payload).async_exec(decoupled=True)
         it = iter(responses)
         while True:
             pending = self._pool.submit(next, it, None)
             future = asyncio.wrap_future(pending, loop=loop)
-            while True:
-                done, _ = await asyncio.wait({future}, timeout=self.probe_after_s)
-                if done:
-                    break
-                if op != "ping":
-                    try:
+            try:
+                while True:
+                    done, _ = await asyncio.wait({future}, timeout=self.probe_after_s)
+                    if done:
+                        break
+                    if lost is not None and lost():
+                        raise Unavailable(f"instance {model} failed during {op}")
+                    if op != "ping":
                         await self._probe(model)
-                    except BaseException:
-                        self._pool.abandon(pending)
-                        raise
+            except BaseException:  # probe failed, or the caller gave up (timeout, cancel)
+                self._pool.abandon(pending)
+                raise
             response = future.result()
             if response is None:
                 return
@@ -220,10 +231,21 @@ class InstanceClient:
         except TimeoutError:
             raise Unavailable(f"instance {model} does not answer a liveness probe") from None
 
-    async def call(self, model: str, op: Op, payload: bytes) -> bytes:
-        """A call answered by exactly one payload."""
+    async def call(self, model: str, op: Op, payload: bytes,
+                   timeout_s: float = CALL_TIMEOUT_S,
+                   lost: Callable[[], bool] | None = None) -> bytes:
+        """A call answered by exactly one payload, within ``timeout_s``."""
+        try:
+            return await asyncio.wait_for(self._call(model, op, payload, lost),
+                                          max(timeout_s, 0.0))
+        except TimeoutError:
+            raise Unavailable(f"instance {model} did not answer {op} within "
+                              f"{timeout_s:.1f}s") from None
+
+    async def _call(self, model: str, op: Op, payload: bytes,
+                    lost: Callable[[], bool] | None) -> bytes:
         result: bytes | None = None
-        async for data in self.stream(model, op, payload):
+        async for data in self.stream(model, op, payload, lost):
             result = data
         if result is None:
             raise InternalError(f"instance {model} answered {op} with no payload")
