@@ -5,7 +5,8 @@ The instances export (``roles/metrics.py``, label ``instance``, optionally
 the running batch gauge. Between two scrapes the controller derives, per
 scenario:
 
-    requests  = Δ ttft_count                 arrival_rate = requests / Δt
+    requests  = Δ ttft_count                 arrival_rate = Δ offered / Δt
+                                             (requests / Δt without the offered counter)
     T_p       = Δ ttft_sum / Δ ttft_count    (seconds a prompt occupies a prefill slot)
     tpot      = Δ tpot_sum / Δ tpot_count
     out       = Δ generated_tokens / requests
@@ -17,10 +18,15 @@ So prompt-heavy traffic (long T_p) lowers per-prefill capacity b_p/T_p and
 output-heavy traffic (long T_d) lowers per-decode capacity: the balance rule
 moves instances toward the stage that needs them.
 
-Series without a ``scenario`` label (the router records TTFT for all) count
-for the scenario of their ``instance`` if it is a P/D instance, and for the
-only scenario when there is one; with several scenarios they are dropped
-(the router should label them; noted for the lead).
+``offered`` (``pdserve_requests_offered_total``, router) counts every valid
+request, also those ended early with UNAVAILABLE: demand the first-token
+count misses exactly when capacity is short. Token counters are taken from the
+router only (series whose ``instance`` is not a P/D instance), which counts each
+request once; prefill/decode instances count the same tokens again.
+
+Series without a ``scenario`` label count for the scenario of their
+``instance`` if it is a P/D instance, and for the only scenario when there is
+one; with several scenarios they are dropped.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ TPOT = "pdserve_time_per_output_token_seconds"
 GENERATED = "pdserve_generated_tokens_total"
 PROMPT = "pdserve_prompt_tokens_total"
 RUNNING = "pdserve_running_batch_size"
-_KEYS = ("ttft_sum", "ttft_count", "tpot_sum", "tpot_count", "generated", "prompt")
+OFFERED = "pdserve_requests_offered_total"
+_KEYS = ("ttft_sum", "ttft_count", "tpot_sum", "tpot_count", "generated", "prompt", "offered")
+_ROUTER_ONLY = ("generated", "prompt")
 
 
 @dataclass
@@ -69,6 +77,8 @@ def totals_from_text(
                 key = _key(sample.name)
                 if key is None:
                     continue
+                if key in _ROUTER_ONLY and sample.labels.get("instance") in instance_scenario:
+                    continue
                 scenario = _scenario(sample.labels, instance_scenario, scenarios)
                 if scenario is not None:
                     values[scenario][key] += float(sample.value)
@@ -79,7 +89,7 @@ def _key(sample_name: str) -> str | None:
     return {
         f"{TTFT}_sum": "ttft_sum", f"{TTFT}_count": "ttft_count",
         f"{TPOT}_sum": "tpot_sum", f"{TPOT}_count": "tpot_count",
-        GENERATED: "generated", PROMPT: "prompt",
+        GENERATED: "generated", PROMPT: "prompt", OFFERED: "offered",
     }.get(sample_name)
 
 
@@ -102,10 +112,12 @@ class Window:
     ttft_s: float
     tpot_s: float
     output_tokens: float
+    offered: float | None = None  # requests that arrived, served or not (router counter)
 
     @property
     def arrival_rate(self) -> float:
-        return self.requests / self.seconds
+        arrived = self.offered if self.offered else self.requests
+        return max(arrived, self.requests) / self.seconds
 
     @property
     def decode_time_s(self) -> float:
@@ -128,6 +140,7 @@ def window(prev: Totals, cur: Totals, scenario: str) -> Window | None:
         ttft_s=d["ttft_sum"] / d["ttft_count"],
         tpot_s=d["tpot_sum"] / d["tpot_count"],
         output_tokens=d["generated"] / d["ttft_count"],
+        offered=d["offered"] or None,
     )
 
 

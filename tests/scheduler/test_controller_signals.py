@@ -49,6 +49,23 @@ def test_no_traffic_or_a_restarted_server_gives_no_window() -> None:
                   "default") is None
 
 
+def test_offered_requests_drive_the_arrival_rate_and_tokens_count_once() -> None:
+    extra = ("# TYPE pdserve_requests_offered_total counter\n"
+             'pdserve_requests_offered_total{{instance="pdserve",scenario="default"}} {off}\n'
+             "# TYPE pdserve_generated_tokens_total counter\n"
+             'pdserve_generated_tokens_total{{instance="decode_0",scenario="default"}} {gen}\n')
+    decodes = {"decode_0": "default"}
+    prev = totals_from_text([page(10, 1.0, 0.1, 100) + extra.format(off=10, gen=100)], 0.0,
+                            decodes, ["default"])
+    # 50 more offered, only 20 got a first token: the rest were shed (UNAVAILABLE).
+    cur = totals_from_text([page(30, 5.0, 0.5, 500) + extra.format(off=60, gen=500)], 10.0,
+                           decodes, ["default"])
+    w = window(prev, cur, "default")
+    assert w is not None and w.requests == 20 and w.offered == 50
+    assert w.arrival_rate == pytest.approx(5.0)
+    assert w.output_tokens == pytest.approx(400 / 20)  # the decode's own count is not added
+
+
 def test_unlabelled_router_series_are_dropped_with_several_scenarios() -> None:
     t = totals_from_text([page(10, 1.0, 0.1, 100)], 0.0, {}, ["a", "b"])
     assert t.values == {}

@@ -126,7 +126,7 @@ _METRIC = re.compile(r'^(\w+)\{([^}]*)\}\s+([0-9.eE+-]+)$')
 
 
 def scrape(metrics_url: str) -> dict[tuple[str, str], float]:
-    """{(metric name, instance): value} for the pdserve_* metrics."""
+    """{(metric name, instance): value} for the pdserve_* metrics (scenarios summed)."""
     with urllib.request.urlopen(metrics_url, timeout=10) as resp:
         text = resp.read().decode()
     out: dict[tuple[str, str], float] = {}
@@ -134,6 +134,7 @@ def scrape(metrics_url: str) -> dict[tuple[str, str], float]:
         m = _METRIC.match(line)
         if m and m.group(1).startswith("pdserve_"):
             inst = re.search(r'instance="([^"]+)"', m.group(2))
-            if inst and "le=" not in m.group(2):
-                out[(m.group(1), inst.group(1))] = float(m.group(3))
+            if inst and "le=" not in m.group(2):  # summed over scenario labels
+                key = (m.group(1), inst.group(1))
+                out[key] = out.get(key, 0.0) + float(m.group(3))
     return out

@@ -25,7 +25,7 @@ class AggregatedRole:
     def __init__(self, cfg: InstanceConfig) -> None:
         self.cfg = cfg
         self.engine = load_engine(cfg)
-        self.metrics = InstanceMetrics(cfg.name)
+        self.metrics = InstanceMetrics(cfg.name, cfg.scenario)
         self.hub = ChannelHub(cfg.name, transfer_config(cfg).secret, on_broken=self._abort_many)
         batcher = ContinuousBatcher(self.engine, max_batch_size=cfg.max_batch_size,
                                     max_step_tokens=max(cfg.max_step_tokens, cfg.max_batch_size),

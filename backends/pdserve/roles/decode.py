@@ -54,7 +54,7 @@ class DecodeRole:
         self.engine = load_engine(cfg, self.arena)
         self.receiver = make_receiver(cfg.kv_transport, self.arena, self.engine.layout,
                                       self.engine.fingerprint, transfer_config(cfg), cfg.name)
-        self.metrics = InstanceMetrics(cfg.name)
+        self.metrics = InstanceMetrics(cfg.name, cfg.scenario)
         self.hub = ChannelHub(cfg.name, transfer_config(cfg).secret, on_broken=self._abort_many)
         batcher = ContinuousBatcher(self.engine, max_batch_size=cfg.max_batch_size,
                                     max_step_tokens=max(cfg.max_step_tokens, cfg.max_batch_size),

@@ -1,9 +1,10 @@
 """Per-instance Prometheus metrics on Triton's metrics port (``pb_utils.MetricFamily``).
 
-Every metric carries the label ``instance`` (the Triton model name). Families
-are created once per stub process; each role records what it observes:
-router TTFT/TPOT, tokens and prefill rejections; decode/aggregated running
-batch and KV arena bytes; prefill KV transfer seconds.
+Every metric carries the labels ``instance`` (the Triton model name) and
+``scenario``. Families are created once per stub process; each role records
+what it observes: router TTFT/TPOT, tokens, offered requests, prefill
+rejections and resumes, per scenario; decode/aggregated running batch and KV
+arena bytes; prefill KV transfer seconds.
 """
 
 from __future__ import annotations
@@ -19,15 +20,30 @@ LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 TRANSFER_BUCKETS = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]
 
 
+# Families are process-wide in Triton (one per name); a router makes one
+# InstanceMetrics per scenario, so each family is created once and reused.
+_FAMILIES: dict[str, Any] = {}
+
+
+def _family(name: str, desc: str, kind: Any) -> Any:
+    if name not in _FAMILIES:
+        _FAMILIES[name] = pb_utils.MetricFamily(name=name, description=desc, kind=kind)
+    return _FAMILIES[name]
+
+
 class InstanceMetrics:
-    def __init__(self, instance: str) -> None:
-        labels = {"instance": instance}
+    """One instance's metrics, labelled ``instance`` and ``scenario``.
+
+    The router makes one per scenario (TTFT, TPOT, tokens, offered requests per
+    scenario are what the controller's ratio loop reads); instances use their own.
+    """
+
+    def __init__(self, instance: str, scenario: str = "default") -> None:
+        labels = {"instance": instance, "scenario": scenario}
         fam = pb_utils.MetricFamily
-        self._families: list[Any] = []
 
         def make(name: str, desc: str, kind: Any, buckets: list[float] | None = None) -> Any:
-            family = fam(name=name, description=desc, kind=kind)
-            self._families.append(family)
+            family = _family(name, desc, kind)
             if buckets is None:
                 return family.Metric(labels=labels)
             return family.Metric(labels=labels, buckets=buckets)
@@ -54,12 +70,14 @@ class InstanceMetrics:
         self.prefill_rejections = make("pdserve_prefill_rejections_total",
                                        "Prompts refused for lack of a free prefill slot",
                                        fam.COUNTER)
-
         self.requests_in_flight = make("pdserve_router_requests_in_flight",
                                        "Client requests the router is serving now", fam.GAUGE)
         self.resumed = make("pdserve_resumed_requests_total",
                             "Requests moved to another decode after theirs failed (router)",
                             fam.COUNTER)
+        self.offered = make("pdserve_requests_offered_total",
+                            "Valid client requests that reached the router, served or not "
+                            "(the ratio loop's demand)", fam.COUNTER)
 
     def set_kv(self, in_use: int, free: int) -> None:
         self.kv_bytes_in_use.set(in_use)

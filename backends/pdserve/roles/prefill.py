@@ -49,7 +49,7 @@ class PrefillRole:
         self.engine = load_engine(cfg)
         self.sender = make_sender(cfg.kv_transport, self.engine.layout, self.engine.fingerprint,
                                   transfer_config(cfg))
-        self.metrics = InstanceMetrics(cfg.name)
+        self.metrics = InstanceMetrics(cfg.name, cfg.scenario)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: list[_Job] = []

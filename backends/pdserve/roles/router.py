@@ -113,7 +113,9 @@ class RouterRole:
         self.pool = DaemonExecutor(cfg.stream_threads, name=f"{cfg.name}-bls")
         self.client = InstanceClient(self.pool)
         self.policy = ForwardingPolicy(ttft_budget_s=cfg.ttft_budget_s)
-        self.metrics = InstanceMetrics(cfg.name)
+        # One label set per scenario: the controller's ratio loop reads them apart.
+        self.scenario_metrics = {s: InstanceMetrics(cfg.name, s) for s in cfg.routes}
+        self.metrics = self.scenario_metrics["default"]  # router-wide gauges and counters
         self.view = InstanceView(cfg.routes, cfg.max_batch_size, repository)
         self.num_resumes = 0
         self._num_requests = 0  # client requests in this router now (bounded-memory check)
@@ -128,7 +130,9 @@ class RouterRole:
         self._ensure_heartbeats()
         self.view.refresh()
         emitter = Emitter(req, self.tokenizer, out.send)
-        self.metrics.prompt_tokens.increment(len(req.prompt_ids))
+        metrics = self.scenario_metrics[req.scenario]
+        metrics.offered.increment(1)
+        metrics.prompt_tokens.increment(len(req.prompt_ids))
         state: dict[str, str] = {}  # "abort_target": instance to abort on cancel
         watcher = asyncio.create_task(self._watch_cancel(request, req, state))
         self._num_requests += 1
@@ -146,11 +150,11 @@ class RouterRole:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            self.metrics.generated_tokens.increment(emitter.num_tokens)
+            metrics.generated_tokens.increment(emitter.num_tokens)
             if emitter.ttft_s is not None:
-                self.metrics.ttft.observe(emitter.ttft_s)
+                metrics.ttft.observe(emitter.ttft_s)
             if emitter.tpot_s is not None:
-                self.metrics.tpot.observe(emitter.tpot_s)
+                metrics.tpot.observe(emitter.tpot_s)
 
     # -- the two paths --------------------------------------------------------------
     async def _aggregated(self, req: ClientRequest, emitter: Emitter,
@@ -195,7 +199,7 @@ class RouterRole:
                         or len(done) >= req.max_tokens):
                     raise lost.cause from None
                 self.num_resumes += 1
-                self.metrics.resumed.increment(1)
+                self.scenario_metrics[req.scenario].resumed.increment(1)
                 log.warning("request %s: %s; resuming after %d tokens", req.request_id, lost,
                             len(done))
                 part = resumed(req, done, resume + 1)
