@@ -53,6 +53,8 @@ class E2Config:
     capacity_s: float  # seconds of the closed-loop capacity run
     ttft_slo_ms: float
     ttft_budget_s: float  # router: time to find a prefill slot (early intervention)
+    warmup_requests: int = 48  # closed loop at half as many in flight
+    unloaded_requests: int = 20
 
     def __post_init__(self) -> None:
         if not self.loads or min(self.loads) <= 0:
@@ -66,7 +68,8 @@ class E2Config:
 FULL = E2Config(model="small", prompt_len=64, output_len=4, prefill_slots=1, queue_cap=256,
                 loads=(1.0, 2.0, 3.0, 5.0), point_s=20.0, capacity_s=15.0,
                 ttft_slo_ms=1200.0, ttft_budget_s=0.3)
-QUICK = replace(FULL, loads=(1.0, 5.0), point_s=5.0, capacity_s=5.0)
+QUICK = replace(FULL, loads=(1.0, 5.0), point_s=5.0, capacity_s=5.0, warmup_requests=16,
+                unloaded_requests=8)
 
 
 def spec(cfg: E2Config, admission: str) -> dict[str, Any]:
@@ -145,15 +148,16 @@ def attainment(records: Sequence[RequestRecord], slo: Slo) -> dict[str, Any]:
 def warmup(server: Any, cfg: E2Config) -> None:
     """Unmeasured: the engine packs weights lazily per row count, once per batch size,
     so the decode's batch sizes are visited before anything is timed."""
-    common.drive(server, requests(cfg, None, 48, seed=99), label="warmup", concurrency=24,
-                 request_timeout_s=120)
+    common.drive(server, requests(cfg, None, cfg.warmup_requests, seed=99), label="warmup",
+                 concurrency=max(1, cfg.warmup_requests // 2), request_timeout_s=120)
 
 
 def measure(server: Any, cfg: E2Config, label: str) -> dict[str, Any]:
     """Unloaded TTFT and closed-loop capacity of one deployment."""
     total_slots = 2 * cfg.prefill_slots
     warmup(server, cfg)
-    unloaded = common.drive(server, requests(cfg, None, 20, seed=98), label="unloaded",
+    unloaded = common.drive(server, requests(cfg, None, cfg.unloaded_requests, seed=98),
+                            label="unloaded",
                             concurrency=1)
     cap = common.drive(server, requests(cfg, None, 100_000, seed=97), label="capacity",
                        concurrency=2 * total_slots, max_duration_s=cfg.capacity_s)
@@ -237,7 +241,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("E2 tiny 2P+1D: on-demand forwarding vs local prefill queues")
+    ax.set_title(f"E2 {doc['config']['model']} 2P+1D: on-demand forwarding vs local prefill queues")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

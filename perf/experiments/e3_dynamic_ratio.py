@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,7 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     out = out or common.out_dir(NAME, quick)
     out.mkdir(parents=True, exist_ok=True)
     slo = Slo(ttft_ms=cfg.slo_ttft_ms, tpot_ms=cfg.slo_tpot_ms)
-    doc: dict[str, Any] = {"experiment": NAME, "quick": quick, "config": cfg.__dict__,
+    doc: dict[str, Any] = {"experiment": NAME, "quick": quick, "config": asdict(cfg),
                            "slo": slo.__dict__, "machine": common.machine(), "rows": []}
     for n_p, n_d in STATIC:
         label = f"{n_p}P{n_d}D"
@@ -179,7 +180,7 @@ def verdict(doc: dict[str, Any]) -> list[str]:
         static = {r["deployment"]: r["req_per_s"] for r in doc["rows"]
                   if r["index"] == i and r["deployment"] != "dynamic"}
         best, worst = max(static, key=static.__getitem__), min(static, key=static.__getitem__)
-        line = (f"- phase {i} ({phase.name}): best static {best} {static[best]:.2f} req/s, "
+        line = (f"- phase {i} ({phase['name']}): best static {best} {static[best]:.2f} req/s, "
                 f"worst {worst} {static[worst]:.2f} req/s ({static[best] / static[worst]:.2f}x)")
         dyn = [r for r in doc["rows"] if r["index"] == i and r["deployment"] == "dynamic"]
         if dyn:
@@ -208,8 +209,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
         axes[1].bar(xs, [100 * (r["slo_attainment"] or 0) for r in rows], width, label=label)
     for ax, ylabel in ((axes[0], "throughput (req/s)"), (axes[1], "SLO attainment (%)")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(phases))])
-        ax.set_xticklabels([f"{i}: {p.name if isinstance(p, Phase) else p['name']}"
-                            for i, p in enumerate(phases)])
+        ax.set_xticklabels([f"{i}: {p['name']}" for i, p in enumerate(phases)])
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
@@ -223,7 +223,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
 
 def markdown(doc: dict[str, Any], figure: str | None) -> str:
     cfg, m, slo = doc["config"], doc["machine"], doc["slo"]
-    phases = "; ".join(f"{p.name} {p.input_len} in / {p.output_len} out"
+    phases = "; ".join(f"{p['name']} {p['input_len']} in / {p['output_len']} out"
                        for p in cfg["phases"])
     lines = [
         "## E3: dynamic P/D ratio vs static ratios, 4 tiny instances — experiments",
@@ -247,7 +247,20 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
             f"{r['out_tok_per_s']:.0f} | {common.fmt(r['ttft_p50_ms'])}/"
             f"{common.fmt(r['ttft_p99_ms'])} | {common.fmt(r['tpot_p50_ms'])} | "
             f"{common.pct(r['slo_attainment'])} |")
-    lines += ["", *doc["verdict"]]
+    lines += ["", *doc["verdict"], "",
+              "Caveats: the dynamic run goes last, after the three static servers, so it meets "
+              "whatever load the shared machine carries then (load average above); each role "
+              "switch drains the instance, then Triton (polling every 1 s) reloads it, and it "
+              "serves nothing meanwhile; the controller probes every instance each second. "
+              "Phase boundaries are abrupt and 25 s long, so the controller's reaction time "
+              "(ratio interval, cool-down, drain) is a large part of each phase."]
+    if "controller_edits" in doc:
+        edits = [json.loads(e) for e in doc["controller_edits"] if e.strip()]
+        lines += ["", f"Controller edits during the dynamic run: {len(edits)}" + (
+            " — it switched no role, so the dynamic run measured 2P2D with the controller "
+            "watching." if not edits else ":")]
+        lines += [f"- {e.get('kind')} {e.get('model')}: {e.get('reason')} {e.get('changes')}"
+                  for e in edits]
     if doc["dynamic_blockers"]:
         lines += ["", "**Dynamic (controller) run: blocked**, not measured:"]
         lines += [f"- {b}" for b in doc["dynamic_blockers"]]
@@ -261,9 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 short phases")
     parser.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
     parser.add_argument("--out", type=Path, help="output dir (default perf/out/<experiment>)")
+    parser.add_argument("--from-json", type=Path,
+                        help="re-render RESULTS.md and the PNG from an earlier run's e3.json")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
-    doc = run(cfg, args.quick, args.out)
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+        doc["png"] = str(plot(doc, args.from_json.with_suffix(".png")))
+    else:
+        doc = run(cfg, args.quick, args.out)
     figure = None
     if not args.quick and not args.no_results:
         figure = "figures/e3_dynamic_ratio.png"
