@@ -119,9 +119,10 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
             for label, scenario in order if i % 2 == 0 else order[::-1]:
                 run_ = common.drive(server, specs, label=label, scenario=scenario,
                                     max_duration_s=cfg.point_s * 3 + 30, request_timeout_s=120)
-                point = {"deployment": label, "rate": rate, "time_scale": time_scale,
-                         "offered_requests": len(specs), "wall_s": run_.wall_s,
-                         "load": common.summary_row(run_.summary())}
+                point: dict[str, Any] = {
+                    "deployment": label, "rate": rate, "time_scale": time_scale,
+                    "offered_requests": len(specs), "wall_s": run_.wall_s,
+                    "load": common.summary_row(run_.summary())}
                 for key, s in slo.items():
                     point[key] = common.summary_row(run_.summary(s))
                 points.append(point)

@@ -141,7 +141,8 @@ def attainment(records: Sequence[RequestRecord], slo: Slo) -> dict[str, Any]:
         "good": good,
         "attainment_all": good / len(finished) if finished else None,
         "attainment_admitted": good / len(admitted) if admitted else None,
-        "attainment_served": good / served if (served := sum(r.is_ok for r in finished)) else None,
+        "attainment_served": good / n_served if (n_served := sum(r.is_ok for r in finished))
+        else None,
     }
 
 
@@ -299,7 +300,7 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
 def served(point: dict[str, Any]) -> float | None:
     """Attainment over requests that completed (older JSON lacks the field)."""
     if "attainment_served" in point:
-        return point["attainment_served"]  # type: ignore[no-any-return]
+        return point["attainment_served"]
     ok = point["bench"]["ok"]
     return point["good"] / ok if ok else None
 

@@ -82,7 +82,7 @@ def test_e3_static_ratios_spread_instances_over_both_cores() -> None:
     for n_p, n_d in e3.STATIC:
         cores = [c.cpu_cores for c in instances_from_spec(e3.spec(e3.FULL, n_p, n_d))[1:]]
         assert len(cores) == 4
-        assert sorted(cores) == [(0,), (0,), (1,), (1,)]  # type: ignore[type-var]
+        assert sorted(cores) == [(0,), (0,), (1,), (1,)]
 
 
 def test_e3_blockers_are_reasons_not_crashes() -> None:
