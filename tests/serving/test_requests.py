@@ -30,6 +30,15 @@ def test_fields_from_inputs_and_parameters() -> None:
     assert ids.prompt_ids == (1, 2, 3)
 
 
+def test_flat_sampling_parameters_as_the_generate_extension_sends_them() -> None:
+    req = parse_request({"text_input": _text("hi")},
+                        {"temperature": 0.7, "seed": 9, "top_k": 5,
+                         "sampling_parameters": '{"seed": 3}'}, TOK, LIMITS)
+    assert req.sampling == {"seed": 3, "temperature": 0.7, "top_k": 5, "max_tokens": 16}
+    with pytest.raises(InvalidArgument, match="temperature"):
+        parse_request({"text_input": _text("hi")}, {"temperature": -1.0}, TOK, LIMITS)
+
+
 @pytest.mark.parametrize(("inputs", "params", "message"), [
     ({}, {}, "text_input is required"),
     ({"text_input": _text("")}, {}, "must not be empty"),

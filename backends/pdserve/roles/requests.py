@@ -23,6 +23,12 @@ ROUTER_INPUTS = (
     "text_input", "input_ids", "max_tokens", "stream", "sampling_parameters", "scenario",
     "exclude_input_in_output",
 )
+# Sampling fields a client may also send flat, as request parameters (the HTTP
+# generate extension turns extra JSON fields into parameters); a field given in
+# both places keeps the ``sampling_parameters`` value.
+SAMPLING_PARAMETERS = (
+    "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+)
 DEFAULT_MAX_TOKENS = 16
 
 
@@ -68,6 +74,9 @@ def parse_request(
     else:
         prompt_ids = tuple(tokenizer.encode(prompt_text))
     sampling = _sampling(fields.get("sampling_parameters"))
+    for key in SAMPLING_PARAMETERS:
+        if key in params and key not in sampling:
+            sampling[key] = params[key]
     max_tokens = sampling.get("max_tokens", DEFAULT_MAX_TOKENS)
     if fields.get("max_tokens") is not None:
         max_tokens = _int("max_tokens", fields["max_tokens"])
