@@ -31,6 +31,9 @@ class InstanceLoad:
     kv_total_bytes: int = 0
     healthy: bool = True
     draining: bool = False
+    # The weights it serves (preset name or checkpoint dir): during a rolling
+    # upgrade a prefill hands KV only to a decode of the same weights.
+    model: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:

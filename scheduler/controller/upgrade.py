@@ -20,13 +20,13 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdserve.errors import PdserveError
 from pdserve.scheduler.controller.health import ProbeClient, ProbeResult
-from pdserve.scheduler.controller.repository import Repository
+from pdserve.scheduler.controller.repository import ModelEntry, Repository
 from pdserve.scheduler.controller.state import (
     DrainRequest,
     default_state_path,
@@ -68,6 +68,26 @@ class UpgradeReport:
         return self.failed is None
 
 
+def upgrade_order(instances: Mapping[str, ModelEntry]) -> list[str]:
+    """Per scenario, prefills and decodes alternately (then aggregated ones).
+
+    A prefill hands KV only to a decode of the same weights, so each step must
+    leave a working old pair or a working new pair: P0 new (old P1+D* serve),
+    D0 new (new P0+D0 and old P1+D1 serve), P1 new (new pair serves), D1 new.
+    Upgrading both decodes first would leave new decodes with only old prefills.
+    """
+    order: list[str] = []
+    for scenario in sorted({e.scenario for e in instances.values()}):
+        def of(role: str, sc: str = scenario) -> list[str]:
+            return sorted(n for n, e in instances.items() if e.scenario == sc and e.role == role)
+
+        prefills, decodes = of("prefill"), of("decode")
+        for i in range(max(len(prefills), len(decodes))):
+            order += prefills[i:i + 1] + decodes[i:i + 1]
+        order += of("aggregated")
+    return order
+
+
 class RollingUpgrade:
     def __init__(
         self,
@@ -87,7 +107,7 @@ class RollingUpgrade:
     def run(self, model: str, names: Sequence[str] | None = None) -> UpgradeReport:
         report = UpgradeReport(model)
         instances = self.repo.instances()
-        for name in names or sorted(instances):
+        for name in names or upgrade_order(instances):
             entry = instances.get(name)
             if entry is None:
                 report.failed, report.error = name, f"{name} is not an instance in the repository"

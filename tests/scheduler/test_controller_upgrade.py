@@ -47,7 +47,8 @@ def test_upgrade_goes_one_instance_at_a_time(tmp_path: Path) -> None:
     upgrade, triton, _ = make(tmp_path)
     triton.in_flight["decode_0"] = 2  # must finish before decode_0 is reloaded
     report = upgrade.run("tiny-v2")
-    assert report.ok and report.upgraded == ["decode_0", "decode_1", "prefill_0", "prefill_1"]
+    # Prefills and decodes alternate, so an old or a new P/D pair always serves.
+    assert report.ok and report.upgraded == ["prefill_0", "decode_0", "prefill_1", "decode_1"]
     assert triton.max_drained == 1  # never two out of routing at once
     for name, entry in upgrade.repo.instances().items():
         assert entry.params["model"] == "tiny-v2" and entry.generation == 1, name
@@ -81,13 +82,13 @@ def test_upgrade_aborts_on_a_failed_check(tmp_path: Path) -> None:
     upgrade, triton, _ = make(tmp_path)
     triton.fail_model = "broken-weights"
     report = upgrade.run("broken-weights")
-    assert not report.ok and report.failed == "decode_0"
+    assert not report.ok and report.failed == "prefill_0"
     assert "failed its check" in report.error and report.upgraded == []
     # Only the first instance was touched; it stays drained, the rest keep old weights.
     models = {n: e.model for n, e in upgrade.repo.instances().items()}
-    assert models["decode_0"] == "broken-weights"
-    assert {models[n] for n in ("decode_1", "prefill_0", "prefill_1")} == {"tiny"}
-    assert set(read_state(tmp_path / "state.json").draining) == {"decode_0"}
+    assert models["prefill_0"] == "broken-weights"
+    assert {models[n] for n in ("decode_0", "decode_1", "prefill_1")} == {"tiny"}
+    assert set(read_state(tmp_path / "state.json").draining) == {"prefill_0"}
 
 
 def test_unknown_instance_is_reported(tmp_path: Path) -> None:

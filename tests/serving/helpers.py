@@ -25,6 +25,7 @@ class Result:
     responses: int = 0
     token_times: list[float] = field(default_factory=list)  # monotonic, one per token
     ended_at: float = 0.0  # monotonic time of the final response or the error
+    error_at: float = 0.0  # monotonic time of the error (see generate_many on matching)
 
     @property
     def max_gap_s(self) -> float:
@@ -85,7 +86,7 @@ def generate_many(url: str, requests: list[dict[str, Any]], *, stream: bool = Tr
                 open_ = [i for i, r in enumerate(results) if r.error is None and
                          not r.finish_reason]
                 idx = next((i for i in open_ if results[i].responses == 0), open_[0])
-                results[idx].ended_at = time.monotonic()
+                results[idx].ended_at = results[idx].error_at = time.monotonic()
                 results[idx].error = str(error)
                 pending -= 1
                 continue

@@ -56,7 +56,8 @@ class AggregatedRole:
         arena = self.engine.arena
         return InstanceLoad(self.cfg.name, "aggregated", self.cfg.scenario,
                             self.cfg.max_batch_size, in_flight=self.worker.num_streams,
-                            kv_free_bytes=arena.bytes_free, kv_total_bytes=arena.capacity)
+                            kv_free_bytes=arena.bytes_free, kv_total_bytes=arena.capacity,
+                            model=self.cfg.model)
 
     def _abort_many(self, request_ids: list[str]) -> None:
         for rid in request_ids:

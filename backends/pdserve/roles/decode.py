@@ -182,7 +182,7 @@ class DecodeRole:
         return InstanceLoad(self.cfg.name, "decode", self.cfg.scenario, self.cfg.max_batch_size,
                             in_flight=pending + self.worker.num_streams,
                             kv_free_bytes=self.arena.bytes_free,
-                            kv_total_bytes=self.arena.capacity)
+                            kv_total_bytes=self.arena.capacity, model=self.cfg.model)
 
     def stats(self) -> dict[str, Any]:
         return {"pending": len(self._pending), "streams": self.worker.num_streams}

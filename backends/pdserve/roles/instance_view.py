@@ -164,6 +164,11 @@ class InstanceView:
     def finished(self, name: str) -> None:
         self._seen.setdefault(name, _Seen()).local -= 1
 
+    def model(self, name: str) -> str:
+        """The weights ``name`` said it serves in its last heartbeat ("" if unknown)."""
+        seen = self._seen.get(name)
+        return "" if seen is None or seen.report is None else seen.report.model
+
     def local_in_flight(self, name: str) -> int:
         seen = self._seen.get(name)
         return 0 if seen is None else seen.local

@@ -71,7 +71,7 @@ class PrefillRole:
         return InstanceLoad(self.cfg.name, "prefill", self.cfg.scenario,
                             self.cfg.max_batch_size, in_flight=running, queued=queued,
                             kv_free_bytes=self.engine.arena.bytes_free,
-                            kv_total_bytes=self.engine.arena.capacity)
+                            kv_total_bytes=self.engine.arena.capacity, model=self.cfg.model)
 
     async def handle(self, op: str, payload: bytes, out: Responder) -> None:
         if op != "prefill":

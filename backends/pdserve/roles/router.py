@@ -90,10 +90,6 @@ class DecodeLost(Exception):
         self.cause = cause
 
 
-class NoInstance(Unavailable):
-    """No instance of the role is routable at all (as opposed to all being full)."""
-
-
 def is_instance_dead(exc: BaseException) -> bool:
     return isinstance(exc, InstanceLost) or (
         isinstance(exc, Unavailable) and not isinstance(exc, PrefillRejected)
@@ -125,6 +121,7 @@ class RouterRole:
                                      family=cfg.token_channel, host=cfg.token_host, roles=roles)
         self._start_lock: asyncio.Lock | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._beat_ok: dict[str, float] = {}  # instance -> start of its last good heartbeat
 
     async def handle(self, request: Any, req: ClientRequest, out: Responder) -> None:
         self._ensure_heartbeats()
@@ -192,10 +189,9 @@ class RouterRole:
                 if is_instance_dead(lost.cause):
                     self.view.record_failure(lost.instance, str(lost.cause))
                 done = emitter.token_ids
-                others = [load for load in self.view.loads(req.scenario, "decode")
-                          if load.is_routable and load.name != lost.instance
-                          and self.channel.failure(load.name, FAILED_HOLD_S) is None]
-                if (resume == MAX_RESUMES or "cancelled" in state or not others
+                # With no other decode routable now, the resume waits (TTFT budget)
+                # for one, a restarted or replaced stub of the lost one included.
+                if (resume == MAX_RESUMES or "cancelled" in state
                         or len(done) >= req.max_tokens):
                     raise lost.cause from None
                 self.num_resumes += 1
@@ -289,16 +285,16 @@ class RouterRole:
             # running there), one try, no early intervention; a full queue fails.
             name = shortest_queue(
                 replace(load, in_flight=self.view.local_in_flight(load.name), queued=0)
-                for load in self.view.loads(req.scenario, "prefill"))
+                for load in self._prefills(req.scenario, decode))
             return PrefillResult.from_bytes(await attempt(name))
         result = await forward_on_demand(
-            lambda: rank_prefills(self.view.loads(req.scenario, "prefill")), attempt,
+            lambda: rank_prefills(self._prefills(req.scenario, decode)), attempt,
             self.policy, deadline=deadline)
         return PrefillResult.from_bytes(result.value)
 
     # -- helpers ----------------------------------------------------------------------
     def _decode_failed(self, decode: str) -> bool:
-        return (self.channel.failure(decode, FAILED_HOLD_S) is not None
+        return (self._channel_down(decode) is not None
                 or self.view.failure(decode) is not None)
 
     async def _address(self) -> str:
@@ -331,18 +327,25 @@ class RouterRole:
         if target is not None:
             await self._abort(target, req.request_id)
 
-    async def _choose(self, req: ClientRequest, role: Role, deadline: float) -> str:
-        """``_pick``, waiting for room (KV, batch slot) while the TTFT budget allows.
+    def _prefills(self, scenario: str, decode: str) -> list[InstanceLoad]:
+        """The scenario's prefills that can hand KV to ``decode`` (same weights)."""
+        model = self.view.model(decode)
+        return [load for load in self.view.loads(scenario, "prefill")
+                if not model or not load.model or load.model == model]
 
-        With no routable instance at all it fails at once (nothing to wait for
-        that this request's budget could see through: a replacement takes longer).
-        """
+    def _served_models(self, scenario: str) -> set[str] | None:
+        """Weights some routable prefill serves; None when any is unknown (no filter)."""
+        models = {load.model for load in self.view.loads(scenario, "prefill")
+                  if load.is_routable}
+        return None if "" in models else models
+
+    async def _choose(self, req: ClientRequest, role: Role, deadline: float) -> str:
+        """``_pick``, waiting for room (KV, batch slot) or for an instance to come
+        back (from draining, reloading, a restart) while the TTFT budget allows."""
         backoff = self.policy.min_backoff_s
         while True:
             try:
                 return self._pick(req, role)
-            except NoInstance:
-                raise
             except Unavailable as exc:
                 now = time.monotonic()
                 if now + backoff >= deadline:
@@ -355,23 +358,41 @@ class RouterRole:
 
     def _pick(self, req: ClientRequest, role: Role) -> str:
         """The best routable decode/aggregated instance that can hold the request's KV."""
+        # Mid-upgrade, a decode no routable prefill of its weights can feed gets nothing.
+        models = self._served_models(req.scenario) if role == "decode" else None
         loads: list[InstanceLoad] = []
         for load in self.view.loads(req.scenario, role):
-            if self.channel.failure(load.name, FAILED_HOLD_S) is not None:
+            if self._channel_down(load.name) is not None:
                 load = replace(load, healthy=False)  # its channel just broke
+            elif models is not None and load.model and load.model not in models:
+                load = replace(load, healthy=False)
             loads.append(load)
         if not loads:
-            raise NoInstance(f"scenario {req.scenario!r} has no {role} instance")
+            raise Unavailable(f"scenario {req.scenario!r} has no {role} instance")
         if not any(load.is_routable for load in loads):
-            raise NoInstance(self._why_down([load.name for load in loads])
-                              or f"no {role} instance of scenario {req.scenario!r} is routable")
+            # Dead (replaced or restarted in place), draining, reloading, mid-upgrade:
+            # _choose waits for one to come back within the TTFT budget.
+            why = self._why_down([load.name for load in loads])
+            raise Unavailable(f"no {role} instance of scenario {req.scenario!r} is routable"
+                              + (f" ({why})" if why else ""))
         need = self.layout.extent_bytes(len(req.prompt_ids), req.max_tokens)
         return choose_decode(loads, need)  # raises Unavailable saying what is short
+
+    def _channel_down(self, name: str) -> str | None:
+        """Why ``name``'s token channel broke, unless a heartbeat sent after that
+        was answered (a fresh stub, restarted in place or reloaded, is up; it
+        opens its channel only on its next reserve, so waiting for that would
+        keep it out of routing for the whole hold)."""
+        why = self.channel.failure(name, FAILED_HOLD_S)
+        if why is None:
+            return None
+        failed_at = self.channel.failed.get(name, (0.0, ""))[0]
+        return None if self._beat_ok.get(name, float("-inf")) > failed_at else why
 
     def _why_down(self, names: list[str]) -> str | None:
         """What the router saw of the first of ``names`` that failed (channel first)."""
         for name in names:
-            why = self.channel.failure(name, FAILED_HOLD_S) or self.view.failure(name)
+            why = self._channel_down(name) or self.view.failure(name)
             if why:
                 return why
         return None
@@ -388,6 +409,7 @@ class RouterRole:
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _beat(self, name: str) -> None:
+        started = time.monotonic()
         try:
             load = await asyncio.wait_for(self.client.health(name), HEARTBEAT_TIMEOUT_S)
         except TimeoutError:
@@ -396,6 +418,7 @@ class RouterRole:
             self.view.record_failure(name, f"heartbeat: {exc}")
             return
         self.view.record_load(name, load)
+        self._beat_ok[name] = started
 
     def close(self) -> None:
         if self._heartbeat is not None:
