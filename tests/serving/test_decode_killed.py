@@ -1,10 +1,13 @@
-"""A decode stub killed with SIGKILL: its requests end at once with a clear error.
+"""The ONLY decode stub killed with SIGKILL (no controller running).
 
-Mid-stream (tokens flowing) and idle (the next request fails fast). Both rely on
-the token channel: no decode request is in flight in Triton while tokens
-stream, so the kill cannot leave tritonserver holding a dead stub's IPC lock
-(which aborted tritonserver 2.51 before, see ``pdserve.roles.token_wire``), and
-the router learns of the death as EOF on the channel.
+Mid-stream (tokens flowing) and idle. The router learns of the death as EOF on
+the token channel (no decode request is in flight in Triton while tokens
+stream, so the kill cannot leave tritonserver holding a dead stub's IPC lock,
+see ``pdserve.roles.token_wire``). Triton 2.51 restarts the stub in place on
+the next request to it (the router's heartbeat is one), so streams of the dead
+stub resume on the fresh one within their TTFT budget, or end with an error
+naming decode_0; nothing hangs and the server keeps serving. Resuming on
+ANOTHER decode is tested in test_failover.
 """
 
 from __future__ import annotations
@@ -69,37 +72,31 @@ def _assert_still_serving(server: TritonServer) -> None:
     assert m[("pdserve_kv_arena_bytes_in_use", "prefill_0")] == 0
 
 
-def test_killed_decode_ends_streams_with_error(server: TritonServer) -> None:
+def test_killed_decode_streams_resume_or_end_clearly(server: TritonServer) -> None:
     results: list[Result] = []
     reqs = [{"text": f"story {i}", "sampling": {"max_tokens": 1000, "ignore_eos": True}}
             for i in range(4)]
     t = threading.Thread(target=lambda: results.extend(
-        generate_many(server.options.grpc_url, reqs, timeout_s=60)))
+        generate_many(server.options.grpc_url, reqs, timeout_s=90)))
     t.start()
     time.sleep(1.5)  # streams are running
     killed_at = time.monotonic()
     _kill(_stub_pid(server, "decode_0"))
-    t.join(timeout=90)
+    t.join(timeout=120)
     assert not t.is_alive(), "requests hung after the decode stub died"
     ended_s = time.monotonic() - killed_at
     assert len(results) == 4
     for r in results:
-        assert r.error is not None, r
-        assert "decode instance decode_0 failed" in r.error, r.error
-        assert len(r.ids) < 1000
-    # Under load a request may not have had its first token yet (then it fails in
-    # bind/prefill with the same message); most were streaming.
-    assert sum(1 for r in results if r.ids) >= 2, [len(r.ids) for r in results]
-    assert ended_s < 10, f"the streams took {ended_s:.1f}s to end"
-    # New requests fail fast with a clear error too (no resume until the next issue).
-    t0 = time.monotonic()
-    after = generate_many(server.options.grpc_url, [{"text": "hi"}], timeout_s=30)
-    assert after[0].error is not None and "decode_0" in after[0].error, after[0]
-    assert time.monotonic() - t0 < 5
+        if r.error is None:
+            assert len(r.ids) == 1000 and r.finish_reason == "length", r  # resumed
+        else:
+            assert "decode_0" in r.error, r.error
+    assert ended_s < 60, f"the streams took {ended_s:.1f}s to end"
     _assert_still_serving(server)
 
 
-def test_killed_idle_decode_fails_next_request_fast(server: TritonServer) -> None:
+def test_killed_idle_decode_next_request_is_served_or_fails_clearly(
+        server: TritonServer) -> None:
     first = generate_many(server.options.grpc_url, [{"text": "warm", "sampling":
                                                      {"max_tokens": 4, "ignore_eos": True}}])
     assert first[0].error is None and len(first[0].ids) == 4, first[0]
@@ -108,9 +105,11 @@ def test_killed_idle_decode_fails_next_request_fast(server: TritonServer) -> Non
     t0 = time.monotonic()
     status, reply = http_generate(server.options.http_url, {"text_input": "hi", "max_tokens": 4})
     elapsed = time.monotonic() - t0
-    # The generate extension answers every request error with 400 (gRPC loses
-    # the code on streams), so the message is what the client can rely on.
-    assert status in (400, 503), (status, reply)
-    assert isinstance(reply, dict) and "decode instance decode_0 failed" in reply["error"], reply
-    assert elapsed < 2, f"the request took {elapsed:.1f}s to fail"
+    assert isinstance(reply, dict), reply
+    if status == 200:  # waited (TTFT budget) for the stub Triton restarted in place
+        assert reply["text_output"], reply
+    else:
+        # The generate extension answers every request error with 400.
+        assert status in (400, 503) and "decode_0" in reply["error"], (status, reply)
+    assert elapsed < 30 + 5, f"the request took {elapsed:.1f}s"
     _assert_still_serving(server)

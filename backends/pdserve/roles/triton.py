@@ -248,5 +248,7 @@ class InstanceClient:
         async for data in self.stream(model, op, payload, lost):
             result = data
         if result is None:
-            raise InternalError(f"instance {model} answered {op} with no payload")
+            # Seen when the model is unloaded under the call (a role switch, a
+            # reload): the instance went away, another one may serve it.
+            raise Unavailable(f"instance {model} answered {op} with no payload")
         return result
