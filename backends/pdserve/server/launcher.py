@@ -3,7 +3,7 @@
 The launcher assembles a backend directory in a temp dir::
 
     <tmp>/backends/
-      python/   libtriton_python.so, triton_python_backend_utils.py, the stub
+      python/   libtriton_python.so, the backend utils module, the stub
       pdserve/  model.py (symlink to this package's model.py)
 
 and starts ``tritonserver`` in poll mode, bound to loopback unless told
