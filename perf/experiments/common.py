@@ -176,6 +176,30 @@ def replace_section(key: str, markdown: str, path: Path = RESULTS_MD) -> None:
     path.write_text(text)
 
 
+def rerender(path: Path, plot: Callable[[dict[str, Any], Path], Path]) -> dict[str, Any]:
+    """An earlier run's JSON, its PNG redrawn next to it (``--from-json``)."""
+    doc: dict[str, Any] = json.loads(path.read_text())
+    doc["png"] = str(plot(doc, path.with_suffix(".png")))
+    return doc
+
+
+def publish(doc: dict[str, Any], key: str, name: str,
+            markdown: Callable[[dict[str, Any], str | None], str],
+            *, quick: bool, no_results: bool) -> int:
+    """Print the experiment's section; for a full run also commit its figure and
+    replace its RESULTS.md section (quick runs and --no-results touch neither)."""
+    record = not quick and not no_results
+    figure = None
+    if record:
+        figure = f"figures/{name}.png"
+        publish_figure(Path(doc["png"]), f"{name}.png")
+    text = markdown(doc, figure)
+    print(text)
+    if record:
+        replace_section(key, text)
+    return 0
+
+
 def fmt(value: float | None, spec: str = ".1f") -> str:
     return "–" if value is None else format(value, spec)
 

@@ -19,7 +19,6 @@ from the unloaded run (one request at a time) of the same requests:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -255,27 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.from_json:
-        doc = json.loads(args.from_json.read_text())
-        doc["png"] = str(plot(doc, args.from_json.with_suffix(".png")))
-        return _publish(doc, args.quick, args.no_results)
-    if args.rates:
-        cfg = replace(cfg, rates=args.rates)
-    if args.point_s:
-        cfg = replace(cfg, point_s=args.point_s)
-    doc = run(cfg, args.quick, args.trace, args.out)
-    return _publish(doc, args.quick, args.no_results)
-
-
-def _publish(doc: dict[str, Any], quick: bool, no_results: bool) -> int:
-    figure = None
-    if not quick and not no_results:
-        figure = "figures/e1_disagg_vs_agg.png"
-        common.publish_figure(Path(doc["png"]), "e1_disagg_vs_agg.png")
-    text = markdown(doc, figure)
-    print(text)
-    if not quick and not no_results:
-        common.replace_section("e1", text)
-    return 0
+        doc = common.rerender(args.from_json, plot)
+    else:
+        if args.rates:
+            cfg = replace(cfg, rates=args.rates)
+        if args.point_s:
+            cfg = replace(cfg, point_s=args.point_s)
+        doc = run(cfg, args.quick, args.trace, args.out)
+    return common.publish(doc, "e1", NAME, markdown, quick=args.quick,
+                          no_results=args.no_results)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -349,19 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.from_json:
-        doc = json.loads(args.from_json.read_text())
-        doc["png"] = str(plot(doc, args.from_json.with_suffix(".png")))
+        doc = common.rerender(args.from_json, plot)
     else:
         doc = run(cfg, args.quick, args.out)
-    figure = None
-    if not args.quick and not args.no_results:
-        figure = "figures/e2_forwarding_vs_queue.png"
-        common.publish_figure(Path(doc["png"]), "e2_forwarding_vs_queue.png")
-    text = markdown(doc, figure)
-    print(text)
-    if not args.quick and not args.no_results:
-        common.replace_section("e2", text)
-    return 0
+    return common.publish(doc, "e2", NAME, markdown, quick=args.quick,
+                          no_results=args.no_results)
 
 
 if __name__ == "__main__":

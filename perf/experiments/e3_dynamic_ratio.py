@@ -279,19 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.from_json:
-        doc = json.loads(args.from_json.read_text())
-        doc["png"] = str(plot(doc, args.from_json.with_suffix(".png")))
+        doc = common.rerender(args.from_json, plot)
     else:
         doc = run(cfg, args.quick, args.out)
-    figure = None
-    if not args.quick and not args.no_results:
-        figure = "figures/e3_dynamic_ratio.png"
-        common.publish_figure(Path(doc["png"]), "e3_dynamic_ratio.png")
-    text = markdown(doc, figure)
-    print(text)
-    if not args.quick and not args.no_results:
-        common.replace_section("e3", text)
-    return 0
+    return common.publish(doc, "e3", NAME, markdown, quick=args.quick,
+                          no_results=args.no_results)
 
 
 if __name__ == "__main__":
