@@ -1,12 +1,16 @@
 """Scale: N instances in S scenarios for one simulated hour, with failures.
 
-    python -m perf.sim_scale --instances 10000 --scenarios 50 --duration 3600 \\
-        --load 0.02 --failures 1 --json perf/out/sim_scale.json --png perf/sim_recovery.png
+    python -m perf.sim_scale --instances 10000 --scenarios 50 --duration 3600 \
+        --load 0.015 --failures 1 --json sim_scale --png perf/sim_recovery.png
+    python -m perf.sim_scale --profile perf/sim_profiles/npu8_llama65b.yaml \
+        --output-mean 512 --load 0.12 --json sim_scale_npu
 
 Each scenario gets the balanced P/D split of its share of instances (the
-profile's capacities) and Poisson arrivals at ``--load`` x its capacity.
-Reports events/s, wall time, the policies' own cost per decision, and
-recovery (one failure per hour per thousand instances by default).
+profile's capacities for the length mix) and Poisson arrivals at ``--load`` x
+its capacity. The scenarios run in ``--workers`` processes (one per core by
+default; the merged result equals a one-process run). Reports events/s, CPU
+time per request, the policies' own cost per decision, and recovery (one
+failure per hour per thousand instances by default).
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from pdserve.bench.metrics import Slo
 from pdserve.scheduler.decode_choice import can_take, rank_decodes
@@ -28,9 +34,10 @@ from pdserve.scheduler.forwarding import (
 from pdserve.scheduler.sim.cluster import Cluster
 from pdserve.scheduler.sim.config import ScenarioSpec, SimConfig
 from pdserve.scheduler.sim.index import RankedIndex
-from pdserve.scheduler.sim.runner import simulate
+from pdserve.scheduler.sim.profile import Profile, load_profile
+from pdserve.scheduler.sim.runner import RunResult, simulate
 from pdserve.scheduler.sim.workload import ScenarioLoad
-from perf.sim_common import binned, capacity_rps, h100, lengths, save, split
+from perf.sim_common import H100, binned, capacity_rps, lengths, save, split
 
 MEAN_IN, MEAN_OUT = 2048, 256
 
@@ -42,58 +49,77 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=3600.0)
     ap.add_argument("--load", type=float, default=0.02, help="share of cluster capacity")
     ap.add_argument("--failures", type=float, default=1.0, help="per hour per 1000 instances")
+    ap.add_argument("--profile", default=str(H100), help="instance profile YAML/JSON")
+    ap.add_argument("--input-mean", type=float, default=MEAN_IN)
+    ap.add_argument("--output-mean", type=float, default=MEAN_OUT)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="worker processes (default: one per core)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="sim_scale")
     ap.add_argument("--png", default=None)
     args = ap.parse_args(argv)
-    p = h100()
+    p = load_profile(args.profile)
+    mean_in, mean_out = args.input_mean, args.output_mean
     per = args.instances // args.scenarios
-    n_p, n_d = split(p, per, MEAN_IN, MEAN_OUT)
-    rate = args.load * capacity_rps(p, per, MEAN_IN, MEAN_OUT)
-    load = ScenarioLoad(rate, lengths(MEAN_IN, 600, 16, 8192), lengths(MEAN_OUT, 100, 1, 1024))
+    n_p, n_d = split(p, per, mean_in, mean_out)
+    capacity = capacity_rps(p, per, mean_in, mean_out)
+    rate = args.load * capacity
+    load = ScenarioLoad(rate, lengths(mean_in, 0.3 * mean_in, 16, int(4 * mean_in)),
+                        lengths(mean_out, 0.4 * mean_out, 1, int(4 * mean_out)))
     scen = tuple(ScenarioSpec(f"s{k}", n_p, n_d, load=load) for k in range(args.scenarios))
     slo = Slo(ttft_ms=1000, tpot_ms=50)
     cfg = SimConfig(scenarios=scen, duration_s=args.duration, slo=slo, seed=args.seed,
                     failures_per_hour_per_1000=args.failures, max_drain_s=600)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    cluster, doc = simulate(cfg, p)
+    result, doc = simulate(cfg, p, workers=args.workers)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     sim = doc["simulation"]
-    sim["wall_total_s"] = round(wall, 1)
-    sim["cpu_total_s"] = round(cpu, 1)  # the 2 cores are shared: CPU time is the stable figure
-    sim["requests"] = len(cluster.outcomes)
-    sim["requests_per_wall_s"] = round(len(cluster.outcomes) / wall, 1)
+    n_req = len(result.outcomes)
+    sim["wall_total_s"] = round(wall, 1)  # parts + start, merge and summary
+    sim["cpu_parent_s"] = round(cpu, 1)  # merge and summary in this process
+    sim["part_wall_s"] = [round(x, 1) for x in result.part_wall_s]
+    sim["part_cpu_s"] = [round(x, 1) for x in result.part_cpu_s]
+    sim["requests"] = n_req
+    sim["requests_per_wall_s"] = round(n_req / wall, 1)
+    sim["cpu_us_per_request"] = round(1e6 * result.cpu_s / max(n_req, 1), 1)
+    sim["events_per_request"] = round(result.events / max(n_req, 1), 2)
     sim["rate_per_scenario"] = rate
+    sim["cluster_rate"] = rate * args.scenarios
+    sim["cluster_capacity_rps"] = capacity * args.scenarios
     sim["split_per_scenario"] = [n_p, n_d]
     sim["load"] = args.load
     sim["failures_in_flight_lost"] = sim["outcomes"].get("INSTANCE_FAILED", 0)
-    sim["policy_us_per_decision"] = policy_costs(cluster)
-    bins = binned(cluster.outcomes, 60.0, 1000, 50, args.duration)
+    sim["policy_us_per_decision"] = policy_costs(cfg, p, mean_in + mean_out)
+    bins = binned(result.outcomes, 60.0, 1000, 50, args.duration)
     doc["bins"] = bins
-    doc["failure_times"] = cluster.control.fail_log
+    doc["failure_times"] = result.fail_log
     save(args.json, {k: v for k, v in doc.items() if k != "requests"})
     print(json.dumps({k: v for k, v in sim.items() if k != "final_split"}, indent=1))
     if args.png:
-        _plot(bins, cluster, args.png)
+        _plot(bins, result, cfg, args.png)
     return 0
 
 
-def policy_costs(cluster: Cluster, repeats: int = 2000) -> dict[str, float]:
-    """The policies' own cost per decision on one scenario's final loads (microseconds).
+def policy_costs(cfg: SimConfig, profile: Profile, kv_tokens: float,
+                 repeats: int = 2000) -> dict[str, float]:
+    """The policies' own cost per decision on one scenario's loads (microseconds).
 
     The simulator's per-call figures include the simulated instance work that
-    runs inside a decision; these time the policy functions alone.
+    runs inside a decision; these time the policy functions alone, over one
+    scenario of the run as it stands when idle (the state a drained run ends in).
     """
+    one = replace(cfg, scenarios=cfg.scenarios[:1])
+    cluster = Cluster(one, profile)
     sc = next(iter(cluster.scenarios.values()))
     loads = list(sc.loads.values())
-    need = 2304 * cluster.profile.kv_bytes_per_token
+    need = int(kv_tokens) * profile.kv_bytes_per_token
     pre = [load for load in loads if load.role == "prefill"]
 
     async def accept(name: str) -> str:
         return name
 
     def one_forward() -> None:
-        coro = forward_on_demand(sc.prefills.names, accept, cluster.config.forwarding,
+        coro = forward_on_demand(sc.prefills.names, accept, cfg.forwarding,
                                  deadline=1e9, clock=lambda: 0.0)
         with contextlib.suppress(StopIteration):
             coro.send(None)
@@ -121,7 +147,7 @@ def policy_costs(cluster: Cluster, repeats: int = 2000) -> dict[str, float]:
     return out
 
 
-def _plot(bins: dict[str, list[float]], cluster: Cluster, path: str) -> None:
+def _plot(bins: dict[str, list[float]], result: RunResult, cfg: SimConfig, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,11 +161,10 @@ def _plot(bins: dict[str, list[float]], cluster: Cluster, path: str) -> None:
     ax2 = ax.twinx()
     ax2.bar(t, bins["errors"], width=0.8, color="tab:red", alpha=0.5, label="failed requests")
     ax2.set_ylabel("failed requests / min")
-    ctl = cluster.control
-    for ft in ctl.fail_log:
+    for ft in result.fail_log:
         ax.axvline(ft / 60, color="gray", lw=0.5, ls="--")
-    n = len(cluster.instances)
-    rate = cluster.config.failures_per_hour_per_1000
+    n = result.num_instances
+    rate = cfg.failures_per_hour_per_1000
     ax.set_title(f"{n:,} instances, {rate:g} failures/h/1000 instances (dashed: failures)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

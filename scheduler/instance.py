@@ -34,6 +34,10 @@ class InstanceLoad:
     # The weights it serves (preset name or checkpoint dir): during a rolling
     # upgrade a prefill hands KV only to a decode of the same weights.
     model: str = ""
+    # Random per stub process: a heartbeat answered by another incarnation than
+    # the one a call went to means that stub died (and was restarted in place),
+    # so the call will never be answered.
+    incarnation: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -11,8 +11,23 @@ controller moves ONE instance at a time toward balance, only when that lowers
 the busier stage's utilisation by more than a tolerance (hysteresis), and not
 within a cool-down after the last change. An online signal backs the model
 up: end-to-end latency rising while the TTFT share of it grows calls for a
-prefill; rising while the share shrinks calls for a decode. A scenario never
-drops below one prefill and one decode.
+prefill; rising while the share shrinks calls for a decode. The trigger
+compares latencies of the SAME request mix only: when the mean prompt or output
+length moves by more than ``mix_change`` (a day/night shift), E2E rises or falls
+with the lengths whatever the ratio, so the baseline is taken again and the
+balance rule (which measures the new mix) decides. Neither rule acts on a
+window whose mix differs from the window before it: at a shift one window
+holds the end of the old traffic and the start of the new (E3 switched a
+decode to prefill 8 s into the output-heavy phase on such a window), so the
+decision waits for a window of one mix. A scenario never drops below one
+prefill and one decode.
+
+The online trigger picks a direction from the TTFT share, but TTFT here also
+holds the router's wait for decode room: with the decodes saturated, TTFT's
+share rises too, and "more prefill" would starve the stage that is short (E3,
+output-heavy phase: a decode was switched to prefill and back 22 s later). So
+when the window measured both stages' occupancy, a trigger that points at the
+less utilised stage is overruled and the balance rule decides.
 """
 
 from __future__ import annotations
@@ -46,17 +61,27 @@ class RoleCapacity:
 @dataclass(frozen=True)
 class RatioPolicy:
     tolerance: float = 0.15  # act only when it cuts peak utilisation by this share
+    # Act only when the busier stage is at least this utilised: below it neither
+    # stage is the bottleneck (the CPU, the router or the clients are), so a
+    # switch cannot raise throughput and costs an instance's drain and reload.
+    # 0 (the default) acts on any imbalance, as the capacity model alone says.
+    min_peak: float = 0.0
     cooldown_s: float = 30.0
     e2e_rise: float = 1.25  # online trigger: E2E above baseline by this factor
     share_delta: float = 0.05  # TTFT-share change that counts as rising/falling
+    mix_change: float = 0.25  # relative change of mean prompt/output length: a new mix
     min_prefill: int = 1
     min_decode: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.tolerance < 1:
             raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance}")
+        if self.min_peak < 0:
+            raise ValueError(f"min_peak must be >= 0, got {self.min_peak}")
         if self.cooldown_s < 0:
             raise ValueError(f"cooldown_s must be >= 0, got {self.cooldown_s}")
+        if self.mix_change <= 0:
+            raise ValueError(f"mix_change must be positive, got {self.mix_change}")
         if self.e2e_rise <= 1:
             raise ValueError(f"e2e_rise must exceed 1, got {self.e2e_rise}")
         if self.min_prefill < 1 or self.min_decode < 1:
@@ -75,6 +100,8 @@ class ScenarioSignal:
     decode: RoleCapacity
     e2e_s: float | None = None  # mean end-to-end latency in the window
     ttft_share: float | None = None  # mean TTFT / E2E in the window
+    prompt_tokens: float | None = None  # mean prompt length of the window's requests
+    output_tokens: float | None = None  # mean output length of the window's requests
 
 
 @dataclass(frozen=True)
@@ -116,18 +143,31 @@ class RatioController:
         self._last_change = -math.inf
         self._baseline_e2e: float | None = None
         self._baseline_share: float | None = None
+        self._baseline_mix: tuple[float | None, float | None] = (None, None)
+        self._last_mix: tuple[float | None, float | None] = (None, None)
 
     def decide(self, signal: ScenarioSignal) -> RatioDecision:
         n_p, n_d = signal.n_prefill, signal.n_decode
+        mix = (signal.prompt_tokens, signal.output_tokens)
+        before, self._last_mix = self._last_mix, mix
+        if self._differs(before, mix):
+            return RatioDecision("none", n_p, n_d,
+                                 f"request mix changing ({_fmt_mix(before)} -> {_fmt_mix(mix)} "
+                                 "tokens in/out): waiting for a window of one mix")
         if signal.now - self._last_change < self.policy.cooldown_s:
             return RatioDecision("none", n_p, n_d, "cooling down after the last change")
         decision = self._online(signal) or self._balance(signal)
         if decision.action != "none":
-            self._last_change = signal.now
-            # Latency after a change is the new normal to compare against.
-            self._baseline_e2e = None
-            self._baseline_share = None
+            self.changed(signal.now)
         return decision
+
+    def changed(self, now: float) -> None:
+        """A change was decided or took effect at ``now``: cool down from then."""
+        self._last_change = now
+        # Latency after a change is the new normal to compare against.
+        self._baseline_e2e = None
+        self._baseline_share = None
+        self._baseline_mix = (None, None)
 
     def _balance(self, signal: ScenarioSignal) -> RatioDecision:
         n_p, n_d = signal.n_prefill, signal.n_decode
@@ -135,6 +175,9 @@ class RatioController:
             return RatioDecision("none", n_p, n_d, "no traffic in the window")
         u_p, u_d = utilisation(signal, n_p, n_d)
         peak = max(u_p, u_d)
+        if peak < self.policy.min_peak:
+            return RatioDecision("none", n_p, n_d,
+                                 f"no stage saturated: prefill {u_p:.2f}, decode {u_d:.2f}")
         action: Action
         if u_p > u_d and n_d > self.policy.min_decode:
             moved, action = utilisation(signal, n_p + 1, n_d - 1), "add_prefill"
@@ -161,8 +204,11 @@ class RatioController:
     def _online(self, signal: ScenarioSignal) -> RatioDecision | None:
         if signal.e2e_s is None or signal.ttft_share is None:
             return None
-        if self._baseline_e2e is None or self._baseline_share is None:
+        mix = (signal.prompt_tokens, signal.output_tokens)
+        if (self._baseline_e2e is None or self._baseline_share is None
+                or self._mix_changed(mix)):
             self._baseline_e2e, self._baseline_share = signal.e2e_s, signal.ttft_share
+            self._baseline_mix = mix
             return None
         n_p, n_d = signal.n_prefill, signal.n_decode
         if signal.e2e_s < self._baseline_e2e * self.policy.e2e_rise:
@@ -171,21 +217,39 @@ class RatioController:
             return None
         share_change = signal.ttft_share - self._baseline_share
         rise = signal.e2e_s / self._baseline_e2e
+        action: Action
         if share_change > self.policy.share_delta and n_d > self.policy.min_decode:
-            return _switch(
-                "add_prefill",
-                n_p,
-                n_d,
-                f"E2E up {rise:.2f}x with TTFT share up {share_change:+.2f}",
-            )
-        if share_change < -self.policy.share_delta and n_p > self.policy.min_prefill:
-            return _switch(
-                "add_decode",
-                n_p,
-                n_d,
-                f"E2E up {rise:.2f}x with TTFT share down {share_change:+.2f}",
-            )
-        return None
+            action, trend = "add_prefill", "up"
+        elif share_change < -self.policy.share_delta and n_p > self.policy.min_prefill:
+            action, trend = "add_decode", "down"
+        else:
+            return None
+        if signal.arrival_rate > 0:
+            u_p, u_d = utilisation(signal, n_p, n_d)
+            if (u_d > u_p) if action == "add_prefill" else (u_p > u_d):
+                return None  # it points at the idler stage: the balance rule decides
+        return _switch(action, n_p, n_d,
+                       f"E2E up {rise:.2f}x with TTFT share {trend} {share_change:+.2f}")
+
+
+    def _mix_changed(self, mix: tuple[float | None, float | None]) -> bool:
+        """The window's mean prompt or output length is not the baseline's."""
+        return self._differs(self._baseline_mix, mix)
+
+    def _differs(self, a: tuple[float | None, float | None],
+                 b: tuple[float | None, float | None]) -> bool:
+        """Mean prompt or output lengths apart by more than ``mix_change``."""
+        for then, now in zip(a, b, strict=True):
+            if then is None or now is None:
+                continue  # not measured: compare what is
+            low, high = sorted((then, now))
+            if high > low * (1 + self.policy.mix_change):
+                return True
+        return False
+
+
+def _fmt_mix(mix: tuple[float | None, float | None]) -> str:
+    return "/".join("?" if v is None else f"{v:.0f}" for v in mix)
 
 
 def _switch(action: Action, n_p: int, n_d: int, reason: str) -> RatioDecision:

@@ -18,6 +18,7 @@ for _dir in os.environ.get("PDSERVE_SITE_PACKAGES", "").split(os.pathsep):
 
 import asyncio  # noqa: E402
 import json  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -69,6 +70,7 @@ class TritonPythonModel:
         # args["model_repository"] is this model's directory; its parent is the
         # repository the router reads instance roles from.
         self.role = _build_role(self.cfg, Path(args["model_repository"]).parent)
+        self.incarnation = os.urandom(8).hex()  # this stub process, in every heartbeat
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def execute(self, requests: list[Any]) -> None:
@@ -87,7 +89,7 @@ class TritonPythonModel:
         await asyncio.sleep(EXECUTE_HOLD_S)
 
     async def _serve(self, request: Any) -> None:
-        out = Responder(request)
+        out = Responder(request, client_facing=self.cfg.role == "router")
         try:
             if self.cfg.role == "router":
                 params = json.loads(request.parameters() or "{}")
@@ -96,7 +98,8 @@ class TritonPythonModel:
                 await self.role.handle(request, req, out)
             elif (control := read_control(request)) is not None:
                 HealthCall.from_bytes(control)  # validates; "health" is the only op
-                out.send(load_out(answer_health(self.role.load())), final=True)
+                load = replace(self.role.load(), incarnation=self.incarnation)
+                out.send(load_out(answer_health(load)), final=True)
             else:
                 op, payload = read_instance_request(request)
                 if op == "ping":

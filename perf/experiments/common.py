@@ -7,6 +7,7 @@ stopped), sends load through the ``pdserve.bench`` library, and writes files.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -198,6 +199,26 @@ def publish(doc: dict[str, Any], key: str, name: str,
     if record:
         replace_section(key, text)
     return 0
+
+
+def main(argv: list[str] | None, *, key: str, name: str, description: str, quick_help: str,
+         run: Callable[[argparse.Namespace], dict[str, Any]],
+         plot: Callable[[dict[str, Any], Path], Path],
+         markdown: Callable[[dict[str, Any], str | None], str],
+         add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """The command line every experiment shares: run it (``run(args)``) or re-render
+    an earlier run's JSON (``--from-json``), then ``publish``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
+    parser.add_argument("--out", type=Path, help="output dir (default perf/out/<experiment>)")
+    parser.add_argument("--from-json", type=Path,
+                        help=f"re-render RESULTS.md and the PNG from an earlier run's {key}.json")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    doc = rerender(args.from_json, plot) if args.from_json else run(args)
+    return publish(doc, key, name, markdown, quick=args.quick, no_results=args.no_results)
 
 
 def fmt(value: float | None, spec: str = ".1f") -> str:

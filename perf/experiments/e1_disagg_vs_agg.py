@@ -241,29 +241,23 @@ def verdict(doc: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny preset, 2 short points")
-    parser.add_argument("--trace", type=Path, default=common.AZURE_CONV)
-    parser.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
-    parser.add_argument("--out", type=Path, help="output dir (default perf/out/<experiment>)")
-    parser.add_argument("--rates", type=lambda v: tuple(float(x) for x in v.split(",")),
-                        help="override the offered rates, e.g. 0.5,1,2")
-    parser.add_argument("--point-s", type=float, help="override seconds of arrivals per point")
-    parser.add_argument("--from-json", type=Path,
-                        help="re-render RESULTS.md and the PNG from an earlier run's e1.json")
-    args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
-    if args.from_json:
-        doc = common.rerender(args.from_json, plot)
-    else:
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--trace", type=Path, default=common.AZURE_CONV)
+        parser.add_argument("--rates", type=lambda v: tuple(float(x) for x in v.split(",")),
+                            help="override the offered rates, e.g. 0.5,1,2")
+        parser.add_argument("--point-s", type=float, help="override seconds of arrivals per point")
+
+    def run_args(args: argparse.Namespace) -> dict[str, Any]:
+        cfg = QUICK if args.quick else FULL
         if args.rates:
             cfg = replace(cfg, rates=args.rates)
         if args.point_s:
             cfg = replace(cfg, point_s=args.point_s)
-        doc = run(cfg, args.quick, args.trace, args.out)
-    return common.publish(doc, "e1", NAME, markdown, quick=args.quick,
-                          no_results=args.no_results)
+        return run(cfg, args.quick, args.trace, args.out)
 
+    return common.main(argv, key="e1", name=NAME, description=__doc__.split("\n")[0],
+                       quick_help="tiny preset, 2 short points", run=run_args, plot=plot,
+                       markdown=markdown, add_arguments=add_arguments)
 
 if __name__ == "__main__":
     raise SystemExit(main())

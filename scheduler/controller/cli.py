@@ -40,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio-interval-s", type=float, default=30.0)
     parser.add_argument("--ratio-cooldown-s", type=float, default=60.0)
     parser.add_argument("--drain-timeout-s", type=float, default=60.0)
+    parser.add_argument("--ratio-e2e-rise", type=float, default=RatioPolicy.e2e_rise,
+                        help="online trigger: E2E latency above its baseline by this factor")
+    parser.add_argument("--ratio-share-delta", type=float, default=RatioPolicy.share_delta,
+                        help="online trigger: TTFT-share change that counts as rising/falling")
+    parser.add_argument("--ratio-min-peak", type=float, default=0.0,
+                        help="switch only when the busier stage's slots are at least this "
+                             "share busy (0: any imbalance beyond the tolerance)")
     parser.add_argument("--no-ratio", action="store_true", help="health and replacement only")
     parser.add_argument("--state-file", type=Path, help="default: <repository>.state.json")
     parser.add_argument("--edit-log", type=Path, help="JSON lines of every repository edit")
@@ -60,7 +67,9 @@ def build(args: argparse.Namespace) -> Controller:
         state_path=args.state_file or default_state_path(args.repository),
         health=health, ratio_interval_s=args.ratio_interval_s,
     )
-    ratio = RatioLoop(RatioPolicy(cooldown_s=args.ratio_cooldown_s), args.drain_timeout_s)
+    policy = RatioPolicy(cooldown_s=args.ratio_cooldown_s, min_peak=args.ratio_min_peak,
+                         e2e_rise=args.ratio_e2e_rise, share_delta=args.ratio_share_delta)
+    ratio = RatioLoop(policy, args.drain_timeout_s)
 
     def scrape() -> list[str]:
         return [scrape_text(a.metrics_url, health.probe_timeout_s) for a in addresses]

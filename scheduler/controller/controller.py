@@ -6,7 +6,9 @@ Every ``probe_interval_s`` one ``tick``:
   2. probe every (server, instance) in parallel and feed the health machines;
   3. replace failed instances: one ``reload`` edit (fresh stub) per model;
   4. every ``ratio_interval_s``: scrape /metrics, decide per scenario, start a
-     drain-first role switch; finish switches whose donor is idle;
+     drain-first role switch; finish switches whose donor is idle. Between two
+     decisions each tick samples, per scenario, the share of routable prefill
+     slots in flight (from the heartbeats' loads): the prefills' utilisation;
   5. write the state file the routers read, and the controller's metrics.
 
 ``tick`` takes ``now`` and does no sleeping, so tests drive it with a fake
@@ -84,6 +86,8 @@ class Controller:
         self.health: dict[Key, InstanceHealth] = {}
         self.entries: dict[str, ModelEntry] = {}
         self._last_totals: Totals | None = None
+        # scenario -> busy share of the prefill slots, sampled since the last decision
+        self._occupancy: dict[str, list[float]] = {}
         self._last_ratio = float("-inf")
         self._pool = ThreadPoolExecutor(options.probe_workers, thread_name_prefix="probe")
         self.state = ControllerState()
@@ -94,6 +98,7 @@ class Controller:
     def tick(self, now: float) -> ControllerState:
         self._sync(now)
         self._probe_all(now)
+        self._sample_occupancy()
         self._apply_external_drains(now)
         self._replace_failed(now)
         if self.scrape is not None and now - self._last_ratio >= self.options.ratio_interval_s:
@@ -151,6 +156,26 @@ class Controller:
             if before == "replacing" and after == "healthy":
                 self.metrics.recoveries.labels(role).inc()
 
+    def _sample_occupancy(self) -> None:
+        """Per scenario: prompts in flight over slots of the routable prefills now."""
+        busy: dict[str, list[int]] = {}
+        for (_, name), h in self.health.items():
+            entry = self.entries.get(name)
+            if entry is None or entry.role != "prefill" or h.last_load is None \
+                    or not h.is_routable or name in self._drains:
+                continue
+            acc = busy.setdefault(entry.scenario, [0, 0])
+            acc[0] += h.last_load.in_flight
+            acc[1] += h.last_load.max_batch_size
+        for scenario, (in_flight, slots) in busy.items():
+            if slots > 0:
+                self._occupancy.setdefault(scenario, []).append(min(in_flight / slots, 1.0))
+
+    def occupancy(self, scenario: str) -> float | None:
+        """Mean busy share of the prefill slots since the last decision, if sampled."""
+        samples = self._occupancy.get(scenario)
+        return sum(samples) / len(samples) if samples else None
+
     def _probe_one(self, server: str, model: str) -> ProbeResult:
         try:
             return self.probe_client.probe(server, model)
@@ -196,6 +221,8 @@ class Controller:
         by_instance = {n: e.scenario for n, e in self.entries.items()}
         totals = totals_from_text(texts, now, by_instance, scenarios)
         prev, self._last_totals = self._last_totals, totals
+        occupancy = {s: self.occupancy(s) for s in scenarios}
+        self._occupancy.clear()
         if prev is None:
             return
         for scenario in scenarios:
@@ -204,8 +231,8 @@ class Controller:
             n_p, n_d = RatioLoop.counts(cands)
             batch = {r: max((self.entries[c.name].max_batch_size for c in cands if c.role == r),
                             default=1) for r in ("prefill", "decode")}
-            sig = scenario_signal(w, now, n_p, n_d, batch["prefill"], batch["decode"]) if w \
-                else None
+            sig = scenario_signal(w, now, n_p, n_d, batch["prefill"], batch["decode"],
+                                  occupancy[scenario]) if w else None
             if sig is None or n_p + n_d == 0:
                 self.metrics.decision(scenario, "none", "no signal in the window")
                 continue
@@ -237,6 +264,13 @@ class Controller:
     def _progress_switches(self, now: float) -> None:
         for scenario, switch in list(self.ratio.pending.items()):
             hs = self._healths(switch.name)
+            if switch.switched:
+                # Over when it serves in its new role (cool-down from now), or
+                # when it failed to (replacement is not the ratio loop's job).
+                if not hs or all(h.state == "healthy" for h in hs) \
+                        or any(h.state in ("failed", "replacing") for h in hs):
+                    self.ratio.finish(scenario, now)
+                continue
             if not hs or any(h.state not in ("draining",) for h in hs):
                 self._abandon_switch(scenario, f"{switch.name} left draining")
                 continue
@@ -247,7 +281,7 @@ class Controller:
             for h in hs:
                 h.begin_loading(entry.generation, now)
             self._lift_drain(switch.name)
-            self.ratio.finish(scenario)
+            self.ratio.switched(scenario)
 
     def _abandon_switch(self, scenario: str, why: str) -> None:
         switch = self.ratio.pending.get(scenario)

@@ -8,7 +8,11 @@ through the repository when idle or after ``drain_timeout_s``::
 
     decide --> pick donor --> draining ... idle or timeout --> switch_role --> loading --> healthy
 
-One switch per scenario is in progress at a time, and a scenario never drops
+One switch per scenario is in progress at a time, from the decision until the
+instance is healthy in its new role (a reload takes 15-20 s on a busy CPU; a
+decision made meanwhile counts the reloading instance in neither role and
+switched a second instance the same way, E3), and the cool-down runs from
+then. A scenario never drops
 below ``min_prefill`` / ``min_decode`` routable instances: the donor must be
 routable and the counts are of routable instances.
 """
@@ -16,7 +20,7 @@ routable and the counts are of routable instances.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdserve.scheduler.ratio import RatioController, RatioDecision, RatioPolicy, ScenarioSignal
 
@@ -38,6 +42,7 @@ class PendingSwitch:
     to_role: str
     started: float
     reason: str
+    switched: bool = False  # the repository says the new role; waiting for it to serve
 
 
 class RatioLoop:
@@ -89,5 +94,14 @@ class RatioLoop:
         """Switch once the donor is idle, or when draining took too long."""
         return idle or now - switch.started >= self.drain_timeout_s
 
-    def finish(self, scenario: str) -> None:
+    def switched(self, scenario: str) -> None:
+        """The repository edit is made; the switch lasts until the instance serves."""
+        if scenario in self.pending:
+            self.pending[scenario] = replace(self.pending[scenario], switched=True)
+
+    def finish(self, scenario: str, now: float | None = None) -> None:
+        """The switch is over (``now``: it completed, the cool-down starts now)."""
         self.pending.pop(scenario, None)
+        controller = self._controllers.get(scenario)
+        if now is not None and controller is not None:
+            controller.changed(now)

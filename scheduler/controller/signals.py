@@ -18,6 +18,19 @@ So prompt-heavy traffic (long T_p) lowers per-prefill capacity b_p/T_p and
 output-heavy traffic (long T_d) lowers per-decode capacity: the balance rule
 moves instances toward the stage that needs them.
 
+The balance rule needs utilisation u = arrival_rate * T / (n * b), which by
+Little's law is the mean share of the stage's slots that are busy. Where the
+controller measured that share for the prefills directly (``prefill_occupancy``:
+the in-flight counts the prefills report to its heartbeats, averaged over the
+window) it replaces the TTFT: a router waits for decode room BEFORE the
+prefill (it reserves decode KV and a batch slot first), so when decode is
+short the TTFT grows with that wait and T_p = TTFT would blame the prefills;
+under a closed loop both stages then look equally busy and nothing moves (E3).
+T_p is then derived from the measured share, T_p = u_p * n_p * b_p / rate.
+Decode keeps T_d from TPOT: a decode's own in-flight count includes the
+reservations waiting for their prefill, so it would blame decode for a
+prefill shortage the same way.
+
 ``offered`` (``pdserve_requests_offered_total``, router) counts every valid
 request, also those ended early with UNAVAILABLE: demand the first-token
 count misses exactly when capacity is short. Token counters are taken from the
@@ -113,6 +126,7 @@ class Window:
     tpot_s: float
     output_tokens: float
     offered: float | None = None  # requests that arrived, served or not (router counter)
+    prompt_tokens: float | None = None  # mean prompt length of the arrived requests
 
     @property
     def arrival_rate(self) -> float:
@@ -141,22 +155,36 @@ def window(prev: Totals, cur: Totals, scenario: str) -> Window | None:
         tpot_s=d["tpot_sum"] / d["tpot_count"],
         output_tokens=d["generated"] / d["ttft_count"],
         offered=d["offered"] or None,
+        # The router counts a prompt's tokens when the request arrives, as it
+        # counts it offered.
+        prompt_tokens=d["prompt"] / (d["offered"] or d["ttft_count"]) if d["prompt"] else None,
     )
 
 
+MIN_OCCUPANCY = 1e-3  # an idle stage still has a (tiny) positive T
+
+
 def scenario_signal(
-    w: Window, now: float, n_prefill: int, n_decode: int, prefill_batch: int, decode_batch: int
+    w: Window, now: float, n_prefill: int, n_decode: int, prefill_batch: int, decode_batch: int,
+    prefill_occupancy: float | None = None,
 ) -> ScenarioSignal | None:
+    """``prefill_occupancy``: the measured busy share of the prefill slots, if any."""
     if w.ttft_s <= 0 or w.tpot_s <= 0:
         return None
     e2e = w.e2e_s
+    t_p = w.ttft_s
+    rate = w.arrival_rate
+    if prefill_occupancy is not None and rate > 0 and n_prefill > 0:
+        t_p = max(prefill_occupancy, MIN_OCCUPANCY) * n_prefill * prefill_batch / rate
     return ScenarioSignal(
         now=now,
         n_prefill=n_prefill,
         n_decode=n_decode,
-        arrival_rate=w.arrival_rate,
-        prefill=RoleCapacity(batch_size=prefill_batch, batch_time_s=w.ttft_s),
+        arrival_rate=rate,
+        prefill=RoleCapacity(batch_size=prefill_batch, batch_time_s=t_p),
         decode=RoleCapacity(batch_size=decode_batch, batch_time_s=w.decode_time_s),
         e2e_s=e2e,
         ttft_share=w.ttft_s / e2e,
+        prompt_tokens=w.prompt_tokens,
+        output_tokens=w.output_tokens,
     )

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--json", help="write the report here")
     run.add_argument("--seed", type=int, help="override the config's seed")
     run.add_argument("--per-request", action="store_true", help="one row per request in JSON")
+    run.add_argument("--workers", type=int, default=1,
+                     help="worker processes (scenarios are split among them)")
     prof = sub.add_parser("profile", help="fit a profile from perf/engine.py + kv_transfer.py")
     prof.add_argument("--engine", action="append", default=[], help="perf/engine.py --json")
     prof.add_argument("--kv", required=True, help="perf/kv_transfer.py results JSON")
@@ -68,8 +70,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         config = dataclasses.replace(config, seed=args.seed)
     profile = load_profile(args.profile)
-    cluster, doc = simulate(config, profile, trace, args.per_request)
-    print(format_table(cluster.outcomes.summary(config.slo), "pdserve sim | simulated metrics"))
+    result, doc = simulate(config, profile, trace, args.per_request, args.workers)
+    print(format_table(result.outcomes.summary(config.slo), "pdserve sim | simulated metrics"))
     sim = doc["simulation"]
     print(f"simulated {sim['simulated_s']:.0f} s, {sim['instances']} instances, "
           f"{sim['events']} events in {sim['wall_s']} s ({sim['events_per_s']:.0f} events/s)")

@@ -80,6 +80,11 @@ class ScenarioState:
         self.win_tpot = 0.0
         self.win_tpot_n = 0
         self.win_tokens = 0
+        # what the live controller also reads: the router's offered-request and
+        # prompt-token counters, and the prefills' busy slots at each heartbeat
+        self.win_offered = 0
+        self.win_prompt = 0
+        self.win_occupancy: list[float] = []
 
 
 class Cluster:
@@ -89,7 +94,18 @@ class Cluster:
         profile: Profile,
         trace: list[RequestSpec] | None = None,
         rules: tuple[ScenarioRule, ...] = (),
+        part: tuple[int, int] = (0, 1),
     ) -> None:
+        """``part`` (i, n): simulate only scenarios number k with k % n == i.
+
+        Scenarios are independent P/D groups, so n processes each running one
+        part give together exactly the whole run (runner.simulate_parallel):
+        instance numbers, seeds and injected failures are those of the whole
+        configuration, and a scenario's events keep their relative order.
+        """
+        i_part, n_parts = part
+        if not 0 <= i_part < n_parts:
+            raise ValueError(f"part must be (i, n) with 0 <= i < n, got {part}")
         self.config = config
         self.profile = profile
         self.loop = EventLoop()
@@ -98,55 +114,81 @@ class Cluster:
         self.scenarios: dict[str, ScenarioState] = {}
         self.instances: list[SimInstance] = []
         self.by_name: dict[str, SimInstance] = {}
+        self.numbered: dict[int, SimInstance] = {}  # number in the whole configuration
+        self.num_instances_total = config.num_instances
+        self.scenario_numbers: dict[str, int] = {}
         self.classifier = ScenarioClassifier([s.name for s in config.scenarios], rules)
         self._trace = trace
         self._local = config.admission == "local_queue"
-        self._rtt = profile.attempt_rtt_s
-        for spec in config.scenarios:
+        self._rtt = profile.attempt_rtt_s + profile.serving_overhead_s
+        number = 0
+        for k, spec in enumerate(config.scenarios):
+            if k % n_parts != i_part:
+                number += spec.num_instances
+                continue
             sc = ScenarioState(spec)
             self.scenarios[spec.name] = sc
+            self.scenario_numbers[spec.name] = k
             roles: list[Role] = (["prefill"] * spec.n_prefill + ["decode"] * spec.n_decode
                                  + ["aggregated"] * spec.n_aggregated)
             for i, role in enumerate(roles):
-                self._add_instance(sc, f"{spec.name}/{role[0]}{i}", role)
+                self._add_instance(sc, f"{spec.name}/{role[0]}{i}", role, number)
+                number += 1
         from pdserve.scheduler.sim.control import Control  # cycle: control needs Cluster
 
         self.control = Control(self)
 
-    def _add_instance(self, sc: ScenarioState, name: str, role: Role) -> None:
-        n = len(self.instances)
+    def _add_instance(self, sc: ScenarioState, name: str, role: Role, n: int) -> None:
         interval = self.config.health.probe_interval_s
         phase = ((n * 2654435761 + self.config.seed) % 1000003) / 1000003 * interval
         inst = SimInstance(name, sc.spec.name, role, self.profile,
                            InstanceHealth(self.config.health, 0.0, "healthy"), phase)
         inst.local_queue = self._local
+        inst.state = sc
         self.instances.append(inst)
+        self.numbered[n] = inst
         self.by_name[name] = inst
         sc.members.append(inst)
         self.touch(inst)
 
     # -- bookkeeping ---------------------------------------------------------
     def touch(self, inst: SimInstance) -> None:
-        """Re-snapshot ``inst`` and re-rank it (call after any change the policies see)."""
+        """Re-snapshot ``inst`` and re-rank it (call after any change the policies see).
+
+        A change the policies cannot see (a prompt moving from waiting to running,
+        a sequence from reserved to decoding) leaves the snapshot's fields equal:
+        then nothing is rebuilt.
+        """
+        sig = inst.signature()
+        old = inst.sig
+        if sig == old:
+            return
+        inst.sig = sig
         load = inst.snapshot()
         inst.load = load
-        sc = self.scenarios[inst.scenario]
+        sc = inst.state
         sc.loads[inst.name] = load
-        sc.prefills.update(load, is_prefill_candidate(load))
-        sc.decodes.update(load, load.is_routable and load.role != "prefill")
+        role = load.role
+        both = old is None or old[0] != role  # new, or switched role: leave the other index
+        if both or role != "decode":
+            sc.prefills.update(load, is_prefill_candidate(load))
+        if both or role != "prefill":
+            sc.decodes.update(load, load.is_routable and role != "prefill")
 
     # -- running -------------------------------------------------------------
     def run(self) -> None:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for name, arrivals in self._arrival_streams():
             self._next_arrival((name, arrivals))
         self.control.start()
         self.loop.run(self.config.duration_s + self.config.max_drain_s)
         self.control.stop()
         self.wall_s = time.perf_counter() - t0
+        self.cpu_s = time.process_time() - cpu0
 
     def _arrival_streams(self) -> Iterator[tuple[str | None, Iterator[tuple[float, int, int]]]]:
-        for k, spec in enumerate(self.config.scenarios):
+        for name, k in self.scenario_numbers.items():
+            spec = self.scenarios[name].spec
             if spec.load is not None:
                 seed = self.config.seed * 1000003 + k
                 yield spec.name, scenario_arrivals(spec.load, self.config.duration_s, seed)
@@ -162,6 +204,12 @@ class Cluster:
     def _arrive(self, arg: tuple[Any, tuple[float, int, int]]) -> None:
         stream, (t, input_len, output_len) = arg
         scenario = self.classifier.classify(stream[0], input_len)
+        if scenario not in self.scenarios:  # a trace request of another part's scenario
+            self._next_arrival(stream)
+            return
+        sc = self.scenarios[scenario]
+        sc.win_offered += 1
+        sc.win_prompt += input_len
         req = SimRequest(self.outcomes.new(t, input_len, output_len), scenario, t,
                          input_len, output_len)
         req.deadline = t + self.config.forwarding.ttft_budget_s
@@ -171,12 +219,11 @@ class Cluster:
     def _admit(self, req: SimRequest) -> None:
         sc = self.scenarios[req.scenario]
         if sc.spec.n_aggregated == 0 and not self._reserve_decode(sc, req):
-            # No decode has room: wait as the forwarding policy does (doubling back-off)
-            # while the TTFT budget allows, then end the request early.
+            # No decode has room: wait as the router does (``Router._choose``: doubling
+            # back-off) while the TTFT budget allows, then end the request early.
             fw = self.config.forwarding
             req.backoff = min(max(req.backoff * 2, fw.min_backoff_s), fw.max_backoff_s)
-            est = self.profile.prefill.prompt_time(req.input_len)
-            if self.loop.now + req.backoff + est < req.deadline:
+            if self.loop.now + req.backoff < req.deadline:
                 self.loop.after(req.backoff, self._admit, req)
             else:
                 self._end(req, "UNAVAILABLE", "no decode instance could take the request "
@@ -191,8 +238,7 @@ class Cluster:
             sc.prefills.names,
             partial(self._attempt, req),
             self.config.forwarding,
-            deadline=req.deadline,
-            estimated_prefill_s=self.profile.prefill.prompt_time(req.input_len),
+            deadline=req.deadline,  # no prefill estimate: the router passes none either
             clock=self.loop.clock,
             sleep=_sleep,
         )
@@ -237,8 +283,8 @@ class Cluster:
         inst.pf_in_flight += 1
         req.prefill = inst
         inst.pending.append(req)
-        self.touch(inst)
         self._maybe_start_batch(inst)
+        self.touch(inst)
         await _PARK  # resumed when the KV reached decode, or thrown into on failure
         return name
 
@@ -289,11 +335,12 @@ class Cluster:
         inst = self.by_name[name]
         req.prefill = inst
         inst.pending.append(req)
-        self.touch(inst)
         self._maybe_start_batch(inst)
+        self.touch(inst)
 
     # -- prefill and transfer ------------------------------------------------
     def _maybe_start_batch(self, inst: SimInstance) -> None:
+        """Start the next prefill batch if the instance is free (the caller then touches)."""
         if inst.pf_busy or not inst.pending or not inst.alive:
             return
         pf = self.profile.prefill
@@ -311,9 +358,14 @@ class Cluster:
         dur = pf.batch_time(tokens, float(sum(r.input_len * r.input_len for r in batch)))
         if inst.role == "aggregated":
             dur = self._mix_prefill(inst, tokens, dur)
+        else:
+            cores = inst.state.spec.prefill_cores
+            if cores:  # prefills pinned together share their cores while they compute
+                busy = 1 + sum(1 for m in inst.state.members
+                               if m.pf_busy and m is not inst and m.role == "prefill")
+                dur *= max(1.0, busy / cores)
         inst.pf_busy = True
         inst.pf_running = batch
-        self.touch(inst)
         self.loop.after(dur, self._batch_done, (inst, inst.epoch, dur))
 
     def _mix_prefill(self, inst: SimInstance, tokens: int, prefill_s: float) -> float:
@@ -350,6 +402,7 @@ class Cluster:
             inst.transferring.add(req)
             self.loop.after(t, self._transfer_done, (req, inst, epoch))
         self._maybe_start_batch(inst)
+        self.touch(inst)
 
     def _transfer_done(self, arg: tuple[SimRequest, SimInstance, int]) -> None:
         req, inst, epoch = arg
@@ -359,8 +412,8 @@ class Cluster:
         if not self._local:
             inst.pf_in_flight -= 1
         req.prefill = None
-        self.touch(inst)
         self._maybe_start_batch(inst)
+        self.touch(inst)
         dec = req.decode
         if dec is None or not dec.alive or req not in dec.reserved:
             # the decode side died while this prompt was in prefill: the request is lost
@@ -407,7 +460,8 @@ class Cluster:
         now = self.loop.now
         for req in inst.pop_finished(now):
             inst.kv_used -= req.kv_tokens
-            self._finish(req, max(now, req.first_token))
+            # every token travels the same path as the first (self._rtt after it is made)
+            self._finish(req, max(now + self._rtt, req.first_token))
         self.touch(inst)
         self._schedule_decode(inst)
 

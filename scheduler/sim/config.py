@@ -23,11 +23,15 @@ class ScenarioSpec:
     n_decode: int = 0
     n_aggregated: int = 0
     load: ScenarioLoad | None = None  # None: fed only by a trace
+    # 0: each prefill instance has its own cores. k > 0: the scenario's prefill
+    # instances share k cores (pinned together, as E2 pins 2 prefills on one core):
+    # a batch that starts while n prefills compute runs max(1, n / k) times longer.
+    prefill_cores: int = 0
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("scenario name must not be empty")
-        if min(self.n_prefill, self.n_decode, self.n_aggregated) < 0:
+        if min(self.n_prefill, self.n_decode, self.n_aggregated, self.prefill_cores) < 0:
             raise ValueError(f"scenario {self.name}: instance counts must be >= 0")
         disagg = self.n_prefill > 0 and self.n_decode > 0
         if not disagg and self.n_aggregated == 0:

@@ -9,8 +9,11 @@ probe of a healthy instance leaves the state machine unchanged, so skipping
 them is exact and saves 10,000 instances / 2 s of events.
 
 The ratio uses the controller's ``RatioLoop`` (donor choice, one switch at a
-time, drain, minimums) fed by ``signals.scenario_signal`` over the window's
-TTFT/TPOT, exactly what the live controller computes from /metrics.
+time, drain, minimums) fed by ``signals.scenario_signal`` with the inputs the
+live controller has: the window's TTFT/TPOT and tokens, the requests offered
+(ended early included) and their prompt tokens (the router's counters), and
+the prefills' busy share of their slots sampled every probe interval (the
+heartbeats' in-flight counts).
 """
 
 from __future__ import annotations
@@ -46,12 +49,15 @@ class Control:
 
     def start(self) -> None:
         cfg, loop = self.c.config, self.c.loop
-        for t, k in failure_times(len(self.c.instances), cfg.failures_per_hour_per_1000,
+        for t, k in failure_times(self.c.num_instances_total, cfg.failures_per_hour_per_1000,
                                   cfg.duration_s, cfg.seed):
-            loop.at(t, self._fail_event, self.c.instances[k])
+            inst = self.c.numbered.get(k)
+            if inst is not None:  # else: another part's instance (Cluster ``part``)
+                loop.at(t, self._fail_event, inst)
         if cfg.ratio == "dynamic":
             for name in self.c.scenarios:
                 loop.at(cfg.ratio_interval_s, self._ratio_tick, name)
+                loop.at(cfg.health.probe_interval_s, self._occupancy_tick, name)
 
     def stop(self) -> None:
         self._stopped = True
@@ -148,14 +154,14 @@ class Control:
             return
         sc = c.scenarios[scenario]
         c.loop.after(cfg.ratio_interval_s, self._ratio_tick, scenario)
-        window = self._take_window(sc)
+        window, occupancy = self._take_window(sc)
         if window is None:
             return
         t0 = time.perf_counter()
         candidates = [Candidate(i.name, i.role, i.is_routable, i.in_flight) for i in sc.members]
         n_p, n_d = RatioLoop.counts(candidates)
         signal = scenario_signal(window, c.loop.now, n_p, n_d, c.profile.prefill.max_batch_size,
-                                 c.profile.decode.max_batch_size)
+                                 c.profile.decode.max_batch_size, occupancy)
         if signal is None:
             return
         decision, switch = self.ratio_loop.decide(scenario, signal, candidates)
@@ -169,15 +175,36 @@ class Control:
             c.touch(donor)
             c.loop.after(1.0, self._switch_check, switch)
 
-    def _take_window(self, sc: ScenarioState) -> Window | None:
+    def _occupancy_tick(self, scenario: str) -> None:
+        """As ``Controller._sample_occupancy``: in flight / slots of the routable prefills."""
+        c = self.c
+        if self._stopped or c.loop.now > c.config.duration_s:
+            return
+        c.loop.after(c.config.health.probe_interval_s, self._occupancy_tick, scenario)
+        sc = c.scenarios[scenario]
+        busy = slots = 0
+        for inst in sc.members:
+            if inst.role == "prefill" and inst.is_routable:
+                busy += inst.in_flight
+                slots += inst.max_batch_size
+        if slots > 0:
+            sc.win_occupancy.append(min(busy / slots, 1.0))
+
+    def _take_window(self, sc: ScenarioState) -> tuple[Window | None, float | None]:
+        """The window since the last tick and the prefills' mean occupancy in it."""
         w = None
         if sc.win_first > 0 and sc.win_tpot_n > 0:
             w = Window(seconds=self.c.config.ratio_interval_s, requests=sc.win_first,
                        ttft_s=sc.win_ttft / sc.win_first, tpot_s=sc.win_tpot / sc.win_tpot_n,
-                       output_tokens=sc.win_tokens / sc.win_first)
-        sc.win_first = sc.win_tpot_n = sc.win_tokens = 0
+                       output_tokens=sc.win_tokens / sc.win_first,
+                       offered=sc.win_offered or None,
+                       prompt_tokens=sc.win_prompt / sc.win_offered if sc.win_offered else None)
+        occupancy = (sum(sc.win_occupancy) / len(sc.win_occupancy)
+                     if sc.win_occupancy else None)
+        sc.win_first = sc.win_tpot_n = sc.win_tokens = sc.win_offered = sc.win_prompt = 0
         sc.win_ttft = sc.win_tpot = 0.0
-        return w
+        sc.win_occupancy = []
+        return w, occupancy
 
     def _switch_check(self, switch: PendingSwitch) -> None:
         c = self.c

@@ -87,6 +87,8 @@ class SimInstance:
         self.epoch = 0  # bumped on failure/switch: events of an older epoch are stale
         self.generation = 0
         self.load: InstanceLoad | None = None
+        self.sig: tuple[object, ...] | None = None  # what ``load`` was built from
+        self.state: Any = None  # its scenario's cluster.ScenarioState
         # prefill side
         self.pf_in_flight = 0  # accepted, not yet handed to decode
         self.pending: deque[SimRequest] = deque()
@@ -126,22 +128,26 @@ class SimInstance:
     def is_routable(self) -> bool:
         return self.health.is_routable
 
+    def signature(self) -> tuple[object, ...]:
+        """Everything ``snapshot`` reads that changes during a run."""
+        return (self.role, self.in_flight, len(self.pending), self.kv_used, self.health.state)
+
     def snapshot(self) -> InstanceLoad:
-        kv_total = self.profile.decode.kv_capacity_tokens * self.profile.kv_bytes_per_token
-        has_kv = self.role != "prefill"
+        per_token = self.profile.kv_bytes_per_token
+        kv_total = self.profile.decode.kv_capacity_tokens * per_token
+        prefill = self.role == "prefill"
         state = self.health.state
         return InstanceLoad(
-            name=self.name,
-            role=self.role,
-            scenario=self.scenario,
-            max_batch_size=self.max_batch_size,
-            in_flight=min(self.in_flight, 1 << 30),
-            queued=len(self.pending) if self.role == "prefill" else 0,
-            kv_free_bytes=max(0, kv_total - self.kv_used * self.profile.kv_bytes_per_token)
-            if has_kv else 0,
-            kv_total_bytes=kv_total if has_kv else 0,
-            healthy=state in ("healthy", "draining"),
-            draining=state == "draining",
+            self.name,
+            self.role,
+            self.scenario,
+            self.max_batch_size,
+            min(self.in_flight, 1 << 30),
+            len(self.pending) if prefill else 0,
+            0 if prefill else max(0, kv_total - self.kv_used * per_token),
+            0 if prefill else kv_total,
+            state == "healthy" or state == "draining",
+            state == "draining",
         )
 
     @property

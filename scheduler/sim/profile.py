@@ -5,7 +5,7 @@ hardware (an H100 or an NPU node) is written by hand; ``source`` says where
 the numbers came from (measured on this machine, or an estimate).
 
     prefill batch time  = fixed_s + per_token_s * T + per_token2_s * sum(t_i^2)
-    decode step time    = fixed_s + per_seq_s * B + per_ctx_token_s * C
+    decode step time    = fixed_s + stream_overhead_s + per_seq_s * B + per_ctx_token_s * C
     KV transfer time    = latency_s + bytes / bytes_per_s
                           (+ per_block_s per block of block_tokens: block-fixed)
 
@@ -62,16 +62,20 @@ class DecodeModel:
     per_ctx_token_s: float
     max_batch_size: int = 64
     kv_capacity_tokens: int = 1 << 20
+    # Serving path per step, beyond the engine's step (the instance streams one
+    # response per sequence and step through Triton): fitted from a live run.
+    stream_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_nonneg(self, "fixed_s", "per_seq_s", "per_ctx_token_s")
+        _check_nonneg(self, "fixed_s", "per_seq_s", "per_ctx_token_s", "stream_overhead_s")
         if self.fixed_s + self.per_seq_s <= 0:
             raise ValueError("a decode step must take some time (fixed_s + per_seq_s > 0)")
         if self.max_batch_size < 1 or self.kv_capacity_tokens < 1:
             raise ValueError("decode max_batch_size and kv_capacity_tokens must be >= 1")
 
     def step_time(self, batch: int, ctx_tokens: float) -> float:
-        return self.fixed_s + self.per_seq_s * batch + self.per_ctx_token_s * ctx_tokens
+        return (self.fixed_s + self.stream_overhead_s + self.per_seq_s * batch
+                + self.per_ctx_token_s * ctx_tokens)
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,9 @@ class Profile:
     num_layers: int = 32  # layerwise transfer hides all but one layer behind prefill
     chunk_tokens: int = 512  # aggregated role: prompt tokens fused with each decode step
     attempt_rtt_s: float = 0.0005  # router -> prefill try (accept or reject) round trip
+    # Client -> router -> instances -> client path of a request beyond its prefill,
+    # transfer and attempt (gRPC, Triton scheduling, the first response): added to TTFT.
+    serving_overhead_s: float = 0.0
     reload_s: float = 60.0  # replace a failed instance: load weights, warm up
     role_switch_s: float = 20.0  # switch prefill <-> decode through the repository
     notes: dict[str, str] = field(default_factory=dict)
@@ -109,7 +116,7 @@ class Profile:
     def __post_init__(self) -> None:
         if self.kv_bytes_per_token < 1 or self.num_layers < 1 or self.chunk_tokens < 1:
             raise ValueError("kv_bytes_per_token, num_layers and chunk_tokens must be >= 1")
-        _check_nonneg(self, "attempt_rtt_s", "reload_s", "role_switch_s")
+        _check_nonneg(self, "attempt_rtt_s", "serving_overhead_s", "reload_s", "role_switch_s")
         missing = [m for m in ("block_free", "block_fixed") if m not in self.transfer]
         if missing:
             raise ValueError(f"profile {self.name!r} lacks transfer modes {missing}")

@@ -12,6 +12,7 @@ since millions of record objects would not fit the run's time and memory.
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,13 +27,16 @@ FAST_SUMMARY_ABOVE = 200_000
 
 
 class Outcomes:
+    """One row per request, in flat columns (``array``: 8 bytes a number, so tens of
+    millions of requests fit, and a worker process sends them back as bytes)."""
+
     def __init__(self) -> None:
-        self.send: list[float] = []
-        self.input_len: list[int] = []
-        self.requested: list[int] = []
-        self.first: list[float] = []  # -1: no token
-        self.last: list[float] = []  # end time (last token, or the error)
-        self.tokens: list[int] = []
+        self.send = array("d")
+        self.input_len = array("q")
+        self.requested = array("q")
+        self.first = array("d")  # -1: no token
+        self.last = array("d")  # end time (last token, or the error)
+        self.tokens = array("q")
         self.kind: list[str | None] = []  # None while running, "" ok, else error kind
         self.messages: dict[int, str] = {}
 
@@ -47,7 +51,7 @@ class Outcomes:
         self.last.append(-1.0)
         self.tokens.append(0)
         self.kind.append(None)
-        return len(self.send) - 1
+        return len(self.kind) - 1
 
     def ok(self, i: int, first: float, last: float, tokens: int) -> None:
         if self.kind[i] is not None:
@@ -62,6 +66,14 @@ class Outcomes:
         self.first[i] = -1.0 if first is None else first
         self.tokens[i] = 1 if first is not None else 0
         self.messages[i] = message
+
+    def extend(self, other: Outcomes) -> None:
+        """Append ``other``'s requests (renumbered after this one's)."""
+        base = len(self)
+        for name in ("send", "input_len", "requested", "first", "last", "tokens"):
+            getattr(self, name).extend(getattr(other, name))
+        self.kind.extend(other.kind)
+        self.messages.update({base + i: m for i, m in other.messages.items()})
 
     @property
     def num_unfinished(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -74,10 +75,36 @@ def test_e2_attainment_all_and_admitted() -> None:
     assert got["attainment_admitted"] == pytest.approx(1 / 2)
 
 
-def test_e2_config_rejects_a_budget_that_leaves_no_room() -> None:
-    with pytest.raises(ValueError, match="ttft_budget_s"):
-        e2.E2Config(model="tiny", prompt_len=8, output_len=2, prefill_slots=1, queue_cap=4,
-                    loads=(1.0,), point_s=1.0, capacity_s=1.0, ttft_slo_ms=100.0, ttft_budget_s=0.2)
+def test_e2_budget_is_the_slo_less_the_measured_prefill() -> None:
+    # SLO 1200 ms, a prompt holds a slot 400 ms under full load: a request that
+    # starts prefill after 1200 - 2 * 400 ms would miss the SLO (with margin).
+    assert e2.ttft_budget(e2.FULL, 0.4) == (pytest.approx(0.4), False)
+    # A machine too slow for the SLO gets the minimum budget, flagged.
+    assert e2.ttft_budget(e2.FULL, 0.7) == (e2.FULL.min_budget_s, True)
+    with pytest.raises(ValueError, match="budget_margin"):
+        replace(e2.FULL, budget_margin=0.5)
+    budget = e2.spec(e2.FULL, "on_demand", 0.4)["limits"]["ttft_budget_s"]
+    assert budget == 0.4
+    assert e2.spec(e2.FULL, "local_queue", 1.2)["limits"]["admission"] == "queue"
+
+
+def test_e3_switch_costs_from_the_controller_log() -> None:
+    log = "\n".join([
+        "2026-11-25 02:00:00,000 INFO pdserve controller: watching x",
+        "2026-11-25 02:00:10,000 INFO ratio: draining decode_0 to make it prefill (balance)",
+        "2026-11-25 02:00:11,500 INFO repository edit switch_role decode_0: balance {}",
+        "2026-11-25 02:00:15,000 INFO decode_0 on 127.0.0.1:1: loading -> healthy ",
+        "2026-11-25 02:00:40,000 INFO ratio: draining prefill_1 to make it decode (x)",
+    ])
+    got = e3.switch_costs(log)
+    assert [sw["instance"] for sw in got] == ["decode_0", "prefill_1"]
+    assert got[0]["drain_s"] == pytest.approx(1.5) and got[0]["reload_s"] == pytest.approx(3.5)
+    assert got[0]["total_s"] == pytest.approx(5.0) and "total_s" not in got[1]
+
+
+def test_e3_static_ratios_measure_each_mix_once() -> None:
+    assert [e3.mix(p) for p in e3.FULL.mixes()] == ["900/4", "16/160"]
+    assert len(e3.FULL.phases) == 3
 
 
 def test_e3_static_ratios_spread_instances_over_both_cores() -> None:
@@ -137,12 +164,16 @@ def test_e1_quick(tmp_path: Path) -> None:
 def test_e2_quick(tmp_path: Path) -> None:
     assert e2.main(["--quick", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "e2.json").read_text())
-    assert doc["on_demand"]["capacity_req_per_s"] > 0
+    assert doc["measured"]["capacity_req_per_s"] > 0
+    assert 0 < doc["ttft_budget_s"] < e2.QUICK.ttft_slo_ms / 1000
     on_demand = [p for p in doc["points"] if p["admission"] == "on_demand"]
     assert [p["load"] for p in on_demand] == list(e2.QUICK.loads)
     for p in on_demand:
         assert p["finished"] == p["offered"]
         assert p["admitted"] + p["ended_early"] == p["finished"]
+        # An admitted request is served: none abandoned mid-prefill (the E2 bug).
+        assert p["failed_admitted"] == 0, p["error_samples"]
+        assert p["bench"]["ok"] > 0
     assert (tmp_path / "e2.png").stat().st_size > 0
     assert _leftover_processes(str(tmp_path)) == []
 
@@ -156,6 +187,7 @@ def test_e3_quick(tmp_path: Path) -> None:
     static = {r["deployment"] for r in doc["rows"]} - {"dynamic"}
     assert static == {"1P3D", "2P2D", "3P1D"}
     assert all(r["ok"] > 0 for r in doc["rows"])
+    assert len([r for r in doc["rows"] if r["deployment"] == "dynamic"]) == len(e3.QUICK.phases)
     assert ("dynamic" in {r["deployment"] for r in doc["rows"]}) == (not doc["dynamic_blockers"])
     assert (tmp_path / "e3.png").stat().st_size > 0
     assert _leftover_processes(str(tmp_path)) == []
@@ -176,8 +208,9 @@ def test_e2_early_intervention_is_told_by_its_text() -> None:
 def test_e3_verdict_and_markdown_from_a_json_doc() -> None:
     from dataclasses import asdict
 
-    rows = [{"deployment": d, "phase": "p", "index": 0, "req_per_s": r, "out_tok_per_s": 1.0,
-             "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0, "tpot_p50_ms": 1.0, "slo_attainment": 1.0}
+    rows = [{"deployment": d, "phase": "p", "index": 0, "mix": "900/4", "req_per_s": r,
+             "out_tok_per_s": 1.0, "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0, "tpot_p50_ms": 1.0,
+             "slo_attainment": 1.0}
             for d, r in (("1P3D", 2.0), ("2P2D", 4.0), ("3P1D", 1.0), ("dynamic", 3.8))]
     machine = {"cpu": "x", "usable_cores": 2, "load_average": [1, 1, 1], "date_utc": "now"}
     doc = json.loads(json.dumps({
@@ -186,6 +219,10 @@ def test_e3_verdict_and_markdown_from_a_json_doc() -> None:
         "controller_edits": []}))
     doc["config"]["phases"] = doc["config"]["phases"][:1]
     doc["verdict"] = e3.verdict(doc)
-    assert "dynamic 3.80 req/s = 3.80x worst" in doc["verdict"][0]
-    assert "95% of best" in doc["verdict"][0]
-    assert "switched no role" in e3.markdown(doc, None)
+    assert "dynamic 3.80 req/s = 3.80x worst (goal >= 1.6x: met)" in doc["verdict"][0]
+    assert "95% of best (goal >= 90%: met)" in doc["verdict"][0]
+    assert "Role switches during the dynamic run: 0 — none" in e3.markdown(doc, None)
+    # Where best/worst < 1.6x, 1.6x worst cannot be reached: said so, not hidden.
+    close = [dict(r, req_per_s=v) for r, v in zip(rows, (3.0, 4.0, 3.5, 3.9), strict=True)]
+    doc["rows"] = close
+    assert "impossible here: best/worst is only 1.33x" in e3.verdict(doc)[0]

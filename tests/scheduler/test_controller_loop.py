@@ -113,9 +113,9 @@ def test_ratio_moves_toward_prefill_drain_first(tmp_path: Path) -> None:
     c, triton = make(tmp_path, traffic=traffic)
     try:
         c.tick(0.0)  # first scrape: the baseline for the window
-        triton.in_flight["decode_0"] = 3
-        triton.in_flight["decode_1"] = 1
-        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)  # prompt-heavy
+        # Prompt-heavy: every prefill slot busy (the heartbeats say so), decodes idle-ish.
+        triton.in_flight.update(prefill_0=32, prefill_1=32, decode_0=3, decode_1=1)
+        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
         c.tick(10.0)
         # decode_1 (least in flight) is drained, not yet switched.
         assert states(c)["decode_1"] == "draining"
@@ -151,8 +151,9 @@ def test_ratio_moves_toward_decode_and_switches_after_drain_timeout(tmp_path: Pa
     c, triton = make(tmp_path, prefill=3, decode=1, traffic=traffic, drain_timeout_s=5.0)
     try:
         c.tick(0.0)
-        triton.in_flight.update(prefill_0=1, prefill_1=2, prefill_2=2)
-        traffic.add(50, ttft_s=0.05, tpot_s=0.05, out_tokens=200)  # output-heavy
+        # Output-heavy: the decode's batch is full, prefills nearly idle.
+        triton.in_flight.update(prefill_0=1, prefill_1=2, prefill_2=2, decode_0=32)
+        traffic.add(50, ttft_s=0.05, tpot_s=0.05, out_tokens=200)
         c.tick(10.0)
         assert states(c)["prefill_0"] == "draining"
         c.tick(12.0)
@@ -165,10 +166,12 @@ def test_ratio_moves_toward_decode_and_switches_after_drain_timeout(tmp_path: Pa
 
 def test_balanced_traffic_changes_nothing(tmp_path: Path) -> None:
     traffic = Traffic()
-    c, _ = make(tmp_path, traffic=traffic)
+    c, triton = make(tmp_path, traffic=traffic)
     try:
         c.tick(0.0)
-        # prefill 32/0.5 = 64 req/s, decode 32/(0.05*10) = 64 req/s per instance.
+        # prefill 32/0.5 = 64 req/s, decode 32/(0.05*10) = 64 req/s per instance;
+        # at 20 req/s the heartbeats see 20 * 0.5 = 10 prompts in the prefills.
+        triton.in_flight.update(prefill_0=5, prefill_1=5)
         traffic.add(200, ttft_s=0.5, tpot_s=0.05, out_tokens=11)
         c.tick(10.0)
         c.tick(20.0)  # no traffic in this window: no decision either
@@ -216,3 +219,56 @@ def test_state_file_is_json_with_every_instance(tmp_path: Path) -> None:
 def test_options_validation(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one server"):
         ControllerOptions(servers=(), state_path=tmp_path / "s.json")
+
+
+def test_balance_uses_measured_slot_occupancy_not_ttft(tmp_path: Path) -> None:
+    """E3: routers wait for decode room BEFORE the prefill, so with decode short the
+    TTFT swells with that wait; T_p = TTFT then shows prefill as busy as decode and
+    nothing moved. The slots the heartbeats report busy tell the stages apart."""
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=3, decode=1, traffic=traffic)
+    try:
+        c.tick(0.0)
+        # Output-heavy under a closed loop: the decode batch is full, the prefills
+        # idle; 12 of 16 requests wait for decode room, so TTFT = 3x a decode and
+        # TTFT-based utilisation reads 3P1D as balanced.
+        triton.in_flight.update(decode_0=32)
+        traffic.add(60, ttft_s=4.5, tpot_s=0.01, out_tokens=151)
+        c.tick(10.0)
+        assert c.repo.entry("prefill_0").role == "decode"  # idle donor: switched at once
+        assert c.occupancy("default") is None  # samples start again after a decision
+    finally:
+        c.close()
+
+
+def test_no_second_switch_while_the_first_reloads(tmp_path: Path) -> None:
+    """E3: a reload took 15-20 s, longer than the cool-down, and the controller,
+    counting the reloading instance in neither role, switched a second decode
+    the same way 9 s after the first. The switch lasts until the instance serves
+    in its new role, and the cool-down runs from then."""
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic)
+    c.ratio = RatioLoop(RatioPolicy(cooldown_s=5.0), drain_timeout_s=30.0)
+    try:
+        c.tick(0.0)
+        triton.in_flight.update(prefill_0=32)  # prompt-heavy: the prefill is full
+        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
+        c.tick(10.0)  # an idle decode is switched at once, then reloads
+        assert [e.kind for e in c.repo.edits] == ["switch_role"]
+        switched = c.repo.edits[0].model
+        for now in (20.0, 30.0, 40.0):  # past the cool-down, still loading
+            traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
+            c.tick(now)
+            assert states(c)[switched] == "loading"
+            assert len(c.repo.edits) == 1
+        triton.poll()
+        c.tick(42.0)  # serving in its new role: the switch is over, cool-down from now
+        assert states(c)[switched] == "healthy" and c.ratio.pending == {}
+        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
+        c.tick(44.0)
+        assert len(c.repo.edits) == 1  # 2 s after it took effect: cooling down
+        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
+        c.tick(54.0)
+        assert len(c.repo.edits) == 2  # the prefills are still full: the next one
+    finally:
+        c.close()

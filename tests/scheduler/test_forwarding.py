@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from pdserve.errors import InvalidArgument, Unavailable
 from pdserve.scheduler.forwarding import (
     ForwardingPolicy,
+    PrefillCallBound,
     PrefillRejected,
+    SlotSignal,
     forward_on_demand,
     rank_prefills,
     shortest_queue,
@@ -95,6 +98,74 @@ def test_all_full_backs_off_then_succeeds_when_a_slot_frees() -> None:
     assert result.instance == "p0"
     assert clock.sleeps[:3] == [0.002, 0.004, 0.004]  # exponential back-off, capped
     assert result.rejections == 2 * len(clock.sleeps)
+
+
+def test_a_prefill_known_full_is_not_asked() -> None:
+    clock = FakeClock()
+    tried: list[str] = []
+    full = {"p0"}
+
+    async def attempt(name: str) -> str:
+        tried.append(name)
+        raise PrefillRejected(f"{name} full")
+
+    with pytest.raises(Unavailable, match="skipped: every slot held") as info:
+        asyncio.run(forward_on_demand(
+            lambda: ["p0", "p1"], attempt, ForwardingPolicy(ttft_budget_s=0.05),
+            deadline=0.05, clock=clock, sleep=clock.sleep, is_full=full.__contains__))
+    assert tried and set(tried) == {"p1"}  # p0 never asked
+    assert f"{len(tried)} attempts, {len(tried)} rejected" in str(info.value)
+
+
+def test_a_waiter_wakes_when_a_slot_frees_not_at_its_back_off() -> None:
+    async def scenario() -> tuple[float, list[str]]:
+        signal = SlotSignal()
+        held = {"p0"}
+        tried: list[str] = []
+
+        async def attempt(name: str) -> str:
+            tried.append(name)
+            return name
+
+        async def free_later() -> None:
+            await asyncio.sleep(0.05)
+            held.clear()
+            signal.notify()
+
+        # A 10 s back-off: only the signal can end the wait within the test.
+        policy = ForwardingPolicy(ttft_budget_s=30, min_backoff_s=10, max_backoff_s=10)
+        t0 = time.monotonic()
+        freer = asyncio.create_task(free_later())
+        result = await forward_on_demand(lambda: ["p0"], attempt, policy,
+                                         deadline=time.monotonic() + 30,
+                                         is_full=held.__contains__, slot_freed=signal)
+        await freer
+        assert result.instance == "p0" and result.attempts == 1
+        assert signal.num_waiting == 0
+        return time.monotonic() - t0, tried
+
+    waited, tried = asyncio.run(scenario())
+    assert tried == ["p0"]
+    assert 0.04 <= waited < 2.0
+
+
+def test_slot_signal_wait_ends_at_its_timeout_and_cancelled_waiters_leave() -> None:
+    async def scenario() -> None:
+        signal = SlotSignal()
+        t0 = time.monotonic()
+        await signal.wait(0.02)
+        assert time.monotonic() - t0 >= 0.015 and signal.num_waiting == 0
+        waiters = [asyncio.create_task(signal.wait(10)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert signal.num_waiting == 3
+        waiters[0].cancel()
+        await asyncio.sleep(0)
+        assert signal.num_waiting == 2 and len(signal._waiters) == 2
+        signal.notify()  # every remaining waiter looks again
+        await asyncio.wait_for(asyncio.gather(*waiters[1:]), 1.0)
+        assert signal.num_waiting == 0 and not signal._waiters
+
+    asyncio.run(scenario())
 
 
 def test_request_that_cannot_start_in_budget_is_ended_with_unavailable() -> None:
@@ -218,3 +289,43 @@ def test_policy_and_load_validation() -> None:
     assert InstanceLoad.from_bytes(load.to_bytes()) == load
     with pytest.raises(InvalidArgument, match="malformed"):
         InstanceLoad.from_bytes(b"{not json")
+
+
+def test_an_accepted_prefill_is_not_cut_at_the_start_budget() -> None:
+    """E2 regression: the router bounded a prefill call by what was left of the
+    TTFT *start* budget, so a prompt accepted near its end was given up while
+    the prefill ran on for nobody, holding the slot; at full load every slot
+    then served abandoned requests and none was answered."""
+    bound = PrefillCallBound(min_allowance_s=0.5)
+
+    async def main() -> bytes:
+        deadline = time.monotonic() + 0.05  # little of the start budget is left
+
+        async def prefill() -> bytes:  # accepted at once, longer than that
+            await asyncio.sleep(0.15)
+            return b"first token"
+
+        async def attempt(name: str) -> bytes:
+            sent = time.monotonic()
+            value = await asyncio.wait_for(prefill(), bound.timeout_s(sent, deadline))
+            bound.observe(time.monotonic() - sent)
+            return value
+
+        result = await forward_on_demand(lambda: ["p0"], attempt,
+                                         ForwardingPolicy(ttft_budget_s=1.0), deadline=deadline)
+        return result.value
+
+    assert asyncio.run(main()) == b"first token"
+    assert bound.mean_s is not None and bound.mean_s >= 0.15
+
+
+def test_prefill_call_bound_grows_with_observed_prefills_and_still_ends() -> None:
+    bound = PrefillCallBound(min_allowance_s=2.0, factor=4.0, weight=0.5)
+    assert bound.timeout_s(now=10.0, deadline=10.3) == pytest.approx(2.3)
+    bound.observe(1.0)
+    bound.observe(2.0)  # mean 1.5
+    assert bound.allowance_s() == pytest.approx(6.0)
+    # Past the start budget a call (say to a stub restarted under it) still ends.
+    assert bound.timeout_s(now=20.0, deadline=10.0) == pytest.approx(6.0)
+    with pytest.raises(ValueError):
+        PrefillCallBound(factor=0.5)

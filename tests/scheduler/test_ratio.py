@@ -97,6 +97,25 @@ def test_online_signal_e2e_rising_with_ttft_share() -> None:
     assert steady.decide(signal(10.0, 2, 2, rate=0.0, e2e_s=2.2, ttft_share=0.9)).action == "none"
 
 
+def test_online_trigger_is_overruled_by_the_measured_occupancy() -> None:
+    """E3's output-heavy phase: the decodes are saturated, so the router's wait for
+    decode room lifts TTFT's share; the trigger says "more prefill", the occupancy
+    says decode is short, and decode is what gets the instance."""
+    controller = RatioController(RatioPolicy(cooldown_s=0.0))
+    # 2P2D, 3.8 req/s: prefill 3.8/16 = 0.24 busy, decode 3.8/4 = 0.95 busy.
+    controller.decide(signal(0.0, 2, 2, rate=0.0, e2e_s=2.0, ttft_share=0.2))
+    d = controller.decide(signal(10.0, 2, 2, rate=3.8, e2e_s=4.5, ttft_share=0.5))
+    assert d.action == "add_decode" and "balance rule" in d.reason, d
+    # The same trigger with the prefills the busier stage goes through.
+    controller = RatioController(RatioPolicy(cooldown_s=0.0))
+    controller.decide(signal(0.0, 2, 2, rate=0.0, e2e_s=2.0, ttft_share=0.2))
+    busy_prefill = ScenarioSignal(now=10.0, n_prefill=2, n_decode=2, arrival_rate=3.0,
+                                  prefill=RoleCapacity(batch_size=1, batch_time_s=0.6),
+                                  decode=DECODE, e2e_s=4.5, ttft_share=0.5)
+    d = controller.decide(busy_prefill)  # prefill 0.90 busy, decode 0.75
+    assert d.action == "add_prefill" and "TTFT share up" in d.reason, d
+
+
 def test_policy_validation() -> None:
     with pytest.raises(ValueError, match="tolerance"):
         RatioPolicy(tolerance=1.5)
@@ -104,3 +123,60 @@ def test_policy_validation() -> None:
         RatioPolicy(min_prefill=0)
     with pytest.raises(ValueError, match="positive"):
         RoleCapacity(0, 1.0)
+
+
+def test_online_trigger_ignores_a_change_of_request_mix() -> None:
+    """E3's output-heavy phase: E2E rose 2.56x and the TTFT share fell because the
+    outputs got 40x longer, not because decode fell behind; the online trigger
+    must not read a day/night shift as an imbalance (virtual clock)."""
+    controller = RatioController(RatioPolicy(cooldown_s=0.0))
+    prompt_heavy = {"prompt_tokens": 900.0, "output_tokens": 4.0}
+    output_heavy = {"prompt_tokens": 16.0, "output_tokens": 160.0}
+    assert controller.decide(signal(0.0, 3, 1, rate=0.0, e2e_s=0.40, ttft_share=0.9,
+                                    **prompt_heavy)).action == "none"
+    shifted = controller.decide(signal(3.0, 3, 1, rate=0.0, e2e_s=1.02, ttft_share=0.33,
+                                       **output_heavy))
+    assert shifted.action == "none" and "mix changing" in shifted.reason
+    settled = controller.decide(signal(6.0, 3, 1, rate=0.0, e2e_s=1.02, ttft_share=0.33,
+                                       **output_heavy))
+    assert settled.action == "none"
+    # The new mix is the new baseline: a real rise within it still triggers.
+    worse = controller.decide(signal(9.0, 3, 1, rate=0.0, e2e_s=1.60, ttft_share=0.2,
+                                     **output_heavy))
+    assert worse.action == "add_decode" and "TTFT share down" in worse.reason
+    # Lengths within mix_change of the baseline are the same mix.
+    same = RatioController(RatioPolicy(cooldown_s=0.0))
+    same.decide(signal(0.0, 2, 2, rate=0.0, e2e_s=2.0, ttft_share=0.5, prompt_tokens=100.0,
+                       output_tokens=100.0))
+    up = same.decide(signal(3.0, 2, 2, rate=0.0, e2e_s=3.0, ttft_share=0.7, prompt_tokens=110.0,
+                            output_tokens=90.0))
+    assert up.action == "add_prefill"
+
+
+def test_no_switch_while_no_stage_is_saturated() -> None:
+    # 2P/3D at 3 req/s: decode 0.5, prefill 0.19 utilised; a switch would cut the
+    # peak by 25%, but with min_peak 0.7 neither stage is the bottleneck.
+    lazy = RatioController(RatioPolicy(cooldown_s=0.0, min_peak=0.7))
+    assert "no stage saturated" in lazy.decide(signal(0.0, 2, 3, rate=3.0)).reason
+    # At 6 req/s decode is 1.0 utilised: now it moves.
+    assert lazy.decide(signal(10.0, 2, 3, rate=6.0)).action == "add_decode"
+    with pytest.raises(ValueError, match="min_peak"):
+        RatioPolicy(min_peak=-1.0)
+
+
+def test_balance_waits_for_a_window_of_one_mix() -> None:
+    """E3: a window straddling the shift to output-heavy traffic still showed the
+    prefills busy (the old prompts) and few finished decodes; the balance rule
+    added a prefill 8 s into the output-heavy phase. A decision needs a window
+    whose mix matches the one before it."""
+    controller = RatioController(RatioPolicy(cooldown_s=0.0))
+    old = {"prompt_tokens": 900.0, "output_tokens": 4.0}
+    mixed = {"prompt_tokens": 400.0, "output_tokens": 60.0}
+    new = {"prompt_tokens": 16.0, "output_tokens": 160.0}
+    assert controller.decide(signal(0.0, 2, 2, rate=0.0, **old)).action == "none"
+    # Prefill-bound numbers, but the window mixes both kinds of traffic: wait.
+    moving = controller.decide(signal(4.0, 2, 2, rate=40.0, **mixed))
+    assert moving.action == "none" and "mix changing" in moving.reason
+    assert controller.decide(signal(8.0, 2, 2, rate=3.0, **new)).action == "none"
+    # Two windows of the new mix: the balance rule decides on it.
+    assert controller.decide(signal(12.0, 2, 2, rate=3.0, **new)).action == "add_decode"

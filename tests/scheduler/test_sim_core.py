@@ -14,6 +14,8 @@ from pdserve.scheduler.ratio import RatioPolicy
 from pdserve.scheduler.sim.config import ScenarioSpec, SimConfig
 from pdserve.scheduler.sim.results import fast_summary
 from pdserve.scheduler.sim.runner import simulate
+from pdserve.scheduler.sim.workload import DayNight, ScenarioLoad
+from perf.sim_common import capacity_rps, h100, lengths, split
 from tests.scheduler.sim_helpers import assert_clean, config, load, profile, run
 
 
@@ -128,3 +130,34 @@ def test_report_has_the_bench_json_shape_and_fast_summary_matches() -> None:
             assert fast[key] == pytest.approx(value, rel=1e-9), key
         else:
             assert fast[key] == value, key
+
+
+def test_dynamic_ratio_follows_a_day_night_cycle_both_ways() -> None:
+    """Day (512 in / 512 out), night (4096 in / 64 out), day again, 8 instances. With
+    the controller's own inputs (offered requests, prompt tokens, prefill occupancy)
+    the ratio moves to prefills at night and back to decodes when the day returns;
+    before the simulator fed them, it stayed at the night split and the second day
+    collapsed (perf/RESULTS.md, simulator: dynamic vs static ratio)."""
+
+    p, n = h100(), 8
+    n_p, n_d = split(p, n, 512, 512)
+    day_rate = 0.75 * capacity_rps(p, n, 512, 512)
+    night_rate = 0.75 * capacity_rps(p, n, 4096, 64)
+    period = 600.0  # day [0, 300), night [300, 600), day [600, 900)
+    night = DayNight(period, 0.5, night_rate / day_rate, lengths(4096, 800, 16, 8192),
+                     lengths(64, 20, 1, 256))
+    cfg = SimConfig(scenarios=(ScenarioSpec("a", n_p, n_d, load=ScenarioLoad(
+                        day_rate, lengths(512, 150, 16, 2048), lengths(512, 150, 1, 2048),
+                        day_night=night)),),
+                    duration_s=1.5 * period, forwarding=ForwardingPolicy(ttft_budget_s=2.0),
+                    ratio="dynamic", ratio_interval_s=15,
+                    ratio_policy=RatioPolicy(cooldown_s=30))
+    c = run(cfg, p)
+    changes = [d for d in c.control.decisions if d["action"] != "none"]
+    # A decision at t looks at the window (t - 15 s, t].
+    at_night = [d for d in changes if 300 < float(str(d["t"])) <= 600]
+    next_day = [d for d in changes if float(str(d["t"])) > 600]
+    assert at_night and all(d["action"] == "add_prefill" for d in at_night), at_night
+    assert next_day and all(d["action"] == "add_decode" for d in next_day), next_day
+    assert int(str(next_day[-1]["n_prefill"])) <= n_p + 1
+    assert_clean(c)

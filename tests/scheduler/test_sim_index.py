@@ -45,3 +45,16 @@ def test_removal_takes_an_instance_out() -> None:
     assert idx.names() == ["a"]
     idx.update(a, False)
     assert idx.names() == [] and len(idx) == 0
+
+
+def test_names_is_a_copy_that_survives_updates() -> None:
+    idx = RankedIndex(prefill_rank_key)
+    a, b = InstanceLoad("a", "prefill", "s", 4), InstanceLoad("b", "prefill", "s", 4, in_flight=1)
+    idx.update(a, True)
+    idx.update(b, True)
+    held = idx.names()
+    assert held == ["a", "b"]
+    idx.update(InstanceLoad("a", "prefill", "s", 4, in_flight=2), True)
+    assert held == ["a", "b"] and idx.names() == ["b", "a"] and list(idx) == ["b", "a"]
+    idx.update(b, True)  # unchanged key: nothing moves
+    assert idx.names() == ["b", "a"]

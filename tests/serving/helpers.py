@@ -9,6 +9,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,3 +140,15 @@ def scrape(metrics_url: str) -> dict[tuple[str, str], float]:
                 key = (m.group(1), inst.group(1))
                 out[key] = out.get(key, 0.0) + float(m.group(3))
     return out
+
+
+def scrape_until(metrics_url: str, ok: Callable[[dict[tuple[str, str], float]], bool],
+                 timeout_s: float = 5.0) -> dict[tuple[str, str], float]:
+    """``scrape`` until ``ok`` holds (stubs send metric updates every 0.25 s,
+    roles.metric_buffer), or the timeout; returns the last scrape."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = scrape(metrics_url)
+        if ok(m) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)

@@ -23,7 +23,12 @@ import pytest
 
 from pdserve.server.launcher import TritonServer
 from tests.serving.conftest import start_server
-from tests.serving.helpers import Result, generate_many, http_generate, scrape
+from tests.serving.helpers import (
+    Result,
+    generate_many,
+    http_generate,
+    scrape_until,
+)
 
 # Two fresh servers (each test kills a stub): 45-80 s on the shared 2 cores,
 # above the default suite's budget, hence slow. Passed 5 runs of 5 when written.
@@ -68,8 +73,9 @@ def _assert_still_serving(server: TritonServer) -> None:
                                                   {"max_tokens": 3, "ignore_eos": True}}],
                        timeout_s=30)
     assert ok[0].error is None and len(ok[0].ids) == 3, ok[0]
-    m = scrape(server.options.metrics_url)
-    assert m[("pdserve_kv_arena_bytes_in_use", "prefill_0")] == 0
+    key = ("pdserve_kv_arena_bytes_in_use", "prefill_0")
+    m = scrape_until(server.options.metrics_url, lambda m: m.get(key) == 0)
+    assert m[key] == 0
 
 
 def test_killed_decode_streams_resume_or_end_clearly(server: TritonServer) -> None:

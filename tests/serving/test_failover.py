@@ -33,7 +33,7 @@ from pdserve.scheduler.controller.upgrade import RollingUpgrade, UpgradeOptions
 from pdserve.server.launcher import TritonServer
 from tests.serving.checkpoint import save_tiny
 from tests.serving.conftest import start_server
-from tests.serving.helpers import Result, generate_many, scrape
+from tests.serving.helpers import Result, generate_many, scrape, scrape_until
 from tests.serving.test_decode_killed import _kill, _stub_pid
 
 pytestmark = pytest.mark.e2e
@@ -153,35 +153,44 @@ def test_prefill_killed_under_load(cluster: Cluster) -> None:
     print(f"\nprefill kill: out of routing {out_s:.2f}s, back {time.monotonic() - killed:.2f}s "
           f"after the kill ({back_s:.2f}s after out); {len(load.results)} requests")
     load.check_all_correct()
+    time.sleep(0.5)  # the stubs' pending metric updates land (every 0.25 s, metric_buffer)
     before = scrape(cluster.server.options.metrics_url)[("pdserve_prompt_tokens_total",
                                                           "prefill_0")]
     res = generate_many(cluster.server.options.grpc_url, [
         {"ids": p, "sampling": {"max_tokens": 2, "ignore_eos": True}} for p in PROMPTS])
     assert all(r.error is None for r in res), [r.error for r in res]
-    after = scrape(cluster.server.options.metrics_url)[("pdserve_prompt_tokens_total",
-                                                         "prefill_0")]
+    after = scrape_until(cluster.server.options.metrics_url, lambda m: m.get(
+        ("pdserve_prompt_tokens_total", "prefill_0"), 0) > before)[
+            ("pdserve_prompt_tokens_total", "prefill_0")]
     assert after > before  # the replacement takes prompts again
     _wait(lambda: _kv_released(cluster), 20, "KV released")
 
 
 def test_decode_killed_under_load_resumes(cluster: Cluster) -> None:
     _wait(lambda: _all_routable(cluster), 90, "every instance healthy")
-    with Load(cluster, max_tokens=120, width=6) as load:
+    # Rounds of 6 streams of 240 tokens (max_tokens limit 256; about 1.5 s here): a decode is idle
+    # only briefly at a round's end. The pid is looked up first and decode_0 is
+    # probed last, so the kill follows a fresh "it holds streams" by milliseconds
+    # (the CI once killed it just after its last stream of a 120-token round ended:
+    # nothing to resume then, and the test could not tell).
+    with Load(cluster, max_tokens=240, width=6) as load:
         probe = TritonProbeClient(timeout_s=5.0)
 
         def busy(name: str) -> bool:
             load = probe.probe(cluster.server.options.http_url, name).load
             return load is not None and load.in_flight > 0
 
-        _wait(lambda: busy("decode_0") and busy("decode_1"), 30, "streams on both decodes")
+        pid = _stub_pid(cluster.server, "decode_0")
+        _wait(lambda: busy("decode_1") and busy("decode_0"), 30, "streams on both decodes")
         killed = time.monotonic()
-        _kill(_stub_pid(cluster.server, "decode_0"))
+        _kill(pid)
         out_s = _wait(lambda: not cluster.state().is_routable("decode_0"), 30,
                       "decode_0 out of routing (controller)")
         back_s = _wait(lambda: _all_routable(cluster), 90, "decode_0 back in routing")
         time.sleep(1.0)
-    resumed = scrape(cluster.server.options.metrics_url)[("pdserve_resumed_requests_total",
-                                                           "pdserve")]
+    resumed = scrape_until(cluster.server.options.metrics_url, lambda m: m.get(
+        ("pdserve_resumed_requests_total", "pdserve"), 0) >= 1)[
+            ("pdserve_resumed_requests_total", "pdserve")]
     gap = max(r.max_gap_s for _, r in load.results)
     print(f"\ndecode kill: out of routing {out_s:.2f}s, back "
           f"{time.monotonic() - killed:.2f}s after the kill ({back_s:.2f}s after out); "
@@ -227,6 +236,7 @@ def test_burst_of_10x_capacity(cluster: Cluster) -> None:
     assert len(failed) + len(done) == n
     for r in failed:
         assert "TTFT budget" in (r.error or ""), r.error
+        assert (r.error or "").startswith("[UNAVAILABLE] "), r.error  # the kind, in-stream
         assert r.error_at - t0 < 5.0 + 3.0  # ended at its budget, not left to wait
     for i, r in done:
         assert r.finish_reason == "length"

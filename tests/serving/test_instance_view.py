@@ -76,8 +76,50 @@ def test_loads_count_this_routers_calls_since_the_last_report(tmp_path: Path) ->
     assert view.local_in_flight("prefill_0") == 0 == view.local_in_flight("decode_0")
 
 
+def test_an_instance_is_full_here_only_when_this_routers_calls_hold_every_slot(
+        tmp_path: Path) -> None:
+    view, _ = _view(tmp_path)  # max_batch_size 4 from the repository
+    for _ in range(3):
+        view.started("prefill_0")
+    assert not view.is_full_here("prefill_0")
+    view.started("prefill_0")
+    assert view.is_full_here("prefill_0")
+    # A heartbeat's slot count wins over the repository's; other routers' calls
+    # in the report do not make it full here (they may have ended since).
+    view.record_load("prefill_0", InstanceLoad("prefill_0", "prefill", "default", 6,
+                                               in_flight=6))
+    assert not view.is_full_here("prefill_0")
+    view.started("prefill_0")
+    view.started("prefill_0")
+    assert view.is_full_here("prefill_0")
+    view.finished("prefill_0")
+    assert not view.is_full_here("prefill_0")
+    assert not view.is_full_here("prefill_1") and not view.is_full_here("unknown")
+
+
 def test_without_repository_routes_are_the_roles() -> None:
     view = InstanceView({"default": Route(prefill=("p",), decode=("d",)),
                          "agg": Route(aggregated=("a",))}, 8)
     assert view.group("default", "prefill") == ["p"] and view.is_aggregated("agg")
     assert view.loads("default", "decode")[0].is_routable
+
+
+def test_a_stub_seen_failed_or_replaced_is_gone_for_calls_sent_before(tmp_path: Path) -> None:
+    view, _ = _view(tmp_path)
+    beat = InstanceLoad("prefill_0", "prefill", "default", 4, incarnation="aaaa")
+    view.record_load("prefill_0", beat)
+    sent = view.epoch("prefill_0")
+    view.record_load("prefill_0", beat)  # the same stub answers again: still there
+    assert not view.is_gone_since("prefill_0", sent)
+    # Restarted in place between two heartbeats: no failure was seen, but another
+    # stub answers, so a call made to the old one will never be answered.
+    view.record_load("prefill_0", InstanceLoad("prefill_0", "prefill", "default", 4,
+                                               incarnation="bbbb"))
+    assert view.is_gone_since("prefill_0", sent)
+    assert rank_prefills(view.loads("default", "prefill"))[0] == "prefill_0"  # routable again
+    # A failure seen and cleared by a good heartbeat of the same stub still counts.
+    sent = view.epoch("prefill_1")
+    view.record_failure("prefill_1", "heartbeat: Stub process 'prefill_1' is not healthy")
+    view.record_load("prefill_1", InstanceLoad("prefill_1", "prefill", "default", 4))
+    assert view.is_gone_since("prefill_1", sent)
+    assert not view.is_gone_since("prefill_1", view.epoch("prefill_1"))

@@ -14,7 +14,7 @@ from pdserve.roles.batch_worker import BatchWorker
 from pdserve.roles.common import ack
 from pdserve.roles.contracts import AbortCall, Accepted, GenerateCall
 from pdserve.roles.instance import load_engine, transfer_config
-from pdserve.roles.metrics import InstanceMetrics, MetricsThrottle
+from pdserve.roles.metrics import InstanceMetrics
 from pdserve.roles.token_sender import ChannelHub
 from pdserve.roles.triton import Responder, payload_out
 from pdserve.scheduler.instance import InstanceLoad
@@ -30,8 +30,7 @@ class AggregatedRole:
         batcher = ContinuousBatcher(self.engine, max_batch_size=cfg.max_batch_size,
                                     max_step_tokens=max(cfg.max_step_tokens, cfg.max_batch_size),
                                     chunked_prefill=True)
-        self.worker = BatchWorker(batcher, cfg.name, on_step=self._on_step, flush=self.hub.flush)
-        self.throttle = MetricsThrottle(self._publish)
+        self.worker = BatchWorker(batcher, cfg.name, on_step=self._publish, flush=self.hub.flush)
         self._publish(0)
 
     async def handle(self, op: str, payload: bytes, out: Responder) -> None:
@@ -63,9 +62,6 @@ class AggregatedRole:
         for rid in request_ids:
             self.worker.abort(rid)
 
-    def _on_step(self, generated: int) -> None:
-        self.throttle.step(generated, idle=self.worker.batcher.num_running == 0)
-
     def _publish(self, generated: int) -> None:
         self.metrics.generated_tokens.increment(generated)
         self.metrics.running_batch.set(self.worker.batcher.num_running)
@@ -74,3 +70,4 @@ class AggregatedRole:
     def close(self) -> None:
         self.worker.close()
         self.hub.close()
+        self.metrics.close()

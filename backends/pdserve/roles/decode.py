@@ -32,7 +32,7 @@ from pdserve.roles.batch_worker import BatchWorker
 from pdserve.roles.common import ack
 from pdserve.roles.contracts import AbortCall, Accepted, CommitCall, GenerateCall, TokenChunk
 from pdserve.roles.instance import close_arena, load_engine, make_arena, transfer_config
-from pdserve.roles.metrics import InstanceMetrics, MetricsThrottle
+from pdserve.roles.metrics import InstanceMetrics
 from pdserve.roles.token_sender import ChannelHub, ChannelSink
 from pdserve.roles.triton import Responder, payload_out
 from pdserve.scheduler.instance import InstanceLoad
@@ -59,8 +59,7 @@ class DecodeRole:
         batcher = ContinuousBatcher(self.engine, max_batch_size=cfg.max_batch_size,
                                     max_step_tokens=max(cfg.max_step_tokens, cfg.max_batch_size),
                                     chunked_prefill=False)
-        self.worker = BatchWorker(batcher, cfg.name, on_step=self._on_step, flush=self.hub.flush)
-        self.throttle = MetricsThrottle(self._publish)
+        self.worker = BatchWorker(batcher, cfg.name, on_step=self._publish, flush=self.hub.flush)
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._stop = threading.Event()
@@ -164,9 +163,6 @@ class DecodeRole:
                 self.hub.flush()
                 self._update_kv()
 
-    def _on_step(self, generated: int) -> None:
-        self.throttle.step(generated, idle=self.worker.batcher.num_running == 0)
-
     def _publish(self, generated: int) -> None:
         self.metrics.generated_tokens.increment(generated)
         self.metrics.running_batch.set(self.worker.batcher.num_running)
@@ -200,3 +196,4 @@ class DecodeRole:
         self.hub.close()
         self.receiver.close()
         close_arena(self.arena)
+        self.metrics.close()

@@ -54,6 +54,9 @@ class _Seen:
     local: int = 0  # this router's calls in flight there
     local_at_report: int = 0  # ``local`` when ``report`` came: the rest is other routers'
     reserved_bytes: int = 0  # KV this router reserved there since ``report``
+    # +1 at every failure seen and every change of stub incarnation: a call sent
+    # at epoch E whose instance is now past E went to a stub that is gone.
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,12 +148,27 @@ class InstanceView:
 
     def record_load(self, name: str, load: InstanceLoad) -> None:
         seen = self._seen.setdefault(name, _Seen())
+        if (seen.report is not None and seen.report.incarnation
+                and load.incarnation != seen.report.incarnation):
+            seen.epoch += 1  # a new stub answers: the old one died since the last beat
         seen.report, seen.failed, seen.reserved_bytes = load, None, 0
         seen.local_at_report = seen.local
 
     def record_failure(self, name: str, why: str) -> None:
         """Seen dead (channel EOF, failed call, failed heartbeat): no work until healthy."""
-        self._seen.setdefault(name, _Seen()).failed = why
+        seen = self._seen.setdefault(name, _Seen())
+        seen.failed = why
+        seen.epoch += 1
+
+    def epoch(self, name: str) -> int:
+        """Grows whenever ``name``'s stub is seen failed or replaced (see ``_Seen.epoch``)."""
+        seen = self._seen.get(name)
+        return 0 if seen is None else seen.epoch
+
+    def is_gone_since(self, name: str, epoch: int) -> bool:
+        """Whether the stub that served ``name`` at ``epoch`` has failed since:
+        a call made to it then will never be answered."""
+        return self.epoch(name) != epoch
 
     def failure(self, name: str) -> str | None:
         seen = self._seen.get(name)
@@ -172,6 +190,17 @@ class InstanceView:
     def local_in_flight(self, name: str) -> int:
         seen = self._seen.get(name)
         return 0 if seen is None else seen.local
+
+    def is_full_here(self, name: str) -> bool:
+        """This router's own calls hold every slot of ``name`` (what other routers
+        hold there is known only from the last report, and may have ended)."""
+        seen = self._seen.get(name)
+        if seen is None or seen.local == 0:
+            return False
+        member = self.members.get(name)
+        slots = (seen.report.max_batch_size if seen.report is not None
+                 else member.max_batch_size if member is not None else 0)
+        return slots > 0 and seen.local >= slots
 
     # -- what routing asks ------------------------------------------------------------
     def is_aggregated(self, scenario: str) -> bool:

@@ -1,5 +1,9 @@
 """Per-instance Prometheus metrics on Triton's metrics port (``pb_utils.MetricFamily``).
 
+Updates are buffered and sent by one flusher thread per stub (``metric_buffer``;
+the router's per-scenario metrics share one): a role's hot path never makes a
+metrics IPC call.
+
 Every metric carries the labels ``instance`` (the Triton model name) and
 ``scenario``. Families are created once per stub process; each role records
 what it observes: router TTFT/TPOT, tokens, offered requests, prefill
@@ -9,12 +13,16 @@ arena bytes; prefill KV transfer seconds.
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
+
+from pdserve.roles.metric_buffer import (
+    BufferedCounter,
+    BufferedGauge,
+    BufferedHistogram,
+    MetricFlusher,
+)
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 TRANSFER_BUCKETS = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]
@@ -38,15 +46,24 @@ class InstanceMetrics:
     scenario are what the controller's ratio loop reads); instances use their own.
     """
 
-    def __init__(self, instance: str, scenario: str = "default") -> None:
+    def __init__(self, instance: str, scenario: str = "default",
+                 flusher: MetricFlusher | None = None) -> None:
+        """``flusher``: a shared one (the router's scenarios share one thread; its
+        owner closes it); without one, this object owns its own."""
         labels = {"instance": instance, "scenario": scenario}
         fam = pb_utils.MetricFamily
+        self._owns_flusher = flusher is None
+        self.flusher = flusher if flusher is not None else MetricFlusher(instance)
+        buffered = {fam.COUNTER: BufferedCounter, fam.GAUGE: BufferedGauge,
+                    fam.HISTOGRAM: BufferedHistogram}
 
         def make(name: str, desc: str, kind: Any, buckets: list[float] | None = None) -> Any:
             family = _family(name, desc, kind)
             if buckets is None:
-                return family.Metric(labels=labels)
-            return family.Metric(labels=labels, buckets=buckets)
+                sink = family.Metric(labels=labels)
+            else:
+                sink = family.Metric(labels=labels, buckets=buckets)
+            return buffered[kind](sink, self.flusher)
 
         self.ttft = make("pdserve_time_to_first_token_seconds",
                          "Time from request arrival to the first token", fam.HISTOGRAM,
@@ -83,27 +100,7 @@ class InstanceMetrics:
         self.kv_bytes_in_use.set(in_use)
         self.kv_bytes_free.set(free)
 
-
-class MetricsThrottle:
-    """Publish step metrics at most every ``period_s``, and whenever the batch goes idle.
-
-    Each metric update is a message over the stub's shared-memory IPC; a stub
-    killed inside one can abort tritonserver (see ``token_wire``), so the step
-    loop must not send several per step.
-    """
-
-    def __init__(self, publish: Callable[[int], None], period_s: float = 0.25) -> None:
-        self._publish = publish  # called with the tokens generated since the last call
-        self.period_s = period_s
-        self._lock = threading.Lock()
-        self._generated = 0
-        self._last = 0.0
-
-    def step(self, generated: int, idle: bool) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._generated += generated
-            if not idle and now - self._last < self.period_s:
-                return
-            pending, self._generated, self._last = self._generated, 0, now
-        self._publish(pending)
+    def close(self) -> None:
+        """Send what is pending and stop the flusher thread, if this object owns it."""
+        if self._owns_flusher:
+            self.flusher.close()

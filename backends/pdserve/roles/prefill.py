@@ -182,6 +182,7 @@ class PrefillRole:
             self._wake.notify()
         self._thread.join(timeout=30)
         self.sender.close()
+        self.metrics.close()
 
 
 def _rng_state(seq: Sequence) -> str:

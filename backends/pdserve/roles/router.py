@@ -22,9 +22,14 @@ ranked by ``rank_prefills`` (fewest in flight), decodes by ``rank_decodes``
 (most free KV). With ``admission: queue`` (the measured baseline) a request
 goes to the shortest prefill queue once, without retry or early intervention.
 
-Failures: a prefill whose stub died answers Unavailable at once and
-``forward_on_demand`` moves to the next one. A decode that dies (token channel
-EOF, failed call) is marked unroutable here at once, and each request it held
+Failures: a prefill that answers with an error is skipped and
+``forward_on_demand`` tries the next one. A prefill seen dead under the call
+(a failed heartbeat or call, or a heartbeat answered by a new stub incarnation:
+Triton 2.51 restarts a killed stub in place, and a call made to the old one is
+never answered) is given up as soon as that is seen; its KV write into the
+decode extent may have begun, so the reservation is aborted and the request
+starts over (new reservation, same TTFT deadline). A decode that dies (token
+channel EOF, failed call) is marked unroutable here at once, and each request it held
 is RESUMED: prompt + the tokens already streamed are prefilled again and a new
 decode continues, so the client's stream goes on with no duplicate or missing
 token. Greedy requests continue exactly; a seeded request restarts its
@@ -37,6 +42,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +62,7 @@ from pdserve.roles.daemon_executor import DaemonExecutor
 from pdserve.roles.emitter import Emitter
 from pdserve.roles.instance import transfer_config
 from pdserve.roles.instance_view import HEARTBEAT_S, InstanceView
+from pdserve.roles.metric_buffer import MetricFlusher
 from pdserve.roles.metrics import InstanceMetrics
 from pdserve.roles.requests import ClientRequest, Limits
 from pdserve.roles.token_receiver import ChannelServer, InstanceLost, TokenStream
@@ -62,7 +70,9 @@ from pdserve.roles.triton import InstanceClient, Responder
 from pdserve.scheduler.decode_choice import choose_decode
 from pdserve.scheduler.forwarding import (
     ForwardingPolicy,
+    PrefillCallBound,
     PrefillRejected,
+    SlotSignal,
     forward_on_demand,
     rank_prefills,
     shortest_queue,
@@ -79,15 +89,24 @@ FAILED_HOLD_S = 10.0  # how long a decode whose channel broke is not chosen
 ABORT_TIMEOUT_S = 5.0
 HEARTBEAT_TIMEOUT_S = 3.0
 MAX_RESUMES = 3  # decode failures one request survives
+MAX_PREFILL_LOSSES = 3  # prefills dying under one request before it is ended
 
 
-class DecodeLost(Exception):
-    """Internal: the decode serving a request failed; the request may resume elsewhere."""
+class _LostUnderRequest(Exception):
+    """Internal: an instance failed while it held part of a request."""
 
     def __init__(self, instance: str, cause: BaseException) -> None:
         super().__init__(f"{instance}: {cause}")
         self.instance = instance
         self.cause = cause
+
+
+class PrefillLost(_LostUnderRequest):
+    """A prefill died holding the request's prompt; its KV reservation is spoiled."""
+
+
+class DecodeLost(_LostUnderRequest):
+    """The decode serving a request failed; the request may resume elsewhere."""
 
 
 def is_instance_dead(exc: BaseException) -> bool:
@@ -109,8 +128,13 @@ class RouterRole:
         self.pool = DaemonExecutor(cfg.stream_threads, name=f"{cfg.name}-bls")
         self.client = InstanceClient(self.pool)
         self.policy = ForwardingPolicy(ttft_budget_s=cfg.ttft_budget_s)
+        self.prefill_bound = PrefillCallBound()
+        # Requests waiting for a prefill slot, per scenario: woken when a call ends.
+        self.slot_freed: defaultdict[str, SlotSignal] = defaultdict(SlotSignal)
         # One label set per scenario: the controller's ratio loop reads them apart.
-        self.scenario_metrics = {s: InstanceMetrics(cfg.name, s) for s in cfg.routes}
+        self.metrics_flusher = MetricFlusher(cfg.name)  # one thread for every scenario's
+        self.scenario_metrics = {s: InstanceMetrics(cfg.name, s, self.metrics_flusher)
+                                 for s in cfg.routes}
         self.metrics = self.scenario_metrics["default"]  # router-wide gauges and counters
         self.view = InstanceView(cfg.routes, cfg.max_batch_size, repository)
         self.num_resumes = 0
@@ -156,7 +180,8 @@ class RouterRole:
     # -- the two paths --------------------------------------------------------------
     async def _aggregated(self, req: ClientRequest, emitter: Emitter,
                           state: dict[str, str]) -> None:
-        target = await self._choose(req, "aggregated", time.monotonic() + self.cfg.ttft_budget_s)
+        target = await self._choose(req, "aggregated", time.monotonic() + self.cfg.ttft_budget_s,
+                                     state)
         call = GenerateCall(req.request_id, req.prompt_ids, req.sampling,
                             channel=await self._address())
         stream = self.channel.open(req.request_id, emitter.tokens)
@@ -181,10 +206,20 @@ class RouterRole:
                          state: dict[str, str]) -> None:
         """The disaggregated path; a lost decode resumes the request on another one."""
         part = req
-        for resume in range(MAX_RESUMES + 1):
+        deadline = time.monotonic() + self.cfg.ttft_budget_s
+        resume = prefill_losses = 0
+        while True:
             try:
-                await self._disaggregated(part, emitter, state)
+                await self._disaggregated(part, emitter, state, deadline)
                 return
+            except PrefillLost as lost:
+                prefill_losses += 1
+                if ("cancelled" in state or prefill_losses > MAX_PREFILL_LOSSES
+                        or time.monotonic() >= deadline):
+                    raise Unavailable(
+                        f"request could not start prefill within its TTFT budget (ended "
+                        f"early rather than answered late): prefill instance {lost}") from None
+                log.warning("request %s: prefill %s; starting over", req.request_id, lost)
             except DecodeLost as lost:
                 if is_instance_dead(lost.cause):
                     self.view.record_failure(lost.instance, str(lost.cause))
@@ -194,26 +229,31 @@ class RouterRole:
                 if (resume == MAX_RESUMES or "cancelled" in state
                         or len(done) >= req.max_tokens):
                     raise lost.cause from None
+                resume += 1
                 self.num_resumes += 1
                 self.scenario_metrics[req.scenario].resumed.increment(1)
                 log.warning("request %s: %s; resuming after %d tokens", req.request_id, lost,
                             len(done))
-                part = resumed(req, done, resume + 1)
+                part = resumed(req, done, resume)
+                deadline = time.monotonic() + self.cfg.ttft_budget_s
 
     async def _disaggregated(self, req: ClientRequest, emitter: Emitter,
-                             state: dict[str, str]) -> None:
-        deadline = time.monotonic() + self.cfg.ttft_budget_s
-        decode = await self._choose(req, "decode", deadline)
+                             state: dict[str, str], deadline: float) -> None:
+        decode = await self._choose(req, "decode", deadline, state)
         call = GenerateCall(req.request_id, req.prompt_ids, req.sampling,
                             channel=await self._address())
         stream = self.channel.open(req.request_id, emitter.tokens)
         self.view.started(decode, self.layout.extent_bytes(len(req.prompt_ids), req.max_tokens))
         step = "reserve"
+        epoch = self.view.epoch(decode)
+
         def lost() -> bool:
-            # Once bound, the stream's own channel is the decisive signal: a stub
-            # restarted in place (Triton 2.51) answers pings and heartbeats again
-            # while calls made to the dead one never complete.
-            return stream.done.done() or self._decode_failed(decode)
+            # A stub restarted in place (Triton 2.51) answers pings and heartbeats
+            # again while calls made to the dead one never complete: once bound,
+            # the stream's own channel tells, and before that the heartbeat's
+            # stub incarnation (or a failure seen since the reserve was sent).
+            return (stream.done.done() or self._decode_failed(decode)
+                    or self.view.is_gone_since(decode, epoch))
 
         try:
             accepted = Accepted.from_bytes(
@@ -227,7 +267,7 @@ class RouterRole:
                 await self._abort(decode, req.request_id)
                 return
             step = "prefill"
-            result = await self._prefill(req, decode, accepted.handle, deadline)
+            result = await self._prefill(req, accepted.handle, deadline, state, decode, lost)
             emitter.tokens([result.first_token])
             if result.finish_reason or "cancelled" in state:
                 await self._abort(decode, req.request_id)
@@ -242,11 +282,18 @@ class RouterRole:
             await self._finish(stream, emitter)
         except DecodeLost:
             raise
+        except PrefillLost:
+            await self._abort(decode, req.request_id)
+            raise
         except InstanceLost as exc:
             raise DecodeLost(decode, exc) from None  # nothing left to abort there
         except Unavailable as exc:
+            # Asked BEFORE the abort, and without the stream: aborting the
+            # reservation ends the stream, and a prefill that never started
+            # would then look like a lost decode and be resumed with a new budget.
+            decode_down = self._decode_failed(decode) or self.view.is_gone_since(decode, epoch)
             await self._abort(decode, req.request_id)
-            if step == "prefill" and not self._decode_failed(decode):
+            if step == "prefill" and not decode_down:
                 raise  # no prefill could take it in time: the request's own end
             raise DecodeLost(decode, exc) from None
         except BaseException:
@@ -256,29 +303,45 @@ class RouterRole:
             self.view.finished(decode)
             self.channel.close_stream(stream)
 
-    async def _prefill(self, req: ClientRequest, decode: str, handle: str,
-                       deadline: float) -> PrefillResult:
+    async def _prefill(self, req: ClientRequest, handle: str, deadline: float,
+                       state: dict[str, str], decode: str,
+                       decode_lost: Callable[[], bool]) -> PrefillResult:
         call = PrefillCall(req.request_id, req.prompt_ids, req.sampling, handle).to_bytes()
 
         async def attempt(name: str) -> bytes:
-            if self._decode_failed(decode):  # its KV target is gone: stop trying prefills
+            if "cancelled" in state:  # no new prefill for a request nobody waits for
+                raise Cancelled(f"request {req.request_id} was cancelled by the client")
+            if decode_lost():  # its KV target is gone: stop trying prefills
                 raise DecodeLost(decode, Unavailable(f"decode instance {decode} failed"))
             self.view.started(name)
+            epoch = self.view.epoch(name)
             try:
-                # Bounded by the TTFT budget: a stub restarted under this call
-                # never answers it (InstanceClient), and late is too late anyway.
-                return await self.client.call(
-                    name, "prefill", call, timeout_s=deadline - time.monotonic(),
-                    lost=lambda: self.view.failure(name) is not None)
+                # Bounded (a stub restarted under this call never answers it,
+                # InstanceClient), but by the start budget PLUS room for the
+                # prefill: cut at the start budget, an accepted prefill ran on
+                # for nobody, holding its slot (PrefillCallBound).
+                # A local queue (baseline) holds a prompt up to its KV reservation's TTL.
+                sent = time.monotonic()
+                timeout_s = (self.cfg.kv_ttl_s if self.cfg.admission == "queue"
+                             else self.prefill_bound.timeout_s(sent, deadline))
+                value = await self.client.call(
+                    name, "prefill", call, timeout_s=timeout_s,
+                    lost=lambda: self.view.is_gone_since(name, epoch))
+                self.prefill_bound.observe(time.monotonic() - sent)
+                return value
             except PrefillRejected:
                 self.metrics.prefill_rejections.increment(1)
                 raise
             except Unavailable as exc:
                 if is_instance_dead(exc):
                     self.view.record_failure(name, str(exc))
+                if self.view.is_gone_since(name, epoch):
+                    # It died holding the prompt, maybe mid-write into the decode extent.
+                    raise PrefillLost(name, exc) from None
                 raise
             finally:
                 self.view.finished(name)
+                self.slot_freed[req.scenario].notify()
 
         if self.cfg.admission == "queue":
             # Baseline: the shortest local queue (this router's counts: queued +
@@ -287,9 +350,17 @@ class RouterRole:
                 replace(load, in_flight=self.view.local_in_flight(load.name), queued=0)
                 for load in self._prefills(req.scenario, decode))
             return PrefillResult.from_bytes(await attempt(name))
+
+        def ranked() -> list[str]:
+            # Asked every sweep: a request waiting on prefills its own router fills
+            # makes no attempt that would notice the cancel.
+            if "cancelled" in state:
+                raise Cancelled(f"request {req.request_id} was cancelled by the client")
+            return rank_prefills(self._prefills(req.scenario, decode))
+
         result = await forward_on_demand(
-            lambda: rank_prefills(self._prefills(req.scenario, decode)), attempt,
-            self.policy, deadline=deadline)
+            ranked, attempt, self.policy, deadline=deadline,
+            is_full=self.view.is_full_here, slot_freed=self.slot_freed[req.scenario])
         return PrefillResult.from_bytes(result.value)
 
     # -- helpers ----------------------------------------------------------------------
@@ -339,11 +410,15 @@ class RouterRole:
                   if load.is_routable}
         return None if "" in models else models
 
-    async def _choose(self, req: ClientRequest, role: Role, deadline: float) -> str:
+    async def _choose(self, req: ClientRequest, role: Role, deadline: float,
+                      state: dict[str, str]) -> str:
         """``_pick``, waiting for room (KV, batch slot) or for an instance to come
-        back (from draining, reloading, a restart) while the TTFT budget allows."""
+        back (from draining, reloading, a restart) while the TTFT budget allows
+        and the client still waits."""
         backoff = self.policy.min_backoff_s
         while True:
+            if "cancelled" in state:
+                raise Cancelled(f"request {req.request_id} was cancelled by the client")
             try:
                 return self._pick(req, role)
             except Unavailable as exc:
@@ -425,6 +500,7 @@ class RouterRole:
             self._heartbeat.cancel()
         self.channel.close_now()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.metrics_flusher.close()
 
 
 def resumed(req: ClientRequest, done: tuple[int, ...], n: int) -> ClientRequest:

@@ -3,10 +3,14 @@
 ``Responder`` wraps a decoupled response sender so that each request ends with
 exactly one FINAL flag (errors included) and is safe to use from any thread.
 ``InstanceClient`` makes BLS calls to P/D instances and iterates their
-decoupled response streams on a dedicated pool of daemon threads:
-``async_exec`` returns a *synchronous* iterator, and iterating it on the event
-loop (or on the default executor, ~6 threads here) would serialise or cap the
-router's calls.
+decoupled response streams on a dedicated pool of daemon threads. Both halves
+of a call run there: the blocking ``exec(decoupled=True)`` (which returns once
+the FIRST response came) and the iteration of the *synchronous* iterator it
+returns. ``async_exec`` is not used: the 2.51 stub implements it with
+``run_in_executor(None, ...)``, i.e. on the event loop's default executor
+(min(32, cores + 4) threads: 6 here), so at most 6 BLS calls of a router could
+wait at once; under a local-queue backlog every commit waited behind queued
+prefill calls (E2: second tokens seconds after the first).
 """
 
 from __future__ import annotations
@@ -42,17 +46,29 @@ def _code(name: str) -> Any:
     return getattr(pb_utils.TritonError, name)
 
 
-def to_triton_error(exc: BaseException) -> Any:
-    """Map any exception to a ``pb_utils.TritonError`` (typed errors keep their code)."""
+def error_code(exc: BaseException) -> str:
+    """The Triton error code name of any exception (typed errors keep theirs)."""
     if isinstance(exc, PdserveError):
-        message = str(exc)
-        if isinstance(exc, PrefillRejected):
-            message = f"{REJECTED_MARK} {message}"
-        return pb_utils.TritonError(message, _code(exc.code))
-    if isinstance(exc, ValueError):
-        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-    return pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}",
-                                pb_utils.TritonError.INTERNAL)
+        return exc.code
+    return "INVALID_ARG" if isinstance(exc, ValueError) else "INTERNAL"
+
+
+def to_triton_error(exc: BaseException, code_in_message: bool = False) -> Any:
+    """Map any exception to a ``pb_utils.TritonError``.
+
+    ``code_in_message`` starts the message with ``[CODE]``: a gRPC stream
+    response carries only an error *message* (Triton drops the code there), so
+    clients of the router could not tell overload from a bad request otherwise.
+    """
+    code = error_code(exc)
+    message = str(exc)
+    if code == "INTERNAL" and not isinstance(exc, PdserveError):
+        message = f"internal error: {type(exc).__name__}: {exc}"
+    if isinstance(exc, PrefillRejected) and not code_in_message:  # for the router only
+        message = f"{REJECTED_MARK} {message}"
+    if code_in_message:
+        message = f"[{code}] {message}"
+    return pb_utils.TritonError(message, _code(code))
 
 
 def from_triton_error(error: Any, instance: str) -> PdserveError:
@@ -69,9 +85,13 @@ def from_triton_error(error: Any, instance: str) -> PdserveError:
 
 
 class Responder:
-    """Sends responses of one request; guarantees one FINAL flag, thread-safe."""
+    """Sends responses of one request; guarantees one FINAL flag, thread-safe.
 
-    def __init__(self, request: Any) -> None:
+    ``client_facing`` (the router's requests): errors start with ``[CODE]``.
+    """
+
+    def __init__(self, request: Any, client_facing: bool = False) -> None:
+        self._client_facing = client_facing
         self._sender = request.get_response_sender()
         self._lock = threading.Lock()
         self.is_final = False
@@ -90,7 +110,8 @@ class Responder:
             if self.is_final:
                 return
             self.is_final = True
-            self._sender.send(pb_utils.InferenceResponse(error=to_triton_error(exc)), flags=_FINAL)
+            error = to_triton_error(exc, code_in_message=self._client_facing)
+            self._sender.send(pb_utils.InferenceResponse(error=error), flags=_FINAL)
 
     def close(self) -> None:
         """FINAL with no response (nothing more to say)."""
@@ -172,7 +193,7 @@ class InstanceClient:
         caller saw the instance die (its token channel broke), so stop waiting.
         """
         loop = asyncio.get_running_loop()
-        responses = await self._request(model, op, payload).async_exec(decoupled=True)
+        responses = await self._submit(self._request(model, op, payload), model, op, lost)
         it = iter(responses)
         while True:
             pending = self._pool.submit(next, it, None)
@@ -185,7 +206,7 @@ class InstanceClient:
                     if lost is not None and lost():
                         raise Unavailable(f"instance {model} failed during {op}")
                     if op != "ping":
-                        await self._probe(model)
+                        await self._probe(model, lost)
             except BaseException:  # probe failed, or the caller gave up (timeout, cancel)
                 self._pool.abandon(pending)
                 raise
@@ -199,6 +220,28 @@ class InstanceClient:
                 yield bytes(tensor.as_numpy().reshape(-1)[0])
             # A response without payload is the bare FINAL flag; the iterator ends next.
 
+    async def _submit(self, request: Any, model: str, op: str,
+                      lost: Callable[[], bool] | None) -> Any:
+        """``exec`` on a pool thread, watched by ``lost``: for a decoupled callee it
+        returns only once the FIRST response came, so a prefill's whole wait happens
+        here, and a request queued to a stub that died (and is restarted in place)
+        never returns."""
+        pending = self._pool.submit(request.exec, decoupled=True)
+        future = asyncio.wrap_future(pending, loop=asyncio.get_running_loop())
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=self.probe_after_s)
+                if done:
+                    return future.result()
+                if lost is not None and lost():
+                    raise Unavailable(f"instance {model} failed during {op}")
+        except BaseException:
+            # Abandoned (2.51 has no BLS cancel): its thread is counted, and its
+            # outcome consumed when it comes.
+            self._pool.abandon(pending)
+            future.add_done_callback(_consume)
+            raise
+
     async def health(self, model: str) -> InstanceLoad:
         """The heartbeat the controller sends (protocol.py), as a BLS call."""
         request = pb_utils.InferenceRequest(
@@ -208,7 +251,7 @@ class InstanceClient:
             requested_output_names=[LOAD_OUTPUT],
         )
         loop = asyncio.get_running_loop()
-        responses = await request.async_exec(decoupled=True)
+        responses = await self._submit(request, model, "health", None)
         it = iter(responses)
         load: InstanceLoad | None = None
         while True:
@@ -225,11 +268,10 @@ class InstanceClient:
             raise InternalError(f"instance {model} answered the heartbeat with no load")
         return load
 
-    async def _probe(self, model: str) -> None:
-        try:
-            await asyncio.wait_for(self.call(model, "ping", b""), timeout=30)
-        except TimeoutError:
-            raise Unavailable(f"instance {model} does not answer a liveness probe") from None
+    async def _probe(self, model: str, lost: Callable[[], bool] | None) -> None:
+        # The ping watches ``lost`` too: a ping sent to a stub that is being
+        # restarted in place can hang as long as the call it probes.
+        await self.call(model, "ping", b"", timeout_s=30, lost=lost)
 
     async def call(self, model: str, op: Op, payload: bytes,
                    timeout_s: float = CALL_TIMEOUT_S,
@@ -252,3 +294,8 @@ class InstanceClient:
             # reload): the instance went away, another one may serve it.
             raise Unavailable(f"instance {model} answered {op} with no payload")
         return result
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: no "exception was never retrieved" log
