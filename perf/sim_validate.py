@@ -23,7 +23,15 @@ never from the points themselves:
   - E2 only: the prefill time of its one prompt length from the closed-loop
     capacity C (every slot busy, both prefills on one core): a prompt holds its
     slot S = slots / C, of which the core's share is S / 2.
-The load points are then predictions.
+  - E2 only: the router's and client's CPU work per request on the decode's
+    core (``HostCores.request_s``), from the same capacity run, the one
+    measurement before the points with the router and client busy: the capacity
+    run is replayed (closed loop, the same concurrency and duration) and
+    request_s is the value (bisection) at which its simulated TPOT p50 is the
+    measured one; its rise over the unloaded TPOT is the core time they took.
+The deployment's cores (``cpu_cores`` of its instances and router) are declared
+as a ``HostCores``: every core is shared by processor sharing. The load points
+are then predictions.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from pdserve.bench.metrics import Slo
 from pdserve.bench.records import RequestSpec
 from pdserve.scheduler.forwarding import ForwardingPolicy
 from pdserve.scheduler.sim.cluster import Cluster
-from pdserve.scheduler.sim.config import ScenarioSpec, SimConfig
+from pdserve.scheduler.sim.config import HostCores, ScenarioSpec, SimConfig
 from pdserve.scheduler.sim.profile import Profile, load_profile
 from perf.sim_common import save
 
@@ -103,6 +111,82 @@ def _limits(profile: Profile, spec: dict[str, Any], decode_batch: int | None = N
     )
 
 
+def host_cores(spec: dict[str, Any], scenario: str = "default",
+               request_s: float = 0.0, token_s: float = 0.0) -> HostCores:
+    """The deployment's ``cpu_cores`` (instances per role, router; unpinned: any core)."""
+    pinned = spec["scenarios"][scenario].get("cpu_cores", {})
+    roles = {role: tuple(int(c) for c in pinned.get(role, ()))
+             for role in ("prefill", "decode", "aggregated")}
+    router = str(spec.get("router", {}).get("cpu_cores", ""))
+    return HostCores(**roles, router=tuple(int(c) for c in router.split(",") if c.strip()),
+                     request_s=request_s, token_s=token_s)
+
+
+class ClosedLoop(Cluster):
+    """A closed-loop client (``common.drive(concurrency=...)``): ``concurrency``
+    requests in flight; each one's end (its last token at the client, or its
+    error) sends the next, until ``config.duration_s``."""
+
+    def __init__(self, config: SimConfig, profile: Profile, specs: list[RequestSpec],
+                 concurrency: int) -> None:
+        super().__init__(config, profile, trace=[])
+        self._specs = iter(specs)
+        self._concurrency = concurrency
+        self._no_more: tuple[None, Any] = (None, iter(()))
+
+    def run(self) -> None:
+        for _ in range(self._concurrency):
+            self._send(0.0)
+        super().run()
+
+    def _send(self, t: float) -> None:
+        spec = next(self._specs, None)
+        if spec is not None and t < self.config.duration_s:
+            self.loop.at(t, self._arrive, (self._no_more, (t, spec.input_len, spec.output_len)))
+
+    def _finish(self, req: Any, last: float) -> None:
+        super()._finish(req, last)
+        self._send(last)
+
+    def _end(self, req: Any, kind: str, message: str) -> None:
+        super()._end(req, kind, message)
+        self._send(self.loop.now)
+
+
+def simulate_closed_loop(profile: Profile, scenario: ScenarioSpec, specs: list[RequestSpec],
+                         concurrency: int, duration_s: float, **kw: Any) -> dict[str, Any]:
+    from perf.experiments import common
+
+    cfg = SimConfig(scenarios=(scenario,), duration_s=duration_s, max_drain_s=3600,
+                    forwarding=ForwardingPolicy(ttft_budget_s=kw.pop("ttft_budget_s")), **kw)
+    cluster = ClosedLoop(cfg, profile, specs, concurrency)
+    cluster.run()
+    row: dict[str, Any] = common.summary_row(cluster.outcomes.summary(cfg.slo))
+    return row
+
+
+def fit_router_request_s(profile: Profile, scenario: ScenarioSpec, specs: list[RequestSpec],
+                         measured_tpot_ms: float, concurrency: int, duration_s: float,
+                         **kw: Any) -> tuple[float, dict[str, Any]]:
+    """``request_s`` at which the replayed capacity run's TPOT p50 is the measured one."""
+    assert scenario.host is not None
+
+    def run(request_s: float) -> dict[str, Any]:
+        sc = replace(scenario, host=replace(scenario.host, request_s=request_s))
+        return simulate_closed_loop(profile, sc, specs, concurrency, duration_s, **dict(kw))
+
+    lo, hi = 0.0, 0.5
+    if (run(lo).get("tpot_p50_ms") or 0.0) >= measured_tpot_ms:
+        return 0.0, run(0.0)
+    for _ in range(20):  # 0.5 s / 2**20: well below a microsecond
+        mid = (lo + hi) / 2
+        if (run(mid).get("tpot_p50_ms") or 0.0) < measured_tpot_ms:
+            lo = mid
+        else:
+            hi = mid
+    return lo, run(lo)
+
+
 def _errors(sim: dict[str, Any], meas: dict[str, Any]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for _, key in FIELDS:
@@ -123,8 +207,11 @@ def validate_e1(doc: dict[str, Any], profile: Profile) -> dict[str, Any]:
     budget = float(spec["limits"].get("ttft_budget_s", 120))
     mode = "layerwise" if spec["kv"].get("send_mode") == "layerwise" else "block_free"
     prof = _limits(profile, spec)
-    scenarios = {"disagg": ScenarioSpec("default", 1, 1),
-                 "agg": ScenarioSpec("default", n_aggregated=2)}
+    # The router and client are unpinned; E1 measures nothing before its points
+    # with them busy, so their CPU work is 0 here (the instances' cores are still
+    # declared: one instance per core).
+    scenarios = {"disagg": ScenarioSpec("default", 1, 1, host=host_cores(spec, "default")),
+                 "agg": ScenarioSpec("default", n_aggregated=2, host=host_cores(spec, "agg"))}
     base, _ = e1.trace_at(cfg, 1.0, trace)
     unloaded = base[2: cfg.unloaded_requests + 2]
     calibrated, calib = {}, {}
@@ -153,7 +240,7 @@ def validate_e2(doc: dict[str, Any], profile: Profile) -> dict[str, Any]:
     spec = doc["spec_local_queue"]
     prof = _limits(profile, spec, decode_batch=e2.DECODE_BATCH)
     mode = "layerwise" if spec["kv"].get("send_mode") == "layerwise" else "block_free"
-    sc = ScenarioSpec("default", 2, 1, prefill_cores=1)  # both prefills pinned on core 0
+    sc = ScenarioSpec("default", 2, 1, host=host_cores(spec))  # prefills on 0, the rest on 1
     measured = doc["measured"]
     # The prefill of E2's one prompt length: S = slots / C with both prefills busy on
     # one core, so one prompt alone on the core takes S / 2 (less its KV transfer,
@@ -171,6 +258,19 @@ def validate_e2(doc: dict[str, Any], profile: Profile) -> dict[str, Any]:
                             transfer_mode=mode, admission="local_queue")
     calib["prefill_scale_vs_engine"] = scale
     calib["prefill_alone_ms"] = 1000 * alone
+    cap_specs = e2.requests(cfg, None, 100_000, seed=97)
+    request_s, cap = fit_router_request_s(
+        prof, sc, cap_specs, float(measured["capacity_run"]["tpot_p50_ms"]),
+        concurrency=2 * cfg.total_slots, duration_s=cfg.capacity_s,
+        ttft_budget_s=lq_budget, transfer_mode=mode, admission="local_queue")
+    sc = replace(sc, host=replace(sc.host or host_cores(spec), request_s=request_s))
+    calib["router_request_ms"] = 1000 * request_s
+    for k in ("req_per_s", "ttft_p50_ms", "tpot_p50_ms", "tpot_p90_ms"):
+        calib[f"capacity_replay_{k}"] = float(cap.get(k) or 0.0)
+    check = simulate_specs(prof, sc, one_at_a_time(unloaded), ttft_budget_s=lq_budget,
+                           transfer_mode=mode, admission="local_queue")
+    calib["unloaded_check_ttft_p50_ms"] = check["ttft_p50_ms"]
+    calib["unloaded_check_tpot_p50_ms"] = check.get("tpot_p50_ms") or 0.0
     slo = Slo(ttft_ms=cfg.ttft_slo_ms)
     points = []
     for p in doc["points"]:

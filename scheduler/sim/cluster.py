@@ -35,6 +35,7 @@ from pdserve.scheduler.forwarding import (
 from pdserve.scheduler.instance import InstanceLoad, Role
 from pdserve.scheduler.scenario import ScenarioClassifier, ScenarioRule
 from pdserve.scheduler.sim.config import ScenarioSpec, SimConfig
+from pdserve.scheduler.sim.cores import Host
 from pdserve.scheduler.sim.events import EventLoop
 from pdserve.scheduler.sim.index import RankedIndex
 from pdserve.scheduler.sim.instance import SimInstance, SimRequest
@@ -85,6 +86,7 @@ class ScenarioState:
         self.win_offered = 0
         self.win_prompt = 0
         self.win_occupancy: list[float] = []
+        self.host: Host | None = None  # spec.host declared: its cores, shared
 
 
 class Cluster:
@@ -129,10 +131,16 @@ class Cluster:
             sc = ScenarioState(spec)
             self.scenarios[spec.name] = sc
             self.scenario_numbers[spec.name] = k
+            if spec.host is not None:
+                sc.host = Host(self.loop, spec.host.num_cores, spec.host.router,
+                               self._on_speed)
             roles: list[Role] = (["prefill"] * spec.n_prefill + ["decode"] * spec.n_decode
                                  + ["aggregated"] * spec.n_aggregated)
             for i, role in enumerate(roles):
                 self._add_instance(sc, f"{spec.name}/{role[0]}{i}", role, number)
+                if sc.host is not None and spec.host is not None:
+                    nth = roles[:i].count(role)  # its number among the role's instances
+                    self.instances[-1].core = sc.host.cores[spec.host.core_of(role, nth)]
                 number += 1
         from pdserve.scheduler.sim.control import Control  # cycle: control needs Cluster
 
@@ -356,6 +364,15 @@ class Cluster:
         if not batch:
             return
         dur = pf.batch_time(tokens, float(sum(r.input_len * r.input_len for r in batch)))
+        host = inst.state.host
+        if host is not None and not (inst.role == "aggregated" and inst.running):
+            # a job on its core, re-timed whenever the core's runnable count changes
+            inst.pf_busy = True
+            inst.pf_running = batch
+            inst.core.add_job(dur, self._pf_job_done, (inst, inst.epoch, self.loop.now))
+            # the router's work for these prompts: placed once the prefill is runnable
+            host.router_job(inst.state.spec.host.request_s * len(batch))
+            return
         if inst.role == "aggregated":
             dur = self._mix_prefill(inst, tokens, dur)
         else:
@@ -367,6 +384,8 @@ class Cluster:
         inst.pf_busy = True
         inst.pf_running = batch
         self.loop.after(dur, self._batch_done, (inst, inst.epoch, dur))
+        if host is not None:  # aggregated, mixed into its running batch
+            host.router_job(inst.state.spec.host.request_s * len(batch))
 
     def _mix_prefill(self, inst: SimInstance, tokens: int, prefill_s: float) -> float:
         """Chunked prefill: each chunk rides on one decode step of the running batch."""
@@ -374,12 +393,16 @@ class Cluster:
             return prefill_s
         n_iter = -(-tokens // self.profile.chunk_tokens)
         inst.sync(self.loop.now)
-        base = self.profile.decode.step_time(len(inst.running), inst.ctx)
+        base = self.profile.decode.step_time(len(inst.running), inst.ctx) / inst.speed
         inst.mix_extra_s = prefill_s / n_iter
         inst.mixing_until = self.loop.now + n_iter * (base + inst.mix_extra_s)
         inst.restep(self.loop.now)
         self._schedule_decode(inst)
         return inst.mixing_until - self.loop.now
+
+    def _pf_job_done(self, arg: tuple[SimInstance, int, float]) -> None:
+        inst, epoch, start = arg
+        self._batch_done((inst, epoch, self.loop.now - start))
 
     def _batch_done(self, arg: tuple[SimInstance, int, float]) -> None:
         inst, epoch, dur = arg
@@ -446,6 +469,8 @@ class Cluster:
         dec.join(req, now)
         self.touch(dec)
         self._schedule_decode(dec)
+        if dec.core is not None:
+            dec.core.set_fluid(dec, True)
 
     def _schedule_decode(self, inst: SimInstance) -> None:
         inst.decode_version += 1
@@ -463,6 +488,20 @@ class Cluster:
             # every token travels the same path as the first (self._rtt after it is made)
             self._finish(req, max(now + self._rtt, req.first_token))
         self.touch(inst)
+        self._schedule_decode(inst)
+        if inst.core is not None:
+            self._cores_after_tick(inst)
+
+    def _cores_after_tick(self, inst: SimInstance) -> None:
+        """Shared cores: the router's work for the tokens streamed since, and the
+        batch leaves its core's runnable set when it is empty."""
+        host, spec_host = inst.state.host, inst.state.spec.host
+        made = inst.tokens - inst.tokens_charged
+        inst.tokens_charged = inst.tokens
+        host.router_job(spec_host.token_s * made)
+        inst.core.set_fluid(inst, bool(inst.running))
+
+    def _on_speed(self, inst: SimInstance) -> None:
         self._schedule_decode(inst)
 
     def _finish(self, req: SimRequest, last: float) -> None:

@@ -17,6 +17,47 @@ RatioMode = Literal["static", "dynamic"]
 
 
 @dataclass(frozen=True)
+class HostCores:
+    """A scenario on one small host: which cores its instances, router and client use.
+
+    Instance k of a role runs on core ``<role>[k % len]`` (E2: ``prefill=(0,)``
+    puts both prefills on core 0); ``router`` lists the cores the router and the
+    load-generating client may run on (empty: any core, i.e. unpinned). Every
+    core is shared by processor sharing (``cores.Core``). The router and client
+    CPU work beyond the engine's is ``request_s`` per request that reaches a
+    prefill (put on a router core when its prefill batch starts; nobody waits for
+    it, it only takes its share of the core) and ``token_s`` per streamed token
+    (put there at each change of a decode batch, for the tokens made since).
+    """
+
+    prefill: tuple[int, ...] = ()
+    decode: tuple[int, ...] = ()
+    aggregated: tuple[int, ...] = ()
+    router: tuple[int, ...] = ()
+    request_s: float = 0.0
+    token_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        every = self.prefill + self.decode + self.aggregated + self.router
+        if any(c < 0 for c in every):
+            raise ValueError(f"core numbers must be >= 0, got {every}")
+        if not self.request_s >= 0 or not self.token_s >= 0:
+            raise ValueError(f"request_s and token_s must be >= 0, got "
+                             f"{self.request_s}, {self.token_s}")
+
+    @property
+    def num_cores(self) -> int:
+        every = self.prefill + self.decode + self.aggregated + self.router
+        return 1 + max(every, default=0)
+
+    def core_of(self, role: str, k: int) -> int:
+        cores: tuple[int, ...] = getattr(self, role)
+        if not cores:
+            raise ValueError(f"host declares no cores for role {role}")
+        return cores[k % len(cores)]
+
+
+@dataclass(frozen=True)
 class ScenarioSpec:
     name: str
     n_prefill: int = 0
@@ -27,6 +68,9 @@ class ScenarioSpec:
     # instances share k cores (pinned together, as E2 pins 2 prefills on one core):
     # a batch that starts while n prefills compute runs max(1, n / k) times longer.
     prefill_cores: int = 0
+    # None: instances own their cores and the router costs no instance time. A
+    # HostCores: the cores are shared as it says (supersedes ``prefill_cores``).
+    host: HostCores | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -39,6 +83,11 @@ class ScenarioSpec:
                 f"scenario {self.name}: needs >= 1 prefill and >= 1 decode, or aggregated ones")
         if self.n_aggregated and (self.n_prefill or self.n_decode):
             raise ValueError(f"scenario {self.name}: mixing aggregated with P/D is not modelled")
+        if self.host is not None:
+            for role, n in (("prefill", self.n_prefill), ("decode", self.n_decode),
+                            ("aggregated", self.n_aggregated)):
+                if n and not getattr(self.host, role):
+                    raise ValueError(f"scenario {self.name}: host declares no {role} cores")
 
     @property
     def num_instances(self) -> int:

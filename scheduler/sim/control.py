@@ -92,6 +92,8 @@ class Control:
         inst.kv_used = 0
         inst.ctx = 0.0
         inst.mixing_until = -1.0
+        if inst.core is not None:  # shared cores: its batch no longer runs (a lost
+            inst.core.set_fluid(inst, False)  # prefill job still ends, as stale)
         c.touch(inst)
         for req in streams:
             c._end(req, kind, f"{inst.name} failed while decoding")

@@ -108,6 +108,12 @@ class SimInstance:
         self.decode_version = 0
         self.mixing_until = -1.0  # aggregated: prefill chunks mixed into steps until then
         self.mix_extra_s = 0.0
+        # shared cores (ScenarioSpec.host) only: its core, its share of it while the
+        # batch runs (cores.Core sets it), and tokens made / charged to the router
+        self.core: Any = None
+        self.speed = 1.0
+        self.tokens = 0.0
+        self.tokens_charged = 0.0
 
     # -- what the policies see -------------------------------------------------
     @property
@@ -161,11 +167,20 @@ class SimInstance:
             steps = (now - self.t_sync) / self.step_s
             self.v += steps
             self.ctx += steps * len(self.running)
+            self.tokens += steps * len(self.running)
         self.t_sync = now
 
     def restep(self, now: float) -> None:
         extra = self.mix_extra_s if now < self.mixing_until - _EPS else 0.0
         self.step_s = self.profile.decode.step_time(len(self.running), self.ctx) + extra
+        if self.speed != 1.0:  # its core is shared: a step takes 1/speed as long
+            self.step_s /= self.speed
+
+    def speed_change(self, now: float, speed: float) -> None:
+        """Its core's share changed (cores.Core): re-time the batch from ``now``."""
+        self.sync(now)
+        self.speed = speed
+        self.restep(now)
 
     def join(self, req: SimRequest, now: float) -> None:
         self.sync(now)

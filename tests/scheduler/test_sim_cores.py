@@ -1,0 +1,187 @@
+"""Shared cores (``ScenarioSpec.host``): processor sharing of instances, router and client."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from pdserve.bench.records import RequestSpec
+from pdserve.scheduler.sim.cluster import Cluster
+from pdserve.scheduler.sim.config import Admission, HostCores, ScenarioSpec, SimConfig
+from pdserve.scheduler.sim.cores import Core, Host
+from pdserve.scheduler.sim.events import EventLoop
+from pdserve.scheduler.sim.profile import Profile
+from tests.scheduler.sim_helpers import assert_clean, profile
+
+
+def _core() -> tuple[EventLoop, Core, dict[str, float]]:
+    loop = EventLoop()
+    done: dict[str, float] = {}
+    return loop, Core(loop, 0, lambda _: None), done
+
+
+def _job(loop: EventLoop, core: Core, done: dict[str, float], name: str, work: float) -> None:
+    core.add_job(work, lambda _: done.__setitem__(name, loop.now))
+
+
+def test_one_job_alone_takes_its_work() -> None:
+    loop, core, done = _core()
+    _job(loop, core, done, "a", 1.0)
+    loop.run()
+    assert done["a"] == pytest.approx(1.0)
+
+
+def test_two_jobs_on_one_core_take_twice_as_long() -> None:
+    loop, core, done = _core()
+    _job(loop, core, done, "a", 1.0)
+    _job(loop, core, done, "b", 1.0)
+    loop.run()
+    assert done == pytest.approx({"a": 2.0, "b": 2.0})
+
+
+def test_share_is_re_evaluated_when_a_job_starts_and_ends() -> None:
+    # a: 1 s of work from t=0; b: 0.25 s from t=0.5. Sharing from 0.5 until b ends
+    # at 1.0 (0.25 s of work at half speed); a then has 0.25 s left alone.
+    loop, core, done = _core()
+    _job(loop, core, done, "a", 1.0)
+    loop.at(0.5, lambda _: _job(loop, core, done, "b", 0.25))
+    loop.run()
+    assert done == pytest.approx({"b": 1.0, "a": 1.25})
+    assert core.busy_s == pytest.approx(1.25)
+
+
+class _Fluid:
+    def __init__(self) -> None:
+        self.speed = 1.0
+        self.changes: list[tuple[float, float]] = []
+
+    def speed_change(self, now: float, speed: float) -> None:
+        self.speed = speed
+        self.changes.append((now, speed))
+
+
+def test_a_fluid_item_runs_at_half_speed_while_a_job_shares_its_core() -> None:
+    loop, core, done = _core()
+    item = _Fluid()
+    core.set_fluid(item, True)
+    assert item.speed == 1.0
+    loop.at(1.0, lambda _: _job(loop, core, done, "router", 0.5))
+    loop.run()
+    assert done["router"] == pytest.approx(2.0)  # 0.5 s of work at half speed
+    assert item.changes == [(1.0, 0.5), (pytest.approx(2.0), 1.0)]
+
+
+def test_router_work_goes_to_the_least_busy_allowed_core() -> None:
+    loop = EventLoop()
+    host = Host(loop, 2, (), lambda _: None)
+    host.cores[0].add_job(5.0, lambda _: None)
+    host.router_job(1.0)
+    assert host.cores[1].num_runnable == 1
+    pinned = Host(loop, 2, (0,), lambda _: None)
+    pinned.router_job(1.0)
+    assert pinned.cores[0].num_runnable == 1 and pinned.cores[1].num_runnable == 0
+
+
+def test_host_cores_are_validated() -> None:
+    with pytest.raises(ValueError):
+        HostCores(prefill=(-1,))
+    with pytest.raises(ValueError):
+        HostCores(prefill=(0,), decode=(1,), request_s=-1.0)
+    with pytest.raises(ValueError):  # a role with instances but no cores
+        ScenarioSpec("a", 1, 1, host=HostCores(prefill=(0,)))
+    assert HostCores(prefill=(0,), decode=(1,), router=(3,)).num_cores == 4
+
+
+# -- in the cluster ----------------------------------------------------------------
+E2_LIKE = HostCores(prefill=(0,), decode=(1,), router=(1,))  # router on the decode's core
+
+
+def _run(prof: Profile, specs: list[RequestSpec], scenario: ScenarioSpec,
+         admission: Admission = "local_queue") -> Cluster:
+    cfg = SimConfig(scenarios=(scenario,), duration_s=100.0, admission=admission)
+    c = Cluster(cfg, prof, trace=specs)
+    c.run()
+    assert c.outcomes.counts() == {"ok": len(specs)}
+    assert_clean(c)
+    return c
+
+
+def _tpots(c: Cluster) -> list[float]:
+    o = c.outcomes
+    return [(o.last[i] - o.first[i]) / (o.tokens[i] - 1) for i in range(len(o))]
+
+
+def _prof() -> Profile:
+    base = profile()
+    return replace(base, prefill=replace(base.prefill, max_batch_size=1))
+
+
+def test_separate_cores_and_no_router_work_change_nothing() -> None:
+    prof = _prof()
+    specs = [RequestSpec(i, 500 + 100 * (i % 3), 20, 0.05 * i) for i in range(30)]
+    plain = _run(prof, specs, ScenarioSpec("a", 2, 1)).outcomes
+    own = HostCores(prefill=(0, 1), decode=(2,))
+    hosted = _run(prof, specs, ScenarioSpec("a", 2, 1, host=own)).outcomes
+    assert hosted.first == pytest.approx(plain.first)
+    assert hosted.last == pytest.approx(plain.last)
+
+
+def test_router_work_on_the_decode_core_raises_tpot_under_load_only() -> None:
+    prof = _prof()
+    step = prof.decode.step_time(1, 0.0)
+    prompt = prof.prefill.prompt_time(500)
+    work = 0.5 * prompt  # done on core 1 while its own prompt is in prefill on core 0
+    alone = [RequestSpec(0, 500, 20, 0.0)]
+    free = _run(prof, alone, ScenarioSpec("a", 2, 1, host=E2_LIKE))
+    costly = _run(prof, alone, ScenarioSpec("a", 2, 1, host=replace(E2_LIKE, request_s=work)))
+    assert _tpots(costly) == pytest.approx(_tpots(free))  # unloaded: nothing shared
+    # under load: prompts every half prefill, so other requests' router work lands
+    # on core 1 while each one decodes
+    specs = [RequestSpec(i, 500, 20, 0.5 * prompt * i) for i in range(40)]
+    free = _run(prof, specs, ScenarioSpec("a", 2, 1, host=E2_LIKE))
+    costly = _run(prof, specs, ScenarioSpec("a", 2, 1, host=replace(E2_LIKE, request_s=work)))
+    f, c = sorted(_tpots(free)), sorted(_tpots(costly))
+    assert f[len(f) // 2] < 1.2 * step  # the decode's core alone: about one step a token
+    assert c[len(c) // 2] > 1.2 * f[len(f) // 2]
+
+
+def test_router_on_other_cores_leaves_decode_alone() -> None:
+    prof = _prof()
+    prompt = prof.prefill.prompt_time(500)
+    specs = [RequestSpec(i, 500, 20, 0.5 * prompt * i) for i in range(40)]
+    apart = HostCores(prefill=(0,), decode=(1,), router=(2,), request_s=0.5 * prompt)
+    free = _run(prof, specs, ScenarioSpec("a", 2, 1, host=replace(apart, request_s=0.0)))
+    costly = _run(prof, specs, ScenarioSpec("a", 2, 1, host=apart))
+    assert _tpots(costly) == pytest.approx(_tpots(free))
+
+
+def test_per_token_router_work_slows_the_decode_on_its_core() -> None:
+    prof = _prof()
+    specs = [RequestSpec(i, 500, 40, 0.1 * i) for i in range(10)]
+    step = prof.decode.step_time(1, 0.0)
+    free = _run(prof, specs, ScenarioSpec("a", 1, 1, host=E2_LIKE))
+    costly = _run(prof, specs, ScenarioSpec("a", 1, 1, host=replace(E2_LIKE, token_s=step)))
+    assert sum(_tpots(costly)) > 1.2 * sum(_tpots(free))
+
+
+def test_prefills_on_one_core_are_re_timed_when_the_other_ends() -> None:
+    # two prompts, the second half a prefill later: processor sharing ends the first at
+    # 1.5 t and the second at 2 t (counting busy prefills only at a batch's start, the
+    # first would end at t and the second at 2.5 t)
+    prof = _prof()
+    t = prof.prefill.prompt_time(2000)
+    specs = [RequestSpec(0, 2000, 2, 0.0), RequestSpec(1, 2000, 2, 0.5 * t)]
+    host = HostCores(prefill=(0,), decode=(1,))
+    c = _run(prof, specs, ScenarioSpec("a", 2, 1, host=host), admission="on_demand")
+    xfer = prof.transfer_time("block_free", 2000)
+    first = [f - xfer - prof.attempt_rtt_s - prof.serving_overhead_s for f in c.outcomes.first]
+    assert first == pytest.approx([1.5 * t, 2.0 * t], rel=1e-6)
+
+
+def test_shared_cores_run_is_deterministic() -> None:
+    prof = _prof()
+    specs = [RequestSpec(i, 300 + 50 * (i % 5), 10 + i % 7, 0.03 * i) for i in range(60)]
+    sc = ScenarioSpec("a", 2, 1, host=replace(E2_LIKE, request_s=0.01, token_s=0.001))
+    a, b = _run(prof, specs, sc).outcomes, _run(prof, specs, sc).outcomes
+    assert a.first == b.first and a.last == b.last
