@@ -22,6 +22,7 @@ from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+from pdserve.errors import InvalidArgument, Unavailable  # noqa: E402
 from pdserve.kvtransfer.shm import sweep_stale_segments  # noqa: E402
 from pdserve.roles.common import ack  # noqa: E402
 from pdserve.roles.instance import apply_pinning  # noqa: E402
@@ -33,7 +34,11 @@ from pdserve.roles.triton import (  # noqa: E402
     read_inputs,
     read_instance_request,
 )
-from pdserve.scheduler.controller.protocol import HealthCall, answer_health  # noqa: E402
+from pdserve.scheduler.controller.protocol import (  # noqa: E402
+    SWITCHABLE_ROLES,
+    ControlCall,
+    answer_health,
+)
 from pdserve.server.config import InstanceConfig, parse_parameters  # noqa: E402
 
 EXECUTE_HOLD_S = 0.02
@@ -72,6 +77,7 @@ class TritonPythonModel:
         self.role = _build_role(self.cfg, Path(args["model_repository"]).parent)
         self.incarnation = os.urandom(8).hex()  # this stub process, in every heartbeat
         self._tasks: set[asyncio.Task[None]] = set()
+        self._switching = False
 
     async def execute(self, requests: list[Any]) -> None:
         # Decoupled: each request becomes its own task and answers on its own.
@@ -97,13 +103,19 @@ class TritonPythonModel:
                                     self.role.tokenizer, self.role.limits)
                 await self.role.handle(request, req, out)
             elif (control := read_control(request)) is not None:
-                HealthCall.from_bytes(control)  # validates; "health" is the only op
+                call = ControlCall.from_bytes(control)
+                if call.op == "set_role":
+                    await self._set_role(call.role)
+                elif self._switching:  # the old role is being released under us
+                    raise Unavailable(f"{self.cfg.name} is switching roles")
                 load = replace(self.role.load(), incarnation=self.incarnation)
                 out.send(load_out(answer_health(load)), final=True)
             else:
                 op, payload = read_instance_request(request)
                 if op == "ping":
                     ack(out)
+                elif self._switching:
+                    raise Unavailable(f"{self.cfg.name} is switching roles")
                 else:
                     await self.role.handle(op, payload, out)
         except BaseException as exc:  # every path must end with FINAL
@@ -111,6 +123,32 @@ class TritonPythonModel:
         finally:
             if self.cfg.role == "router":
                 out.close()
+
+    async def _set_role(self, role: str) -> None:
+        """Switch between prefill and decode in place (``roles.switch``); refused
+        while anything is in flight, so the caller drains first."""
+        if self.cfg.role not in SWITCHABLE_ROLES:
+            raise InvalidArgument(f"{self.cfg.name} is a {self.cfg.role} instance: only "
+                                  f"{' and '.join(SWITCHABLE_ROLES)} instances switch roles")
+        if role == self.cfg.role:
+            return
+        if self._switching:
+            raise Unavailable(f"{self.cfg.name} is already switching roles")
+        busy = self.role.load().in_flight
+        if busy:
+            raise Unavailable(f"{self.cfg.name} has {busy} requests in flight: drain it "
+                              f"before switching it to {role}")
+        from pdserve.roles.switch import switch_in_place
+
+        self._switching = True  # set before any await: no request slips in
+        try:
+            self.cfg, self.role, error = await asyncio.to_thread(
+                switch_in_place, self.cfg, self.role, role)
+        finally:
+            self._switching = False
+        if error is not None:
+            raise Unavailable(f"{self.cfg.name} could not switch to {role} and serves "
+                              f"{self.cfg.role} again: {error}")
 
     def finalize(self) -> None:
         role = getattr(self, "role", None)

@@ -47,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio-min-peak", type=float, default=0.0,
                         help="switch only when the busier stage's slots are at least this "
                              "share busy (0: any imbalance beyond the tolerance)")
+    parser.add_argument("--role-switch", choices=("reload", "live"), default="reload",
+                        help="how a ratio switch changes an instance's role: 'reload' edits "
+                             "the repository (Triton reloads it, seconds); 'live' asks the "
+                             "instance to switch in place (keeps its weights, under a second; "
+                             "the repository keeps its home role), falling back to 'reload'")
     parser.add_argument("--no-ratio", action="store_true", help="health and replacement only")
     parser.add_argument("--state-file", type=Path, help="default: <repository>.state.json")
     parser.add_argument("--edit-log", type=Path, help="JSON lines of every repository edit")
@@ -65,7 +70,7 @@ def build(args: argparse.Namespace) -> Controller:
     options = ControllerOptions(
         servers=tuple(dict.fromkeys(a.http for a in addresses)),
         state_path=args.state_file or default_state_path(args.repository),
-        health=health, ratio_interval_s=args.ratio_interval_s,
+        health=health, ratio_interval_s=args.ratio_interval_s, role_switch=args.role_switch,
     )
     policy = RatioPolicy(cooldown_s=args.ratio_cooldown_s, min_peak=args.ratio_min_peak,
                          e2e_rise=args.ratio_e2e_rise, share_delta=args.ratio_share_delta)

@@ -6,7 +6,12 @@ Every ``probe_interval_s`` one ``tick``:
   2. probe every (server, instance) in parallel and feed the health machines;
   3. replace failed instances: one ``reload`` edit (fresh stub) per model;
   4. every ``ratio_interval_s``: scrape /metrics, decide per scenario, start a
-     drain-first role switch; finish switches whose donor is idle. Between two
+     drain-first role switch; finish switches whose donor is idle, through the
+     repository (``role_switch="reload"``: Triton reloads the instance in its
+     new role) or in place (``"live"``: a ``set_role`` control call; the
+     instance keeps its weights and serves the new role within a second, and
+     the repository keeps its home role; a reload of any kind brings that
+     back). Between two
      decisions each tick samples, per scenario, the share of routable prefill
      slots in flight (from the heartbeats' loads): the prefills' utilisation;
   5. write the state file the routers read, and the controller's metrics.
@@ -21,8 +26,9 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from pdserve.scheduler.controller.health import (
     HealthPolicy,
@@ -56,8 +62,16 @@ class ControllerOptions:
     health: HealthPolicy = field(default_factory=HealthPolicy)
     ratio_interval_s: float = 30.0
     probe_workers: int = 8
+    role_switch: Literal["reload", "live"] = "reload"
+    # After a switch in place the drain stays this long, so that every router has
+    # heard the instance answer in its new role (router heartbeats: 0.5 s).
+    live_settle_s: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.role_switch not in ("reload", "live"):
+            raise ValueError(f"role_switch must be 'reload' or 'live', got {self.role_switch!r}")
+        if self.live_settle_s < 0:
+            raise ValueError(f"live_settle_s must be >= 0, got {self.live_settle_s}")
         if not self.servers:
             raise ValueError("the controller needs at least one server")
         if not self.ratio_interval_s > 0:
@@ -92,6 +106,10 @@ class Controller:
         self._pool = ThreadPoolExecutor(options.probe_workers, thread_name_prefix="probe")
         self.state = ControllerState()
         self._drains: dict[str, DrainRequest] = {}
+        # Instances switched in place: name -> (role now, repository generation then).
+        # ``entries`` show that role; a reload (new generation) or a heartbeat in
+        # another role (the stub restarted in its home role) ends the override.
+        self._acting: dict[str, tuple[str, int]] = {}
 
     # -- the loop ----------------------------------------------------------------
 
@@ -124,7 +142,7 @@ class Controller:
     # -- steps -------------------------------------------------------------------
 
     def _sync(self, now: float) -> None:
-        self.entries = self.repo.instances()
+        self.entries = self._with_acting_roles(self.repo.instances())
         wanted = {(s, n) for s in self.options.servers for n in self.entries}
         for key in set(self.health) - wanted:
             del self.health[key]
@@ -140,6 +158,20 @@ class Controller:
                     h.begin_loading(gen, now)
                 h.expected_generation = gen
 
+    def _with_acting_roles(self, entries: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+        for name, (role, generation) in list(self._acting.items()):
+            entry = entries.get(name)
+            if entry is None or entry.generation != generation or entry.role == role:
+                del self._acting[name]  # reloaded (or removed) since: its home role again
+            else:
+                entries[name] = replace(entry, params={**entry.params, "role": role})
+        return entries
+
+    def acting_role(self, name: str) -> str:
+        """The role ``name`` was switched to in place ("" if it serves its home role)."""
+        acting = self._acting.get(name)
+        return "" if acting is None else acting[0]
+
     def _probe_all(self, now: float) -> None:
         keys = sorted(self.health)
         results = list(self._pool.map(lambda k: self._probe_one(*k), keys))
@@ -151,6 +183,11 @@ class Controller:
             if after != before:
                 log.info("%s on %s: %s -> %s %s", key[1], key[0], before, after, h.last_error)
             role = self.entries[key[1]].role
+            if key[1] in self._acting and result.load is not None and result.load.role != role:
+                log.warning("%s answers as %s, not %s: back in its home role (restarted?)",
+                            key[1], result.load.role, role)
+                del self._acting[key[1]]
+                self.entries[key[1]] = self.repo.instances()[key[1]]
             if after == "failed" and before != "failed":
                 self.metrics.failures.labels(role).inc()
             if before == "replacing" and after == "healthy":
@@ -264,6 +301,13 @@ class Controller:
     def _progress_switches(self, now: float) -> None:
         for scenario, switch in list(self.ratio.pending.items()):
             hs = self._healths(switch.name)
+            if switch.switched and switch.in_place:
+                # Serving in its new role already; routers learn it at their next
+                # heartbeat, so the drain is lifted a little later.
+                if now - switch.switched_at >= self.options.live_settle_s:
+                    self._lift_drain(switch.name)
+                    self.ratio.finish(scenario, now)
+                continue
             if switch.switched:
                 # Over when it serves in its new role (cool-down from now), or
                 # when it failed to (replacement is not the ratio loop's job).
@@ -276,12 +320,37 @@ class Controller:
                 continue
             if not self.ratio.ready(switch, all(h.is_idle for h in hs), now):
                 continue
+            if self.options.role_switch == "live" and self._switch_in_place(switch):
+                self.ratio.switched(scenario, now, in_place=True)
+                continue
             entry = self.repo.switch_role(switch.name, switch.to_role, reason=switch.reason)
             self.metrics.edits.labels("switch_role").inc()
             for h in hs:
                 h.begin_loading(entry.generation, now)
             self._lift_drain(switch.name)
             self.ratio.switched(scenario)
+
+    def _switch_in_place(self, switch: PendingSwitch) -> bool:
+        """``set_role`` on every server; False (fall back to a reload through the
+        repository, which makes every server agree) when any refuses or fails."""
+        for server in self.options.servers:
+            try:
+                result = self.probe_client.set_role(server, switch.name, switch.to_role)
+            except Exception as exc:  # a client bug must not stop the loop
+                result = ProbeResult(ok=False, error=f"set_role raised {exc!r}")
+            if not result.ok or result.load is None or result.load.role != switch.to_role:
+                log.warning("ratio: %s on %s did not switch to %s in place (%s); reloading "
+                            "it through the repository", switch.name, server, switch.to_role,
+                            result.error or "answered in another role")
+                return False
+            self.health[(server, switch.name)].last_load = result.load
+        entry = self.entries[switch.name]
+        self._acting[switch.name] = (switch.to_role, entry.generation)
+        self.entries[switch.name] = replace(entry, params={**entry.params,
+                                                           "role": switch.to_role})
+        self.metrics.edits.labels("switch_role_in_place").inc()
+        log.info("ratio: %s serves %s (switched in place)", switch.name, switch.to_role)
+        return True
 
     def _abandon_switch(self, scenario: str, why: str) -> None:
         switch = self.ratio.pending.get(scenario)
@@ -303,7 +372,8 @@ class Controller:
             hs = {s: self.health[(s, name)] for s in self.options.servers}
             worst = max(hs.values(), key=lambda h: _SEVERITY[h.state])
             statuses[name] = InstanceStatus(
-                role=entry.role, scenario=entry.scenario, state=worst.state,
+                role=entry.role, acting_role=self.acting_role(name),
+                scenario=entry.scenario, state=worst.state,
                 routable=all(h.is_routable for h in hs.values()),
                 generation=entry.generation, reason=worst.last_error[:300], since=worst.since,
                 servers={s: h.state for s, h in hs.items()},

@@ -10,6 +10,7 @@ One probe of model M on server S:
      models (every pdserve instance is one) answering with one response.
 
 A dead stub shows up in step 3 ("Stub process ... is not healthy"), not in 1.
+``set_role`` is the same call as step 3 with ``{"op": "set_role", "role": R}``.
 Every call has a timeout; failures are results (``ok=False``), never raised.
 """
 
@@ -29,7 +30,7 @@ from pdserve.scheduler.controller.health import ProbeResult
 from pdserve.scheduler.controller.protocol import (
     CONTROL_INPUT,
     LOAD_OUTPUT,
-    HealthCall,
+    ControlCall,
     parse_health_reply,
 )
 from pdserve.scheduler.controller.repository import GENERATION_KEY
@@ -77,10 +78,13 @@ class ServerAddress:
 class TritonProbeClient:
     """Probes over HTTP; ``server`` arguments are ``ServerAddress.http`` strings."""
 
-    def __init__(self, timeout_s: float = 2.0) -> None:
+    def __init__(self, timeout_s: float = 2.0, switch_timeout_s: float = 30.0) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if not switch_timeout_s > 0:
+            raise ValueError(f"switch_timeout_s must be positive, got {switch_timeout_s}")
         self.timeout_s = timeout_s
+        self.switch_timeout_s = switch_timeout_s  # a switch builds a role: arena, threads
 
     def probe(self, server: str, model: str) -> ProbeResult:
         client = httpclient.InferenceServerClient(
@@ -101,14 +105,23 @@ class TritonProbeClient:
             return ProbeResult(ok=False, generation=generation, error=f"heartbeat: {exc}")
         return ProbeResult(ok=True, load=load, generation=generation)
 
-    def _heartbeat(self, server: str, model: str) -> bytes:
-        body = json.dumps({CONTROL_INPUT: HealthCall().to_bytes().decode()}).encode()
+    def set_role(self, server: str, model: str, role: str) -> ProbeResult:
+        try:
+            reply = self._heartbeat(server, model, ControlCall("set_role", role),
+                                    self.switch_timeout_s)
+            return ProbeResult(ok=True, load=parse_health_reply(reply, model))
+        except (InvalidArgument, OSError, ValueError) as exc:
+            return ProbeResult(ok=False, error=f"set_role {role}: {exc}")
+
+    def _heartbeat(self, server: str, model: str, call: ControlCall | None = None,
+                   timeout_s: float | None = None) -> bytes:
+        body = json.dumps({CONTROL_INPUT: (call or ControlCall()).to_bytes().decode()}).encode()
         req = urllib.request.Request(
             f"http://{server}/v2/models/{model}/generate", data=body, method="POST",
             headers={"Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
                 reply = json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:300]

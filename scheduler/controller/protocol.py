@@ -5,8 +5,13 @@ died: Triton keeps such a model READY while every request to it fails with
 "Stub process '<name>' is not healthy". So the controller also sends each
 instance a real inference, the heartbeat:
 
-    request   input  ``control``  BYTES [1]   HealthCall.to_bytes()  {"op": "health"}
+    request   input  ``control``  BYTES [1]   ControlCall.to_bytes()  {"op": "health"}
     response  output ``load``     BYTES [1]   InstanceLoad.to_bytes()
+
+The same call switches a prefill or decode instance to the other role in place
+(``{"op": "set_role", "role": "decode"}``): it keeps its weights, releases the
+old role's KV and channels, and answers with its load in the new role. It is
+refused (UNAVAILABLE) while the instance has work in flight: drain it first.
 
 An instance answers with exactly one response (FINAL flag set), also when its
 model is decoupled. ``CONTROL_IO_PBTXT`` is the config.pbtxt fragment an
@@ -27,8 +32,9 @@ CONTROL_INPUT = "control"
 LOAD_OUTPUT = "load"
 MAX_CONTROL_BYTES = 4096
 
-ControlOp = Literal["health"]
-CONTROL_OPS: tuple[ControlOp, ...] = ("health",)
+ControlOp = Literal["health", "set_role"]
+CONTROL_OPS: tuple[ControlOp, ...] = ("health", "set_role")
+SWITCHABLE_ROLES = ("prefill", "decode")
 
 CONTROL_IO_PBTXT = """\
 input [ { name: "control" data_type: TYPE_STRING dims: [ 1 ] optional: true } ]
@@ -37,28 +43,37 @@ output [ { name: "load" data_type: TYPE_STRING dims: [ 1 ] } ]
 
 
 @dataclass(frozen=True)
-class HealthCall:
-    """What the controller sends; ``op`` leaves room for later control ops."""
+class ControlCall:
+    """What the controller sends: a heartbeat, or a role switch in place."""
 
     op: ControlOp = "health"
+    role: str = ""  # set_role only: "prefill" or "decode"
 
     def __post_init__(self) -> None:
         if self.op not in CONTROL_OPS:
             raise InvalidArgument(f"control op must be one of {CONTROL_OPS}, got {self.op!r}")
+        if self.op == "set_role" and self.role not in SWITCHABLE_ROLES:
+            raise InvalidArgument(f"set_role needs a role in {SWITCHABLE_ROLES}, "
+                                  f"got {self.role!r}")
+        if self.op != "set_role" and self.role:
+            raise InvalidArgument(f"control op {self.op!r} takes no role")
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        body = asdict(self) if self.role else {"op": self.op}
+        return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> HealthCall:
+    def from_bytes(cls, data: bytes) -> ControlCall:
         if len(data) > MAX_CONTROL_BYTES:
             raise InvalidArgument(f"control message of {len(data)} bytes is too large")
         try:
             raw = json.loads(bytes(data))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidArgument(f"control message is not JSON: {exc}") from None
-        if not isinstance(raw, dict) or set(raw) - {"op"}:
-            raise InvalidArgument(f"control message must be {{'op': ...}}, got {raw!r}")
+        if not isinstance(raw, dict) or set(raw) - {"op", "role"} \
+                or not all(isinstance(v, str) for v in raw.values()):
+            raise InvalidArgument(f"control message must be {{'op': ..., 'role': ...}} with "
+                                  f"strings, got {raw!r}")
         return cls(**raw)
 
 

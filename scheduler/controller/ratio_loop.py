@@ -42,7 +42,9 @@ class PendingSwitch:
     to_role: str
     started: float
     reason: str
-    switched: bool = False  # the repository says the new role; waiting for it to serve
+    switched: bool = False  # the new role is set (repository edit, or in place)
+    in_place: bool = False  # switched in place: serving already, drain lifts soon
+    switched_at: float = 0.0
 
 
 class RatioLoop:
@@ -94,10 +96,12 @@ class RatioLoop:
         """Switch once the donor is idle, or when draining took too long."""
         return idle or now - switch.started >= self.drain_timeout_s
 
-    def switched(self, scenario: str) -> None:
-        """The repository edit is made; the switch lasts until the instance serves."""
+    def switched(self, scenario: str, now: float = 0.0, in_place: bool = False) -> None:
+        """The repository edit is made (the switch lasts until the instance serves),
+        or the instance switched in place (it serves already)."""
         if scenario in self.pending:
-            self.pending[scenario] = replace(self.pending[scenario], switched=True)
+            self.pending[scenario] = replace(self.pending[scenario], switched=True,
+                                             in_place=in_place, switched_at=now)
 
     def finish(self, scenario: str, now: float | None = None) -> None:
         """The switch is over (``now``: it completed, the cool-down starts now)."""

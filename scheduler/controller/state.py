@@ -46,6 +46,9 @@ class InstanceStatus:
     reason: str = ""
     since: float = 0.0
     servers: dict[str, str] = field(default_factory=dict)  # server -> its state there
+    # Set while the instance serves another role than the repository's, switched
+    # in place by the controller; routers accept it once the heartbeat agrees.
+    acting_role: str = ""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ class FakeTriton:
         self.broken: set[str] = set()  # fails to load at all (bad weights)
         self.in_flight: dict[str, int] = {}
         self.probes: list[str] = []
+        self.acting: dict[str, str] = {}  # switched in place; gone at a reload
+        self.refuse_switch: set[str] = set()
         self.poll()
 
     def poll(self) -> None:
@@ -40,9 +42,20 @@ class FakeTriton:
             if self.loaded.get(name) != entry.generation:
                 self.loaded[name] = entry.generation
                 self.dead.discard(name)  # a reload starts a fresh stub
+                self.acting.pop(name, None)  # ... in the repository's role
 
     def kill(self, model: str) -> None:
         self.dead.add(model)
+
+    def restart_in_place(self, model: str) -> None:
+        """What Triton 2.51 does to a killed stub: same generation, home role."""
+        self.acting.pop(model, None)
+
+    def set_role(self, server: str, model: str, role: str) -> ProbeResult:
+        if model in self.refuse_switch or self.in_flight.get(model, 0):
+            return ProbeResult(ok=False, error=f"{model} has requests in flight")
+        self.acting[model] = role
+        return self.probe(server, model)
 
     def probe(self, server: str, model: str) -> ProbeResult:
         self.probes.append(model)
@@ -52,7 +65,7 @@ class FakeTriton:
         if model in self.dead:
             return ProbeResult(ok=False, generation=self.loaded[model],
                                error=f"Stub process '{model}' is not healthy")
-        load = InstanceLoad(name=model, role=entry.role,
+        load = InstanceLoad(name=model, role=self.acting.get(model, entry.role),
                             scenario=entry.scenario, max_batch_size=entry.max_batch_size,
                             in_flight=self.in_flight.get(model, 0))
         return ProbeResult(ok=True, load=load, generation=self.loaded[model])

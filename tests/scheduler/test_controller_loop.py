@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -45,13 +46,15 @@ class Traffic:
 
 
 def make(tmp_path: Path, prefill: int = 2, decode: int = 2, traffic: Traffic | None = None,
-         drain_timeout_s: float = 30.0) -> tuple[Controller, FakeTriton]:
+         drain_timeout_s: float = 30.0, role_switch: Literal["reload", "live"] = "reload",
+         ) -> tuple[Controller, FakeTriton]:
     repo = make_repo(tmp_path, prefill, decode)
     triton = FakeTriton(repo)
     options = ControllerOptions(servers=("s0",), state_path=tmp_path / "state.json",
                                 health=HealthPolicy(probe_interval_s=2.0, fail_threshold=2,
                                                     load_timeout_s=60.0),
-                                ratio_interval_s=10.0, probe_workers=2)
+                                ratio_interval_s=10.0, probe_workers=2,
+                                role_switch=role_switch, live_settle_s=1.0)
     ratio = RatioLoop(RatioPolicy(cooldown_s=0.0), drain_timeout_s=drain_timeout_s)
     scrape = (lambda: [traffic.text()]) if traffic is not None else None
     return Controller(repo, triton, options, ratio=ratio, scrape=scrape), triton
@@ -270,5 +273,83 @@ def test_no_second_switch_while_the_first_reloads(tmp_path: Path) -> None:
         traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
         c.tick(54.0)
         assert len(c.repo.edits) == 2  # the prefills are still full: the next one
+    finally:
+        c.close()
+
+
+def _prompt_heavy(c: Controller, triton: FakeTriton, traffic: Traffic) -> None:
+    c.tick(0.0)
+    triton.in_flight.update(prefill_0=32, prefill_1=32, decode_0=3, decode_1=0)
+    traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
+    c.tick(10.0)  # decides, drains decode_1 (idle) and switches it in place
+
+
+def test_live_switch_keeps_the_repository_and_serves_at_once(tmp_path: Path) -> None:
+    traffic = Traffic()
+    c, triton = make(tmp_path, traffic=traffic, role_switch="live")
+    try:
+        _prompt_heavy(c, triton, traffic)
+        assert triton.acting == {"decode_1": "prefill"}
+        # No repository edit, no reload: the home role stays decode.
+        assert c.repo.edits == [] and c.repo.entry("decode_1").role == "decode"
+        shared = read_state(tmp_path / "state.json")
+        assert shared.instances["decode_1"].acting_role == "prefill"
+        assert shared.instances["decode_1"].role == "prefill"
+        assert "decode_1" in shared.draining  # until routers heard the new role
+        c.tick(11.0)  # live_settle_s later: the drain is lifted
+        assert "decode_1" not in read_state(tmp_path / "state.json").draining
+        c.tick(12.0)
+        assert states(c)["decode_1"] == "healthy"
+        assert c.state.ratios["default"] == {"prefill": 3, "decode": 1}
+        assert c.metrics.registry.get_sample_value(
+            "pdserve_controller_repository_edits_total", {"kind": "switch_role_in_place"}) == 1
+    finally:
+        c.close()
+
+
+def test_live_switch_refused_falls_back_to_a_reload(tmp_path: Path) -> None:
+    traffic = Traffic()
+    c, triton = make(tmp_path, traffic=traffic, role_switch="live")
+    triton.refuse_switch.add("decode_1")
+    try:
+        _prompt_heavy(c, triton, traffic)
+        assert triton.acting == {}
+        assert c.repo.entry("decode_1").role == "prefill"  # through the repository
+        assert [e.kind for e in c.repo.edits] == ["switch_role"]
+        assert states(c)["decode_1"] == "loading"
+        assert read_state(tmp_path / "state.json").instances["decode_1"].acting_role == ""
+    finally:
+        c.close()
+
+
+def test_restart_in_place_ends_the_acting_role(tmp_path: Path) -> None:
+    """A stub Triton restarts comes back in its home role: the controller follows."""
+    traffic = Traffic()
+    c, triton = make(tmp_path, traffic=traffic, role_switch="live")
+    try:
+        _prompt_heavy(c, triton, traffic)
+        c.tick(11.0)
+        assert c.acting_role("decode_1") == "prefill"
+        triton.restart_in_place("decode_1")
+        c.tick(12.0)
+        assert c.acting_role("decode_1") == ""
+        c.tick(13.0)
+        status = read_state(tmp_path / "state.json").instances["decode_1"]
+        assert (status.role, status.acting_role) == ("decode", "")
+    finally:
+        c.close()
+
+
+def test_a_reload_ends_the_acting_role(tmp_path: Path) -> None:
+    traffic = Traffic()
+    c, triton = make(tmp_path, traffic=traffic, role_switch="live")
+    try:
+        _prompt_heavy(c, triton, traffic)
+        c.tick(11.0)
+        c.repo.reload("decode_1", reason="operator")  # new generation: home role
+        triton.poll()
+        c.tick(12.0)
+        assert c.acting_role("decode_1") == ""
+        assert c.entries["decode_1"].role == "decode"
     finally:
         c.close()

@@ -4,7 +4,7 @@ import pytest
 
 from pdserve.errors import InvalidArgument
 from pdserve.scheduler.controller.probe import ServerAddress
-from pdserve.scheduler.controller.protocol import HealthCall, answer_health, parse_health_reply
+from pdserve.scheduler.controller.protocol import ControlCall, answer_health, parse_health_reply
 from pdserve.scheduler.controller.signals import scenario_signal, totals_from_text, window
 from pdserve.scheduler.controller.state import ControllerState, read_state
 from pdserve.scheduler.instance import InstanceLoad
@@ -76,15 +76,27 @@ def test_unlabelled_router_series_are_dropped_with_several_scenarios() -> None:
 
 
 def test_heartbeat_contract_round_trip() -> None:
-    assert HealthCall.from_bytes(HealthCall().to_bytes()) == HealthCall()
+    assert ControlCall.from_bytes(ControlCall().to_bytes()) == ControlCall()
     load = InstanceLoad("decode_0", "decode", "default", 8, in_flight=3)
     assert parse_health_reply(answer_health(load), "decode_0") == load
     with pytest.raises(InvalidArgument, match="answered by"):
         parse_health_reply(answer_health(load), "decode_1")
     with pytest.raises(InvalidArgument):
-        HealthCall.from_bytes(b'{"op": "reboot"}')
+        ControlCall.from_bytes(b'{"op": "reboot"}')
     with pytest.raises(InvalidArgument):
-        HealthCall.from_bytes(b"not json")
+        ControlCall.from_bytes(b"not json")
+
+
+def test_set_role_contract() -> None:
+    call = ControlCall("set_role", "decode")
+    assert call.to_bytes() == b'{"op":"set_role","role":"decode"}'
+    assert ControlCall.from_bytes(call.to_bytes()) == call
+    assert ControlCall().to_bytes() == b'{"op":"health"}'  # what older instances parse
+    for bad in (b'{"op": "set_role"}', b'{"op": "set_role", "role": "router"}',
+                b'{"op": "health", "role": "decode"}', b'{"op": "set_role", "role": 3}',
+                b'{"op": "set_role", "role": "decode", "force": "yes"}'):
+        with pytest.raises(InvalidArgument):
+            ControlCall.from_bytes(bad)
 
 
 def test_server_address_and_state_file_errors(tmp_path) -> None:

@@ -152,3 +152,18 @@ def scrape_until(metrics_url: str, ok: Callable[[dict[tuple[str, str], float]], 
         if ok(m) or time.monotonic() > deadline:
             return m
         time.sleep(0.1)
+
+
+def drive_until(url: str, prompt_len: int, out_len: int, until: Callable[[], bool],
+           timeout_s: float, results: list[Result]) -> float:
+    """Closed loop, 8 concurrent, until ``until()``; the seconds it took."""
+    t0 = time.monotonic()
+    i = 0
+    while not until():
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"the ratio did not move within {timeout_s}s")
+        reqs = [{"ids": [3 + (i + k + j) % 250 for j in range(prompt_len)],
+                 "sampling": {"max_tokens": out_len, "ignore_eos": True}} for k in range(8)]
+        i += 8
+        results.extend(generate_many(url, reqs, timeout_s=120))
+    return time.monotonic() - t0

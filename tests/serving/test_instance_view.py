@@ -9,7 +9,9 @@ from pathlib import Path
 from pdserve.roles.instance_view import InstanceView
 from pdserve.scheduler.controller.repository import Repository
 from pdserve.scheduler.controller.state import (
+    ControllerState,
     DrainRequest,
+    InstanceStatus,
     default_state_path,
     update_state,
     with_drain,
@@ -47,6 +49,34 @@ def test_roles_come_from_the_repository_and_follow_a_switch(tmp_path: Path) -> N
     view.record_load("prefill_1", InstanceLoad("prefill_1", "decode", "default", 4,
                                                kv_free_bytes=100, kv_total_bytes=100))
     assert "prefill_1" in rank_decodes(view.loads("default", "decode"), 10)
+
+
+def _acting(repo: Path, name: str, acting_role: str) -> None:
+    status = InstanceStatus(role=acting_role or "decode", scenario="default", state="healthy",
+                            routable=True, acting_role=acting_role)
+    update_state(default_state_path(repo),
+                 lambda s: ControllerState(s.updated_at, {**s.instances, name: status},
+                                           s.ratios, s.draining))
+
+
+def test_a_role_switched_in_place_counts_once_the_heartbeat_agrees(tmp_path: Path) -> None:
+    view, repo = _view(tmp_path)
+    view.record_load("decode_1", InstanceLoad("decode_1", "decode", "default", 4))
+    _acting(repo, "decode_1", "prefill")
+    view.refresh(force=True)
+    # The controller says prefill, the instance's last answer says decode: decode still.
+    assert view.group("default", "prefill") == ["prefill_0", "prefill_1"]
+    assert "decode_1" in view.group("default", "decode")
+    view.record_load("decode_1", InstanceLoad("decode_1", "prefill", "default", 4))
+    assert view.group("default", "prefill") == ["decode_1", "prefill_0", "prefill_1"]
+    assert view.group("default", "decode") == ["decode_0"]
+    assert "decode_1" in rank_prefills(view.loads("default", "prefill"))
+    # A stale acting role (controller gone; instance reloaded in its home role):
+    # the heartbeat in the repository's role wins.
+    view.record_load("decode_1", InstanceLoad("decode_1", "decode", "default", 4,
+                                              kv_free_bytes=100, kv_total_bytes=100))
+    assert view.group("default", "decode") == ["decode_0", "decode_1"]
+    assert "decode_1" in rank_decodes(view.loads("default", "decode"), 10)
 
 
 def test_drained_and_failed_instances_leave_routing(tmp_path: Path) -> None:

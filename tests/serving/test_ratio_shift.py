@@ -1,67 +1,81 @@
-"""The P/D ratio follows the traffic on the real Triton path (issue 5).
+"""The P/D ratio follows the traffic on the real Triton path (issues 5 and 6).
 
 2 prefill + 2 decode of ``tiny``; the controller runs in-process with its ratio
 loop (3 s windows, 5 s cool-down) over the server's /metrics. Output-heavy
 traffic must move an instance to decode within a bounded time; prompt-heavy
 traffic must then move one back to prefill. Every request completes: the
 donor is drained before its role is switched.
+
+Two ways to switch: through the repository (Triton reloads the instance in its
+new role; slow suite) and in place (``role_switch="live"``: the instance keeps
+its weights and serves the new role within a second; default suite). The
+in-place run also checks that the switched instances compute the same tokens
+as the offline engine and that the repository was never edited.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
+from pdserve.engine import LLMEngine, SamplingParams, generate
 from pdserve.scheduler.controller.controller import Controller, ControllerOptions
-from pdserve.scheduler.controller.health import HealthPolicy
+from pdserve.scheduler.controller.health import HealthPolicy, ProbeResult
 from pdserve.scheduler.controller.probe import TritonProbeClient
 from pdserve.scheduler.controller.ratio_loop import RatioLoop
 from pdserve.scheduler.controller.repository import Repository
 from pdserve.scheduler.controller.signals import scrape_text
-from pdserve.scheduler.controller.state import default_state_path
+from pdserve.scheduler.controller.state import default_state_path, read_state
 from pdserve.scheduler.ratio import RatioPolicy
 from tests.serving.conftest import start_server
-from tests.serving.helpers import Result, generate_many
+from tests.serving.helpers import Result, drive_until, generate_many, scrape_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # two traffic phases: 2-4 minutes
+pytestmark = pytest.mark.e2e
 
 
-def _roles(repo: Repository) -> dict[str, int]:
+class TimedProbe(TritonProbeClient):
+    """The real probe client, timing each switch in place."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout_s=2.0)
+        self.switches: list[tuple[str, str, float, bool]] = []
+
+    def set_role(self, server: str, model: str, role: str) -> ProbeResult:
+        t0 = time.monotonic()
+        result = super().set_role(server, model, role)
+        self.switches.append((model, role, time.monotonic() - t0, result.ok))
+        return result
+
+
+def _roles(state_path: Path) -> dict[str, int]:
+    """Routable instances per role, as the controller publishes them."""
     out = {"prefill": 0, "decode": 0}
-    for entry in repo.instances().values():
-        out[entry.role] = out.get(entry.role, 0) + 1
+    for st in read_state(state_path).instances.values():
+        if st.routable:
+            out[st.role] = out.get(st.role, 0) + 1
     return out
 
 
-def _drive(url: str, prompt_len: int, out_len: int, until: Callable[[], bool],
-           timeout_s: float, results: list[Result]) -> float:
-    """Closed loop, 8 concurrent, until ``until()``; the seconds it took."""
-    t0 = time.monotonic()
-    i = 0
-    while not until():
-        if time.monotonic() - t0 > timeout_s:
-            raise AssertionError(f"the ratio did not move within {timeout_s}s")
-        reqs = [{"ids": [3 + (i + k + j) % 250 for j in range(prompt_len)],
-                 "sampling": {"max_tokens": out_len, "ignore_eos": True}} for k in range(8)]
-        i += 8
-        results.extend(generate_many(url, reqs, timeout_s=120))
-    return time.monotonic() - t0
-
-
-def test_ratio_moves_toward_decode_and_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("role_switch", [
+    pytest.param("reload", marks=pytest.mark.slow),  # two Triton reloads: 2-4 minutes
+    "live",
+])
+def test_ratio_moves_toward_decode_and_back(
+        tmp_path: Path, role_switch: Literal["reload", "live"]) -> None:
     with start_server("tiny_ratio.yaml", tmp_path, poll_secs=1) as server:
         repo = Repository(tmp_path / "repo")
+        state_path = default_state_path(repo.root)
         metrics_url = server.options.metrics_url
+        probe = TimedProbe()
         controller = Controller(
-            repo, TritonProbeClient(timeout_s=2.0),
-            ControllerOptions(servers=(server.options.http_url,),
-                              state_path=default_state_path(repo.root),
+            repo, probe,
+            ControllerOptions(servers=(server.options.http_url,), state_path=state_path,
                               health=HealthPolicy(probe_interval_s=0.5, load_timeout_s=90),
-                              ratio_interval_s=3.0),
+                              ratio_interval_s=3.0, role_switch=role_switch),
             ratio=RatioLoop(RatioPolicy(cooldown_s=5.0), drain_timeout_s=10.0),
             scrape=lambda: [scrape_text(metrics_url, 2.0)])
         stop = threading.Event()
@@ -69,17 +83,43 @@ def test_ratio_moves_toward_decode_and_back(tmp_path: Path) -> None:
                                   daemon=True)
         thread.start()
         results: list[Result] = []
+        checked: list[Result] = []
+        greedy = {"max_tokens": 24, "ignore_eos": True}
+        prompts = [[7 + 3 * i + j for j in range(5 + i)] for i in range(8)]
         try:
             grpc = server.options.grpc_url
-            to_decode = _drive(grpc, 16, 160, lambda: _roles(repo)["decode"] >= 3, 150, results)
-            to_prefill = _drive(grpc, 900, 4, lambda: _roles(repo)["prefill"] >= 2, 150,
-                                results)
+            to_decode = drive_until(grpc, 16, 160, lambda: _roles(state_path)["decode"] >= 3,
+                                    150, results)
+            # Three decodes serve now, one of them a former prefill: same tokens.
+            checked += generate_many(grpc, [{"ids": p, "sampling": greedy} for p in prompts])
+            to_prefill = drive_until(grpc, 900, 4, lambda: _roles(state_path)["prefill"] >= 2,
+                                     150, results)
+            checked += generate_many(grpc, [{"ids": p, "sampling": greedy} for p in prompts])
         finally:
             stop.set()
             thread.join(timeout=30)
             controller.close()
         edits = [(e.kind, e.model, e.reason) for e in repo.edits]
-        print(f"\nratio shift: output-heavy -> 1P3D in {to_decode:.1f}s, prompt-heavy -> "
-              f"back to {_roles(repo)} in {to_prefill:.1f}s; edits {edits}")
-        failed = [r.error for r in results if r.error is not None]
+        print(f"\nratio shift ({role_switch}): output-heavy -> 1P3D in {to_decode:.1f}s, "
+              f"prompt-heavy -> back to {_roles(state_path)} in {to_prefill:.1f}s; edits "
+              f"{edits}; switches in place {probe.switches}")
+        failed = [r.error for r in results + checked if r.error is not None]
         assert not failed, f"{len(failed)} of {len(results)} failed: {failed[:3]}"
+        offline = generate(LLMEngine.load("tiny"), prompts, SamplingParams.from_dict(greedy))
+        assert [r.ids for r in checked] == offline + offline
+        if role_switch == "live":
+            assert edits == []  # the repository keeps every home role
+            assert len(probe.switches) >= 2 and all(ok for *_, ok in probe.switches)
+            assert max(s for _, _, s, _ in probe.switches) < 5.0
+            # The instance switched to decode served decode work in its new role.
+            first = probe.switches[0][0]
+            assert first.startswith("prefill")
+            m = scrape_until(metrics_url,
+                             lambda m: m.get(("pdserve_generated_tokens_total", first), 0) > 0)
+            assert m[("pdserve_generated_tokens_total", first)] > 0
+        # Every arena is empty again, also those of the instances that switched.
+        names = [f"{r}_{i}" for r in ("prefill", "decode") for i in (0, 1)]
+        m = scrape_until(metrics_url, lambda m: all(
+            m.get(("pdserve_kv_arena_bytes_in_use", n), -1) == 0 for n in names), 10)
+        assert {n: m.get(("pdserve_kv_arena_bytes_in_use", n)) for n in names} == \
+            dict.fromkeys(names, 0)

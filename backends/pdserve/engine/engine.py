@@ -9,6 +9,7 @@ finishes or aborts.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,17 +69,24 @@ class LLMEngine:
         else:
             state = load_state_dict(model, config)
         if kv_arena is None:
-            layout = config.kv_layout(dtype)
-            capacity = kv_capacity_bytes or min(
-                DEFAULT_KV_BYTES_CAP, 32 * config.max_context * layout.token_bytes
-            )
-            if capacity <= 0:
-                raise InvalidArgument(f"kv_capacity_bytes must be positive, got {capacity}")
-            # Uninitialized is fine: attention only reads slots it has written.
-            kv_arena = Arena(buffer=torch.empty(capacity, dtype=torch.uint8, device=dev))
+            kv_arena = _local_arena(config, dtype, dev, kv_capacity_bytes)
         elif kv_arena.buffer.device != dev:
             raise InvalidArgument(f"kv_arena lives on {kv_arena.buffer.device}, engine on {dev}")
         return cls(config, state, tokenizer, dtype=dtype, device=dev, arena=kv_arena)
+
+    def with_arena(self, kv_arena: Arena | None = None,
+                   kv_capacity_bytes: int | None = None) -> LLMEngine:
+        """The same weights and tokenizer (shared, not copied) over another KV arena:
+        what an instance switching roles in place keeps. The caller must have
+        released every sequence of this engine's arena first."""
+        if kv_arena is None:
+            kv_arena = _local_arena(self.config, self.dtype, self.device, kv_capacity_bytes)
+        elif kv_arena.buffer.device != self.device:
+            raise InvalidArgument(f"kv_arena lives on {kv_arena.buffer.device}, "
+                                  f"engine on {self.device}")
+        twin = copy.copy(self)
+        twin.arena = kv_arena
+        return twin
 
     # -- sequences and their KV -----------------------------------------------------
     def new_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -201,3 +209,15 @@ class LLMEngine:
         for (seq, _), tok in zip(sampled, new_tokens, strict=True):
             self._stop.append(seq, tok)
         return [(seq, tok) for (seq, _), tok in zip(sampled, new_tokens, strict=True)]
+
+
+def _local_arena(config: ModelConfig, dtype: str, device: torch.device,
+                 kv_capacity_bytes: int | None) -> Arena:
+    layout = config.kv_layout(dtype)
+    capacity = kv_capacity_bytes or min(
+        DEFAULT_KV_BYTES_CAP, 32 * config.max_context * layout.token_bytes
+    )
+    if capacity <= 0:
+        raise InvalidArgument(f"kv_capacity_bytes must be positive, got {capacity}")
+    # Uninitialized is fine: attention only reads slots it has written.
+    return Arena(buffer=torch.empty(capacity, dtype=torch.uint8, device=device))

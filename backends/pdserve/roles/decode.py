@@ -29,9 +29,9 @@ from pdserve.engine import ContinuousBatcher, SamplingParams
 from pdserve.errors import InvalidArgument, Unavailable
 from pdserve.kvtransfer.factory import make_receiver
 from pdserve.roles.batch_worker import BatchWorker
-from pdserve.roles.common import ack
+from pdserve.roles.common import ack, wrong_op
 from pdserve.roles.contracts import AbortCall, Accepted, CommitCall, GenerateCall, TokenChunk
-from pdserve.roles.instance import close_arena, load_engine, make_arena, transfer_config
+from pdserve.roles.instance import RoleParts, close_arena, engine_for, make_arena, transfer_config
 from pdserve.roles.metrics import InstanceMetrics
 from pdserve.roles.token_sender import ChannelHub, ChannelSink
 from pdserve.roles.triton import Responder, payload_out
@@ -48,13 +48,20 @@ class _Pending:
 
 
 class DecodeRole:
-    def __init__(self, cfg: InstanceConfig) -> None:
+    def __init__(self, cfg: InstanceConfig, parts: RoleParts | None = None) -> None:
+        """``parts``: the weights and metrics of the role this instance had before
+        (a switch in place); without them, loaded from ``cfg``."""
         self.cfg = cfg
         self.arena = make_arena(cfg)
-        self.engine = load_engine(cfg, self.arena)
+        try:
+            self.engine = engine_for(cfg, parts, self.arena)
+        except BaseException:
+            close_arena(self.arena)
+            raise
         self.receiver = make_receiver(cfg.kv_transport, self.arena, self.engine.layout,
                                       self.engine.fingerprint, transfer_config(cfg), cfg.name)
-        self.metrics = InstanceMetrics(cfg.name, cfg.scenario)
+        self.metrics = (InstanceMetrics(cfg.name, cfg.scenario) if parts is None
+                        else parts.metrics)
         self.hub = ChannelHub(cfg.name, transfer_config(cfg).secret, on_broken=self._abort_many)
         batcher = ContinuousBatcher(self.engine, max_batch_size=cfg.max_batch_size,
                                     max_step_tokens=max(cfg.max_step_tokens, cfg.max_batch_size),
@@ -82,7 +89,7 @@ class DecodeRole:
             self.abort(AbortCall.from_bytes(payload).request_id)
             ack(out)
         else:
-            raise InvalidArgument(f"decode instance {self.cfg.name} does not serve op {op!r}")
+            raise wrong_op(self.cfg.name, "decode", op)
 
     def _reserve(self, call: GenerateCall, out: Responder) -> None:
         params = SamplingParams.from_dict(call.sampling)
@@ -183,7 +190,10 @@ class DecodeRole:
     def stats(self) -> dict[str, Any]:
         return {"pending": len(self._pending), "streams": self.worker.num_streams}
 
-    def close(self) -> None:
+    def release(self) -> RoleParts:
+        """Stop serving (reservations end with UNAVAILABLE, streams stop), free the
+        arena and the channels; the weights and the metrics are returned for the
+        next role."""
         self._stop.set()
         self._reaper.join(timeout=5)
         with self._lock:
@@ -196,4 +206,7 @@ class DecodeRole:
         self.hub.close()
         self.receiver.close()
         close_arena(self.arena)
-        self.metrics.close()
+        return RoleParts(self.engine, self.metrics)
+
+    def close(self) -> None:
+        self.release().metrics.close()

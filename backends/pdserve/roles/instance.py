@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,6 +48,25 @@ def make_arena(cfg: InstanceConfig) -> Arena:
 def load_engine(cfg: InstanceConfig, arena: Arena | None = None) -> LLMEngine:
     return LLMEngine.load(cfg.model, dtype=cfg.dtype, device=cfg.device, kv_arena=arena,
                           kv_capacity_bytes=cfg.kv_capacity_bytes)
+
+
+@dataclass(frozen=True)
+class RoleParts:
+    """What an instance keeps when it switches between prefill and decode in place:
+    the weights (an engine whose arena the next role replaces) and its metrics
+    (so counters go on counting). Everything else the old role releases."""
+
+    engine: LLMEngine
+    metrics: Any  # roles.metrics.InstanceMetrics (imports Triton's utils)
+
+
+def engine_for(cfg: InstanceConfig, parts: RoleParts | None,
+               arena: Arena | None = None) -> LLMEngine:
+    """The role's engine: loaded from ``cfg``, or the kept weights over ``arena``
+    (``None``: a local arena of ``kv_capacity_bytes``)."""
+    if parts is None:
+        return load_engine(cfg, arena)
+    return parts.engine.with_arena(arena, kv_capacity_bytes=cfg.kv_capacity_bytes)
 
 
 def close_arena(arena: Arena) -> None:

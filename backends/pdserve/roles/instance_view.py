@@ -9,12 +9,14 @@ Three sources, each re-read only when it changed:
     heartbeats         each instance's own InstanceLoad (the router asks every
                        ``HEARTBEAT_S``, the same control call the controller sends)
 
-An instance gets work for role R only when the repository says R, its last
-heartbeat (if any) was answered as R (a role switch in progress answers as the
-old role, or not at all, until Triton has reloaded it), the controller lets it,
-and the router has not seen it fail (token-channel EOF, failed call) since its
-last good heartbeat. Without a repository (``routes`` only) the routes fixed at
-start are the roles.
+An instance gets work for role R only when the repository says R (or the
+controller switched it to R in place: the state file's ``acting_role``), its
+last heartbeat (if any) was answered as R (a role switch in progress answers as
+the old role, or not at all, until Triton has reloaded it), the controller lets
+it, and the router has not seen it fail (token-channel EOF, failed call) since
+its last good heartbeat. A stale ``acting_role`` (controller gone, instance
+reloaded in its home role) is harmless: the heartbeat must agree with it.
+Without a repository (``routes`` only) the routes fixed at start are the roles.
 
 Loads are the last report corrected by what this router did since: ``in_flight``
 is the report's count minus this router's calls at that time (other routers'
@@ -207,9 +209,21 @@ class InstanceView:
         roles = {m.role for m in self.members.values() if m.scenario == scenario}
         return "aggregated" in roles and not {"prefill", "decode"} <= roles
 
+    def role_of(self, m: Member) -> Role:
+        """The repository's role, or the one the controller switched ``m`` to in
+        place, once ``m``'s own heartbeat answers in it."""
+        status = self.state.instances.get(m.name)
+        if status is None or not status.acting_role or m.role == "aggregated":
+            return m.role
+        seen = self._seen.get(m.name)
+        report = None if seen is None else seen.report
+        if report is not None and report.role == status.acting_role:
+            return as_role(status.acting_role)
+        return m.role
+
     def group(self, scenario: str, role: Role) -> list[str]:
         return sorted(m.name for m in self.members.values()
-                      if m.scenario == scenario and m.role == role)
+                      if m.scenario == scenario and self.role_of(m) == role)
 
     def loads(self, scenario: str, role: Role) -> list[InstanceLoad]:
         """Every member of (scenario, role); ``is_routable`` says who may get work now."""
@@ -218,15 +232,16 @@ class InstanceView:
     def _load(self, m: Member) -> InstanceLoad:
         seen = self._seen.get(m.name) or _Seen()
         report = seen.report
+        role = self.role_of(m)
         if report is None:  # no heartbeat yet: the repository's word, this router's counts
-            base = InstanceLoad(m.name, m.role, m.scenario, m.max_batch_size,
+            base = InstanceLoad(m.name, role, m.scenario, m.max_batch_size,
                                 kv_free_bytes=UNKNOWN_KV_BYTES, kv_total_bytes=UNKNOWN_KV_BYTES)
         else:
             base = report
         healthy = (seen.failed is None and self.state.is_routable(m.name)
-                   and (report is None or report.role == m.role))
+                   and (report is None or report.role == role))
         return replace(
-            base, role=m.role, scenario=m.scenario, healthy=healthy,
+            base, role=role, scenario=m.scenario, healthy=healthy,
             in_flight=max(0, base.in_flight - seen.local_at_report) + seen.local,
             kv_free_bytes=max(0, base.kv_free_bytes - seen.reserved_bytes),
             kv_total_bytes=base.kv_total_bytes)

@@ -22,12 +22,12 @@ import time
 from dataclasses import dataclass
 
 from pdserve.engine import SamplingParams, Sequence
-from pdserve.errors import InvalidArgument
 from pdserve.kvtransfer.factory import make_sender
 from pdserve.kvtransfer.handle import KVHandle
 from pdserve.kvtransfer.transport import SendStream
+from pdserve.roles.common import wrong_op
 from pdserve.roles.contracts import PrefillCall, PrefillResult
-from pdserve.roles.instance import load_engine, transfer_config
+from pdserve.roles.instance import RoleParts, engine_for, transfer_config
 from pdserve.roles.metrics import InstanceMetrics
 from pdserve.roles.triton import Responder, payload_out
 from pdserve.scheduler.forwarding import PrefillRejected
@@ -44,12 +44,15 @@ class _Job:
 
 
 class PrefillRole:
-    def __init__(self, cfg: InstanceConfig) -> None:
+    def __init__(self, cfg: InstanceConfig, parts: RoleParts | None = None) -> None:
+        """``parts``: the weights and metrics of the role this instance had before
+        (a switch in place); without them, loaded from ``cfg``."""
         self.cfg = cfg
-        self.engine = load_engine(cfg)
+        self.engine = engine_for(cfg, parts)
         self.sender = make_sender(cfg.kv_transport, self.engine.layout, self.engine.fingerprint,
                                   transfer_config(cfg))
-        self.metrics = InstanceMetrics(cfg.name, cfg.scenario)
+        self.metrics = (InstanceMetrics(cfg.name, cfg.scenario) if parts is None
+                        else parts.metrics)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: list[_Job] = []
@@ -75,7 +78,7 @@ class PrefillRole:
 
     async def handle(self, op: str, payload: bytes, out: Responder) -> None:
         if op != "prefill":
-            raise InvalidArgument(f"prefill instance {self.cfg.name} does not serve op {op!r}")
+            raise wrong_op(self.cfg.name, "prefill", op)
         call = PrefillCall.from_bytes(payload)
         job = _Job(call, KVHandle.from_bytes(call.handle.encode()),
                    SamplingParams.from_dict(call.sampling), out)
@@ -176,13 +179,18 @@ class PrefillRole:
     def _update_kv(self) -> None:
         self.metrics.set_kv(self.engine.arena.bytes_in_use, self.engine.arena.bytes_free)
 
-    def close(self) -> None:
+    def release(self) -> RoleParts:
+        """Stop serving (queued prompts are rejected) and give back everything but
+        the weights and the metrics, which are returned for the next role."""
         with self._lock:
             self._stop = True
             self._wake.notify()
         self._thread.join(timeout=30)
         self.sender.close()
-        self.metrics.close()
+        return RoleParts(self.engine, self.metrics)
+
+    def close(self) -> None:
+        self.release().metrics.close()
 
 
 def _rng_state(seq: Sequence) -> str:

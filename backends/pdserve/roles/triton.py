@@ -29,7 +29,7 @@ from pdserve.roles.daemon_executor import DaemonExecutor
 from pdserve.scheduler.controller.protocol import (
     CONTROL_INPUT,
     LOAD_OUTPUT,
-    HealthCall,
+    ControlCall,
     parse_health_reply,
 )
 from pdserve.scheduler.forwarding import PrefillRejected
@@ -137,7 +137,7 @@ def read_instance_request(request: Any) -> tuple[str, bytes]:
 
 
 def read_control(request: Any) -> bytes | None:
-    """The heartbeat's ``control`` input (protocol.HealthCall bytes), if present."""
+    """The heartbeat's ``control`` input (protocol.ControlCall bytes), if present."""
     tensor = pb_utils.get_input_tensor_by_name(request, CONTROL_INPUT)
     return None if tensor is None else bytes(tensor.as_numpy().reshape(-1)[0])
 
@@ -247,7 +247,7 @@ class InstanceClient:
         request = pb_utils.InferenceRequest(
             model_name=model,
             inputs=[pb_utils.Tensor(CONTROL_INPUT,
-                                    np.array([HealthCall().to_bytes()], dtype=np.object_))],
+                                    np.array([ControlCall().to_bytes()], dtype=np.object_))],
             requested_output_names=[LOAD_OUTPUT],
         )
         loop = asyncio.get_running_loop()
