@@ -241,7 +241,14 @@ class Controller:
                     self._abandon_switch(scenario, f"{name} failed while draining")
             error = next(h.last_error for (_, n), h in self.health.items()
                          if n == name and h.state == "failed")
-            entry = self.repo.reload(name, reason=f"replace failed instance: {error[:200]}")
+            why = f"replace failed instance: {error[:200]}"
+            if acting := self.acting_role(name):
+                # A fresh stub starts in the repository's role: write the role it
+                # was switched to in place, so the replacement keeps the ratio.
+                entry = self.repo.set_params(name, {"role": acting}, "reload",
+                                             f"{why} (keeps its role {acting})")
+            else:
+                entry = self.repo.reload(name, reason=why)
             self.metrics.edits.labels("reload").inc()
             for (_, n), h in self.health.items():
                 if n == name:

@@ -190,11 +190,16 @@ class Repository:
         """Make Triton load the model again with a fresh stub."""
         return self.set_params(name, {}, "reload", reason)
 
-    def set_model(self, name: str, model: str, reason: str) -> ModelEntry:
-        """Roll ``name`` onto new weights (a preset name or a checkpoint dir)."""
+    def set_model(self, name: str, model: str, reason: str, role: str = "") -> ModelEntry:
+        """Roll ``name`` onto new weights (a preset name or a checkpoint dir);
+        ``role``: also write this role (one it serves after a switch in place,
+        which the reload would otherwise lose)."""
         if not model.strip():
             raise InvalidArgument("model must not be empty")
-        return self.set_params(name, {MODEL_KEY: model}, "set_model", reason)
+        if role and role not in SWITCHABLE_ROLES:
+            raise InvalidArgument(f"role must be one of {SWITCHABLE_ROLES}, got {role!r}")
+        return self.set_params(name, {MODEL_KEY: model, **({"role": role} if role else {})},
+                               "set_model", reason)
 
     def set_params(
         self, name: str, updates: Mapping[str, str], kind: str, reason: str

@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pdserve.errors import PdserveError
@@ -30,6 +30,7 @@ from pdserve.scheduler.controller.repository import ModelEntry, Repository
 from pdserve.scheduler.controller.state import (
     DrainRequest,
     default_state_path,
+    read_state,
     update_state,
     with_drain,
     without_drain,
@@ -106,7 +107,13 @@ class RollingUpgrade:
 
     def run(self, model: str, names: Sequence[str] | None = None) -> UpgradeReport:
         report = UpgradeReport(model)
-        instances = self.repo.instances()
+        # Instances the controller switched in place serve (and are upgraded in)
+        # the role they act in, not the repository's.
+        acting = {n: st.acting_role
+                  for n, st in read_state(self.options.state_path).instances.items()
+                  if st.acting_role}
+        instances = {n: replace(e, params={**e.params, "role": acting[n]}) if n in acting else e
+                     for n, e in self.repo.instances().items()}
         for name in names or upgrade_order(instances):
             entry = instances.get(name)
             if entry is None:
@@ -115,7 +122,7 @@ class RollingUpgrade:
             if entry.model == model and self._loaded(name, entry.generation):
                 report.skipped.append(name)
                 continue
-            error = self._upgrade_one(name, model)
+            error = self._upgrade_one(name, model, acting.get(name, ""))
             if error:
                 report.failed, report.error = name, error
                 log.error("upgrade stopped at %s: %s", name, error)
@@ -123,12 +130,13 @@ class RollingUpgrade:
             report.upgraded.append(name)
         return report
 
-    def _upgrade_one(self, name: str, model: str) -> str:
+    def _upgrade_one(self, name: str, model: str, role: str = "") -> str:
         request = DrainRequest(OWNER, f"rolling upgrade to {model}", time.time())
         update_state(self.options.state_path, lambda s: with_drain(s, name, request))
         self._wait_idle(name)
         try:
-            entry = self.repo.set_model(name, model, reason=f"rolling upgrade to {model}")
+            entry = self.repo.set_model(name, model, reason=f"rolling upgrade to {model}",
+                                        role=role)
         except (PdserveError, OSError) as exc:
             return f"edit failed: {exc}"
         error = self._wait_loaded(name, entry.generation)

@@ -353,3 +353,22 @@ def test_a_reload_ends_the_acting_role(tmp_path: Path) -> None:
         assert c.entries["decode_1"].role == "decode"
     finally:
         c.close()
+
+
+def test_a_failed_instance_is_replaced_in_the_role_it_served(tmp_path: Path) -> None:
+    traffic = Traffic()
+    c, triton = make(tmp_path, traffic=traffic, role_switch="live")
+    try:
+        _prompt_heavy(c, triton, traffic)
+        c.tick(11.0)
+        triton.kill("decode_1")
+        c.tick(12.0)
+        c.tick(14.0)  # failed: replaced through the repository, as a prefill
+        assert [(e.kind, e.model) for e in c.repo.edits] == [("reload", "decode_1")]
+        assert c.repo.entry("decode_1").role == "prefill"
+        triton.poll()
+        c.tick(16.0)
+        assert states(c)["decode_1"] == "healthy" and c.acting_role("decode_1") == ""
+        assert c.state.ratios["default"] == {"prefill": 3, "decode": 1}
+    finally:
+        c.close()

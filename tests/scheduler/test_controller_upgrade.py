@@ -68,10 +68,10 @@ def test_upgrade_waits_for_in_flight_before_the_edit(tmp_path: Path) -> None:
     edit_times: list[float] = []
     original = upgrade.repo.set_model
 
-    def spy(name: str, model: str, reason: str):
+    def spy(name: str, model: str, reason: str, role: str = ""):
         edit_times.append(clock[0])
         assert triton.in_flight.get(name, 0) == 0
-        return original(name, model, reason)
+        return original(name, model, reason, role)
 
     upgrade.repo.set_model = spy
     assert upgrade.run("tiny-v2", ["decode_0"]).ok
@@ -96,3 +96,27 @@ def test_unknown_instance_is_reported(tmp_path: Path) -> None:
     report = upgrade.run("tiny-v2", ["nope"])
     assert not report.ok and "not an instance" in report.error
     assert upgrade.repo.edits == []
+
+
+def test_upgrade_keeps_the_roles_switched_in_place(tmp_path: Path) -> None:
+    """decode_1 serves prefill (switched in place by the controller): it is upgraded
+    as a prefill and its reload keeps that role, so the ratio and the old/new pair
+    order hold."""
+    from pdserve.scheduler.controller.state import (
+        ControllerState,
+        InstanceStatus,
+        update_state,
+    )
+
+    upgrade, triton, _ = make(tmp_path)
+    triton.acting["decode_1"] = "prefill"
+    status = InstanceStatus(role="prefill", scenario="default", state="healthy",
+                            routable=True, acting_role="prefill")
+    update_state(tmp_path / "state.json",
+                 lambda s: ControllerState(0.0, {"decode_1": status}, {}, {}))
+    report = upgrade.run("tiny-v2")
+    # 3 prefills (decode_1, prefill_0, prefill_1) and 1 decode, alternated.
+    assert report.ok and report.upgraded == ["decode_1", "decode_0", "prefill_0", "prefill_1"]
+    assert upgrade.repo.entry("decode_1").role == "prefill"
+    assert upgrade.repo.entry("decode_0").role == "decode"
+    assert triton.acting == {}  # every stub reloaded, each in the role it served
