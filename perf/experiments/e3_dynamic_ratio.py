@@ -7,14 +7,16 @@ closed loop of ``concurrency`` requests:
 Each static ratio (1P3D, 2P2D, 3P1D) gets its own tritonserver, a warm-up, and
 ``static_phase_s`` of each distinct mix (a static deployment has nothing that
 changes between phases of the same mix, so a repeated mix is not measured
-again). The dynamic run starts at 2P2D with ``pdserve controller`` watching the
-repository and switching instance roles; it gets a warm-up and then every
-phase in order, ``phase_s`` each, long enough for the controller to see a
-shift (ratio window), drain an instance and have Triton reload it in its new
-role. Per phase: request and output-token throughput over the whole phase
-(the headline: the controller's reaction time counts against it) and over its
-second half (settled), SLO attainment, and each role switch's cost (drain,
-reload) from the controller's log.
+again). A dynamic run starts at 2P2D with ``pdserve controller`` watching the
+instances and switching their roles; it gets a warm-up and then every phase in
+order, ``phase_s`` each. There is one dynamic run per way of switching
+(``role_switches``): ``dynamic`` switches in place (``--role-switch live``:
+the drained instance keeps its weights and serves its new role within a
+second), ``dynamic-reload`` through the repository (Triton reloads the
+instance in its new role). Per phase: request and output-token throughput
+over the whole phase (the headline: the controller's reaction time counts
+against it) and over its second half (settled), SLO attainment, and each role
+switch's cost (drain, switch) from the controller's log.
 
 Instances alternate between the two cores (prefill_i on core i%2, decode_i on
 core (i+1)%2) so every ratio spreads its instances 2/2 over the cores, and each
@@ -80,6 +82,8 @@ class E3Config:
     ratio_e2e_rise: float
     ratio_share_delta: float
     warmup_requests: int = 16
+    # one dynamic run per way of switching roles, in this order ("live": in place)
+    role_switches: tuple[str, ...] = ("live", "reload")
 
     def __post_init__(self) -> None:
         if not self.phases or self.phase_s <= 0 or self.static_phase_s <= 0 \
@@ -88,6 +92,9 @@ class E3Config:
                              "concurrency >= 1 and slots >= 1")
         if not 0 < self.probe_interval_s <= self.ratio_interval_s:
             raise ValueError("need 0 < probe_interval_s <= ratio_interval_s")
+        if not set(self.role_switches) <= {"live", "reload"}:
+            raise ValueError(f"role_switches must be 'live' or 'reload', "
+                             f"got {self.role_switches}")
 
     def mixes(self) -> list[Phase]:
         """The distinct request mixes, in order of first appearance."""
@@ -110,7 +117,15 @@ FULL = E3Config(phases=(Phase("prompt-heavy", 900, 4), Phase("output-heavy", 16,
                 ratio_cooldown_s=8.0, drain_timeout_s=10.0, probe_interval_s=1.0,
                 ratio_min_peak=0.7, ratio_e2e_rise=2.0, ratio_share_delta=0.15)
 QUICK = replace(FULL, phases=FULL.phases[:2], phase_s=15.0, static_phase_s=5.0,
-                warmup_requests=8)
+                warmup_requests=8, role_switches=("live",))
+
+
+def dynamic_label(role_switch: str) -> str:
+    return "dynamic" if role_switch == "live" else f"dynamic-{role_switch}"
+
+
+def is_dynamic(label: str) -> bool:
+    return label.startswith("dynamic")
 
 
 def spec(cfg: E3Config, n_prefill: int, n_decode: int) -> dict[str, Any]:
@@ -176,14 +191,16 @@ def run_phases(server: TritonServer, cfg: E3Config, label: str, slo: Slo,
 
 
 @contextlib.contextmanager
-def controller(server: TritonServer, cfg: E3Config, workdir: Path) -> Iterator[Path]:
+def controller(server: TritonServer, cfg: E3Config, workdir: Path,
+               role_switch: str) -> Iterator[Path]:
     """``pdserve controller`` on the server's repository; always stopped."""
     o = server.options
     log = workdir / "controller.log"
     edits = workdir / "edits.jsonl"
     cmd = [sys.executable, "-m", "pdserve.cli", "controller", "--repository",
            str(o.repository), "--server", f"{o.host}:{o.http_port}:{o.metrics_port}",
-           *controller_args(cfg), "--metrics-port", str(free_port()), "--edit-log", str(edits)]
+           *controller_args(cfg), "--role-switch", role_switch,
+           "--metrics-port", str(free_port()), "--edit-log", str(edits)]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -208,14 +225,17 @@ def controller_args(cfg: E3Config) -> list[str]:
 
 
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (.*)$")
-_DRAIN = re.compile(r"^ratio: draining (\S+) to make it (\w+)")
+_DRAIN = re.compile(r"^ratio: draining (\S+) to make it (\w+) \((.*)\)$")
 _EDIT = re.compile(r"^repository edit switch_role (\S+):")
+_IN_PLACE = re.compile(r"^ratio: (\S+) serves \w+ \(switched in place\)")
+_BACK = re.compile(r"^ratio: (\S+) back in routing as \w+")
 _STATE = re.compile(r"^(\S+) on \S+: (\w+) -> (\w+)")
 
 
 def switch_costs(log_text: str) -> list[dict[str, Any]]:
     """Each role switch from the controller's log: when draining began, when the
-    repository was edited (drained), when the instance was healthy again (reloaded)."""
+    role was switched (drained: repository edited, or switched in place), when
+    the instance was healthy again (reloaded; in place: the drain lifted)."""
     switches: list[dict[str, Any]] = []
     open_: dict[str, dict[str, Any]] = {}
     for line in log_text.splitlines():
@@ -226,9 +246,14 @@ def switch_costs(log_text: str) -> list[dict[str, Any]]:
         msg = m.group(2)
         if d := _DRAIN.match(msg):
             open_[d.group(1)] = {"instance": d.group(1), "to_role": d.group(2),
-                                 "drain_at": at}
+                                 "drain_at": at, "reason": d.group(3), "how": "reload"}
         elif (e := _EDIT.match(msg)) and e.group(1) in open_:
             open_[e.group(1)]["switched_at"] = at
+        elif (e := _IN_PLACE.match(msg)) and e.group(1) in open_:
+            open_[e.group(1)].update(switched_at=at, how="in place")
+        elif (b := _BACK.match(msg)) and "switched_at" in open_.get(b.group(1), {}):
+            open_[b.group(1)]["healthy_at"] = at
+            switches.append(open_.pop(b.group(1)))
         elif (st := _STATE.match(msg)) and st.group(1) in open_:
             sw = open_[st.group(1)]
             if st.group(2) == "loading" and st.group(3) == "healthy" and "switched_at" in sw:
@@ -262,17 +287,20 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
                                       cfg.static_phase_s)
     blockers = dynamic_blockers()
     doc["dynamic_blockers"] = blockers
-    if not blockers:
+    doc["controller_edits"], doc["switches"] = [], []
+    for role_switch in [] if blockers else cfg.role_switches:
+        label = dynamic_label(role_switch)
         # Poll every second so a role switch the controller writes is loaded soon.
-        with common.deployed(spec(cfg, 2, 2), out / "dynamic", poll_secs=1) as server:
+        with common.deployed(spec(cfg, 2, 2), out / label, poll_secs=1) as server:
             warmup(server, cfg)
-            with controller(server, cfg, out / "dynamic") as edits:
-                doc["rows"] += run_phases(server, cfg, "dynamic", slo,
+            with controller(server, cfg, out / label, role_switch) as edits:
+                doc["rows"] += run_phases(server, cfg, label, slo,
                                           list(enumerate(cfg.phases)), cfg.phase_s)
-                doc["controller_edits"] = (edits.read_text().splitlines()
-                                           if edits.exists() else [])
-        log = out / "dynamic" / "controller.log"
-        doc["switches"] = switch_costs(log.read_text() if log.exists() else "")
+                doc["controller_edits"] += (edits.read_text().splitlines()
+                                            if edits.exists() else [])
+        log = out / label / "controller.log"
+        doc["switches"] += [dict(sw, run=label)
+                            for sw in switch_costs(log.read_text() if log.exists() else "")]
     doc["machine_after"] = common.machine()
     doc["wall_s"] = time.monotonic() - began
     doc["verdict"] = verdict(doc)
@@ -286,7 +314,7 @@ def verdict(doc: dict[str, Any]) -> list[str]:
     lines = []
     for i, phase in enumerate(doc["config"]["phases"]):
         static = {r["deployment"]: r["req_per_s"] for r in doc["rows"]
-                  if r.get("mix", mix(phase)) == mix(phase) and r["deployment"] != "dynamic"
+                  if r.get("mix", mix(phase)) == mix(phase) and not is_dynamic(r["deployment"])
                   and ("mix" in r or r["index"] == i)}
         if not static:
             continue
@@ -294,18 +322,17 @@ def verdict(doc: dict[str, Any]) -> list[str]:
         spread = static[best] / static[worst]
         line = (f"- phase {i} ({phase['name']}): best static {best} {static[best]:.2f} req/s, "
                 f"worst {worst} {static[worst]:.2f} req/s ({spread:.2f}x)")
-        dyn = [r for r in doc["rows"] if r["index"] == i and r["deployment"] == "dynamic"]
-        if dyn:
-            d = dyn[0]["req_per_s"]
+        for row in (r for r in doc["rows"] if r["index"] == i and is_dynamic(r["deployment"])):
+            d = row["req_per_s"]
             vs_worst, vs_best = d / static[worst], d / static[best]
             goal_worst = ("met" if vs_worst >= 1.6 else "NOT met") if spread >= 1.6 else (
                 f"impossible here: best/worst is only {spread:.2f}x")
-            line += (f"; dynamic {d:.2f} req/s = {vs_worst:.2f}x worst (goal >= 1.6x: "
-                     f"{goal_worst}), {100 * vs_best:.0f}% of best (goal >= 90%: "
+            line += (f"; {row['deployment']} {d:.2f} req/s = {vs_worst:.2f}x worst (goal >= "
+                     f"1.6x: {goal_worst}), {100 * vs_best:.0f}% of best (goal >= 90%: "
                      f"{'met' if vs_best >= 0.9 else 'NOT met'})")
-            if "settled_req_per_s" in dyn[0]:
-                line += (f"; second half of the phase {dyn[0]['settled_req_per_s']:.2f} req/s = "
-                         f"{100 * dyn[0]['settled_req_per_s'] / static[best]:.0f}% of best")
+            if "settled_req_per_s" in row:
+                line += (f"; second half of the phase {row['settled_req_per_s']:.2f} req/s = "
+                         f"{100 * row['settled_req_per_s'] / static[best]:.0f}% of best")
         lines.append(line)
     return lines
 
@@ -324,7 +351,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
         # A static ratio measured each mix once: its bar stands at every phase of that mix.
         mine = [r for r in doc["rows"] if r["deployment"] == label]
         placed = [(i, r) for i, p in enumerate(phases) for r in mine
-                  if (r["index"] == i if label == "dynamic" or "mix" not in r
+                  if (r["index"] == i if is_dynamic(label) or "mix" not in r
                       else r["mix"] == mix(p))]
         xs = [i + k * width for i, _ in placed]
         rows = [r for _, r in placed]
@@ -337,7 +364,8 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
     fig.suptitle("E3 tiny, 4 instances: static P/D ratios" +
-                 (" vs controller" if "dynamic" in labels else " (dynamic run blocked)"))
+                 (" vs controller" if any(map(is_dynamic, labels))
+                  else " (dynamic run blocked)"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -390,29 +418,34 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
               "and is said so):", *doc["verdict"]]
     switches = doc.get("switches", [])
     if "controller_edits" in doc:
-        dyn_start = min((r["started_at"] for r in doc["rows"]
-                         if r["deployment"] == "dynamic" and "started_at" in r), default=None)
-        lines += ["", f"Role switches during the dynamic run: {len(switches)}" + (
+        starts = {label: min((r["started_at"] for r in doc["rows"]
+                              if r["deployment"] == label and "started_at" in r), default=None)
+                  for label in {r["deployment"] for r in doc["rows"]} if is_dynamic(label)}
+        lines += ["", f"Role switches during the dynamic runs: {len(switches)}" + (
             " — none, so the dynamic run measured 2P2D with the controller watching."
-            if not switches else " (cost = drain, then Triton reload until the heartbeat "
-            "answers in the new role; the instance serves nothing meanwhile):")]
+            if not switches else " (cost = drain, then the switch until the instance serves "
+            "in its new role: in place, the drain is lifted once routers heard the new role; "
+            "through the repository, Triton reloads it and it serves nothing meanwhile):")]
         if switches:
-            lines += ["", "| instance | to | began (s into the dynamic run) | drain s | "
-                      "reload s | total s |", "|---|---|---|---|---|---|"]
+            lines += ["", "| run | instance | to | how | began (s into the run) | drain s | "
+                      "switch s | total s | why |", "|---|---|---|---|---|---|---|---|---|"]
             for sw in switches:
-                began = (f"{sw['drain_at'] - dyn_start:.1f}" if dyn_start is not None
-                         else "–")
-                lines.append(f"| {sw['instance']} | {sw['to_role']} | {began} | "
+                run_ = sw.get("run", "dynamic")
+                start = starts.get(run_)
+                began = f"{sw['drain_at'] - start:.1f}" if start is not None else "–"
+                lines.append(f"| {run_} | {sw['instance']} | {sw['to_role']} | "
+                             f"{sw.get('how', 'reload')} | {began} | "
                              f"{common.fmt(sw.get('drain_s'))} | "
                              f"{common.fmt(sw.get('reload_s'))} | "
-                             f"{common.fmt(sw.get('total_s'))} |")
+                             f"{common.fmt(sw.get('total_s'))} | {sw.get('reason', '')} |")
         edits = [json.loads(e) for e in doc["controller_edits"] if e.strip()]
-        lines += ["", "Why (the controller's edit log):"]
-        lines += [f"- {e.get('kind')} {e.get('model')}: {e.get('reason')}" for e in edits]
+        if edits:
+            lines += ["", "Repository edits (the reload run's switches):"]
+            lines += [f"- {e.get('kind')} {e.get('model')}: {e.get('reason')}" for e in edits]
     lines += ["", "Caveats: the dynamic run goes last, after the three static servers, so it "
               "meets whatever load the shared machine carries then (load average above); the "
               "whole-phase figure includes the controller's reaction (a ratio window, the "
-              "drain, the reload) after each shift."]
+              "drain, the switch) after each shift."]
     if doc["dynamic_blockers"]:
         lines += ["", "**Dynamic (controller) run: blocked**, not measured:"]
         lines += [f"- {b}" for b in doc["dynamic_blockers"]]

@@ -314,6 +314,7 @@ class Controller:
                 if now - switch.switched_at >= self.options.live_settle_s:
                     self._lift_drain(switch.name)
                     self.ratio.finish(scenario, now)
+                    log.info("ratio: %s back in routing as %s", switch.name, switch.to_role)
                 continue
             if switch.switched:
                 # Over when it serves in its new role (cool-down from now), or

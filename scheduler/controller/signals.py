@@ -10,7 +10,8 @@ scenario:
     T_p       = Δ ttft_sum / Δ ttft_count    (seconds a prompt occupies a prefill slot)
     tpot      = Δ tpot_sum / Δ tpot_count
     out       = Δ generated_tokens / requests
-    T_d       = tpot * max(out - 1, 1)       (seconds a request occupies a decode slot)
+    T_d       = T_p + tpot * max(out - 1, 1) (seconds a request holds a decode slot:
+                                             reserved before its prefill, see below)
     b_p, b_d  = the instances' configured max_batch_size (slots per instance)
     e2e       = T_p + tpot * (out - 1)       ttft_share = T_p / e2e
 
@@ -27,9 +28,16 @@ prefill (it reserves decode KV and a batch slot first), so when decode is
 short the TTFT grows with that wait and T_p = TTFT would blame the prefills;
 under a closed loop both stages then look equally busy and nothing moves (E3).
 T_p is then derived from the measured share, T_p = u_p * n_p * b_p / rate.
-Decode keeps T_d from TPOT: a decode's own in-flight count includes the
-reservations waiting for their prefill, so it would blame decode for a
-prefill shortage the same way.
+
+A decode slot is held longer than the tokens take: the router reserves it
+(KV and a batch slot) right before the prefill, so a request holds it through
+its prefill too, T_d = T_p + tpot * (out - 1). Counting only the tokens made
+prompt-heavy traffic look decode-idle and moved a third instance to prefill,
+where its slots could not be used: 3P1D has 12 prefill slots but only 4 decode
+slots to reserve, so 4 requests at most are in flight (E3 of 2026-12-03, phase 2:
+87% of the best static ratio after that switch). T_d is not taken from the
+decode's own in-flight count: that includes reservations waiting for a prefill
+slot, so it would blame decode for a prefill shortage.
 
 ``offered`` (``pdserve_requests_offered_total``, router) counts every valid
 request, also those ended early with UNAVAILABLE: demand the first-token
@@ -182,7 +190,7 @@ def scenario_signal(
         n_decode=n_decode,
         arrival_rate=rate,
         prefill=RoleCapacity(batch_size=prefill_batch, batch_time_s=t_p),
-        decode=RoleCapacity(batch_size=decode_batch, batch_time_s=w.decode_time_s),
+        decode=RoleCapacity(batch_size=decode_batch, batch_time_s=t_p + w.decode_time_s),
         e2e_s=e2e,
         ttft_share=w.ttft_s / e2e,
         prompt_tokens=w.prompt_tokens,

@@ -100,6 +100,20 @@ def test_e3_switch_costs_from_the_controller_log() -> None:
     assert [sw["instance"] for sw in got] == ["decode_0", "prefill_1"]
     assert got[0]["drain_s"] == pytest.approx(1.5) and got[0]["reload_s"] == pytest.approx(3.5)
     assert got[0]["total_s"] == pytest.approx(5.0) and "total_s" not in got[1]
+    assert (got[0]["how"], got[0]["reason"]) == ("reload", "balance")
+
+
+def test_e3_switch_costs_of_a_switch_in_place() -> None:
+    log = "\n".join([
+        "2026-11-25 02:00:10,000 INFO ratio: draining decode_0 to make it prefill (balance)",
+        "2026-11-25 02:00:10,400 INFO ratio: decode_0 serves prefill (switched in place)",
+        "2026-11-25 02:00:11,000 INFO decode_1 on 127.0.0.1:1: draining -> healthy ",
+        "2026-11-25 02:00:11,500 INFO ratio: decode_0 back in routing as prefill",
+    ])
+    (sw,) = e3.switch_costs(log)
+    assert sw["how"] == "in place" and sw["instance"] == "decode_0"
+    assert sw["drain_s"] == pytest.approx(0.4) and sw["reload_s"] == pytest.approx(1.1)
+    assert sw["total_s"] == pytest.approx(1.5)
 
 
 def test_e3_static_ratios_measure_each_mix_once() -> None:
@@ -184,7 +198,7 @@ def test_e2_quick(tmp_path: Path) -> None:
 def test_e3_quick(tmp_path: Path) -> None:
     assert e3.main(["--quick", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "e3.json").read_text())
-    static = {r["deployment"] for r in doc["rows"]} - {"dynamic"}
+    static = {r["deployment"] for r in doc["rows"] if not e3.is_dynamic(r["deployment"])}
     assert static == {"1P3D", "2P2D", "3P1D"}
     assert all(r["ok"] > 0 for r in doc["rows"])
     assert len([r for r in doc["rows"] if r["deployment"] == "dynamic"]) == len(e3.QUICK.phases)
@@ -221,7 +235,7 @@ def test_e3_verdict_and_markdown_from_a_json_doc() -> None:
     doc["verdict"] = e3.verdict(doc)
     assert "dynamic 3.80 req/s = 3.80x worst (goal >= 1.6x: met)" in doc["verdict"][0]
     assert "95% of best (goal >= 90%: met)" in doc["verdict"][0]
-    assert "Role switches during the dynamic run: 0 — none" in e3.markdown(doc, None)
+    assert "Role switches during the dynamic runs: 0 — none" in e3.markdown(doc, None)
     # Where best/worst < 1.6x, 1.6x worst cannot be reached: said so, not hidden.
     close = [dict(r, req_per_s=v) for r, v in zip(rows, (3.0, 4.0, 3.5, 3.9), strict=True)]
     doc["rows"] = close

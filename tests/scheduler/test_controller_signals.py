@@ -37,7 +37,8 @@ def test_window_from_two_scrapes_of_two_servers() -> None:
     sig = scenario_signal(w, 10.0, 2, 2, prefill_batch=8, decode_batch=16)
     assert sig is not None
     assert sig.prefill.requests_per_s == pytest.approx(8 / 0.2)
-    assert sig.decode.batch_time_s == pytest.approx(0.02 * 19)
+    # A decode slot is held from the reservation (before the prefill) to the end.
+    assert sig.decode.batch_time_s == pytest.approx(0.2 + 0.02 * 19)
     assert sig.ttft_share == pytest.approx(0.2 / (0.2 + 0.02 * 19))
 
 
