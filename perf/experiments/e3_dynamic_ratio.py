@@ -201,7 +201,8 @@ def controller(server: TritonServer, cfg: E3Config, workdir: Path,
            str(o.repository), "--server", f"{o.host}:{o.http_port}:{o.metrics_port}",
            *controller_args(cfg), "--role-switch", role_switch,
            "--metrics-port", str(free_port()), "--edit-log", str(edits)]
-    with open(log, "ab") as out:
+    edits.unlink(missing_ok=True)  # an earlier run's, when --out is reused
+    with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         try:
             yield edits

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -285,19 +287,27 @@ def test_no_second_switch_while_the_first_reloads(tmp_path: Path) -> None:
         c.close()
 
 
-def _prompt_heavy(c: Controller, triton: FakeTriton, traffic: Traffic) -> None:
-    """From 1P3D: decides, drains decode_1 (idle) and switches it (-> 2P2D)."""
-    c.tick(0.0)
-    triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=0, decode_2=12)
-    traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
-    c.tick(10.0)
+@contextlib.contextmanager
+def switched_in_place(tmp_path: Path, refuse: bool = False) -> Iterator[tuple[Controller,
+                                                                              FakeTriton]]:
+    """1P3D under prompt-heavy traffic: decode_1 (idle) is drained and switched to
+    prefill in the decision's tick (-> 2P2D); ``refuse``: it refuses in place."""
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live")
+    if refuse:
+        triton.refuse_switch.add("decode_1")
+    try:
+        c.tick(0.0)
+        triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=0, decode_2=12)
+        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
+        c.tick(10.0)
+        yield c, triton
+    finally:
+        c.close()
 
 
 def test_live_switch_keeps_the_repository_and_serves_at_once(tmp_path: Path) -> None:
-    traffic = Traffic()
-    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live")
-    try:
-        _prompt_heavy(c, triton, traffic)
+    with switched_in_place(tmp_path) as (c, triton):
         assert triton.acting == {"decode_1": "prefill"}
         # No repository edit, no reload: the home role stays decode.
         assert c.repo.edits == [] and c.repo.entry("decode_1").role == "decode"
@@ -312,31 +322,20 @@ def test_live_switch_keeps_the_repository_and_serves_at_once(tmp_path: Path) -> 
         assert c.state.ratios["default"] == {"prefill": 2, "decode": 2}
         assert c.metrics.registry.get_sample_value(
             "pdserve_controller_repository_edits_total", {"kind": "switch_role_in_place"}) == 1
-    finally:
-        c.close()
 
 
 def test_live_switch_refused_falls_back_to_a_reload(tmp_path: Path) -> None:
-    traffic = Traffic()
-    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live")
-    triton.refuse_switch.add("decode_1")
-    try:
-        _prompt_heavy(c, triton, traffic)
+    with switched_in_place(tmp_path, refuse=True) as (c, triton):
         assert triton.acting == {}
         assert c.repo.entry("decode_1").role == "prefill"  # through the repository
         assert [e.kind for e in c.repo.edits] == ["switch_role"]
         assert states(c)["decode_1"] == "loading"
         assert read_state(tmp_path / "state.json").instances["decode_1"].acting_role == ""
-    finally:
-        c.close()
 
 
 def test_restart_in_place_ends_the_acting_role(tmp_path: Path) -> None:
     """A stub Triton restarts comes back in its home role: the controller follows."""
-    traffic = Traffic()
-    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live")
-    try:
-        _prompt_heavy(c, triton, traffic)
+    with switched_in_place(tmp_path) as (c, triton):
         c.tick(11.0)
         assert c.acting_role("decode_1") == "prefill"
         triton.restart_in_place("decode_1")
@@ -345,30 +344,20 @@ def test_restart_in_place_ends_the_acting_role(tmp_path: Path) -> None:
         c.tick(13.0)
         status = read_state(tmp_path / "state.json").instances["decode_1"]
         assert (status.role, status.acting_role) == ("decode", "")
-    finally:
-        c.close()
 
 
 def test_a_reload_ends_the_acting_role(tmp_path: Path) -> None:
-    traffic = Traffic()
-    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live")
-    try:
-        _prompt_heavy(c, triton, traffic)
+    with switched_in_place(tmp_path) as (c, triton):
         c.tick(11.0)
         c.repo.reload("decode_1", reason="operator")  # new generation: home role
         triton.poll()
         c.tick(12.0)
         assert c.acting_role("decode_1") == ""
         assert c.entries["decode_1"].role == "decode"
-    finally:
-        c.close()
 
 
 def test_a_failed_instance_is_replaced_in_the_role_it_served(tmp_path: Path) -> None:
-    traffic = Traffic()
-    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live")
-    try:
-        _prompt_heavy(c, triton, traffic)
+    with switched_in_place(tmp_path) as (c, triton):
         c.tick(11.0)
         triton.kill("decode_1")
         c.tick(12.0)
@@ -379,5 +368,3 @@ def test_a_failed_instance_is_replaced_in_the_role_it_served(tmp_path: Path) -> 
         c.tick(16.0)
         assert states(c)["decode_1"] == "healthy" and c.acting_role("decode_1") == ""
         assert c.state.ratios["default"] == {"prefill": 2, "decode": 2}
-    finally:
-        c.close()
