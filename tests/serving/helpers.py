@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import queue
 import re
+import signal
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+
+from pdserve.server.launcher import TritonServer
 
 
 @dataclass
@@ -167,3 +172,31 @@ def drive_until(url: str, prompt_len: int, out_len: int, until: Callable[[], boo
         i += 8
         results.extend(generate_many(url, reqs, timeout_s=120))
     return time.monotonic() - t0
+
+
+def stub_pid(server: TritonServer, model: str) -> int:
+    """The pid of ``model``'s stub process in ``server``'s process group."""
+    assert server.process is not None
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text().split()
+        except OSError:
+            continue
+        if int(stat[4]) == server.process.pid and any(
+                model.encode() + b"_0_0" in arg for arg in cmdline):  # pgid == server's group
+            return int(pid)
+    raise AssertionError(f"no stub process for {model}")
+
+
+def kill_stub(pid: int) -> None:
+    """SIGKILL a stub and wait until it is dead (or a zombie Triton has not reaped)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").exists() and time.monotonic() < deadline:
+        stat = Path(f"/proc/{pid}/stat").read_text().split()
+        if stat[2] == "Z":  # zombie until Triton reaps it: dead for our purpose
+            break
+        time.sleep(0.02)

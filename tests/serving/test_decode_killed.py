@@ -12,8 +12,6 @@ ANOTHER decode is tested in test_failover.
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +25,9 @@ from tests.serving.helpers import (
     Result,
     generate_many,
     http_generate,
+    kill_stub,
     scrape_until,
+    stub_pid,
 )
 
 # Two fresh servers (each test kills a stub): 45-80 s on the shared 2 cores,
@@ -39,32 +39,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def server(tmp_path: Path) -> Iterator[TritonServer]:
     with start_server("tiny_long.yaml", tmp_path) as s:
         yield s
-
-
-def _stub_pid(server: TritonServer, model: str) -> int:
-    assert server.process is not None
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{pid}/stat").read_text().split()
-        except OSError:
-            continue
-        if int(stat[4]) == server.process.pid and any(
-                model.encode() + b"_0_0" in arg for arg in cmdline):  # pgid == server's group
-            return int(pid)
-    raise AssertionError(f"no stub process for {model}")
-
-
-def _kill(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}/stat").exists() and time.monotonic() < deadline:
-        stat = Path(f"/proc/{pid}/stat").read_text().split()
-        if stat[2] == "Z":  # zombie until Triton reaps it: dead for our purpose
-            break
-        time.sleep(0.02)
 
 
 def _assert_still_serving(server: TritonServer) -> None:
@@ -87,7 +61,7 @@ def test_killed_decode_streams_resume_or_end_clearly(server: TritonServer) -> No
     t.start()
     time.sleep(1.5)  # streams are running
     killed_at = time.monotonic()
-    _kill(_stub_pid(server, "decode_0"))
+    kill_stub(stub_pid(server, "decode_0"))
     t.join(timeout=120)
     assert not t.is_alive(), "requests hung after the decode stub died"
     ended_s = time.monotonic() - killed_at
@@ -106,7 +80,7 @@ def test_killed_idle_decode_next_request_is_served_or_fails_clearly(
     first = generate_many(server.options.grpc_url, [{"text": "warm", "sampling":
                                                      {"max_tokens": 4, "ignore_eos": True}}])
     assert first[0].error is None and len(first[0].ids) == 4, first[0]
-    _kill(_stub_pid(server, "decode_0"))
+    kill_stub(stub_pid(server, "decode_0"))
     time.sleep(0.2)  # the router reads the EOF on its own; nothing is in flight
     t0 = time.monotonic()
     status, reply = http_generate(server.options.http_url, {"text_input": "hi", "max_tokens": 4})

@@ -33,8 +33,14 @@ from pdserve.scheduler.controller.upgrade import RollingUpgrade, UpgradeOptions
 from pdserve.server.launcher import TritonServer
 from tests.serving.checkpoint import save_tiny
 from tests.serving.conftest import start_server
-from tests.serving.helpers import Result, generate_many, scrape, scrape_until
-from tests.serving.test_decode_killed import _kill, _stub_pid
+from tests.serving.helpers import (
+    Result,
+    generate_many,
+    kill_stub,
+    scrape,
+    scrape_until,
+    stub_pid,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -145,7 +151,7 @@ def test_prefill_killed_under_load(cluster: Cluster) -> None:
     with Load(cluster, max_tokens=12) as load:
         time.sleep(2.0)
         killed = time.monotonic()
-        _kill(_stub_pid(cluster.server, "prefill_0"))
+        kill_stub(stub_pid(cluster.server, "prefill_0"))
         out_s = _wait(lambda: not cluster.state().is_routable("prefill_0"), 30,
                       "prefill_0 out of routing")
         back_s = _wait(lambda: _all_routable(cluster), 90, "prefill_0 back in routing")
@@ -180,10 +186,10 @@ def test_decode_killed_under_load_resumes(cluster: Cluster) -> None:
             load = probe.probe(cluster.server.options.http_url, name).load
             return load is not None and load.in_flight > 0
 
-        pid = _stub_pid(cluster.server, "decode_0")
+        pid = stub_pid(cluster.server, "decode_0")
         _wait(lambda: busy("decode_1") and busy("decode_0"), 30, "streams on both decodes")
         killed = time.monotonic()
-        _kill(pid)
+        kill_stub(pid)
         out_s = _wait(lambda: not cluster.state().is_routable("decode_0"), 30,
                       "decode_0 out of routing (controller)")
         back_s = _wait(lambda: _all_routable(cluster), 90, "decode_0 back in routing")

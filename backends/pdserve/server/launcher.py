@@ -9,6 +9,12 @@ The launcher assembles a backend directory in a temp dir::
 and starts ``tritonserver`` in poll mode, bound to loopback unless told
 otherwise, in its own process group so every stub it forks goes down with it.
 
+Each stub's IPC pool is a 1 MiB shared-memory region that the Python backend
+unlinks only on a clean shutdown: a stub killed (SIGKILL, OOM) or a server
+stopped hard leaves ``/dev/shm/<prefix><uuid>`` behind. Every server gets a
+prefix of its own (``shm-region-prefix-name``), and ``stop`` removes what is
+left under it.
+
 Why the environment matters: the stub embeds the system libpython of the same
 minor version as the running interpreter (pointing it at another build, e.g.
 pyenv's via PYTHONHOME, corrupted BYTES tensors here). We hand it our
@@ -40,6 +46,7 @@ from pdserve.errors import Unavailable
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # backends/pdserve
 RUNTIME_DIR_ENV = "PDSERVE_RUNTIME_DIR"  # where stubs keep sockets (removed on stop)
+SHM_DIR = Path("/dev/shm")
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,19 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Until no process of the group is left (killed stubs are reaped by init)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return  # the id was reused by someone else's group: ours is gone
+        time.sleep(0.05)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -140,6 +160,8 @@ class TritonServer:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self._log: object = None
+        # Stubs' IPC regions of this server: /dev/shm/<prefix><uuid> (see the module doc)
+        self.shm_prefix = f"pdserve_{os.getpid()}_{os.urandom(4).hex()}_"
 
     def command(self, backend_dir: Path) -> list[str]:
         o = self.options
@@ -159,6 +181,9 @@ class TritonServer:
             "--allow-metrics=true",
             f"--log-verbose={o.log_verbose}",
             "--exit-timeout-secs=10",
+            # "python" for the plain Python backend, "pdserve" for ours built on it
+            *(f"--backend-config={b},shm-region-prefix-name={self.shm_prefix}"
+              for b in ("python", "pdserve")),
         ]
 
     def start(self) -> TritonServer:
@@ -236,13 +261,26 @@ class TritonServer:
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
+            _wait_group_gone(proc.pid, timeout_s=5.0)
             self.process = None
+        self.sweep_shm()
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+    def shm_regions(self) -> list[Path]:
+        """This server's stub IPC regions in /dev/shm (live or left behind)."""
+        return sorted(SHM_DIR.glob(f"{self.shm_prefix}*")) if SHM_DIR.is_dir() else []
+
+    def sweep_shm(self) -> None:
+        """Remove the regions of stubs that died without unlinking them (call
+        once the server is down)."""
+        for path in self.shm_regions():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def __enter__(self) -> TritonServer:
         self.start()
