@@ -123,6 +123,7 @@ class Cluster:
         self._trace = trace
         self._local = config.admission == "local_queue"
         self._rtt = profile.attempt_rtt_s + profile.serving_overhead_s
+        self._pf_slots = profile.prefill.max_batch_size
         number = 0
         for k, spec in enumerate(config.scenarios):
             if k % n_parts != i_part:
@@ -172,11 +173,11 @@ class Cluster:
         if sig == old:
             return
         inst.sig = sig
-        load = inst.snapshot()
+        load = inst.snapshot(sig)
         inst.load = load
         sc = inst.state
         sc.loads[inst.name] = load
-        role = load.role
+        role = sig[0]
         both = old is None or old[0] != role  # new, or switched role: leave the other index
         if both or role != "decode":
             sc.prefills.update(load, is_prefill_candidate(load))
@@ -257,7 +258,11 @@ class Cluster:
         t0 = time.perf_counter()
         need = req.kv_tokens * self.profile.kv_bytes_per_token
         loads = sc.loads
-        chosen = next((n for n in sc.decodes if can_take(loads[n], need)), None)
+        chosen = None
+        for name in sc.decodes:  # best first: the first that can take it
+            if can_take(loads[name], need):
+                chosen = name
+                break
         self.cost.add("decode_choice", time.perf_counter() - t0)
         if chosen is None:
             return False
@@ -284,7 +289,7 @@ class Cluster:
         # trip is added to the first token (``_first_token``).
         if not inst.alive:
             raise Unavailable(f"{name}: instance not answering")
-        if inst.pf_in_flight >= self.profile.prefill.max_batch_size or (
+        if inst.pf_in_flight >= self._pf_slots or (
             inst.role == "aggregated" and not self._reserve_local(inst, req)
         ):
             raise PrefillRejected(f"{name}: no free prefill slot")
@@ -354,16 +359,18 @@ class Cluster:
         pf = self.profile.prefill
         slots = pf.max_batch_size - len(inst.transferring) if self._local else pf.max_batch_size
         batch: list[SimRequest] = []
-        tokens = 0
-        while inst.pending and len(batch) < slots:
-            nxt = inst.pending[0].input_len
-            if batch and tokens + nxt > pf.max_batch_tokens:
+        pending, max_tokens = inst.pending, pf.max_batch_tokens
+        tokens = tokens_sq = 0
+        while pending and len(batch) < slots:
+            nxt = pending[0].input_len
+            if batch and tokens + nxt > max_tokens:
                 break
-            batch.append(inst.pending.popleft())
+            batch.append(pending.popleft())
             tokens += nxt
+            tokens_sq += nxt * nxt
         if not batch:
             return
-        dur = pf.batch_time(tokens, float(sum(r.input_len * r.input_len for r in batch)))
+        dur = pf.batch_time(tokens, float(tokens_sq))
         host = inst.state.host
         if host is not None and not (inst.role == "aggregated" and inst.running):
             # a job on its core, re-timed whenever the core's runnable count changes

@@ -29,7 +29,9 @@ class EventLoop:
         heapq.heappush(self._heap, (t, self._seq, fn, arg))
 
     def after(self, delay: float, fn: Callback, arg: Any = None) -> None:
-        self.at(self.now + delay, fn, arg)
+        t = self.now + delay if delay > 0.0 else self.now  # as at(): never back in time
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, fn, arg))
 
     def clock(self) -> float:
         return self.now

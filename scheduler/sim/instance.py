@@ -35,6 +35,9 @@ from pdserve.scheduler.instance import InstanceLoad, Role
 from pdserve.scheduler.sim.profile import Profile
 
 _EPS = 1e-9
+# what an instance's snapshot is built from: (role, in flight, pending, KV tokens, health)
+Signature = tuple[Role, int, int, int, str]
+_MAX_CACHED_LOADS = 256  # per prefill instance (the local-queue baseline's queues grow)
 
 
 class SimRequest:
@@ -75,6 +78,14 @@ class SimRequest:
 
 
 class SimInstance:
+    __slots__ = (
+        "_prefill_loads", "alive", "core", "ctx", "decode_version", "ends", "epoch",
+        "generation", "health", "kv_used", "load", "local_queue", "mix_extra_s",
+        "mixing_until", "name", "pending", "pf_busy", "pf_in_flight", "pf_running",
+        "probe_phase", "profile", "reserved", "role", "running", "scenario", "sig", "speed",
+        "state", "step_s", "t_sync", "tokens", "tokens_charged", "transferring", "v",
+    )
+
     def __init__(self, name: str, scenario: str, role: Role, profile: Profile,
                  health: InstanceHealth, probe_phase: float) -> None:
         self.name = name
@@ -87,7 +98,9 @@ class SimInstance:
         self.epoch = 0  # bumped on failure/switch: events of an older epoch are stale
         self.generation = 0
         self.load: InstanceLoad | None = None
-        self.sig: tuple[object, ...] | None = None  # what ``load`` was built from
+        self.sig: Signature | None = None  # what ``load`` was built from
+        # a prefill's snapshots repeat (a few slots, no KV): built once per signature
+        self._prefill_loads: dict[Signature, InstanceLoad] = {}
         self.state: Any = None  # its scenario's cluster.ScenarioState
         # prefill side
         self.pf_in_flight = 0  # accepted, not yet handed to decode
@@ -124,33 +137,50 @@ class SimInstance:
 
     @property
     def in_flight(self) -> int:
-        if self.role == "prefill":
-            if self.local_queue:  # queued prompts are reported as ``queued``
-                return len(self.pf_running) + len(self.transferring)
-            return self.pf_in_flight
-        return len(self.running) + len(self.reserved)  # reserved: prompts still in prefill
+        return self.signature()[1]
 
     @property
     def is_routable(self) -> bool:
         return self.health.is_routable
 
-    def signature(self) -> tuple[object, ...]:
-        """Everything ``snapshot`` reads that changes during a run."""
-        return (self.role, self.in_flight, len(self.pending), self.kv_used, self.health.state)
+    def signature(self) -> Signature:
+        """Everything ``snapshot`` reads that changes during a run:
+        (role, in flight, pending prompts, KV tokens used, health state)."""
+        role = self.role
+        if role != "prefill":
+            n = len(self.running) + len(self.reserved)  # reserved: prompts still in prefill
+        elif self.local_queue:  # queued prompts are reported as ``queued``
+            n = len(self.pf_running) + len(self.transferring)
+        else:
+            n = self.pf_in_flight
+        return (role, n, len(self.pending), self.kv_used, self.health.state)
 
-    def snapshot(self) -> InstanceLoad:
+    def snapshot(self, sig: Signature | None = None) -> InstanceLoad:
+        """The ``InstanceLoad`` of ``sig`` (default: the current ``signature()``)."""
+        if sig is None:
+            sig = self.signature()
+        if sig[0] != "prefill":
+            return self._build_load(sig)
+        load = self._prefill_loads.get(sig)
+        if load is None:
+            load = self._build_load(sig)
+            if len(self._prefill_loads) < _MAX_CACHED_LOADS:
+                self._prefill_loads[sig] = load
+        return load
+
+    def _build_load(self, sig: Signature) -> InstanceLoad:
+        role, in_flight, pending, kv_used, state = sig
         per_token = self.profile.kv_bytes_per_token
         kv_total = self.profile.decode.kv_capacity_tokens * per_token
-        prefill = self.role == "prefill"
-        state = self.health.state
+        prefill = role == "prefill"
         return InstanceLoad(
             self.name,
-            self.role,
+            role,
             self.scenario,
             self.max_batch_size,
-            min(self.in_flight, 1 << 30),
-            len(self.pending) if prefill else 0,
-            0 if prefill else max(0, kv_total - self.kv_used * per_token),
+            min(in_flight, 1 << 30),
+            pending if prefill else 0,
+            0 if prefill else max(0, kv_total - kv_used * per_token),
             0 if prefill else kv_total,
             state == "healthy" or state == "draining",
             state == "draining",

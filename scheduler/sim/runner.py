@@ -1,10 +1,15 @@
 """Run a configured simulation and produce the ``pdserve bench`` JSON document.
 
-``simulate(..., workers=n)`` runs the scenarios in ``n`` worker processes
-(``Cluster`` ``part``: scenario k goes to worker k % n). Scenarios are
-independent P/D groups (own instances, own arrivals, own ratio loop), so the
-merged outcomes are those of the one-process run (tested); only the request
-numbering (worker by worker) and the measured costs differ.
+``simulate(..., workers=n, parts=m)`` cuts the scenarios into ``m`` parts
+(``Cluster`` ``part``: scenario k goes to part k % m; default m = n) and runs
+them in ``n`` worker processes, each worker one part after another. Scenarios
+are independent P/D groups (own instances, own arrivals, own ratio loop), so
+the merged outcomes are those of the one-process run (tested); only the
+request numbering (part by part) and the measured costs differ.
+
+More parts than workers is faster: a part of one scenario keeps its instances
+in the CPU caches, while thousands of instances interleaved in one event loop
+miss them at nearly every event (about 2x the CPU per request, perf/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import ctypes.util
 import dataclasses
 import multiprocessing
 import signal
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +40,7 @@ class RunResult:
     num_instances: int
     events: int
     simulated_s: float
-    wall_s: float  # the longest part (the parts run side by side)
+    wall_s: float  # run_result: measured over all parts; merge alone: the longest part's
     cpu_s: float  # all parts together
     failures: int = 0
     replaced: int = 0
@@ -61,7 +67,9 @@ class RunResult:
         )
 
     @classmethod
-    def merge(cls, parts: list[RunResult]) -> RunResult:
+    def merge(cls, parts: list[RunResult], workers: int | None = None) -> RunResult:
+        """The parts' results as one run's (``workers``: the processes that ran them,
+        default one per part, side by side)."""
         if not parts:
             raise ValueError("nothing to merge")
         out, cost = Outcomes(), PolicyCost()
@@ -81,7 +89,8 @@ class RunResult:
             decisions=sorted((d for p in parts for d in p.decisions),
                              key=lambda d: (d["t"], str(d["scenario"]))),
             fail_log=sorted(x for p in parts for x in p.fail_log),
-            splits={k: v for p in parts for k, v in p.splits.items()}, workers=len(parts),
+            splits={k: v for p in parts for k, v in p.splits.items()},
+            workers=workers or len(parts),
             part_wall_s=[x for p in parts for x in p.part_wall_s],
             part_cpu_s=[x for p in parts for x in p.part_cpu_s],
         )
@@ -108,22 +117,33 @@ _PR_SET_PDEATHSIG = 1
 
 
 def run_result(config: SimConfig, profile: Profile, trace: list[RequestSpec] | None = None,
-               workers: int = 1) -> RunResult:
-    """Simulate, in ``workers`` processes (at most one per scenario)."""
-    n = max(1, min(workers, len(config.scenarios)))
-    if n == 1:
+               workers: int = 1, parts: int | None = None) -> RunResult:
+    """Simulate ``parts`` parts (default: one per worker; at most one per scenario) in
+    ``workers`` processes."""
+    n_parts = max(1, min(parts or workers, len(config.scenarios)))
+    n_workers = max(1, min(workers, n_parts))
+    if n_parts == 1:
         return _run_part(config, profile, trace, (0, 1))
-    # fork: the workers start at once and share the parent's imported code
-    ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=n, mp_context=ctx,
-                             initializer=_die_with_parent) as pool:
-        futures = [pool.submit(_run_part, config, profile, trace, (i, n)) for i in range(n)]
-        return RunResult.merge([f.result() for f in futures])
+    t0 = time.perf_counter()
+    if n_workers == 1:
+        results = [_run_part(config, profile, trace, (i, n_parts)) for i in range(n_parts)]
+    else:
+        # fork: the workers start at once and share the parent's imported code
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx,
+                                 initializer=_die_with_parent) as pool:
+            futures = [pool.submit(_run_part, config, profile, trace, (i, n_parts))
+                       for i in range(n_parts)]
+            results = [f.result() for f in futures]
+    merged = RunResult.merge(results, workers=n_workers)
+    merged.wall_s = time.perf_counter() - t0
+    return merged
 
 
 def simulate(config: SimConfig, profile: Profile, trace: list[RequestSpec] | None = None,
-             per_request: bool = False, workers: int = 1) -> tuple[RunResult, dict[str, Any]]:
-    result = run_result(config, profile, trace, workers)
+             per_request: bool = False, workers: int = 1,
+             parts: int | None = None) -> tuple[RunResult, dict[str, Any]]:
+    result = run_result(config, profile, trace, workers, parts)
     return result, document(config, profile, result, per_request)
 
 
