@@ -62,6 +62,14 @@ def _build_role(cfg: InstanceConfig, repository: Path) -> Any:
     return AggregatedRole(cfg)
 
 
+def _build_on_parts(cfg: InstanceConfig, parts: Any) -> Any:
+    """A prefill or decode role on the weights and metrics another role left."""
+    from pdserve.roles.decode import DecodeRole
+    from pdserve.roles.prefill import PrefillRole
+
+    return (PrefillRole if cfg.role == "prefill" else DecodeRole)(cfg, parts)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         model_config = json.loads(args["model_config"])
@@ -143,7 +151,7 @@ class TritonPythonModel:
         self._switching = True  # set before any await: no request slips in
         try:
             self.cfg, self.role, error = await asyncio.to_thread(
-                switch_in_place, self.cfg, self.role, role)
+                switch_in_place, self.cfg, self.role, role, _build_on_parts)
         finally:
             self._switching = False
         if error is not None:

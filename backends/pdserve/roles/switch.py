@@ -16,27 +16,29 @@ limits (batch size, KV capacity, transport) in either role.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, cast
 
-from pdserve.roles.decode import DecodeRole
-from pdserve.roles.prefill import PrefillRole
+from pdserve.roles.instance import RoleParts
 from pdserve.server.config import InstanceConfig, Role
 
 log = logging.getLogger(__name__)
 
-BUILDERS: dict[str, Any] = {"prefill": PrefillRole, "decode": DecodeRole}
+# (config in the role to build, the kept parts) -> the role; model.py passes the
+# real PrefillRole/DecodeRole, tests pass fakes.
+Build = Callable[[InstanceConfig, RoleParts], Any]
 
 
-def switch_in_place(cfg: InstanceConfig, role: Any, to_role: str
+def switch_in_place(cfg: InstanceConfig, role: Any, to_role: str, build: Build
                     ) -> tuple[InstanceConfig, Any, BaseException | None]:
     """Release ``role`` and build ``to_role`` on its weights. Returns the config and
     role now serving, and the error if the new role could not be built (the old
     role is then rebuilt on the same weights, so the instance still serves)."""
-    parts = role.release()
+    parts: RoleParts = role.release()
     new_cfg = replace(cfg, role=cast(Role, to_role))
     try:
-        return new_cfg, BUILDERS[to_role](new_cfg, parts), None
+        return new_cfg, build(new_cfg, parts), None
     except Exception as exc:
         log.exception("%s: switch to %s failed; back to %s", cfg.name, to_role, cfg.role)
-        return cfg, BUILDERS[cfg.role](cfg, parts), exc
+        return cfg, build(cfg, parts), exc
