@@ -26,7 +26,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -164,7 +164,7 @@ class Controller:
             if entry is None or entry.generation != generation or entry.role == role:
                 del self._acting[name]  # reloaded (or removed) since: its home role again
             else:
-                entries[name] = replace(entry, params={**entry.params, "role": role})
+                entries[name] = entry.with_role(role)
         return entries
 
     def acting_role(self, name: str) -> str:
@@ -354,8 +354,7 @@ class Controller:
             self.health[(server, switch.name)].last_load = result.load
         entry = self.entries[switch.name]
         self._acting[switch.name] = (switch.to_role, entry.generation)
-        self.entries[switch.name] = replace(entry, params={**entry.params,
-                                                           "role": switch.to_role})
+        self.entries[switch.name] = entry.with_role(switch.to_role)
         self.metrics.edits.labels("switch_role_in_place").inc()
         log.info("ratio: %s serves %s (switched in place)", switch.name, switch.to_role)
         return True

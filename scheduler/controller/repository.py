@@ -31,7 +31,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -88,6 +88,10 @@ class ModelEntry:
     def generation(self) -> int:
         raw = self.params.get(GENERATION_KEY, "0").strip()
         return int(raw) if raw.isdigit() else 0
+
+    def with_role(self, role: str) -> ModelEntry:
+        """This entry as seen while it serves ``role`` (switched in place); not written."""
+        return replace(self, params={**self.params, "role": role})
 
     @property
     def is_instance(self) -> bool:

@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdserve.errors import PdserveError
@@ -112,7 +112,7 @@ class RollingUpgrade:
         acting = {n: st.acting_role
                   for n, st in read_state(self.options.state_path).instances.items()
                   if st.acting_role}
-        instances = {n: replace(e, params={**e.params, "role": acting[n]}) if n in acting else e
+        instances = {n: e.with_role(acting[n]) if n in acting else e
                      for n, e in self.repo.instances().items()}
         for name in names or upgrade_order(instances):
             entry = instances.get(name)

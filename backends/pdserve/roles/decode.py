@@ -53,16 +53,23 @@ class DecodeRole:
         (a switch in place); without them, loaded from ``cfg``."""
         self.cfg = cfg
         self.arena = make_arena(cfg)
+        # Built half-way (a switch in place that fails, say) it gives the shm arena
+        # and the receiver back: the instance goes on in its old role.
+        receiver = None
         try:
             self.engine = engine_for(cfg, parts, self.arena)
+            receiver = make_receiver(cfg.kv_transport, self.arena, self.engine.layout,
+                                     self.engine.fingerprint, transfer_config(cfg), cfg.name)
+            self.hub = ChannelHub(cfg.name, transfer_config(cfg).secret,
+                                  on_broken=self._abort_many)
         except BaseException:
+            if receiver is not None:
+                receiver.close()
             close_arena(self.arena)
             raise
-        self.receiver = make_receiver(cfg.kv_transport, self.arena, self.engine.layout,
-                                      self.engine.fingerprint, transfer_config(cfg), cfg.name)
+        self.receiver = receiver
         self.metrics = (InstanceMetrics(cfg.name, cfg.scenario) if parts is None
                         else parts.metrics)
-        self.hub = ChannelHub(cfg.name, transfer_config(cfg).secret, on_broken=self._abort_many)
         batcher = ContinuousBatcher(self.engine, max_batch_size=cfg.max_batch_size,
                                     max_step_tokens=max(cfg.max_step_tokens, cfg.max_batch_size),
                                     chunked_prefill=False)
