@@ -8,7 +8,7 @@ the same code runs in the router, the controller and the simulator.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal, cast
 
 from pdserve.errors import InvalidArgument
@@ -38,6 +38,10 @@ class InstanceLoad:
     # the one a call went to means that stub died (and was restarted in place),
     # so the call will never be answered.
     incarnation: str = ""
+    # Cumulative [busy, total] ticks of each compute unit it runs on
+    # (``scheduler/compute.py``): the ratio rule's check that a switch adds
+    # compute, not only slots. Empty: not measured.
+    compute: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -46,9 +50,12 @@ class InstanceLoad:
             raise InvalidArgument(f"role must be one of {ROLES}, got {self.role!r}")
         if self.max_batch_size <= 0:
             raise InvalidArgument(f"max_batch_size must be positive, got {self.max_batch_size}")
-        for field in ("in_flight", "queued", "kv_free_bytes", "kv_total_bytes"):
-            if getattr(self, field) < 0:
-                raise InvalidArgument(f"{field} must be >= 0, got {getattr(self, field)}")
+        for name in ("in_flight", "queued", "kv_free_bytes", "kv_total_bytes"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
+        for unit, ticks in self.compute.items():
+            if not isinstance(unit, str) or len(ticks) != 2 or min(ticks) < 0:
+                raise InvalidArgument(f"compute[{unit!r}] must be [busy, total] ticks, got {ticks}")
 
     @property
     def is_routable(self) -> bool:

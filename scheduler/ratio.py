@@ -28,12 +28,22 @@ share rises too, and "more prefill" would starve the stage that is short (E3,
 output-heavy phase: a decode was switched to prefill and back 22 s later). So
 when the window measured both stages' occupancy, a trigger that points at the
 less utilised stage is overruled and the balance rule decides.
+
+Both rules count slots, as if each instance owned its compute. Where the
+window also measured the compute units each instance runs on
+(``ComputeView``, ``compute.py``), a switch is refused when the stage it would
+grow is already saturated (its units at least ``compute_busy`` busy) and no
+donor brings a unit the stage does not run on yet, or one with room: on shared
+compute that switch adds slots the stage cannot run any faster (E3 on two
+cores: 1P3D no faster than 2P2D for output-heavy traffic). The loop then picks
+the donor that does bring compute (``ComputeView.adds``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 Action = Literal["none", "add_prefill", "add_decode"]
@@ -72,6 +82,9 @@ class RatioPolicy:
     mix_change: float = 0.25  # relative change of mean prompt/output length: a new mix
     min_prefill: int = 1
     min_decode: int = 1
+    # A stage whose compute units are this busy is saturated: a switch that
+    # gives it no other unit (with room) is refused. None: count slots only.
+    compute_busy: float | None = 0.85
 
     def __post_init__(self) -> None:
         if not 0 <= self.tolerance < 1:
@@ -86,6 +99,35 @@ class RatioPolicy:
             raise ValueError(f"e2e_rise must exceed 1, got {self.e2e_rise}")
         if self.min_prefill < 1 or self.min_decode < 1:
             raise ValueError("a scenario keeps at least one prefill and one decode")
+        if self.compute_busy is not None and not 0 < self.compute_busy <= 1:
+            raise ValueError(f"compute_busy must be in (0, 1] or None, got {self.compute_busy}")
+
+
+@dataclass(frozen=True)
+class ComputeView:
+    """The compute units each routable instance runs on, and each unit's busy
+    share over the window (``compute.py``)."""
+
+    roles: Mapping[str, str] = field(default_factory=dict)  # instance -> role now
+    units: Mapping[str, frozenset[str]] = field(default_factory=dict)  # instance -> units
+    busy: Mapping[str, float] = field(default_factory=dict)  # unit -> busy share
+
+    def stage_units(self, role: str) -> frozenset[str]:
+        return frozenset().union(*(self.units.get(n, frozenset())
+                                   for n, r in self.roles.items() if r == role))
+
+    def stage_busy(self, role: str) -> float | None:
+        """Mean busy share of the stage's units; None unless every one was measured."""
+        units = self.stage_units(role)
+        if not units or any(u not in self.busy for u in units):
+            return None
+        return sum(self.busy[u] for u in units) / len(units)
+
+    def adds(self, donor: str, to_role: str, saturated: float) -> bool:
+        """Moving ``donor`` to ``to_role`` gives that stage a unit it does not run
+        on yet that is not saturated itself (unmeasured units count as room)."""
+        new = self.units.get(donor, frozenset()) - self.stage_units(to_role)
+        return any(self.busy.get(u, 0.0) < saturated for u in new)
 
 
 @dataclass(frozen=True)
@@ -102,6 +144,7 @@ class ScenarioSignal:
     ttft_share: float | None = None  # mean TTFT / E2E in the window
     prompt_tokens: float | None = None  # mean prompt length of the window's requests
     output_tokens: float | None = None  # mean output length of the window's requests
+    compute: ComputeView | None = None  # None: not measured, the rules count slots
 
 
 @dataclass(frozen=True)
@@ -157,6 +200,8 @@ class RatioController:
         if signal.now - self._last_change < self.policy.cooldown_s:
             return RatioDecision("none", n_p, n_d, "cooling down after the last change")
         decision = self._online(signal) or self._balance(signal)
+        if decision.action != "none" and (why := self._no_compute(signal, decision)):
+            decision = RatioDecision("none", n_p, n_d, why)
         if decision.action != "none":
             self.changed(signal.now)
         return decision
@@ -200,6 +245,23 @@ class RatioController:
             f"balance rule: prefill {u_p:.2f} vs decode {u_d:.2f} "
             f"utilised; a switch cuts the peak by {gain:.0%}",
         )
+
+    def _no_compute(self, signal: ScenarioSignal, decision: RatioDecision) -> str | None:
+        """Why the switch adds no compute to a saturated stage (None: it may)."""
+        view, saturated = signal.compute, self.policy.compute_busy
+        if view is None or saturated is None:
+            return None
+        to_role, from_role = (("prefill", "decode") if decision.action == "add_prefill"
+                              else ("decode", "prefill"))
+        busy = view.stage_busy(to_role)
+        if busy is None or busy < saturated:
+            return None  # not measured, or the stage has compute to use more slots
+        donors = [n for n, r in view.roles.items() if r == from_role]
+        if any(view.adds(d, to_role, saturated) for d in donors):
+            return None
+        return (f"{to_role} compute saturated ({busy:.0%} busy on "
+                f"{len(view.stage_units(to_role))} units) and no {from_role} brings a unit "
+                f"with room: a switch adds slots, not compute (slot rule: {decision.reason})")
 
     def _online(self, signal: ScenarioSignal) -> RatioDecision | None:
         if signal.e2e_s is None or signal.ttft_share is None:

@@ -34,6 +34,7 @@ from pdserve.roles.triton import (  # noqa: E402
     read_inputs,
     read_instance_request,
 )
+from pdserve.scheduler.compute import CpuCounters  # noqa: E402
 from pdserve.scheduler.controller.protocol import (  # noqa: E402
     SWITCHABLE_ROLES,
     ControlCall,
@@ -84,6 +85,10 @@ class TritonPythonModel:
         # repository the router reads instance roles from.
         self.role = _build_role(self.cfg, Path(args["model_repository"]).parent)
         self.incarnation = os.urandom(8).hex()  # this stub process, in every heartbeat
+        # The cores it computes on and how busy they are, in every heartbeat (the
+        # ratio rule's compute check); an accelerator's load is not measured.
+        self.cpu = (CpuCounters() if self.cfg.device == "cpu" and self.cfg.role != "router"
+                    else None)
         self._tasks: set[asyncio.Task[None]] = set()
         self._switching = False
 
@@ -116,7 +121,8 @@ class TritonPythonModel:
                     await self._set_role(call.role)
                 elif self._switching:  # the old role is being released under us
                     raise Unavailable(f"{self.cfg.name} is switching roles")
-                load = replace(self.role.load(), incarnation=self.incarnation)
+                load = replace(self.role.load(), incarnation=self.incarnation,
+                               compute=self.cpu.read() if self.cpu is not None else {})
                 out.send(load_out(answer_health(load)), final=True)
             else:
                 op, payload = read_instance_request(request)

@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio-min-peak", type=float, default=0.0,
                         help="switch only when the busier stage's slots are at least this "
                              "share busy (0: any imbalance beyond the tolerance)")
+    parser.add_argument("--ratio-compute-busy", type=float, default=RatioPolicy.compute_busy,
+                        help="a stage whose CPU cores (from the instances' heartbeats) are this "
+                             "share busy is saturated: no switch that gives it no other core "
+                             "with room (default %(default)s)")
+    parser.add_argument("--no-ratio-compute", action="store_true",
+                        help="count slots only, as if every instance owned its compute")
     parser.add_argument("--role-switch", choices=("reload", "live"), default="reload",
                         help="how a ratio switch changes an instance's role: 'reload' edits "
                              "the repository (Triton reloads it, seconds); 'live' asks the "
@@ -73,7 +79,8 @@ def build(args: argparse.Namespace) -> Controller:
         health=health, ratio_interval_s=args.ratio_interval_s, role_switch=args.role_switch,
     )
     policy = RatioPolicy(cooldown_s=args.ratio_cooldown_s, min_peak=args.ratio_min_peak,
-                         e2e_rise=args.ratio_e2e_rise, share_delta=args.ratio_share_delta)
+                         e2e_rise=args.ratio_e2e_rise, share_delta=args.ratio_share_delta,
+                         compute_busy=None if args.no_ratio_compute else args.ratio_compute_busy)
     ratio = RatioLoop(policy, args.drain_timeout_s)
 
     def scrape() -> list[str]:

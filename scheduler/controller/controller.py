@@ -14,6 +14,8 @@ Every ``probe_interval_s`` one ``tick``:
      back). Between two
      decisions each tick samples, per scenario, the share of routable prefill
      slots in flight (from the heartbeats' loads): the prefills' utilisation;
+     each decision also gets how busy the instances' compute units were over
+     the window (heartbeat counters, ``compute.py``);
   5. write the state file the routers read, and the controller's metrics.
 
 ``tick`` takes ``now`` and does no sleeping, so tests drive it with a fake
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pdserve.scheduler.compute import busy_shares, merge_counters
 from pdserve.scheduler.controller.health import (
     HealthPolicy,
     InstanceHealth,
@@ -49,6 +52,7 @@ from pdserve.scheduler.controller.state import (
     with_drain,
     without_drain,
 )
+from pdserve.scheduler.ratio import ComputeView
 
 log = logging.getLogger(__name__)
 OWNER = "controller"
@@ -103,6 +107,7 @@ class Controller:
         # scenario -> busy share of the prefill slots, sampled since the last decision
         self._occupancy: dict[str, list[float]] = {}
         self._last_ratio = float("-inf")
+        self._last_compute: dict[str, list[int]] = {}  # unit -> [busy, total] at the last window
         self._pool = ThreadPoolExecutor(options.probe_workers, thread_name_prefix="probe")
         self.state = ControllerState()
         self._drains: dict[str, DrainRequest] = {}
@@ -267,6 +272,10 @@ class Controller:
         prev, self._last_totals = self._last_totals, totals
         occupancy = {s: self.occupancy(s) for s in scenarios}
         self._occupancy.clear()
+        counters = merge_counters(h.last_load.compute for h in self.health.values()
+                                  if h.last_load is not None)
+        busy = busy_shares(self._last_compute, counters)
+        self._last_compute = counters
         if prev is None:
             return
         for scenario in scenarios:
@@ -276,7 +285,8 @@ class Controller:
             batch = {r: max((self.entries[c.name].max_batch_size for c in cands if c.role == r),
                             default=1) for r in ("prefill", "decode")}
             sig = scenario_signal(w, now, n_p, n_d, batch["prefill"], batch["decode"],
-                                  occupancy[scenario]) if w else None
+                                  occupancy[scenario], self._compute_view(cands, busy)) \
+                if w else None
             if sig is None or n_p + n_d == 0:
                 self.metrics.decision(scenario, "none", "no signal in the window")
                 continue
@@ -284,6 +294,17 @@ class Controller:
             self.metrics.decision(scenario, decision.action, decision.reason)
             if switch is not None:
                 self._start_switch(switch, now)
+
+    def _compute_view(self, cands: list[Candidate], busy: dict[str, float]) -> ComputeView | None:
+        """The routable instances' compute units (from their heartbeats) and how busy
+        each unit was since the last window; None where no instance reports any."""
+        units = {c.name: frozenset().union(*(h.last_load.compute for h in self._healths(c.name)
+                                             if h.last_load is not None))
+                 for c in cands if c.routable}
+        if not any(units.values()):
+            return None
+        return ComputeView(roles={c.name: c.role for c in cands if c.routable},
+                           units=units, busy=busy)
 
     def candidates(self, scenario: str) -> list[Candidate]:
         out = []

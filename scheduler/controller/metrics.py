@@ -21,7 +21,8 @@ REASON_KINDS = ("cooldown", "balanced", "tolerance", "balance_rule", "online",
 
 def reason_kind(reason: str) -> str:
     """Map a RatioDecision's free-text reason onto a bounded label value."""
-    table = (("cooling down", "cooldown"), ("within tolerance", "tolerance"),
+    table = (("compute saturated", "compute_saturated"),
+             ("cooling down", "cooldown"), ("within tolerance", "tolerance"),
              ("balance rule", "balance_rule"), ("balanced", "balanced"),
              ("E2E up", "online"), ("no traffic", "no_traffic"),
              ("no signal", "no_signal"), ("minimum", "min_instances"),

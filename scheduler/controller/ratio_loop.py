@@ -14,7 +14,9 @@ decision made meanwhile counts the reloading instance in neither role and
 switched a second instance the same way, E3), and the cool-down runs from
 then. A scenario never drops
 below ``min_prefill`` / ``min_decode`` routable instances: the donor must be
-routable and the counts are of routable instances.
+routable and the counts are of routable instances. Where the window measured
+the instances' compute, a donor that brings the stage a compute unit it lacks
+goes first (``ComputeView.adds``).
 """
 
 from __future__ import annotations
@@ -81,8 +83,15 @@ class RatioLoop:
             return decision, None
         from_role, to_role = (("decode", "prefill") if decision.action == "add_prefill"
                               else ("prefill", "decode"))
+        view, saturated = signal.compute, self.policy.compute_busy
+
+        def brings_nothing(c: Candidate) -> bool:
+            """A donor that gives the stage no compute it lacks goes last."""
+            return view is not None and saturated is not None \
+                and not view.adds(c.name, to_role, saturated)
+
         donors = sorted((c for c in candidates if c.routable and c.role == from_role),
-                        key=lambda c: (c.in_flight, c.name))
+                        key=lambda c: (brings_nothing(c), c.in_flight, c.name))
         remaining = (n_d if from_role == "decode" else n_p) - 1
         minimum = self.policy.min_decode if from_role == "decode" else self.policy.min_prefill
         if not donors or remaining < minimum:

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.scheduler.ratio import RoleCapacity, ScenarioSignal
+from pdserve.scheduler.ratio import ComputeView, RoleCapacity, ScenarioSignal
 
 TTFT = "pdserve_time_to_first_token_seconds"
 TPOT = "pdserve_time_per_output_token_seconds"
@@ -174,9 +174,10 @@ MIN_OCCUPANCY = 1e-3  # an idle stage still has a (tiny) positive T
 
 def scenario_signal(
     w: Window, now: float, n_prefill: int, n_decode: int, prefill_batch: int, decode_batch: int,
-    prefill_occupancy: float | None = None,
+    prefill_occupancy: float | None = None, compute: ComputeView | None = None,
 ) -> ScenarioSignal | None:
-    """``prefill_occupancy``: the measured busy share of the prefill slots, if any."""
+    """``prefill_occupancy``: the measured busy share of the prefill slots, if any;
+    ``compute``: the instances' compute units and how busy they were, if measured."""
     if w.ttft_s <= 0 or w.tpot_s <= 0:
         return None
     e2e = w.e2e_s
@@ -195,4 +196,5 @@ def scenario_signal(
         ttft_share=w.ttft_s / e2e,
         prompt_tokens=w.prompt_tokens,
         output_tokens=w.output_tokens,
+        compute=compute,
     )

@@ -35,6 +35,7 @@ class FakeTriton:
         self.probes: list[str] = []
         self.acting: dict[str, str] = {}  # switched in place; gone at a reload
         self.refuse_switch: set[str] = set()
+        self.compute: dict[str, dict[str, list[int]]] = {}  # model -> its heartbeat counters
         self.poll()
 
     def poll(self) -> None:
@@ -67,7 +68,8 @@ class FakeTriton:
                                error=f"Stub process '{model}' is not healthy")
         load = InstanceLoad(name=model, role=self.acting.get(model, entry.role),
                             scenario=entry.scenario, max_batch_size=entry.max_batch_size,
-                            in_flight=self.in_flight.get(model, 0))
+                            in_flight=self.in_flight.get(model, 0),
+                            compute=self.compute.get(model, {}))
         return ProbeResult(ok=True, load=load, generation=self.loaded[model])
 
     def close(self) -> None:

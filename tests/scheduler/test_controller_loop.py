@@ -368,3 +368,38 @@ def test_a_failed_instance_is_replaced_in_the_role_it_served(tmp_path: Path) -> 
         c.tick(16.0)
         assert states(c)["decode_1"] == "healthy" and c.acting_role("decode_1") == ""
         assert c.state.ratios["default"] == {"prefill": 2, "decode": 2}
+
+
+def test_heartbeat_cpu_counters_stop_a_switch_that_adds_no_compute(tmp_path: Path) -> None:
+    """Output-heavy traffic on 2P2D with every instance pinned as E3 pins them:
+    decode runs on both cores already. While the heartbeats' counters show both
+    cores saturated the controller keeps 2P2D; with room on them it switches."""
+    traffic = Traffic()
+    c, triton = make(tmp_path, traffic=traffic)
+    cores = {"prefill_0": 0, "prefill_1": 1, "decode_0": 1, "decode_1": 0}
+    ticks = {0: [0, 0], 1: [0, 0]}
+
+    def run_cores(busy0: float, busy1: float, seconds: float = 10.0) -> None:
+        for core, busy in ((0, busy0), (1, busy1)):
+            ticks[core][0] += int(busy * seconds * 100)
+            ticks[core][1] += int(seconds * 100)
+        triton.compute = {n: {f"h/cpu{core}": list(ticks[core])} for n, core in cores.items()}
+
+    try:
+        run_cores(0.5, 0.5)
+        c.tick(0.0)
+        triton.in_flight.update(decode_0=32, decode_1=32)
+        run_cores(0.98, 0.95)
+        traffic.add(50, ttft_s=0.05, tpot_s=0.05, out_tokens=200)
+        c.tick(10.0)
+        assert c.repo.edits == [] and set(states(c).values()) == {"healthy"}
+        reg = c.metrics.registry
+        assert reg.get_sample_value("pdserve_controller_ratio_decisions_total", {
+            "scenario": "default", "action": "none", "reason": "compute_saturated"}) == 1
+        run_cores(0.6, 0.55)  # the same traffic with room on the cores
+        traffic.add(50, ttft_s=0.05, tpot_s=0.05, out_tokens=200)
+        c.tick(20.0)  # prefill_0 is idle: drained at once and switched
+        assert [(e.kind, e.model) for e in c.repo.edits] == [("switch_role", "prefill_0")]
+        assert c.repo.entry("prefill_0").role == "decode"
+    finally:
+        c.close()

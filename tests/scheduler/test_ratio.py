@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from pdserve.scheduler.controller.ratio_loop import Candidate, RatioLoop
 from pdserve.scheduler.ratio import (
+    ComputeView,
     RatioController,
     RatioPolicy,
     RoleCapacity,
@@ -180,3 +182,60 @@ def test_balance_waits_for_a_window_of_one_mix() -> None:
     assert controller.decide(signal(8.0, 2, 2, rate=3.0, **new)).action == "none"
     # Two windows of the new mix: the balance rule decides on it.
     assert controller.decide(signal(12.0, 2, 2, rate=3.0, **new)).action == "add_decode"
+
+
+# E3's layout on two cores: prefill_i on core i%2, decode_i on core (i+1)%2.
+E3_UNITS = {"prefill_0": frozenset({"h/cpu0"}), "prefill_1": frozenset({"h/cpu1"}),
+            "decode_0": frozenset({"h/cpu1"}), "decode_1": frozenset({"h/cpu0"})}
+
+
+def view(roles: dict[str, str], busy: dict[str, float]) -> ComputeView:
+    return ComputeView(roles=roles, units={n: E3_UNITS[n] for n in roles}, busy=busy)
+
+
+def test_no_switch_that_gives_a_saturated_stage_only_slots() -> None:
+    """2P2D, output-heavy, both cores busy: decode already runs on both cores, so
+    a third decode adds slots it cannot run faster (E3: 1P3D no faster than 2P2D)."""
+    roles = {"prefill_0": "prefill", "prefill_1": "prefill",
+             "decode_0": "decode", "decode_1": "decode"}
+    sig = signal(100.0, 2, 2, rate=3.0,
+                 compute=view(roles, {"h/cpu0": 0.97, "h/cpu1": 0.91}))
+    controller = RatioController(RatioPolicy(cooldown_s=30.0))
+    decision = controller.decide(sig)
+    assert decision.action == "none"
+    assert "decode compute saturated (94% busy on 2 units)" in decision.reason
+    assert "balance rule" in decision.reason  # what the slots alone asked for
+    # No cool-down started: with room on the cores, the next window may switch.
+    roomy = signal(101.0, 2, 2, rate=3.0, compute=view(roles, {"h/cpu0": 0.6, "h/cpu1": 0.7}))
+    assert controller.decide(roomy).action == "add_decode"
+    # Counting slots only, as before: the switch is made.
+    slots_only = RatioController(RatioPolicy(compute_busy=None)).decide(sig)
+    assert slots_only.action == "add_decode"
+    # Not every unit measured: the rule cannot tell, it counts slots.
+    unmeasured = signal(100.0, 2, 2, rate=3.0, compute=view(roles, {"h/cpu0": 0.97}))
+    assert RatioController().decide(unmeasured).action == "add_decode"
+
+
+def test_a_saturated_stage_gets_a_donor_that_brings_a_core() -> None:
+    """3P1D, output-heavy: decode_0 alone on core 1; prefill_0 on core 0 brings it
+    a core with room, prefill_1 (core 1) would not, so prefill_0 is the donor."""
+    roles = {"prefill_0": "prefill", "prefill_1": "prefill", "decode_0": "decode"}
+    units = dict(E3_UNITS, prefill_2=frozenset({"h/cpu1"}))
+    roles["prefill_2"] = "prefill"
+    compute = ComputeView(roles=roles, units=units, busy={"h/cpu0": 0.3, "h/cpu1": 0.99})
+    sig = signal(100.0, 3, 1, rate=3.0, compute=compute)
+    assert RatioController().decide(sig).action == "add_decode"
+    assert compute.adds("prefill_0", "decode", 0.85)
+    assert not compute.adds("prefill_1", "decode", 0.85)
+    loop = RatioLoop(RatioPolicy())
+    cands = [Candidate("prefill_0", "prefill", True, 3), Candidate("prefill_1", "prefill", True, 0),
+             Candidate("prefill_2", "prefill", True, 0), Candidate("decode_0", "decode", True, 4)]
+    decision, switch = loop.decide("default", sig, cands)
+    assert decision.action == "add_decode" and switch is not None
+    assert switch.name == "prefill_0"  # busier than prefill_1, but it brings core 0
+    # The core it would bring is saturated by something else: no compute to add.
+    busy_elsewhere = ComputeView(roles=roles, units=units, busy={"h/cpu0": 0.95, "h/cpu1": 0.99})
+    vetoed = RatioController().decide(signal(100.0, 3, 1, rate=3.0, compute=busy_elsewhere))
+    assert vetoed.action == "none" and "compute saturated" in vetoed.reason
+    with pytest.raises(ValueError, match="compute_busy"):
+        RatioPolicy(compute_busy=1.5)

@@ -15,6 +15,7 @@ as the offline engine and that the repository was never edited.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -76,7 +77,10 @@ def test_ratio_moves_toward_decode_and_back(
             ControllerOptions(servers=(server.options.http_url,), state_path=state_path,
                               health=HealthPolicy(probe_interval_s=0.5, load_timeout_s=90),
                               ratio_interval_s=3.0, role_switch=role_switch),
-            ratio=RatioLoop(RatioPolicy(cooldown_s=5.0), drain_timeout_s=10.0),
+            # Slots only: the four unpinned instances share both cores, so the
+            # compute check would (rightly, E3) keep 2P2D under this load; this
+            # test is about moving roles on the real path.
+            ratio=RatioLoop(RatioPolicy(cooldown_s=5.0, compute_busy=None), drain_timeout_s=10.0),
             scrape=lambda: [scrape_text(metrics_url, 2.0)])
         stop = threading.Event()
         thread = threading.Thread(target=controller.run, args=(stop, time.monotonic),
@@ -117,6 +121,12 @@ def test_ratio_moves_toward_decode_and_back(
             m = scrape_until(metrics_url,
                              lambda m: m.get(("pdserve_generated_tokens_total", first), 0) > 0)
             assert m[("pdserve_generated_tokens_total", first)] > 0
+        # Each stub's heartbeat carries the counters of the cores it may run on.
+        cores = len(os.sched_getaffinity(0))
+        for name in ("prefill_0", "decode_0"):
+            load = probe.probe(server.options.http_url, name).load
+            assert load is not None and len(load.compute) == cores, load
+            assert all(0 < busy <= total for busy, total in load.compute.values())
         # Every arena is empty again, also those of the instances that switched.
         names = [f"{r}_{i}" for r in ("prefill", "decode") for i in (0, 1)]
         m = scrape_until(metrics_url, lambda m: all(

@@ -1,0 +1,121 @@
+"""The compute each instance runs on, and how busy it is: the ratio rule's compute check.
+
+P/D-Serve's ratio rule (``ratio.py``) counts slots: moving an instance to the
+busier stage gives that stage one instance's batch more. That is throughput
+when each instance owns its compute (an NPU or GPU instance on its own
+devices). When instances share compute (CPU instances pinned to the same
+cores, several instances on one device) it is not: a stage whose compute is
+saturated gets slots it cannot run any faster, and the switch costs a drain
+for nothing. E3 measured exactly that on two cores: for output-heavy traffic
+the slot rule asks for 1P3D, which was no faster than 2P2D there (12.2 vs
+12.3, 12.6 vs 11.5, 9.9 vs 11.6, 11.0 vs 13.4 req/s).
+
+So each instance names its compute units and reports how busy they have been,
+as cumulative counters in its heartbeat (``InstanceLoad.compute``: unit ->
+``[busy_ticks, total_ticks]``), and the controller differences two samples a
+ratio window apart. The ratio controller then refuses a switch that gives a
+saturated stage no unit it does not already run on (``ComputeView`` in
+``ratio.py``).
+
+Units are ``"<host>/cpu<N>"``, the CPU cores in the stub's affinity (after
+pinning), from ``/proc/stat``: busy = user + nice + system + irq + softirq +
+steal, total = busy + idle + iowait. The counters are the machine's, so work
+that is not pdserve's on those cores counts as busy too: compute a switch could
+not use either. Accelerators are not measured (no NVML here); an instance that
+reports no counters leaves the rule to count slots alone.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+STAT_PATH = "/proc/stat"
+_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal
+_IDLE_FIELDS = (3, 4)  # idle iowait
+
+
+def cpu_unit(host: str, core: int) -> str:
+    return f"{host}/cpu{core}"
+
+
+def parse_proc_stat(text: str, cores: Iterable[int]) -> dict[int, tuple[int, int]]:
+    """core -> (busy, total) ticks for the wanted cores found in ``text``."""
+    wanted = set(cores)
+    out: dict[int, tuple[int, int]] = {}
+    for line in text.splitlines():
+        if not line.startswith("cpu") or line.startswith("cpu "):
+            continue
+        name, *fields = line.split()
+        try:
+            core = int(name[3:])
+            ticks = [int(f) for f in fields]
+        except ValueError:
+            continue
+        if core not in wanted or len(ticks) < 8:
+            continue
+        busy = sum(ticks[i] for i in _BUSY_FIELDS)
+        out[core] = (busy, busy + sum(ticks[i] for i in _IDLE_FIELDS))
+    return out
+
+
+class CpuCounters:
+    """Busy/total ticks of the cores this process may run on, for heartbeats.
+
+    Read at most every ``min_interval_s`` (routers and the controller heartbeat
+    every instance; one read serves them all). Empty where ``/proc/stat`` is
+    missing (not Linux) or unreadable: the ratio rule then counts slots alone.
+    """
+
+    def __init__(self, cores: Sequence[int] | None = None, host: str | None = None,
+                 stat_path: str = STAT_PATH, min_interval_s: float = 0.2) -> None:
+        self.cores = tuple(sorted(cores if cores is not None else os.sched_getaffinity(0)))
+        self.host = host or socket.gethostname()
+        self.stat_path = stat_path
+        self.min_interval_s = min_interval_s
+        self._lock = threading.Lock()
+        self._at = float("-inf")
+        self._last: dict[str, list[int]] = {}
+
+    def read(self) -> dict[str, list[int]]:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._at >= self.min_interval_s:
+                self._at = now
+                try:
+                    with open(self.stat_path, encoding="ascii") as f:
+                        ticks = parse_proc_stat(f.read(), self.cores)
+                except OSError:
+                    ticks = {}
+                self._last = {cpu_unit(self.host, c): [b, t] for c, (b, t) in ticks.items()}
+            return dict(self._last)
+
+
+def busy_shares(prev: Mapping[str, Sequence[int]],
+                cur: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """unit -> busy share between two samples (units whose counters did not advance,
+    or went back, are left out: not measured)."""
+    out: dict[str, float] = {}
+    for unit, (busy, total) in cur.items():
+        before = prev.get(unit)
+        if before is None:
+            continue
+        d_busy, d_total = busy - before[0], total - before[1]
+        if d_total > 0 and 0 <= d_busy <= d_total:
+            out[unit] = d_busy / d_total
+    return out
+
+
+def merge_counters(samples: Iterable[Mapping[str, Sequence[int]]]) -> dict[str, list[int]]:
+    """One counter pair per unit from several instances' reports: the latest
+    (largest total), since instances on one host read the same counters at
+    slightly different times."""
+    out: dict[str, list[int]] = {}
+    for sample in samples:
+        for unit, (busy, total) in sample.items():
+            if unit not in out or total > out[unit][1]:
+                out[unit] = [busy, total]
+    return out

@@ -1,0 +1,80 @@
+"""Compute counters for the ratio rule's compute check (scheduler/compute.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pdserve.errors import InvalidArgument
+from pdserve.scheduler.compute import (
+    CpuCounters,
+    busy_shares,
+    merge_counters,
+    parse_proc_stat,
+)
+from pdserve.scheduler.instance import InstanceLoad
+
+STAT = """cpu  300 0 30 700 10 0 5 2 0 0
+cpu0 100 1 10 300 5 2 3 1 0 0
+cpu1 200 0 20 400 5 0 2 1 0 0
+cpu10 1 0 0 1 0 0 0 0 0 0
+intr 11063979 0 0
+"""
+
+
+def test_parse_proc_stat_sums_busy_and_idle_fields_per_core() -> None:
+    ticks = parse_proc_stat(STAT, [0, 1, 7])
+    # busy = user nice system irq softirq steal; total adds idle and iowait
+    assert ticks == {0: (100 + 1 + 10 + 2 + 3 + 1, 117 + 300 + 5),
+                     1: (200 + 20 + 2 + 1, 223 + 400 + 5)}
+    assert parse_proc_stat(STAT, [10]) == {10: (1, 2)}  # cpu10 is not cpu1
+    assert parse_proc_stat("garbage\ncpuX 1 2\n", [0]) == {}
+
+
+def test_counters_name_host_and_core_and_are_read_at_most_every_interval(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text(STAT)
+    counters = CpuCounters(cores=[1], host="h", stat_path=str(stat), min_interval_s=60.0)
+    assert counters.read() == {"h/cpu1": [223, 628]}
+    stat.write_text(STAT.replace("cpu1 200", "cpu1 900"))
+    assert counters.read() == {"h/cpu1": [223, 628]}  # within the interval: the last read
+    fresh = CpuCounters(cores=[1], host="h", stat_path=str(stat), min_interval_s=0.0)
+    assert fresh.read() == {"h/cpu1": [923, 1328]}
+    gone = CpuCounters(cores=[0], host="h", stat_path=str(tmp_path / "missing"))
+    assert gone.read() == {}  # not Linux / unreadable: not measured
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc/stat")
+def test_counters_of_this_process_cover_its_affinity() -> None:
+    counters = CpuCounters()
+    read = counters.read()
+    assert len(read) == len(os.sched_getaffinity(0))
+    assert all(0 <= busy <= total for busy, total in read.values())
+
+
+def test_busy_shares_between_two_samples() -> None:
+    prev = {"h/cpu0": [100, 200], "h/cpu1": [50, 200], "h/cpu2": [10, 10]}
+    cur = {"h/cpu0": [190, 300], "h/cpu1": [60, 300], "h/cpu2": [10, 10], "h/cpu3": [1, 2]}
+    # cpu2 did not advance, cpu3 has no earlier sample: not measured
+    assert busy_shares(prev, cur) == {"h/cpu0": pytest.approx(0.9), "h/cpu1": pytest.approx(0.1)}
+    assert busy_shares({"h/cpu0": [500, 900]}, {"h/cpu0": [10, 1000]}) == {}  # went back
+
+
+def test_merge_keeps_the_latest_sample_of_a_shared_unit() -> None:
+    merged = merge_counters([{"h/cpu0": [5, 10]}, {"h/cpu0": [9, 14], "h/cpu1": [1, 2]},
+                             {"h/cpu0": [7, 12]}])
+    assert merged == {"h/cpu0": [9, 14], "h/cpu1": [1, 2]}
+
+
+def test_heartbeat_carries_counters_and_rejects_malformed_ones() -> None:
+    load = InstanceLoad("decode_0", "decode", "default", 4, compute={"h/cpu0": [3, 9]})
+    assert InstanceLoad.from_bytes(load.to_bytes()) == load
+    assert InstanceLoad.from_bytes(InstanceLoad("p", "prefill", "s", 4).to_bytes()).compute == {}
+    for bad in ({"h/cpu0": [1]}, {"h/cpu0": [-1, 2]}):
+        with pytest.raises(InvalidArgument, match="compute"):
+            InstanceLoad("d", "decode", "s", 4, compute=bad)
+    with pytest.raises(InvalidArgument):
+        InstanceLoad.from_bytes(b'{"name":"d","role":"decode","scenario":"s",'
+                                b'"max_batch_size":4,"compute":{"h/cpu0":"xy"}}')
