@@ -7,13 +7,14 @@ closed loop of ``concurrency`` requests:
 Each static ratio (1P3D, 2P2D, 3P1D) gets its own tritonserver, a warm-up, and
 ``static_phase_s`` of each distinct mix (a static deployment has nothing that
 changes between phases of the same mix, so a repeated mix is not measured
-again). A dynamic run starts at 2P2D with ``pdserve controller`` watching the
-instances and switching their roles; it gets a warm-up and then every phase in
-order, ``phase_s`` each. There is one dynamic run per way of switching
-(``role_switches``): ``dynamic`` switches in place (``--role-switch live``:
-the drained instance keeps its weights and serves its new role within a
-second), ``dynamic-reload`` through the repository (Triton reloads the
-instance in its new role). Per phase: request and output-token throughput
+again). A dynamic run starts at a given ratio (``starts``) with ``pdserve
+controller`` watching the instances and switching their roles; it gets a
+warm-up and then every phase in order, ``phase_s`` each. There is one dynamic
+run per way of switching (``role_switches``) and start: ``dynamic`` switches in
+place (``--role-switch live``: the drained instance keeps its weights and
+serves its new role within a second), ``dynamic-reload`` through the
+repository (Triton reloads the instance in its new role); a start other than
+2P2D is named in the label (``dynamic from 1P3D``). Per phase: request and output-token throughput
 over the whole phase (the headline: the controller's reaction time counts
 against it) and over its second half (settled), SLO attainment, and each role
 switch's cost (drain, switch) from the controller's log.
@@ -45,6 +46,7 @@ from pdserve.bench.metrics import Slo
 from pdserve.bench.records import RequestSpec
 from pdserve.bench.workload import LengthDistribution, iter_synthetic_requests
 from pdserve.scheduler.controller.protocol import CONTROL_INPUT
+from pdserve.scheduler.ratio import RatioPolicy
 from pdserve.server import config as server_config
 from pdserve.server.config import InstanceConfig
 from pdserve.server.launcher import TritonServer, free_port
@@ -82,8 +84,9 @@ class E3Config:
     ratio_e2e_rise: float
     ratio_share_delta: float
     warmup_requests: int = 16
-    # one dynamic run per way of switching roles, in this order ("live": in place)
+    # one dynamic run per way of switching roles ("live": in place) and start ratio
     role_switches: tuple[str, ...] = ("live", "reload")
+    starts: tuple[str, ...] = ("2P2D",)
 
     def __post_init__(self) -> None:
         if not self.phases or self.phase_s <= 0 or self.static_phase_s <= 0 \
@@ -95,6 +98,10 @@ class E3Config:
         if not set(self.role_switches) <= {"live", "reload"}:
             raise ValueError(f"role_switches must be 'live' or 'reload', "
                              f"got {self.role_switches}")
+        for start in self.starts:
+            n_p, n_d = parse_ratio(start)
+            if n_p + n_d != 4:
+                raise ValueError(f"a start ratio has 4 instances, got {start!r}")
 
     def mixes(self) -> list[Phase]:
         """The distinct request mixes, in order of first appearance."""
@@ -102,6 +109,14 @@ class E3Config:
         for phase in self.phases:
             seen.setdefault(mix(phase), phase)
         return list(seen.values())
+
+
+def parse_ratio(text: str) -> tuple[int, int]:
+    """``"1P3D"`` -> (1, 3); at least one of each."""
+    m = re.fullmatch(r"(\d+)P(\d+)D", text)
+    if m is None or min(int(m.group(1)), int(m.group(2))) < 1:
+        raise ValueError(f"a ratio is written like 1P3D, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
 
 
 def mix(phase: Phase | dict[str, Any]) -> str:
@@ -115,13 +130,15 @@ FULL = E3Config(phases=(Phase("prompt-heavy", 900, 4), Phase("output-heavy", 16,
                 concurrency=16, phase_s=60.0, static_phase_s=20.0, slots=4,
                 slo_ttft_ms=500.0, slo_tpot_ms=50.0, ratio_interval_s=4.0,
                 ratio_cooldown_s=8.0, drain_timeout_s=10.0, probe_interval_s=1.0,
-                ratio_min_peak=0.7, ratio_e2e_rise=2.0, ratio_share_delta=0.15)
+                ratio_min_peak=0.7, ratio_e2e_rise=2.0, ratio_share_delta=0.15,
+                role_switches=("live",), starts=("1P3D", "2P2D"))
 QUICK = replace(FULL, phases=FULL.phases[:2], phase_s=15.0, static_phase_s=5.0,
-                warmup_requests=8, role_switches=("live",))
+                warmup_requests=8, role_switches=("live",), starts=("2P2D",))
 
 
-def dynamic_label(role_switch: str) -> str:
-    return "dynamic" if role_switch == "live" else f"dynamic-{role_switch}"
+def dynamic_label(role_switch: str, start: str = "2P2D") -> str:
+    label = "dynamic" if role_switch == "live" else f"dynamic-{role_switch}"
+    return label if start == "2P2D" else f"{label} from {start}"
 
 
 def is_dynamic(label: str) -> bool:
@@ -231,6 +248,20 @@ _EDIT = re.compile(r"^repository edit switch_role (\S+):")
 _IN_PLACE = re.compile(r"^ratio: (\S+) serves \w+ \(switched in place\)")
 _BACK = re.compile(r"^ratio: (\S+) back in routing as \w+")
 _STATE = re.compile(r"^(\S+) on \S+: (\w+) -> (\w+)")
+_DECISION = re.compile(r"^ratio (\S+): (\w+) (\d+P\d+D) \((.*)\)$")
+
+
+def decisions(log_text: str) -> list[dict[str, Any]]:
+    """The controller's ratio decisions as it logged them (each new kind of answer)."""
+    out = []
+    for line in log_text.splitlines():
+        m = _LOG_LINE.match(line)
+        d = _DECISION.match(m.group(2)) if m else None
+        if m and d:
+            at = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out.append({"at": at, "scenario": d.group(1), "action": d.group(2),
+                        "ratio": d.group(3), "reason": d.group(4)})
+    return out
 
 
 def switch_costs(log_text: str) -> list[dict[str, Any]]:
@@ -277,6 +308,7 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     slo = Slo(ttft_ms=cfg.slo_ttft_ms, tpot_ms=cfg.slo_tpot_ms)
     doc: dict[str, Any] = {"experiment": NAME, "quick": quick, "config": asdict(cfg),
                            "controller_args": controller_args(cfg),
+                           "compute_busy": RatioPolicy.compute_busy,
                            "slo": slo.__dict__, "machine": common.machine(), "rows": []}
     index = {mix(p): i for i, p in reversed(list(enumerate(cfg.phases)))}
     for n_p, n_d in STATIC:
@@ -289,19 +321,23 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     blockers = dynamic_blockers()
     doc["dynamic_blockers"] = blockers
     doc["controller_edits"], doc["switches"] = [], []
-    for role_switch in [] if blockers else cfg.role_switches:
-        label = dynamic_label(role_switch)
+    runs = [] if blockers else list(itertools.product(cfg.role_switches, cfg.starts))
+    for role_switch, start in runs:
+        label = dynamic_label(role_switch, start)
+        workdir = out / label.replace(" ", "_")
         # Poll every second so a role switch the controller writes is loaded soon.
-        with common.deployed(spec(cfg, 2, 2), out / label, poll_secs=1) as server:
+        with common.deployed(spec(cfg, *parse_ratio(start)), workdir, poll_secs=1) as server:
             warmup(server, cfg)
-            with controller(server, cfg, out / label, role_switch) as edits:
+            with controller(server, cfg, workdir, role_switch) as edits:
                 doc["rows"] += run_phases(server, cfg, label, slo,
                                           list(enumerate(cfg.phases)), cfg.phase_s)
                 doc["controller_edits"] += (edits.read_text().splitlines()
                                             if edits.exists() else [])
-        log = out / label / "controller.log"
-        doc["switches"] += [dict(sw, run=label)
-                            for sw in switch_costs(log.read_text() if log.exists() else "")]
+        log_text = (workdir / "controller.log").read_text() \
+            if (workdir / "controller.log").exists() else ""
+        doc["switches"] += [dict(sw, run=label) for sw in switch_costs(log_text)]
+        doc.setdefault("decisions", []).extend(
+            dict(d, run=label) for d in decisions(log_text))
     doc["machine_after"] = common.machine()
     doc["wall_s"] = time.monotonic() - began
     doc["verdict"] = verdict(doc)
@@ -387,7 +423,8 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         f"jobs, load average {m['load_average']} before / {doc['machine_after']['load_average']} "
         f"after, {m['date_utc']}.  ",
         f"Phases (closed loop, {cfg['concurrency']} in flight): {phases}. Dynamic run: "
-        f"{cfg['phase_s']:.0f} s per phase, in order, starting at 2P2D; each static ratio: "
+        f"{cfg['phase_s']:.0f} s per phase, in order, starting at "
+        f"{' / '.join(cfg.get('starts', ['2P2D']))} (one run each); each static ratio: "
         f"{static_s:.0f} s per distinct mix (a static deployment has nothing that changes "
         "between phases of one mix). Every deployment is warmed up (each mix, unmeasured) "
         f"first. {cfg['slots']} slots per instance (prefill slots / decode batch); instances "
@@ -399,7 +436,11 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         "balance rule (utilisation = busy share of the slots, Little's law); no switch while "
         f"the busier stage is below {cfg.get('ratio_min_peak', 0):g} busy; online trigger "
         f"on E2E up {cfg.get('ratio_e2e_rise', 1.25):g}x with the TTFT share moving by "
-        f"{cfg.get('ratio_share_delta', 0.05):g}; Triton polls the repository every 1 s.  ",
+        f"{cfg.get('ratio_share_delta', 0.05):g}; "
+        + ("compute check: no switch that gives a stage whose cores are "
+           f"{doc['compute_busy']:.0%} busy (heartbeat counters) no core with room; "
+           if doc.get("compute_busy") else "slots only (no compute check); ")
+        + "Triton polls the repository every 1 s.  ",
         f"SLOs: TTFT <= {slo['ttft_ms']:.0f} ms and TPOT <= {slo['tpot_ms']:.0f} ms "
         "(attainment = requests meeting both / finished requests).",
         "",
@@ -423,7 +464,7 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
                               if r["deployment"] == label and "started_at" in r), default=None)
                   for label in {r["deployment"] for r in doc["rows"]} if is_dynamic(label)}
         lines += ["", f"Role switches during the dynamic runs: {len(switches)}" + (
-            " — none, so the dynamic run measured 2P2D with the controller watching."
+            " — none, so each dynamic run measured its start ratio with the controller watching."
             if not switches else " (cost = drain, then the switch until the instance serves "
             "in its new role: in place, the drain is lifted once routers heard the new role; "
             "through the repository, Triton reloads it and it serves nothing meanwhile):")]
@@ -443,6 +484,12 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         if edits:
             lines += ["", "Repository edits (the reload run's switches):"]
             lines += [f"- {e.get('kind')} {e.get('model')}: {e.get('reason')}" for e in edits]
+    said = [d for d in doc.get("decisions", []) if d["action"] == "none"
+            and "compute saturated" in d["reason"]]
+    if said:
+        lines += ["", "Switches the compute check refused (the controller logs each new kind "
+                  "of decision once):", ""]
+        lines += [f"- {d['run']}, {d['ratio']}: {d['reason']}" for d in said]
     lines += ["", "Caveats: the dynamic run goes last, after the three static servers, so it "
               "meets whatever load the shared machine carries then (load average above); the "
               "whole-phase figure includes the controller's reaction (a ratio window, the "

@@ -39,7 +39,7 @@ from pdserve.scheduler.controller.health import (
     ProbeClient,
     ProbeResult,
 )
-from pdserve.scheduler.controller.metrics import ControllerMetrics
+from pdserve.scheduler.controller.metrics import ControllerMetrics, reason_kind
 from pdserve.scheduler.controller.ratio_loop import Candidate, PendingSwitch, RatioLoop
 from pdserve.scheduler.controller.repository import ModelEntry, Repository
 from pdserve.scheduler.controller.signals import Totals, scenario_signal, totals_from_text, window
@@ -107,6 +107,7 @@ class Controller:
         # scenario -> busy share of the prefill slots, sampled since the last decision
         self._occupancy: dict[str, list[float]] = {}
         self._last_ratio = float("-inf")
+        self._last_kind: dict[str, str] = {}  # scenario -> reason kind of its last decision
         self._last_compute: dict[str, list[int]] = {}  # unit -> [busy, total] at the last window
         self._pool = ThreadPoolExecutor(options.probe_workers, thread_name_prefix="probe")
         self.state = ControllerState()
@@ -292,6 +293,11 @@ class Controller:
                 continue
             decision, switch = self.ratio.decide(scenario, sig, cands)
             self.metrics.decision(scenario, decision.action, decision.reason)
+            kind = reason_kind(decision.reason)
+            if self._last_kind.get(scenario) != kind:  # a new kind of answer: say why
+                self._last_kind[scenario] = kind
+                log.info("ratio %s: %s %dP%dD (%s)", scenario, decision.action,
+                         decision.n_prefill, decision.n_decode, decision.reason)
             if switch is not None:
                 self._start_switch(switch, now)
 

@@ -116,6 +116,28 @@ def test_e3_switch_costs_of_a_switch_in_place() -> None:
     assert sw["total_s"] == pytest.approx(1.5)
 
 
+def test_e3_decisions_and_start_ratios() -> None:
+    log = "\n".join([
+        "2026-11-25 02:00:10,000 INFO ratio default: none 2P2D (decode compute saturated "
+        "(96% busy on 2 units) and no prefill brings a unit with room: a switch adds slots, "
+        "not compute (slot rule: balance rule: prefill 0.00 vs decode 0.78 utilised))",
+        "2026-11-25 02:00:14,000 INFO ratio default: add_decode 1P3D (balance rule: x)",
+        "2026-11-25 02:00:15,000 INFO decode_0 on 127.0.0.1:1: loading -> healthy ",
+    ])
+    got = e3.decisions(log)
+    assert [(d["action"], d["ratio"]) for d in got] == [("none", "2P2D"), ("add_decode", "1P3D")]
+    assert got[0]["reason"].startswith("decode compute saturated (96% busy")
+    assert got[1]["at"] - got[0]["at"] == pytest.approx(4.0)
+    assert e3.parse_ratio("1P3D") == (1, 3)
+    for bad in ("0P4D", "1P3", "p1d3"):
+        with pytest.raises(ValueError):
+            e3.parse_ratio(bad)
+    with pytest.raises(ValueError, match="4 instances"):
+        replace(e3.FULL, starts=("2P3D",))
+    assert e3.dynamic_label("live", "1P3D") == "dynamic from 1P3D"
+    assert e3.dynamic_label("reload") == "dynamic-reload"
+
+
 def test_e3_static_ratios_measure_each_mix_once() -> None:
     assert [e3.mix(p) for p in e3.FULL.mixes()] == ["900/4", "16/160"]
     assert len(e3.FULL.phases) == 3

@@ -370,7 +370,8 @@ def test_a_failed_instance_is_replaced_in_the_role_it_served(tmp_path: Path) -> 
         assert c.state.ratios["default"] == {"prefill": 2, "decode": 2}
 
 
-def test_heartbeat_cpu_counters_stop_a_switch_that_adds_no_compute(tmp_path: Path) -> None:
+def test_heartbeat_cpu_counters_stop_a_switch_that_adds_no_compute(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Output-heavy traffic on 2P2D with every instance pinned as E3 pins them:
     decode runs on both cores already. While the heartbeats' counters show both
     cores saturated the controller keeps 2P2D; with room on them it switches."""
@@ -385,6 +386,7 @@ def test_heartbeat_cpu_counters_stop_a_switch_that_adds_no_compute(tmp_path: Pat
             ticks[core][1] += int(seconds * 100)
         triton.compute = {n: {f"h/cpu{core}": list(ticks[core])} for n, core in cores.items()}
 
+    caplog.set_level("INFO", logger="pdserve.scheduler.controller.controller")
     try:
         run_cores(0.5, 0.5)
         c.tick(0.0)
@@ -396,6 +398,8 @@ def test_heartbeat_cpu_counters_stop_a_switch_that_adds_no_compute(tmp_path: Pat
         reg = c.metrics.registry
         assert reg.get_sample_value("pdserve_controller_ratio_decisions_total", {
             "scenario": "default", "action": "none", "reason": "compute_saturated"}) == 1
+        assert "ratio default: none 2P2D (decode compute saturated (96% busy on 2 units)" \
+            in caplog.text
         run_cores(0.6, 0.55)  # the same traffic with room on the cores
         traffic.add(50, ttft_s=0.05, tpot_s=0.05, out_tokens=200)
         c.tick(20.0)  # prefill_0 is idle: drained at once and switched
