@@ -87,6 +87,9 @@ class E3Config:
     # one dynamic run per way of switching roles ("live": in place) and start ratio
     role_switches: tuple[str, ...] = ("live", "reload")
     starts: tuple[str, ...] = ("2P2D",)
+    # run the dynamic deployments before the static ones (the shared machine's
+    # load drifts over a run; swapping the order between runs shows how much)
+    dynamic_first: bool = False
 
     def __post_init__(self) -> None:
         if not self.phases or self.phase_s <= 0 or self.static_phase_s <= 0 \
@@ -310,6 +313,23 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
                            "controller_args": controller_args(cfg),
                            "compute_busy": RatioPolicy.compute_busy,
                            "slo": slo.__dict__, "machine": common.machine(), "rows": []}
+    blockers = dynamic_blockers()
+    doc["dynamic_blockers"] = blockers
+    doc["controller_edits"], doc["switches"] = [], []
+    if cfg.dynamic_first:
+        run_dynamic(cfg, doc, out, slo)
+    run_static(cfg, doc, out, slo)
+    if not cfg.dynamic_first:
+        run_dynamic(cfg, doc, out, slo)
+    doc["machine_after"] = common.machine()
+    doc["wall_s"] = time.monotonic() - began
+    doc["verdict"] = verdict(doc)
+    common.write_json(out / "e3.json", doc)
+    doc["png"] = str(plot(doc, out / "e3.png"))
+    return doc
+
+
+def run_static(cfg: E3Config, doc: dict[str, Any], out: Path, slo: Slo) -> None:
     index = {mix(p): i for i, p in reversed(list(enumerate(cfg.phases)))}
     for n_p, n_d in STATIC:
         label = f"{n_p}P{n_d}D"
@@ -318,10 +338,10 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
             doc["rows"] += run_phases(server, cfg, label, slo,
                                       [(index[mix(p)], p) for p in cfg.mixes()],
                                       cfg.static_phase_s)
-    blockers = dynamic_blockers()
-    doc["dynamic_blockers"] = blockers
-    doc["controller_edits"], doc["switches"] = [], []
-    runs = [] if blockers else list(itertools.product(cfg.role_switches, cfg.starts))
+
+
+def run_dynamic(cfg: E3Config, doc: dict[str, Any], out: Path, slo: Slo) -> None:
+    runs = [] if doc["dynamic_blockers"] else list(itertools.product(cfg.role_switches, cfg.starts))
     for role_switch, start in runs:
         label = dynamic_label(role_switch, start)
         workdir = out / label.replace(" ", "_")
@@ -338,12 +358,6 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
         doc["switches"] += [dict(sw, run=label) for sw in switch_costs(log_text)]
         doc.setdefault("decisions", []).extend(
             dict(d, run=label) for d in decisions(log_text))
-    doc["machine_after"] = common.machine()
-    doc["wall_s"] = time.monotonic() - began
-    doc["verdict"] = verdict(doc)
-    common.write_json(out / "e3.json", doc)
-    doc["png"] = str(plot(doc, out / "e3.png"))
-    return doc
 
 
 def verdict(doc: dict[str, Any]) -> list[str]:
@@ -490,8 +504,10 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         lines += ["", "Switches the compute check refused (the controller logs each new kind "
                   "of decision once):", ""]
         lines += [f"- {d['run']}, {d['ratio']}: {d['reason']}" for d in said]
-    lines += ["", "Caveats: the dynamic run goes last, after the three static servers, so it "
-              "meets whatever load the shared machine carries then (load average above); the "
+    order = ("first, before the three static servers" if cfg.get("dynamic_first")
+             else "last, after the three static servers")
+    lines += ["", f"Caveats: the dynamic runs go {order}, so they "
+              "meet whatever load the shared machine carries then (load average above); the "
               "whole-phase figure includes the controller's reaction (a ratio window, the "
               "drain, the switch) after each shift."]
     if doc["dynamic_blockers"]:
