@@ -19,6 +19,11 @@ over the whole phase (the headline: the controller's reaction time counts
 against it) and over its second half (settled), SLO attainment, and each role
 switch's cost (drain, switch) from the controller's log.
 
+The static ratios are measured ``static_passes`` times: with 2 (the full run),
+once before the dynamic runs and once after, compared as the mean, since the
+shared machine's load drifts over a run by more than the ratios differ (the
+same ratio measured 1.2-1.4x apart on two servers minutes apart).
+
 Instances alternate between the two cores (prefill_i on core i%2, decode_i on
 core (i+1)%2) so every ratio spreads its instances 2/2 over the cores, and each
 holds ``slots`` requests (prefill slots / decode batch), which is what a
@@ -90,6 +95,10 @@ class E3Config:
     # run the dynamic deployments before the static ones (the shared machine's
     # load drifts over a run; swapping the order between runs shows how much)
     dynamic_first: bool = False
+    # static ratios measured this many times: with 2, once before and once after the
+    # dynamic runs, and compared as the mean (a drift of the machine's load over the
+    # run then weighs on both sides alike)
+    static_passes: int = 1
 
     def __post_init__(self) -> None:
         if not self.phases or self.phase_s <= 0 or self.static_phase_s <= 0 \
@@ -101,6 +110,8 @@ class E3Config:
         if not set(self.role_switches) <= {"live", "reload"}:
             raise ValueError(f"role_switches must be 'live' or 'reload', "
                              f"got {self.role_switches}")
+        if self.static_passes < 1:
+            raise ValueError(f"static_passes must be >= 1, got {self.static_passes}")
         for start in self.starts:
             n_p, n_d = parse_ratio(start)
             if n_p + n_d != 4:
@@ -134,9 +145,9 @@ FULL = E3Config(phases=(Phase("prompt-heavy", 900, 4), Phase("output-heavy", 16,
                 slo_ttft_ms=500.0, slo_tpot_ms=50.0, ratio_interval_s=4.0,
                 ratio_cooldown_s=8.0, drain_timeout_s=10.0, probe_interval_s=1.0,
                 ratio_min_peak=0.7, ratio_e2e_rise=2.0, ratio_share_delta=0.15,
-                role_switches=("live",), starts=("1P3D", "2P2D"))
+                role_switches=("live",), starts=("1P3D", "2P2D"), static_passes=2)
 QUICK = replace(FULL, phases=FULL.phases[:2], phase_s=15.0, static_phase_s=5.0,
-                warmup_requests=8, role_switches=("live",), starts=("2P2D",))
+                warmup_requests=8, role_switches=("live",), starts=("2P2D",), static_passes=1)
 
 
 def dynamic_label(role_switch: str, start: str = "2P2D") -> str:
@@ -316,11 +327,14 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     blockers = dynamic_blockers()
     doc["dynamic_blockers"] = blockers
     doc["controller_edits"], doc["switches"] = [], []
+    passes = list(range(cfg.static_passes))
     if cfg.dynamic_first:
         run_dynamic(cfg, doc, out, slo)
-    run_static(cfg, doc, out, slo)
-    if not cfg.dynamic_first:
+    else:  # static, dynamic, then the other static passes
+        run_static(cfg, doc, out, slo, passes.pop(0))
         run_dynamic(cfg, doc, out, slo)
+    for k in passes:
+        run_static(cfg, doc, out, slo, k)
     doc["machine_after"] = common.machine()
     doc["wall_s"] = time.monotonic() - began
     doc["verdict"] = verdict(doc)
@@ -329,15 +343,30 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     return doc
 
 
-def run_static(cfg: E3Config, doc: dict[str, Any], out: Path, slo: Slo) -> None:
+def run_static(cfg: E3Config, doc: dict[str, Any], out: Path, slo: Slo, k: int = 0) -> None:
     index = {mix(p): i for i, p in reversed(list(enumerate(cfg.phases)))}
     for n_p, n_d in STATIC:
         label = f"{n_p}P{n_d}D"
-        with common.deployed(spec(cfg, n_p, n_d), out / label) as server:
+        with common.deployed(spec(cfg, n_p, n_d), out / f"{label}_pass{k}") as server:
             warmup(server, cfg)
-            doc["rows"] += run_phases(server, cfg, label, slo,
-                                      [(index[mix(p)], p) for p in cfg.mixes()],
-                                      cfg.static_phase_s)
+            doc["rows"] += [dict(r, **{"pass": k}) for r in run_phases(
+                server, cfg, label, slo, [(index[mix(p)], p) for p in cfg.mixes()],
+                cfg.static_phase_s)]
+
+
+def static_means(doc: dict[str, Any], phase_index: int) -> dict[str, dict[str, Any]]:
+    """Static deployment -> mean req/s and SLO attainment over its passes, for the
+    mix of phase ``phase_index`` (one entry per pass under "passes")."""
+    phase = doc["config"]["phases"][phase_index]
+    acc: dict[str, list[dict[str, Any]]] = {}
+    for r in doc["rows"]:
+        if not is_dynamic(r["deployment"]) and r.get("mix", mix(phase)) == mix(phase) \
+                and ("mix" in r or r["index"] == phase_index):
+            acc.setdefault(r["deployment"], []).append(r)
+    return {d: {"req_per_s": sum(r["req_per_s"] for r in rs) / len(rs),
+                "slo_attainment": sum(r["slo_attainment"] or 0 for r in rs) / len(rs),
+                "passes": [r["req_per_s"] for r in rs]}
+            for d, rs in acc.items()}
 
 
 def run_dynamic(cfg: E3Config, doc: dict[str, Any], out: Path, slo: Slo) -> None:
@@ -364,15 +393,21 @@ def verdict(doc: dict[str, Any]) -> list[str]:
     """Per phase: best and worst static ratio (same mix), and the dynamic run against them."""
     lines = []
     for i, phase in enumerate(doc["config"]["phases"]):
-        static = {r["deployment"]: r["req_per_s"] for r in doc["rows"]
-                  if r.get("mix", mix(phase)) == mix(phase) and not is_dynamic(r["deployment"])
-                  and ("mix" in r or r["index"] == i)}
+        means = static_means(doc, i)
+        static = {d: m["req_per_s"] for d, m in means.items()}
         if not static:
             continue
         best, worst = max(static, key=static.__getitem__), min(static, key=static.__getitem__)
         spread = static[best] / static[worst]
-        line = (f"- phase {i} ({phase['name']}): best static {best} {static[best]:.2f} req/s, "
-                f"worst {worst} {static[worst]:.2f} req/s ({spread:.2f}x)")
+
+        def passes(d: str, means: dict[str, dict[str, Any]] = means) -> str:
+            runs = means[d]["passes"]
+            return "" if len(runs) < 2 else " (mean of " + " and ".join(
+                f"{x:.2f}" for x in runs) + ")"
+
+        line = (f"- phase {i} ({phase['name']}): best static {best} {static[best]:.2f} req/s"
+                f"{passes(best)}, worst {worst} {static[worst]:.2f} req/s{passes(worst)} "
+                f"({spread:.2f}x)")
         for row in (r for r in doc["rows"] if r["index"] == i and is_dynamic(r["deployment"])):
             d = row["req_per_s"]
             vs_worst, vs_best = d / static[worst], d / static[best]
@@ -399,11 +434,13 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / max(1, len(labels))
     for k, label in enumerate(labels):
-        # A static ratio measured each mix once: its bar stands at every phase of that mix.
-        mine = [r for r in doc["rows"] if r["deployment"] == label]
-        placed = [(i, r) for i, p in enumerate(phases) for r in mine
-                  if (r["index"] == i if is_dynamic(label) or "mix" not in r
-                      else r["mix"] == mix(p))]
+        # A static ratio measured each mix once (per pass): its bar, the mean of its
+        # passes, stands at every phase of that mix.
+        if is_dynamic(label):
+            placed = [(r["index"], r) for r in doc["rows"] if r["deployment"] == label]
+        else:
+            placed = [(i, static_means(doc, i)[label]) for i in range(len(phases))
+                      if label in static_means(doc, i)]
         xs = [i + k * width for i, _ in placed]
         rows = [r for _, r in placed]
         axes[0].bar(xs, [r["req_per_s"] for r in rows], width, label=label)
@@ -423,6 +460,10 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def pass_note(row: dict[str, Any], passes: int) -> str:
+    return f" (pass {row['pass'] + 1})" if passes > 1 and "pass" in row else ""
+
+
 def markdown(doc: dict[str, Any], figure: str | None) -> str:
     cfg, m, slo = doc["config"], doc["machine"], doc["slo"]
     phases = "; ".join(f"{p['name']} {p['input_len']} in / {p['output_len']} out"
@@ -440,7 +481,10 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         f"{cfg['phase_s']:.0f} s per phase, in order, starting at "
         f"{' / '.join(cfg.get('starts', ['2P2D']))} (one run each); each static ratio: "
         f"{static_s:.0f} s per distinct mix (a static deployment has nothing that changes "
-        "between phases of one mix). Every deployment is warmed up (each mix, unmeasured) "
+        "between phases of one mix)"
+        + (f", measured {cfg['static_passes']} times (before and after the dynamic runs) and "
+           "compared as the mean" if cfg.get("static_passes", 1) > 1 else "")
+        + ". Every deployment is warmed up (each mix, unmeasured) "
         f"first. {cfg['slots']} slots per instance (prefill slots / decode batch); instances "
         "alternate over the 2 cores; router unpinned.  ",
         f"Controller (`pdserve controller {' '.join(doc.get('controller_args', []))}`): "
@@ -465,7 +509,8 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
     for r in doc["rows"]:
         settled = r.get("settled_req_per_s")
         lines.append(
-            f"| {r['deployment']} | {r['index']}: {r['phase']} | {r['req_per_s']:.2f} | "
+            f"| {r['deployment']}{pass_note(r, cfg.get('static_passes', 1))} | "
+            f"{r['index']}: {r['phase']} | {r['req_per_s']:.2f} | "
             f"{common.fmt(settled, '.2f')} | {r['out_tok_per_s']:.0f} | "
             f"{common.fmt(r['ttft_p50_ms'])}/{common.fmt(r['ttft_p99_ms'])} | "
             f"{common.fmt(r['tpot_p50_ms'])} | {common.pct(r['slo_attainment'])} |")

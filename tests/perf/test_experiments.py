@@ -262,3 +262,32 @@ def test_e3_verdict_and_markdown_from_a_json_doc() -> None:
     close = [dict(r, req_per_s=v) for r, v in zip(rows, (3.0, 4.0, 3.5, 3.9), strict=True)]
     doc["rows"] = close
     assert "impossible here: best/worst is only 1.33x" in e3.verdict(doc)[0]
+
+
+def test_e3_static_passes_are_compared_as_their_mean(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    def row(d: str, r: float, k: int | None = None) -> dict[str, object]:
+        out = {"deployment": d, "phase": "p", "index": 0, "mix": "900/4", "req_per_s": r,
+               "out_tok_per_s": 1.0, "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0,
+               "tpot_p50_ms": 1.0, "slo_attainment": 0.5}
+        return out if k is None else dict(out, **{"pass": k})
+
+    # 2P2D measured 5.0 before the dynamic run and 3.0 after: the machine drifted.
+    rows = [row("1P3D", 2.0, 0), row("2P2D", 5.0, 0), row("dynamic", 3.8),
+            row("1P3D", 2.0, 1), row("2P2D", 3.0, 1)]
+    machine = {"cpu": "x", "usable_cores": 2, "load_average": [1, 1, 1], "date_utc": "now"}
+    doc = json.loads(json.dumps({
+        "config": asdict(replace(e3.QUICK, static_passes=2)),
+        "slo": {"ttft_ms": 1.0, "tpot_ms": 1.0}, "rows": rows, "machine": machine,
+        "machine_after": machine, "dynamic_blockers": [], "controller_edits": []}))
+    doc["config"]["phases"] = doc["config"]["phases"][:1]
+    assert e3.static_means(doc, 0)["2P2D"]["req_per_s"] == pytest.approx(4.0)
+    doc["verdict"] = e3.verdict(doc)
+    assert "best static 2P2D 4.00 req/s (mean of 5.00 and 3.00)" in doc["verdict"][0]
+    assert "95% of best" in doc["verdict"][0]  # 3.8 / mean 4.0, not 3.8 / 5.0
+    text = e3.markdown(doc, None)
+    assert "| 2P2D (pass 2) | 0: p | 3.00 |" in text and "measured 2 times" in text
+    assert e3.plot(doc, tmp_path / "e3.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="static_passes"):
+        replace(e3.FULL, static_passes=0)
