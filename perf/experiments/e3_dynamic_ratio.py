@@ -550,7 +550,8 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
                   "of decision once):", ""]
         lines += [f"- {d['run']}, {d['ratio']}: {d['reason']}" for d in said]
     order = ("first, before the three static servers" if cfg.get("dynamic_first")
-             else "last, after the three static servers")
+             else "between the two passes of the three static servers"
+             if cfg.get("static_passes", 1) > 1 else "last, after the three static servers")
     lines += ["", f"Caveats: the dynamic runs go {order}, so they "
               "meet whatever load the shared machine carries then (load average above); the "
               "whole-phase figure includes the controller's reaction (a ratio window, the "
