@@ -13,7 +13,9 @@ time, drain, minimums) fed by ``signals.scenario_signal`` with the inputs the
 live controller has: the window's TTFT/TPOT and tokens, the requests offered
 (ended early included) and their prompt tokens (the router's counters), and
 the prefills' busy share of their slots sampled every probe interval (the
-heartbeats' in-flight counts).
+heartbeats' in-flight counts), and, where the scenario's instances share a
+host's cores, each core's busy share over the window (what the heartbeats'
+``/proc/stat`` counters give the live controller's compute check).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pdserve.errors import Unavailable
 from pdserve.scheduler.controller.health import ProbeResult
 from pdserve.scheduler.controller.ratio_loop import Candidate, PendingSwitch, RatioLoop
 from pdserve.scheduler.controller.signals import Window, scenario_signal
+from pdserve.scheduler.ratio import ComputeView
 from pdserve.scheduler.sim.instance import SimInstance, SimRequest
 from pdserve.scheduler.sim.workload import failure_times
 
@@ -46,6 +49,7 @@ class Control:
         self._failed_at: dict[str, float] = {}
         self.fail_log: list[float] = []  # when each injected failure happened
         self._stopped = False
+        self._core_busy: dict[tuple[str, int], tuple[float, float]] = {}  # -> (busy s, at)
 
     def start(self) -> None:
         cfg, loop = self.c.config, self.c.loop
@@ -157,13 +161,14 @@ class Control:
         sc = c.scenarios[scenario]
         c.loop.after(cfg.ratio_interval_s, self._ratio_tick, scenario)
         window, occupancy = self._take_window(sc)
-        if window is None:
-            return
         t0 = time.perf_counter()
         candidates = [Candidate(i.name, i.role, i.is_routable, i.in_flight) for i in sc.members]
+        compute = self._compute_view(sc, candidates)  # every tick: the cores' next baseline
+        if window is None:
+            return
         n_p, n_d = RatioLoop.counts(candidates)
         signal = scenario_signal(window, c.loop.now, n_p, n_d, c.profile.prefill.max_batch_size,
-                                 c.profile.decode.max_batch_size, occupancy)
+                                 c.profile.decode.max_batch_size, occupancy, compute)
         if signal is None:
             return
         decision, switch = self.ratio_loop.decide(scenario, signal, candidates)
@@ -176,6 +181,27 @@ class Control:
             donor.health.begin_draining(c.loop.now)
             c.touch(donor)
             c.loop.after(1.0, self._switch_check, switch)
+
+    def _compute_view(self, sc: ScenarioState,
+                      candidates: list[Candidate]) -> ComputeView | None:
+        """Shared host cores only: each routable instance's core and each core's busy
+        share since the last ratio tick (None where instances own their hardware)."""
+        if sc.host is None:
+            return None
+        now = self.c.loop.now
+        busy: dict[str, float] = {}
+        for core in sc.host.cores:
+            # Read, not advanced: advancing would re-round the shared jobs' work.
+            total = core.busy_s + (now - core.t if core.num_runnable else 0.0)
+            key = (sc.spec.name, core.number)
+            before = self._core_busy.get(key)
+            self._core_busy[key] = (total, now)
+            if before is not None and now > before[1]:
+                busy[f"{sc.spec.name}/cpu{core.number}"] = (total - before[0]) / (now - before[1])
+        units = {i.name: frozenset({f"{sc.spec.name}/cpu{i.core.number}"})
+                 for i in sc.members if i.core is not None and i.is_routable}
+        return ComputeView(roles={c.name: c.role for c in candidates if c.routable},
+                           units=units, busy=busy)
 
     def _occupancy_tick(self, scenario: str) -> None:
         """As ``Controller._sample_occupancy``: in flight / slots of the routable prefills."""

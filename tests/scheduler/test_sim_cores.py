@@ -185,3 +185,46 @@ def test_shared_cores_run_is_deterministic() -> None:
     sc = ScenarioSpec("a", 2, 1, host=replace(E2_LIKE, request_s=0.01, token_s=0.001))
     a, b = _run(prof, specs, sc).outcomes, _run(prof, specs, sc).outcomes
     assert a.first == b.first and a.last == b.last
+
+
+def _ratio_run(n_p: int, n_d: int, compute_busy: float | None) -> Cluster:
+    """E3's layout on a 2-core host (prefill_i on core i%2, decode_i on (i+1)%2),
+    output-heavy Poisson traffic beyond the decodes' capacity, the controller's
+    ratio loop every 4 s."""
+    from pdserve.bench.workload import LengthDistribution
+    from pdserve.scheduler.ratio import RatioPolicy
+    from pdserve.scheduler.sim.profile import load_profile
+    from pdserve.scheduler.sim.workload import ScenarioLoad
+    from tests.scheduler.sim_helpers import ROOT
+
+    prof = load_profile(ROOT / "perf" / "sim_profiles" / "cpu_small_fitted_2026-12-02.yaml")
+    out_heavy = ScenarioLoad(rate=2.0, input=LengthDistribution(64, 0, 64, 64),
+                             output=LengthDistribution(512, 0, 512, 512))
+    host = HostCores(prefill=(0, 1), decode=(1, 0))
+    cfg = SimConfig(scenarios=(ScenarioSpec("a", n_p, n_d, load=out_heavy, host=host),),
+                    duration_s=40.0, ratio="dynamic", ratio_interval_s=4.0,
+                    ratio_policy=RatioPolicy(cooldown_s=8.0, compute_busy=compute_busy))
+    c = Cluster(cfg, prof)
+    c.run()
+    assert_clean(c)
+    return c
+
+
+def test_ratio_compute_check_on_shared_cores() -> None:
+    """The live controller's compute check, from the simulated cores' busy time: on
+    2P2D decode runs on both cores already, so a third decode is refused while the
+    cores are saturated (slots alone would switch); on 3P1D the lone decode's core
+    is saturated and a prefill on the other core brings it one, so it switches."""
+    def actions(c: Cluster) -> list[tuple[str, str]]:
+        return [(str(d["action"]), str(d["reason"])) for d in c.control.decisions
+                if d["action"] != "none" or "compute" in str(d["reason"])]
+
+    kept = actions(_ratio_run(2, 2, 0.85))
+    assert kept and all(a == "none" for a, _ in kept)
+    assert "decode compute saturated (100% busy on 2 units)" in kept[0][1]
+    slots_only = actions(_ratio_run(2, 2, None))
+    assert slots_only[0][0] == "add_decode"
+    spread = _ratio_run(3, 1, 0.85)
+    assert actions(spread)[0][0] == "add_decode"
+    moved = [i for i in spread.instances if i.name in ("a/p0", "a/p2") and i.role == "decode"]
+    assert len(moved) == 1 and moved[0].core is not None and moved[0].core.number == 0
