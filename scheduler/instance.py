@@ -7,6 +7,7 @@ the same code runs in the router, the controller and the simulator.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal, cast
@@ -76,9 +77,14 @@ class InstanceLoad:
     def from_bytes(cls, data: bytes) -> InstanceLoad:
         try:
             fields = json.loads(data)
-            return cls(**fields)
-        except (ValueError, TypeError) as exc:
+            # A field this version does not know (a newer instance's heartbeat)
+            # is left out, not an error: the rest of the report still holds.
+            return cls(**{k: v for k, v in fields.items() if k in _LOAD_FIELDS})
+        except (ValueError, TypeError, AttributeError) as exc:
             raise InvalidArgument(f"malformed instance load report: {exc}") from exc
+
+
+_LOAD_FIELDS = frozenset(f.name for f in dataclasses.fields(InstanceLoad))
 
 
 def as_role(value: str) -> Role:

@@ -78,3 +78,13 @@ def test_heartbeat_carries_counters_and_rejects_malformed_ones() -> None:
     with pytest.raises(InvalidArgument):
         InstanceLoad.from_bytes(b'{"name":"d","role":"decode","scenario":"s",'
                                 b'"max_batch_size":4,"compute":{"h/cpu0":"xy"}}')
+
+
+def test_heartbeat_fields_this_version_does_not_know_are_left_out() -> None:
+    newer = (b'{"name":"d","role":"decode","scenario":"s","max_batch_size":4,'
+             b'"in_flight":2,"some_future_field":[1,2]}')
+    load = InstanceLoad.from_bytes(newer)
+    assert (load.name, load.in_flight, load.compute) == ("d", 2, {})
+    for bad in (b"[1, 2]", b'{"role":"decode"}', b"not json"):
+        with pytest.raises(InvalidArgument, match="malformed"):
+            InstanceLoad.from_bytes(bad)
