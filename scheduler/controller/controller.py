@@ -188,16 +188,38 @@ class Controller:
             self.metrics.probes.labels("ok" if result.ok else "fail").inc()
             if after != before:
                 log.info("%s on %s: %s -> %s %s", key[1], key[0], before, after, h.last_error)
+            self._follow_served_role(key[1], result)
             role = self.entries[key[1]].role
-            if key[1] in self._acting and result.load is not None and result.load.role != role:
-                log.warning("%s answers as %s, not %s: back in its home role (restarted?)",
-                            key[1], result.load.role, role)
-                del self._acting[key[1]]
-                self.entries[key[1]] = self.repo.instances()[key[1]]
             if after == "failed" and before != "failed":
                 self.metrics.failures.labels(role).inc()
             if before == "replacing" and after == "healthy":
                 self.metrics.recoveries.labels(role).inc()
+
+    def _follow_served_role(self, name: str, result: ProbeResult) -> None:
+        """The instance's heartbeat says which role it serves; ``entries`` follow it.
+
+        Switched in place by us and now answering in another role: it is back in
+        its home role (Triton restarted the stub). Answering in another role than
+        the repository's at the generation it loaded, not switched by us: a
+        controller before this one switched it in place (this one restarted), so
+        take that role over; routers then keep routing it. A heartbeat of an older
+        generation is a reload not done yet, and says nothing.
+        """
+        load, entry = result.load, self.entries[name]
+        if load is None or load.role == entry.role:
+            return
+        if name in self._acting:
+            log.warning("%s answers as %s, not %s: back in its home role (restarted?)",
+                        name, load.role, entry.role)
+            del self._acting[name]
+            self.entries[name] = self.repo.instances()[name]
+        elif {load.role, entry.role} == {"prefill", "decode"} \
+                and result.generation == entry.generation:
+            log.warning("%s serves %s, its repository role is %s: switched in place before "
+                        "this controller started; taking that role over", name, load.role,
+                        entry.role)
+            self._acting[name] = (load.role, entry.generation)
+            self.entries[name] = entry.with_role(load.role)
 
     def _sample_occupancy(self) -> None:
         """Per scenario: prompts in flight over slots of the routable prefills now."""

@@ -346,6 +346,33 @@ def test_restart_in_place_ends_the_acting_role(tmp_path: Path) -> None:
         assert (status.role, status.acting_role) == ("decode", "")
 
 
+def test_a_restarted_controller_takes_over_roles_switched_in_place(tmp_path: Path) -> None:
+    """The controller that switched decode_1 in place is gone; the next one reads
+    decode_1's home role (decode) from the repository but its heartbeat says
+    prefill: it takes that role over, so decode_1 stays routable as a prefill
+    (without it, routers would see a decode answering as prefill: unroutable)."""
+    with switched_in_place(tmp_path) as (c, triton):
+        c.tick(11.0)
+        c.tick(12.0)
+        options = c.options
+    successor = Controller(c.repo, triton, options, ratio=RatioLoop(RatioPolicy()))
+    try:
+        successor.tick(100.0)
+        assert successor.acting_role("decode_1") == "prefill"
+        status = read_state(tmp_path / "state.json").instances["decode_1"]
+        assert (status.role, status.acting_role, status.routable) == ("prefill", "prefill", True)
+        assert successor.state.ratios["default"] == {"prefill": 2, "decode": 2}
+        assert c.repo.edits == []  # nothing was reloaded to get there
+        # A later restart of the stub brings its home role back, as for the first controller.
+        triton.restart_in_place("decode_1")
+        successor.tick(102.0)
+        successor.tick(104.0)
+        status = read_state(tmp_path / "state.json").instances["decode_1"]
+        assert (status.role, status.acting_role) == ("decode", "")
+    finally:
+        successor.close()
+
+
 def test_a_reload_ends_the_acting_role(tmp_path: Path) -> None:
     with switched_in_place(tmp_path) as (c, triton):
         c.tick(11.0)
