@@ -1,0 +1,203 @@
+"""E3 with static references next to each dynamic phase, on the same server.
+
+E3 compares the controller's run with static ratios measured on other servers
+minutes away; on the shared 2-core box the same ratio measured minutes apart
+moved by up to 1.43x (RESULTS.md, E3), more than the ratios differ. Here the
+references are taken right after each phase of the dynamic run, on its own
+server: the controller is stopped, the instances are switched in place to each
+static ratio in turn (a switch in place serves as fast as a static deployment:
+``perf.switch_in_place``), ``ref_s`` of the phase's mix is measured at each,
+the controller's roles are put back, and a fresh controller runs the next phase
+(it takes the roles switched in place over from the heartbeats). The static
+ratios keep E3's spread: each stage's instances cover both cores where they
+can.
+
+    python -m perf.experiments.e3_adjacent [--ref-s 20] [--start 1P3D] [--out DIR]
+
+Writes ``e3_adjacent.json`` (rows in E3's shape; reference rows carry
+``reference_for``) and prints the verdict per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from pdserve.bench.metrics import Slo
+from pdserve.scheduler.controller.probe import TritonProbeClient
+from pdserve.scheduler.controller.state import (
+    ControllerState,
+    DrainRequest,
+    InstanceStatus,
+    default_state_path,
+    update_state,
+    with_drain,
+    without_drain,
+)
+from pdserve.server.launcher import TritonServer
+from pdserve.server.repo import instances_from_spec
+from perf.experiments import common
+from perf.experiments import e3_dynamic_ratio as e3
+
+OWNER = "controller"  # the drains a controller would set
+
+
+def spread_roles(cores: Mapping[str, int], homes: Mapping[str, str],
+                 n_prefill: int) -> dict[str, str]:
+    """Roles for ``n_prefill`` prefills that spread each stage over the cores:
+    instances taken alternately from each core (home prefills first within a
+    core, then by name), the first ``n_prefill`` prefill, the rest decode."""
+    by_core: dict[int, list[str]] = {}
+    for name in sorted(cores, key=lambda n: (homes[n] != "prefill", n)):
+        by_core.setdefault(cores[name], []).append(name)
+    order: list[str] = []
+    queues = [by_core[c] for c in sorted(by_core)]
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+    return {name: "prefill" if k < n_prefill else "decode" for k, name in enumerate(order)}
+
+
+def flips(now: Mapping[str, str], target: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(instance, new role) to go from ``now`` to ``target`` one switch at a time,
+    never leaving a stage empty: a flip into the stage with fewer instances first."""
+    todo = sorted((n, r) for n, r in target.items() if now[n] != r)
+    roles = dict(now)
+    out = []
+    while todo:
+        count = {r: sum(1 for v in roles.values() if v == r) for r in ("prefill", "decode")}
+        todo.sort(key=lambda f: (count[f[1]], f[0]))
+        name, role = todo.pop(0)
+        out.append((name, role))
+        roles[name] = role
+    return out
+
+
+def served_roles(server: TritonServer, names: list[str]) -> dict[str, str]:
+    client = TritonProbeClient()
+    try:
+        out = {}
+        for name in names:
+            result = client.probe(server.options.http_url, name)
+            if result.load is None:
+                raise RuntimeError(f"{name} did not answer its heartbeat: {result.error}")
+            out[name] = result.load.role
+        return out
+    finally:
+        client.close()
+
+
+def switch_to(server: TritonServer, name: str, role: str, home: str,
+              timeout_s: float = 20.0) -> None:
+    """Drain ``name``, switch it to ``role`` in place (retrying while requests a
+    cancelled run left finish), publish the role for the routers, lift the drain."""
+    state = default_state_path(server.options.repository)
+    drain = DrainRequest(OWNER, "reference", time.time())
+    update_state(state, lambda s: with_drain(s, name, drain))
+    time.sleep(1.5)  # routers' heartbeats see the drain
+    client = TritonProbeClient()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not (result := client.set_role(server.options.http_url, name, role)).ok:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"set_role {role} on {name}: {result.error}")
+            time.sleep(0.5)
+    finally:
+        client.close()
+    acting = "" if role == home else role
+    status = InstanceStatus(role=role, scenario="default", state="healthy", routable=True,
+                            acting_role=acting)
+    update_state(state, lambda s: ControllerState(time.time(), {**s.instances, name: status},
+                                                  s.ratios, s.draining))
+    time.sleep(1.0)  # every router's next heartbeat answers in the new role
+    update_state(state, lambda s: without_drain(s, name, OWNER))
+    time.sleep(0.5)
+
+
+def set_roles(server: TritonServer, target: Mapping[str, str], homes: Mapping[str, str]) -> None:
+    now = served_roles(server, sorted(target))
+    for name, role in flips(now, target):
+        switch_to(server, name, role, homes[name])
+
+
+def run(cfg: e3.E3Config, start: str, ref_s: float, out: Path) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    slo = Slo(ttft_ms=cfg.slo_ttft_ms, tpot_ms=cfg.slo_tpot_ms)
+    spec = e3.spec(cfg, *e3.parse_ratio(start))
+    instances = [c for c in instances_from_spec(spec) if c.role in ("prefill", "decode")]
+    homes = {c.name: c.role for c in instances}
+    cores = {c.name: (c.cpu_cores or (0,))[0] for c in instances}
+    label = e3.dynamic_label("live", start)
+    doc: dict[str, Any] = {"experiment": "e3_adjacent",
+                           "config": {**asdict(cfg), "ref_s": ref_s, "start": start},
+                           "controller_args": e3.controller_args(cfg), "slo": slo.__dict__,
+                           "machine": common.machine(), "rows": [], "switches": []}
+    with common.deployed(spec, out / "server", poll_secs=1) as server:
+        e3.warmup(server, cfg)
+        for i, phase in enumerate(cfg.phases):
+            workdir = out / f"phase{i}"
+            workdir.mkdir(exist_ok=True)
+            with e3.controller(server, cfg, workdir, "live"):
+                doc["rows"] += e3.run_phases(server, cfg, label, slo, [(i, phase)], cfg.phase_s)
+            # A switch the stopped controller had begun leaves its drain behind.
+            update_state(default_state_path(server.options.repository), lambda s: ControllerState(
+                s.updated_at, {n: replace(st, state="healthy", routable=True)
+                               for n, st in s.instances.items()}, s.ratios, {}))
+            log = workdir / "controller.log"
+            text = log.read_text() if log.exists() else ""
+            doc["switches"] += [dict(sw, phase=i) for sw in e3.switch_costs(text)]
+            kept = served_roles(server, sorted(homes))
+            for n_p, _ in e3.STATIC:
+                set_roles(server, spread_roles(cores, homes, n_p), homes)
+                rows = e3.run_phases(server, cfg, f"{n_p}P{4 - n_p}D", slo, [(i, phase)], ref_s)
+                doc["rows"] += [dict(r, reference_for=label) for r in rows]
+            set_roles(server, kept, homes)
+    doc["machine_after"] = common.machine()
+    doc["wall_s"] = time.monotonic() - began
+    doc["verdict"] = verdict(doc)
+    common.write_json(out / "e3_adjacent.json", doc)
+    return doc
+
+
+def verdict(doc: dict[str, Any]) -> list[str]:
+    """Per phase: the dynamic run against the references taken right after it."""
+    lines = []
+    for row in (r for r in doc["rows"] if e3.is_dynamic(r["deployment"])):
+        refs = {r["deployment"]: r["req_per_s"] for r in doc["rows"]
+                if r.get("reference_for") == row["deployment"] and r["index"] == row["index"]}
+        if not refs:
+            continue
+        best, worst = max(refs, key=refs.__getitem__), min(refs, key=refs.__getitem__)
+        d, spread = row["req_per_s"], refs[best] / refs[worst]
+        goal_worst = ("met" if d / refs[worst] >= 1.6 else "NOT met") if spread >= 1.6 else (
+            f"impossible here: best/worst is only {spread:.2f}x")
+        lines.append(
+            f"- phase {row['index']} ({row['phase']}): {row['deployment']} {d:.2f} req/s; "
+            f"right after it on the same server: best {best} {refs[best]:.2f}, worst {worst} "
+            f"{refs[worst]:.2f} req/s; {100 * d / refs[best]:.0f}% of best (goal >= 90%: "
+            f"{'met' if d >= 0.9 * refs[best] else 'NOT met'}), {d / refs[worst]:.2f}x worst "
+            f"(goal >= 1.6x: {goal_worst})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ref-s", type=float, default=20.0)
+    parser.add_argument("--start", default="1P3D")
+    parser.add_argument("--out", type=Path, default=Path("perf/out/e3_adjacent"))
+    args = parser.parse_args(argv)
+    doc = run(e3.FULL, args.start, args.ref_s, args.out)
+    print("\n".join(doc["verdict"]))
+    print(json.dumps({"wall_s": round(doc["wall_s"]), "switches": len(doc["switches"])}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
