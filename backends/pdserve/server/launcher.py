@@ -43,6 +43,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from pdserve.errors import Unavailable
+from pdserve.kvtransfer.shm import sweep_stale_segments
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # backends/pdserve
 RUNTIME_DIR_ENV = "PDSERVE_RUNTIME_DIR"  # where stubs keep sockets (removed on stop)
@@ -264,6 +265,10 @@ class TritonServer:
             _wait_group_gone(proc.pid, timeout_s=5.0)
             self.process = None
         self.sweep_shm()
+        # A decode's KV arena is unlinked by its own stub on a clean shutdown and
+        # swept by the next stub's start after a kill; a stub killed last (or at
+        # stop) has no successor: its segment goes now (only dead creators').
+        sweep_stale_segments()
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
@@ -276,8 +281,8 @@ class TritonServer:
         return sorted(SHM_DIR.glob(f"{self.shm_prefix}*")) if SHM_DIR.is_dir() else []
 
     def sweep_shm(self) -> None:
-        """Remove the regions of stubs that died without unlinking them (call
-        once the server is down)."""
+        """Remove this server's stub IPC regions left by stubs that died without
+        unlinking them (call once the server is down)."""
         for path in self.shm_regions():
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
