@@ -2,7 +2,8 @@
 
 E3's output-heavy mix (16 in / 160 out, closed loop of 16, ``seconds`` per
 measurement) on the `tiny` instances E3 uses, with the state file written the
-way the controller writes it (drain, ``set_role``, ``acting_role``, lift):
+way the controller writes it (drain, ``set_role``, ``acting_role``, lift;
+``e3_adjacent.switch_to``):
 
     roundtrip   one static 1P3D server: measure; switch decode_2 to prefill and
                 back in place; measure again (``rounds`` times)
@@ -20,27 +21,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import tempfile
-import time
 from pathlib import Path
 
 from pdserve.bench.metrics import Slo
-from pdserve.scheduler.controller.probe import TritonProbeClient
-from pdserve.scheduler.controller.state import (
-    ControllerState,
-    DrainRequest,
-    InstanceStatus,
-    default_state_path,
-    update_state,
-    with_drain,
-    without_drain,
-)
 from pdserve.server.launcher import TritonServer
 from perf.experiments import common
 from perf.experiments import e3_dynamic_ratio as e3
+from perf.experiments.e3_adjacent import switch_to
 
 CFG = e3.FULL
 OUTPUT_HEAVY = CFG.phases[1]
-OWNER = "controller"
 
 
 def measure(server: TritonServer, label: str, seed: int, seconds: float) -> float:
@@ -53,33 +43,13 @@ def measure(server: TritonServer, label: str, seed: int, seconds: float) -> floa
     return float(row["req_per_s"])
 
 
-def switch(server: TritonServer, name: str, roles: tuple[str, ...], acting: str) -> None:
-    """Drain ``name``, switch it through ``roles`` in place, publish ``acting``
-    (the role it serves, "" for its home role) and lift the drain."""
-    state = default_state_path(server.options.repository)
-    update_state(state, lambda s: with_drain(s, name, DrainRequest(OWNER, "probe", time.time())))
-    time.sleep(1.5)  # routers' heartbeats see the drain; nothing was in flight there
-    client = TritonProbeClient()
-    for role in roles:
-        result = client.set_role(server.options.http_url, name, role)
-        if not result.ok:
-            raise RuntimeError(f"set_role {role} on {name}: {result.error}")
-    if acting:
-        status = InstanceStatus(role=acting, scenario="default", state="healthy",
-                                routable=True, acting_role=acting)
-        update_state(state, lambda s: ControllerState(time.time(), {**s.instances, name: status},
-                                                      s.ratios, s.draining))
-        time.sleep(1.0)  # every router's next heartbeat answers in the new role
-    update_state(state, lambda s: without_drain(s, name, OWNER))
-    time.sleep(1.0)
-
-
 def roundtrip(workdir: Path, rounds: int, seconds: float) -> None:
     with common.deployed(e3.spec(CFG, 1, 3), workdir / "roundtrip", poll_secs=1) as server:
         e3.warmup(server, CFG)
         for r in range(rounds):
             measure(server, f"static 1P3D, round {r}", 20 + r, seconds)
-            switch(server, "decode_2", ("prefill", "decode"), acting="")
+            switch_to(server, "decode_2", "prefill", home="decode")
+            switch_to(server, "decode_2", "decode", home="decode")
             measure(server, f"same server after decode_2 -> prefill -> decode, round {r}",
                     30 + r, seconds)
 
@@ -91,7 +61,7 @@ def vs_static(workdir: Path, rounds: int, seconds: float) -> None:
             measure(server, f"static 1P3D, round {r}", 10 + r, seconds)
         with common.deployed(e3.spec(CFG, 2, 2), workdir / f"live{r}", poll_secs=1) as server:
             e3.warmup(server, CFG)
-            switch(server, "prefill_0", ("decode",), acting="decode")
+            switch_to(server, "prefill_0", "decode", home="prefill")
             measure(server, f"2P2D with prefill_0 switched to decode in place, round {r}",
                     10 + r, seconds)
 
