@@ -265,17 +265,18 @@ _STATE = re.compile(r"^(\S+) on \S+: (\w+) -> (\w+)")
 _DECISION = re.compile(r"^ratio (\S+): (\w+) (\d+P\d+D) \((.*)\)$")
 
 
+def log_messages(log_text: str) -> Iterator[tuple[float, str]]:
+    """(time, message) of each line of the controller's log."""
+    for line in log_text.splitlines():
+        if m := _LOG_LINE.match(line):
+            yield dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp(), m.group(2)
+
+
 def decisions(log_text: str) -> list[dict[str, Any]]:
     """The controller's ratio decisions as it logged them (each new kind of answer)."""
-    out = []
-    for line in log_text.splitlines():
-        m = _LOG_LINE.match(line)
-        d = _DECISION.match(m.group(2)) if m else None
-        if m and d:
-            at = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            out.append({"at": at, "scenario": d.group(1), "action": d.group(2),
-                        "ratio": d.group(3), "reason": d.group(4)})
-    return out
+    return [{"at": at, "scenario": d.group(1), "action": d.group(2), "ratio": d.group(3),
+             "reason": d.group(4)}
+            for at, msg in log_messages(log_text) if (d := _DECISION.match(msg))]
 
 
 def switch_costs(log_text: str) -> list[dict[str, Any]]:
@@ -284,12 +285,7 @@ def switch_costs(log_text: str) -> list[dict[str, Any]]:
     the instance was healthy again (reloaded; in place: the drain lifted)."""
     switches: list[dict[str, Any]] = []
     open_: dict[str, dict[str, Any]] = {}
-    for line in log_text.splitlines():
-        m = _LOG_LINE.match(line)
-        if not m:
-            continue
-        at = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        msg = m.group(2)
+    for at, msg in log_messages(log_text):
         if d := _DRAIN.match(msg):
             open_[d.group(1)] = {"instance": d.group(1), "to_role": d.group(2),
                                  "drain_at": at, "reason": d.group(3), "how": "reload"}
