@@ -45,6 +45,14 @@ class InstanceLoad:
     compute: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # One cheap test of the common case (the simulator builds millions of
+        # these); the detailed checks only when something is off or measured.
+        if (not self.name or self.role not in ROLES or self.max_batch_size <= 0
+                or self.in_flight < 0 or self.queued < 0 or self.kv_free_bytes < 0
+                or self.kv_total_bytes < 0 or self.compute):
+            self._validate()
+
+    def _validate(self) -> None:
         if not self.name:
             raise InvalidArgument("instance name must not be empty")
         if self.role not in ROLES:

@@ -3,19 +3,24 @@
 E3 compares the controller's run with static ratios measured on other servers
 minutes away; on the shared 2-core box the same ratio measured minutes apart
 moved by up to 1.43x (RESULTS.md, E3), more than the ratios differ. Here the
-references are taken right after each phase of the dynamic run, on its own
-server: the controller is stopped, the instances are switched in place to each
-static ratio in turn (a switch in place serves as fast as a static deployment:
+references are taken on the dynamic run's own server, right before and right
+after each of its phases (``--no-bracket``: after only): the controller is
+stopped, the instances are switched in place to each static ratio in turn (a
+switch in place serves as fast as a static deployment:
 ``perf.switch_in_place``), ``ref_s`` of the phase's mix is measured at each,
-the controller's roles are put back, and a fresh controller runs the next phase
-(it takes the roles switched in place over from the heartbeats). The static
-ratios keep E3's spread: each stage's instances cover both cores where they
-can.
+the roles that were serving are put back, and a fresh controller runs the
+phase (it takes the roles switched in place over from the heartbeats). A
+phase is compared with the mean of its references before and after, so a
+drift of the machine's speed across the phase weighs on both sides alike. The
+static ratios keep E3's spread: each stage's instances cover both cores where
+they can. ``--repeat N`` runs the whole thing N times, each on a fresh server,
+and summarises each phase over the runs (median).
 
-    python -m perf.experiments.e3_adjacent [--ref-s 20] [--start 1P3D] [--out DIR]
+    python -m perf.experiments.e3_adjacent [--ref-s 20] [--start 1P3D] [--repeat N] [--out DIR]
 
 Writes ``e3_adjacent.json`` (rows in E3's shape; reference rows carry
-``reference_for``) and prints the verdict per phase.
+``reference_for`` and ``reference_when``) per run and prints the verdict per
+phase.
 """
 
 from __future__ import annotations
@@ -126,7 +131,24 @@ def set_roles(server: TritonServer, target: Mapping[str, str], homes: Mapping[st
         switch_to(server, name, role, homes[name])
 
 
-def run(cfg: e3.E3Config, start: str, ref_s: float, out: Path) -> dict[str, Any]:
+def references(server: TritonServer, cfg: e3.E3Config, cores: Mapping[str, int],
+               homes: Mapping[str, str], index: int, phase: e3.Phase, ref_s: float,
+               label: str, when: str, slo: Slo) -> list[dict[str, Any]]:
+    """Each static ratio in turn, ``ref_s`` of the phase's mix, then the roles
+    that were serving put back."""
+    kept = served_roles(server, sorted(homes))
+    rows: list[dict[str, Any]] = []
+    for n_p, _ in e3.STATIC:
+        set_roles(server, spread_roles(cores, homes, n_p), homes)
+        rows += [dict(r, reference_for=label, reference_when=when)
+                 for r in e3.run_phases(server, cfg, f"{n_p}P{4 - n_p}D", slo,
+                                        [(index, phase)], ref_s)]
+    set_roles(server, kept, homes)
+    return rows
+
+
+def run(cfg: e3.E3Config, start: str, ref_s: float, out: Path,
+        bracket: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     slo = Slo(ttft_ms=cfg.slo_ttft_ms, tpot_ms=cfg.slo_tpot_ms)
@@ -136,12 +158,16 @@ def run(cfg: e3.E3Config, start: str, ref_s: float, out: Path) -> dict[str, Any]
     cores = {c.name: (c.cpu_cores or (0,))[0] for c in instances}
     label = e3.dynamic_label("live", start)
     doc: dict[str, Any] = {"experiment": "e3_adjacent",
-                           "config": {**asdict(cfg), "ref_s": ref_s, "start": start},
+                           "config": {**asdict(cfg), "ref_s": ref_s, "start": start,
+                                      "bracket": bracket},
                            "controller_args": e3.controller_args(cfg), "slo": slo.__dict__,
                            "machine": common.machine(), "rows": [], "switches": []}
     with common.deployed(spec, out / "server", poll_secs=1) as server:
         e3.warmup(server, cfg)
         for i, phase in enumerate(cfg.phases):
+            if bracket:
+                doc["rows"] += references(server, cfg, cores, homes, i, phase, ref_s, label,
+                                          "before", slo)
             workdir = out / f"phase{i}"
             workdir.mkdir(exist_ok=True)
             with e3.controller(server, cfg, workdir, "live"):
@@ -153,12 +179,8 @@ def run(cfg: e3.E3Config, start: str, ref_s: float, out: Path) -> dict[str, Any]
             log = workdir / "controller.log"
             text = log.read_text() if log.exists() else ""
             doc["switches"] += [dict(sw, phase=i) for sw in e3.switch_costs(text)]
-            kept = served_roles(server, sorted(homes))
-            for n_p, _ in e3.STATIC:
-                set_roles(server, spread_roles(cores, homes, n_p), homes)
-                rows = e3.run_phases(server, cfg, f"{n_p}P{4 - n_p}D", slo, [(i, phase)], ref_s)
-                doc["rows"] += [dict(r, reference_for=label) for r in rows]
-            set_roles(server, kept, homes)
+            doc["rows"] += references(server, cfg, cores, homes, i, phase, ref_s, label,
+                                      "after", slo)
     doc["machine_after"] = common.machine()
     doc["wall_s"] = time.monotonic() - began
     doc["verdict"] = verdict(doc)
@@ -166,24 +188,69 @@ def run(cfg: e3.E3Config, start: str, ref_s: float, out: Path) -> dict[str, Any]
     return doc
 
 
-def verdict(doc: dict[str, Any]) -> list[str]:
-    """Per phase: the dynamic run against the references taken right after it."""
-    lines = []
+def phase_figures(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per dynamic phase: its req/s and each static ratio's reference on the
+    same server (the mean of the references taken before and after it)."""
+    out = []
     for row in (r for r in doc["rows"] if e3.is_dynamic(r["deployment"])):
-        refs = {r["deployment"]: r["req_per_s"] for r in doc["rows"]
-                if r.get("reference_for") == row["deployment"] and r["index"] == row["index"]}
-        if not refs:
+        taken: dict[str, list[float]] = {}
+        for r in doc["rows"]:
+            if r.get("reference_for") == row["deployment"] and r["index"] == row["index"]:
+                taken.setdefault(r["deployment"], []).append(r["req_per_s"])
+        if not taken:
             continue
-        best, worst = max(refs, key=refs.__getitem__), min(refs, key=refs.__getitem__)
-        d, spread = row["req_per_s"], refs[best] / refs[worst]
-        goal_worst = ("met" if d / refs[worst] >= 1.6 else "NOT met") if spread >= 1.6 else (
-            f"impossible here: best/worst is only {spread:.2f}x")
+        refs = {dep: sum(v) / len(v) for dep, v in taken.items()}
+        best = max(refs, key=refs.__getitem__)
+        worst = min(refs, key=refs.__getitem__)
+        out.append({"index": row["index"], "phase": row["phase"],
+                    "deployment": row["deployment"], "req_per_s": row["req_per_s"],
+                    "refs": refs, "passes": max(len(v) for v in taken.values()),
+                    "best": best, "worst": worst,
+                    "of_best": row["req_per_s"] / refs[best],
+                    "of_worst": row["req_per_s"] / refs[worst],
+                    "spread": refs[best] / refs[worst]})
+    return out
+
+
+def verdict(doc: dict[str, Any]) -> list[str]:
+    """Per phase: the dynamic run against the references taken next to it."""
+    lines = []
+    for f in phase_figures(doc):
+        goal_worst = ("met" if f["of_worst"] >= 1.6 else "NOT met") if f["spread"] >= 1.6 else (
+            f"impossible here: best/worst is only {f['spread']:.2f}x")
+        taken = "mean of before and after" if f["passes"] > 1 else "right after it"
         lines.append(
-            f"- phase {row['index']} ({row['phase']}): {row['deployment']} {d:.2f} req/s; "
-            f"right after it on the same server: best {best} {refs[best]:.2f}, worst {worst} "
-            f"{refs[worst]:.2f} req/s; {100 * d / refs[best]:.0f}% of best (goal >= 90%: "
-            f"{'met' if d >= 0.9 * refs[best] else 'NOT met'}), {d / refs[worst]:.2f}x worst "
+            f"- phase {f['index']} ({f['phase']}): {f['deployment']} {f['req_per_s']:.2f} "
+            f"req/s; on the same server ({taken}): best {f['best']} {f['refs'][f['best']]:.2f}, "
+            f"worst {f['worst']} {f['refs'][f['worst']]:.2f} req/s; "
+            f"{100 * f['of_best']:.0f}% of best (goal >= 90%: "
+            f"{'met' if f['of_best'] >= 0.9 else 'NOT met'}), {f['of_worst']:.2f}x worst "
             f"(goal >= 1.6x: {goal_worst})")
+    return lines
+
+
+def summary(docs: list[dict[str, Any]]) -> list[str]:
+    """Each phase over repeated runs: the dynamic run's share of the best
+    reference in each run, its median, and how many runs met 90%."""
+    by_phase: dict[int, list[dict[str, Any]]] = {}
+    for doc in docs:
+        for f in phase_figures(doc):
+            by_phase.setdefault(f["index"], []).append(f)
+    lines = []
+    for index in sorted(by_phase):
+        figs = by_phase[index]
+        shares = sorted(f["of_best"] for f in figs)
+        n = len(shares)
+        median = shares[n // 2] if n % 2 else (shares[n // 2 - 1] + shares[n // 2]) / 2
+        met = sum(1 for s in shares if s >= 0.9)
+        spreads = ", ".join(f"{f['spread']:.2f}x" for f in figs)
+        each = ", ".join(f"{100 * f['of_best']:.0f}%" for f in figs)
+        lines.append(
+            f"- phase {index} ({figs[0]['phase']}): "
+            f"{each} of the best reference "
+            f"in {n} run(s); median {100 * median:.0f}% (goal >= 90%: "
+            f"{'met' if median >= 0.9 else 'NOT met'}); >= 90% in {met} of {n}; "
+            f"best/worst reference {spreads}")
     return lines
 
 
@@ -191,11 +258,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ref-s", type=float, default=20.0)
     parser.add_argument("--start", default="1P3D")
+    parser.add_argument("--repeat", type=int, default=1, help="runs, each on a fresh server")
+    parser.add_argument("--no-bracket", action="store_true",
+                        help="references after each phase only (not also before)")
     parser.add_argument("--out", type=Path, default=Path("perf/out/e3_adjacent"))
     args = parser.parse_args(argv)
-    doc = run(e3.FULL, args.start, args.ref_s, args.out)
-    print("\n".join(doc["verdict"]))
-    print(json.dumps({"wall_s": round(doc["wall_s"]), "switches": len(doc["switches"])}))
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    docs = []
+    for k in range(args.repeat):
+        out = args.out if args.repeat == 1 else args.out / f"run{k}"
+        doc = run(e3.FULL, args.start, args.ref_s, out, bracket=not args.no_bracket)
+        docs.append(doc)
+        print("\n".join(doc["verdict"]))
+        print(json.dumps({"run": k, "wall_s": round(doc["wall_s"]),
+                          "switches": len(doc["switches"])}), flush=True)
+    if args.repeat > 1:
+        lines = summary(docs)
+        print("\n".join(lines))
+        common.write_json(args.out / "summary.json", {"summary": lines,
+                                                      "runs": [f"run{k}" for k in
+                                                               range(args.repeat)]})
     return 0
 
 

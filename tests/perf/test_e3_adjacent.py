@@ -51,3 +51,39 @@ def test_verdict_against_the_references_taken_after_each_phase() -> None:
     assert "1.90x worst (goal >= 1.6x: met)" in lines[0]
     assert "80% of best (goal >= 90%: NOT met)" in lines[1]
     assert "impossible here: best/worst is only 1.11x" in lines[1]
+
+
+def _rows(dyn: str, index: int, rps: float,
+          refs: dict[str, list[float]]) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = [{"deployment": dyn, "phase": "p", "index": index,
+                                      "req_per_s": rps}]
+    for dep, values in refs.items():
+        for when, value in zip(("before", "after"), values, strict=False):
+            rows.append({"deployment": dep, "phase": "p", "index": index, "req_per_s": value,
+                         "reference_for": dyn, "reference_when": when})
+    return rows
+
+
+def test_bracketed_references_are_compared_as_the_mean_of_before_and_after() -> None:
+    dyn = "dynamic from 1P3D"
+    # the machine sped up across the phase: before 8, after 12 for 2P2D
+    doc = {"rows": _rows(dyn, 0, 9.2, {"1P3D": [5.0, 7.0], "2P2D": [8.0, 12.0],
+                                       "3P1D": [6.0, 6.0]})}
+    (fig,) = adj.phase_figures(doc)
+    assert fig["refs"] == {"1P3D": 6.0, "2P2D": 10.0, "3P1D": 6.0}
+    assert fig["passes"] == 2 and fig["best"] == "2P2D"
+    assert abs(fig["of_best"] - 0.92) < 1e-9
+    (line,) = adj.verdict(doc)
+    assert "mean of before and after" in line and "92% of best (goal >= 90%: met)" in line
+    # against the "after" reference alone it would have been a miss (9.2 / 12 = 77%)
+
+
+def test_summary_takes_the_median_over_runs() -> None:
+    dyn = "dynamic from 1P3D"
+    docs = [{"rows": _rows(dyn, 0, rps, {"1P3D": [5.0], "2P2D": [10.0], "3P1D": [6.0]})}
+            for rps in (7.0, 9.5, 9.1)]
+    (line,) = adj.summary(docs)
+    assert line.startswith("- phase 0 (p): 70%, 95%, 91% of the best reference in 3 run(s)")
+    assert "median 91% (goal >= 90%: met); >= 90% in 2 of 3" in line
+    (line,) = adj.summary(docs[:2])
+    assert "median 82% (goal >= 90%: NOT met); >= 90% in 1 of 2" in line

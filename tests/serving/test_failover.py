@@ -15,6 +15,7 @@ Recovery times are printed (``-s``) for perf/RESULTS.md.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +59,17 @@ class Cluster:
     def state(self) -> ControllerState:
         return read_state(default_state_path(self.repo))
 
+    def diagnosis(self, log: Path) -> str:
+        """What a timed-out wait reports: the controller's view and its log's tail."""
+        try:
+            st = self.state()
+            view = "\n".join(f"  {n}: {s}" for n, s in sorted(st.instances.items()))
+            view += f"\n  draining: {st.draining}"
+        except Exception as e:  # the state file itself may be what broke
+            view = f"  state unreadable: {e!r}"
+        tail = log.read_text(errors="replace").splitlines()[-60:] if log.exists() else []
+        return "controller state:\n" + view + "\ncontroller log (tail):\n" + "\n".join(tail)
+
     def expected(self, prompt: list[int], max_tokens: int) -> list[int]:
         key = (tuple(prompt), max_tokens)
         if key not in self.reference:
@@ -77,18 +89,32 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             ControllerOptions(servers=(server.options.http_url,),
                               state_path=default_state_path(repo.root),
                               health=HealthPolicy(probe_interval_s=0.5, load_timeout_s=90)))
+        # The controller's INFO log, kept for a wait that times out (a CI run once
+        # found decode_0 not back in routing after 90 s, with nothing to tell why).
+        log_path = tmp / "controller.log"
+        handler = logging.FileHandler(log_path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        ctl_log = logging.getLogger("pdserve.scheduler.controller")
+        old_level = ctl_log.level
+        ctl_log.addHandler(handler)
+        ctl_log.setLevel(logging.INFO)
         stop = threading.Event()
         thread = threading.Thread(target=controller.run, args=(stop, time.monotonic),
                                   daemon=True)
         thread.start()
         try:
             c = Cluster(server, repo.root, controller)
+            _DIAGNOSE.append(lambda: c.diagnosis(log_path))
             _wait(lambda: _all_routable(c), 60, "every instance healthy")
             yield c
         finally:
+            _DIAGNOSE.clear()
             stop.set()
             thread.join(timeout=30)
             controller.close()
+            ctl_log.removeHandler(handler)
+            ctl_log.setLevel(old_level)
+            handler.close()
 
 
 def _all_routable(c: Cluster) -> bool:
@@ -97,11 +123,16 @@ def _all_routable(c: Cluster) -> bool:
                for n in INSTANCES)
 
 
+# Set while the module's cluster runs: what a timed-out wait adds to its message.
+_DIAGNOSE: list[Callable[[], str]] = []
+
+
 def _wait(pred: Callable[[], bool], timeout_s: float, what: str) -> float:
     t0 = time.monotonic()
     while not pred():
         if time.monotonic() - t0 > timeout_s:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+            detail = "\n".join(d() for d in _DIAGNOSE)
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{detail}")
         time.sleep(0.05)
     return time.monotonic() - t0
 
