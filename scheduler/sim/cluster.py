@@ -124,6 +124,7 @@ class Cluster:
         self._local = config.admission == "local_queue"
         self._rtt = profile.attempt_rtt_s + profile.serving_overhead_s
         self._pf_slots = profile.prefill.max_batch_size
+        self._kv_total = profile.decode.kv_capacity_tokens * profile.kv_bytes_per_token
         number = 0
         for k, spec in enumerate(config.scenarios):
             if k % n_parts != i_part:
@@ -182,7 +183,12 @@ class Cluster:
         if both or role != "decode":
             sc.prefills.update(load, is_prefill_candidate(load))
         if both or role != "prefill":
-            sc.decodes.update(load, load.is_routable and role != "prefill")
+            # Only decodes with a free batch slot: ``can_take`` refuses every other
+            # one, so the first that can take a request is the same as over all of
+            # them (the order is the policy's), and a saturated scenario's decode
+            # choice does not walk past every full instance at each retry.
+            sc.decodes.update(load, load.is_routable and role != "prefill"
+                              and load.free_slots > 0)
 
     # -- running -------------------------------------------------------------
     def run(self) -> None:
@@ -260,8 +266,15 @@ class Cluster:
         loads = sc.loads
         chosen = None
         for name in sc.decodes:  # best first: the first that can take it
-            if can_take(loads[name], need):
+            load = loads[name]
+            if can_take(load, need):
                 chosen = name
+                break
+            if load.kv_total_bytes == self._kv_total:
+                # Every simulated instance has the profile's KV size, so the policy's
+                # order (most free KV share first) is most free bytes first, and the
+                # index holds only routable decodes with a free slot: this one lacks
+                # the KV, so every one after it does too.
                 break
         self.cost.add("decode_choice", time.perf_counter() - t0)
         if chosen is None:
