@@ -9,9 +9,12 @@ import pytest
 from pdserve.bench.metrics import Slo, summarize
 from pdserve.bench.records import RequestRecord
 from pdserve.bench.report import to_json
+from pdserve.scheduler.decode_choice import rank_decodes
 from pdserve.scheduler.forwarding import ForwardingPolicy
 from pdserve.scheduler.ratio import RatioPolicy
+from pdserve.scheduler.sim.cluster import Cluster, ScenarioState
 from pdserve.scheduler.sim.config import ScenarioSpec, SimConfig
+from pdserve.scheduler.sim.instance import SimRequest
 from pdserve.scheduler.sim.results import fast_summary
 from pdserve.scheduler.sim.runner import simulate
 from pdserve.scheduler.sim.workload import DayNight, ScenarioLoad
@@ -160,4 +163,37 @@ def test_dynamic_ratio_follows_a_day_night_cycle_both_ways() -> None:
     assert at_night and all(d["action"] == "add_prefill" for d in at_night), at_night
     assert next_day and all(d["action"] == "add_decode" for d in next_day), next_day
     assert int(str(next_day[-1]["n_prefill"])) <= n_p + 1
+    assert_clean(c)
+
+
+class _CheckedDecodeChoice(Cluster):
+    """Checks every decode choice against the policy over the whole scenario."""
+
+    checked = chosen = refused = 0
+
+    def _reserve_decode(self, sc: ScenarioState, req: SimRequest) -> bool:
+        need = req.kv_tokens * self.profile.kv_bytes_per_token
+        ranked = rank_decodes(sc.loads.values(), need)
+        took = super()._reserve_decode(sc, req)
+        assert took == bool(ranked)
+        assert (req.decode.name if took and req.decode else None) == (
+            ranked[0] if ranked else None)
+        self.checked += 1
+        self.chosen += took
+        self.refused += not took
+        return took
+
+
+@pytest.mark.parametrize("kv_tokens,max_batch", [(6000, 64), (1 << 20, 3), (9000, 5)])
+def test_decode_choice_is_the_policys_first_choice_under_kv_and_slot_pressure(
+        kv_tokens: int, max_batch: int) -> None:
+    """The simulator's decode choice walks an index of decodes with a free slot and
+    stops at the first one short of KV; that must be ``rank_decodes``' first pick over
+    every load, also when KV or batch slots run out (each retry is one more check)."""
+    prof = profile()
+    prof = replace(prof, decode=replace(prof.decode, kv_capacity_tokens=kv_tokens,
+                                        max_batch_size=max_batch))
+    c = _CheckedDecodeChoice(config(rate=60, n_p=3, n_d=3, duration_s=15), prof)
+    c.run()
+    assert c.chosen > 100 and c.refused > 100, (c.chosen, c.refused)
     assert_clean(c)
