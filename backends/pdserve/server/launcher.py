@@ -21,6 +21,17 @@ pyenv's via PYTHONHOME, corrupted BYTES tensors here). We hand it our
 site-packages through ``PDSERVE_SITE_PACKAGES``; ``model.py`` adds them with
 ``site.addsitedir`` so the editable-install ``.pth`` hooks run (plain
 ``PYTHONPATH`` skips those).
+
+Supervision: Triton 2.51's Python backend can abort the whole server when a
+stub dies at the wrong moment (``terminate called after throwing an instance
+of 'boost::interprocess::lock_exception'``, SIGABRT: the killed stub held a
+mutex in the shared IPC region; an open upstream issue, seen here about once
+in five SIGKILLs of a streaming decode stub). ``pdserve serve`` therefore
+restarts a tritonserver that exits on its own: it cleans up what the dead
+group left (stubs, IPC regions, KV arenas, sockets), starts it again on the
+same ports and repository, and backs off (1 s, doubling) up to
+``--max-restarts`` within ``--restart-window``; past that it exits 1. The
+controller sees the instances fail and come back, as after any failure.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -38,6 +50,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -223,14 +237,17 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self) -> None:
-        """Block until every model in the repository is READY; raise on exit/timeout."""
+    def wait_ready(self, should_stop: Callable[[], bool] | None = None) -> None:
+        """Block until every model in the repository is READY; raise on exit/timeout
+        (or as soon as ``should_stop()`` is true)."""
         deadline = time.monotonic() + self.options.ready_timeout_s
         expected = {p.name for p in Path(self.options.repository).iterdir() if p.is_dir()}
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise Unavailable(f"tritonserver exited with code {self.process.returncode}")
+                raise Unavailable(f"tritonserver {describe_exit(self.process.returncode)}")
+            if should_stop is not None and should_stop():
+                raise Unavailable("stopped while waiting for the models to be ready")
             if self.is_ready():
                 with contextlib.suppress(urllib.error.URLError, OSError):
                     req = urllib.request.Request(
@@ -276,6 +293,19 @@ class TritonServer:
             self._tmp.cleanup()
             self._tmp = None
 
+    def restart(self, should_stop: Callable[[], bool] | None = None) -> None:
+        """Start tritonserver again on the same options (ports, repository) after
+        it died: what the dead process group left goes first (``stop``), then a
+        fresh start that waits until every model is READY. On failure the server
+        is left stopped (``process`` None) and ``Unavailable`` raised."""
+        self.stop()
+        self.start()
+        try:
+            self.wait_ready(should_stop)
+        except BaseException:
+            self.stop()
+            raise
+
     def shm_regions(self) -> list[Path]:
         """This server's stub IPC regions in /dev/shm (live or left behind)."""
         return sorted(SHM_DIR.glob(f"{self.shm_prefix}*")) if SHM_DIR.is_dir() else []
@@ -302,6 +332,87 @@ class TritonServer:
         self.stop()
 
 
+def describe_exit(returncode: int | None) -> str:
+    """``subprocess`` return code in words: a negative one is the signal that killed it."""
+    if returncode is None:
+        return "is not running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How ``supervise`` restarts a tritonserver that exited on its own."""
+
+    max_restarts: int = 5  # within window_s; 0: never restart
+    window_s: float = 600.0
+    backoff_s: float = 1.0  # before the first restart in the window; doubles, capped
+    max_backoff_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0 or not self.window_s > 0 or self.backoff_s < 0 \
+                or self.max_backoff_s < self.backoff_s:
+            raise ValueError("need max_restarts >= 0, window_s > 0 and "
+                             "0 <= backoff_s <= max_backoff_s")
+
+    def delay_s(self, recent: int) -> float:
+        """The wait before a restart, ``recent`` restarts already in the window."""
+        return min(self.backoff_s * math.pow(2, recent), self.max_backoff_s)
+
+
+def supervise(
+    server: TritonServer,
+    stopping: Callable[[], bool],
+    policy: RestartPolicy,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    say: Callable[[str], None] | None = None,
+) -> int:
+    """Run until ``stopping()`` (returns 0), restarting tritonserver whenever it
+    exits on its own; 1 once it exited more than ``policy.max_restarts`` times
+    within ``policy.window_s``. The caller stops the server afterwards."""
+    if say is None:
+        def say(msg: str) -> None:
+            print(f"pdserve serve: {msg}", file=sys.stderr, flush=True)
+    restarts: deque[float] = deque()
+    while True:
+        while not stopping() and server.process is not None and server.process.poll() is None:
+            sleep(0.5)
+        if stopping():
+            return 0
+        why = describe_exit(server.process.returncode if server.process is not None else None)
+        now = clock()
+        while restarts and now - restarts[0] > policy.window_s:
+            restarts.popleft()
+        if len(restarts) >= policy.max_restarts:
+            say(f"tritonserver {why}; {len(restarts)} restarts in the last "
+                f"{policy.window_s:.0f} s already: giving up")
+            return 1
+        delay = policy.delay_s(len(restarts))
+        restarts.append(now)
+        say(f"tritonserver {why}; restarting in {delay:.1f} s (restart {len(restarts)} of "
+            f"at most {policy.max_restarts} in {policy.window_s:.0f} s)")
+        waited = 0.0
+        while waited < delay and not stopping():
+            step = min(0.25, delay - waited)
+            sleep(step)
+            waited += step
+        if stopping():
+            return 0
+        try:
+            server.restart(stopping)
+        except Unavailable as e:
+            say(f"restart failed: {e}")
+            continue
+        say(f"ready again: HTTP http://{server.options.http_url}  gRPC {server.options.grpc_url}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", default="model_repository", type=Path)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
@@ -311,6 +422,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-secs", type=int, default=5)
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--max-restarts", type=int, default=RestartPolicy.max_restarts,
+                        help="restart tritonserver when it exits on its own, at most this "
+                             "many times within --restart-window (0: exit instead)")
+    parser.add_argument("--restart-window", type=float, default=RestartPolicy.window_s,
+                        help="seconds over which --max-restarts counts")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -324,6 +440,11 @@ def run(args: argparse.Namespace) -> int:
         ready_timeout_s=args.ready_timeout,
         log_verbose=args.log_verbose,
     )
+    try:
+        policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
+    except ValueError as e:
+        print(f"pdserve serve: {e}", file=sys.stderr)
+        return 2
     server = TritonServer(options)
     stopping = False
 
@@ -335,15 +456,13 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     server.start()
     try:
-        server.wait_ready()
+        server.wait_ready(lambda: stopping)
         print(
             f"pdserve ready: HTTP http://{options.http_url}  gRPC {options.grpc_url}  "
             f"metrics {options.metrics_url}",
             flush=True,
         )
-        while not stopping and server.process is not None and server.process.poll() is None:
-            time.sleep(0.5)
-        rc = 0 if stopping else 1
+        rc = supervise(server, lambda: stopping, policy)
     except Unavailable as e:
         print(f"pdserve serve: {e}", file=sys.stderr)
         rc = 1
