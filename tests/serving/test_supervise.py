@@ -84,7 +84,7 @@ class _Clock:
 def _run(server: _Server, policy: RestartPolicy, stop_at: float = 1e9) -> tuple[int, list[str]]:
     clock = _Clock()
     said: list[str] = []
-    rc = supervise(server, lambda: clock.t >= stop_at, policy,  # type: ignore[arg-type]
+    rc = supervise(server, lambda: clock.t >= stop_at, policy,
                    clock=clock, sleep=clock.sleep, say=said.append)
     return rc, said
 
