@@ -31,7 +31,7 @@ from pdserve.scheduler.controller.probe import TritonProbeClient
 from pdserve.scheduler.controller.repository import Repository
 from pdserve.scheduler.controller.state import ControllerState, default_state_path, read_state
 from pdserve.scheduler.controller.upgrade import RollingUpgrade, UpgradeOptions
-from pdserve.server.launcher import TritonServer
+from pdserve.server.launcher import TritonServer, describe_exit
 from tests.serving.checkpoint import save_tiny
 from tests.serving.conftest import start_server
 from tests.serving.helpers import (
@@ -105,10 +105,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         try:
             c = Cluster(server, repo.root, controller)
             _DIAGNOSE.append(lambda: c.diagnosis(log_path))
+            _SERVER.append(server)
             _wait(lambda: _all_routable(c), 60, "every instance healthy")
             yield c
         finally:
             _DIAGNOSE.clear()
+            _SERVER.clear()
             stop.set()
             thread.join(timeout=30)
             controller.close()
@@ -125,11 +127,30 @@ def _all_routable(c: Cluster) -> bool:
 
 # Set while the module's cluster runs: what a timed-out wait adds to its message.
 _DIAGNOSE: list[Callable[[], str]] = []
+_SERVER: list[TritonServer] = []  # the module's server: a wait ends at once if it died
+
+# Triton 2.51's Python backend aborts the WHOLE server when a stub is killed while
+# holding a mutex of its IPC region (a heartbeat or BLS call in flight to it):
+# "terminate called after throwing an instance of 'boost::interprocess::lock_exception'".
+# An open upstream bug, about one kill in five here; `pdserve serve` restarts the
+# server (launcher.supervise). A kill round that ends in exactly that abort is
+# repeated once on a restarted server; any other failure, or a second abort, fails.
+UPSTREAM_ABORT = "boost::interprocess::lock_exception"
+
+
+def _server_died() -> str | None:
+    for server in _SERVER:
+        if server.process is not None and server.process.poll() is not None:
+            return f"tritonserver {describe_exit(server.process.returncode)}"
+    return None
 
 
 def _wait(pred: Callable[[], bool], timeout_s: float, what: str) -> float:
     t0 = time.monotonic()
     while not pred():
+        died = _server_died()
+        if died is not None:
+            raise AssertionError(f"{died} while waiting for {what}")
         if time.monotonic() - t0 > timeout_s:
             detail = "\n".join(d() for d in _DIAGNOSE)
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{detail}")
@@ -173,12 +194,34 @@ class Load:
             assert r.ids == self.c.expected(prompt, self.max_tokens), (prompt, r)
 
 
+def _repeat_once_after_upstream_abort(c: Cluster, kill_round: Callable[[], None]) -> None:
+    log = c.server.options.log_file
+    assert log is not None
+    for attempt in (1, 2):
+        start = log.stat().st_size
+        try:
+            kill_round()
+            return
+        except AssertionError:
+            text = log.read_bytes()[start:].decode(errors="replace")
+            if attempt == 2 or _server_died() is None or UPSTREAM_ABORT not in text:
+                raise
+            print(f"\n{_server_died()} with the upstream {UPSTREAM_ABORT} after the stub "
+                  f"kill; restarting it and repeating the round once")
+            c.server.restart()
+
+
 def _kv_released(c: Cluster) -> bool:
     m = scrape(c.server.options.metrics_url)
     return all(m.get(("pdserve_kv_arena_bytes_in_use", n), -1) == 0 for n in INSTANCES)
 
 
 def test_prefill_killed_under_load(cluster: Cluster) -> None:
+    _repeat_once_after_upstream_abort(cluster, lambda: _prefill_kill_round(cluster))
+
+
+def _prefill_kill_round(cluster: Cluster) -> None:
+    _wait(lambda: _all_routable(cluster), 90, "every instance healthy")
     with Load(cluster, max_tokens=12) as load:
         time.sleep(2.0)
         killed = time.monotonic()
@@ -204,6 +247,10 @@ def test_prefill_killed_under_load(cluster: Cluster) -> None:
 
 
 def test_decode_killed_under_load_resumes(cluster: Cluster) -> None:
+    _repeat_once_after_upstream_abort(cluster, lambda: _decode_kill_round(cluster))
+
+
+def _decode_kill_round(cluster: Cluster) -> None:
     _wait(lambda: _all_routable(cluster), 90, "every instance healthy")
     # Rounds of 6 streams of 240 tokens (max_tokens limit 256; about 1.5 s here): a decode is idle
     # only briefly at a round's end. The pid is looked up first and decode_0 is
