@@ -7,6 +7,9 @@ Triton polling the repository every second).
   to the offline engine (streams of the dead decode resume on the other one).
 - A burst of many times the capacity: excess requests end UNAVAILABLE quickly,
   KV is all released afterwards and service is normal again.
+- tritonserver itself SIGKILLed and restarted on the same ports (what
+  ``pdserve serve`` does after Triton's upstream abort): the controller finds
+  every instance again and the output is correct.
 - A rolling upgrade onto other weights (slow): no request fails; afterwards
   every instance serves the new weights.
 
@@ -16,6 +19,7 @@ Recovery times are printed (``-s``) for perf/RESULTS.md.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +58,7 @@ class Cluster:
     server: TritonServer
     repo: Path
     controller: Controller
+    log: Path  # the controller's INFO log
     reference: dict[tuple[tuple[int, ...], int], list[int]] = field(default_factory=dict)
 
     def state(self) -> ControllerState:
@@ -103,7 +108,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                                   daemon=True)
         thread.start()
         try:
-            c = Cluster(server, repo.root, controller)
+            c = Cluster(server, repo.root, controller, log_path)
             _DIAGNOSE.append(lambda: c.diagnosis(log_path))
             _SERVER.append(server)
             _wait(lambda: _all_routable(c), 60, "every instance healthy")
@@ -333,6 +338,37 @@ def test_burst_of_10x_capacity(cluster: Cluster) -> None:
                                  for p in PROMPTS])
     for p, r in zip(PROMPTS, after, strict=True):
         assert r.error is None and r.ids == cluster.expected(p, 8), r
+
+
+def test_whole_server_killed_and_restarted_comes_back(cluster: Cluster) -> None:
+    """What ``pdserve serve`` does after Triton's upstream abort: tritonserver is
+    SIGKILLed with the controller running, restarted on the same ports (as
+    ``launcher.supervise`` does); the controller finds every instance again and
+    the server serves correct output."""
+    _wait(lambda: _all_routable(cluster), 90, "every instance healthy")
+    server = cluster.server
+    assert server.process is not None
+    old = server.process.pid
+    logged = cluster.log.stat().st_size
+    server.process.kill()
+    server.process.wait(timeout=10)
+    assert _server_died() == "tritonserver was killed by SIGKILL"
+    t0 = time.monotonic()
+    server.restart()
+    ready_s = time.monotonic() - t0
+    assert server.process is not None and server.process.pid != old
+    back_s = _wait(lambda: _all_routable(cluster), 90, "every instance back after the restart")
+    res = generate_many(server.options.grpc_url, [
+        {"ids": p, "sampling": {"max_tokens": 8, "ignore_eos": True}} for p in PROMPTS])
+    for p, r in zip(PROMPTS, res, strict=True):
+        assert r.error is None and r.ids == cluster.expected(p, 8), r
+    # The controller saw every instance fail and replaced it (not a lucky miss).
+    seen = cluster.log.read_bytes()[logged:].decode(errors="replace")
+    for name in INSTANCES:
+        assert re.search(rf"{name} on \S+: \w+ -> failed", seen), (name, seen[-2000:])
+        assert f"repository edit reload {name}: replace failed instance" in seen, name
+    print(f"\nserver restart: ready {ready_s:.1f}s after the kill, routable in the "
+          f"controller's view {back_s:.1f}s later")
 
 
 @pytest.mark.slow  # four reloads, one after the other: about a minute
