@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, replace
@@ -239,9 +240,9 @@ def summary(docs: list[dict[str, Any]]) -> list[str]:
     lines = []
     for index in sorted(by_phase):
         figs = by_phase[index]
-        shares = sorted(f["of_best"] for f in figs)
+        shares = [f["of_best"] for f in figs]
         n = len(shares)
-        median = shares[n // 2] if n % 2 else (shares[n // 2 - 1] + shares[n // 2]) / 2
+        median = statistics.median(shares)
         met = sum(1 for s in shares if s >= 0.9)
         spreads = ", ".join(f"{f['spread']:.2f}x" for f in figs)
         each = ", ".join(f"{100 * f['of_best']:.0f}%" for f in figs)
