@@ -64,7 +64,7 @@ class Cluster:
     def state(self) -> ControllerState:
         return read_state(default_state_path(self.repo))
 
-    def diagnosis(self, log: Path) -> str:
+    def diagnosis(self) -> str:
         """What a timed-out wait reports: the controller's view and its log's tail."""
         try:
             st = self.state()
@@ -72,7 +72,8 @@ class Cluster:
             view += f"\n  draining: {st.draining}"
         except Exception as e:  # the state file itself may be what broke
             view = f"  state unreadable: {e!r}"
-        tail = log.read_text(errors="replace").splitlines()[-60:] if log.exists() else []
+        tail = (self.log.read_text(errors="replace").splitlines()[-60:]
+                if self.log.exists() else [])
         return "controller state:\n" + view + "\ncontroller log (tail):\n" + "\n".join(tail)
 
     def expected(self, prompt: list[int], max_tokens: int) -> list[int]:
@@ -109,13 +110,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         thread.start()
         try:
             c = Cluster(server, repo.root, controller, log_path)
-            _DIAGNOSE.append(lambda: c.diagnosis(log_path))
-            _SERVER.append(server)
+            _ACTIVE.append(c)
             _wait(lambda: _all_routable(c), 60, "every instance healthy")
             yield c
         finally:
-            _DIAGNOSE.clear()
-            _SERVER.clear()
+            _ACTIVE.clear()
             stop.set()
             thread.join(timeout=30)
             controller.close()
@@ -131,8 +130,9 @@ def _all_routable(c: Cluster) -> bool:
 
 
 # Set while the module's cluster runs: what a timed-out wait adds to its message.
-_DIAGNOSE: list[Callable[[], str]] = []
-_SERVER: list[TritonServer] = []  # the module's server: a wait ends at once if it died
+# The module's cluster while it runs: a wait ends at once if its server died, and a
+# timed-out wait reports the controller's view and log.
+_ACTIVE: list[Cluster] = []
 
 # Triton 2.51's Python backend aborts the WHOLE server when a stub is killed while
 # holding a mutex of its IPC region (a heartbeat or BLS call in flight to it):
@@ -144,7 +144,7 @@ UPSTREAM_ABORT = "boost::interprocess::lock_exception"
 
 
 def _server_died() -> str | None:
-    for server in _SERVER:
+    for server in (c.server for c in _ACTIVE):
         if server.process is not None and server.process.poll() is not None:
             return f"tritonserver {describe_exit(server.process.returncode)}"
     return None
@@ -157,7 +157,7 @@ def _wait(pred: Callable[[], bool], timeout_s: float, what: str) -> float:
         if died is not None:
             raise AssertionError(f"{died} while waiting for {what}")
         if time.monotonic() - t0 > timeout_s:
-            detail = "\n".join(d() for d in _DIAGNOSE)
+            detail = "\n".join(c.diagnosis() for c in _ACTIVE)
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{detail}")
         time.sleep(0.05)
     return time.monotonic() - t0

@@ -55,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Protocol
 
 from pdserve.errors import Unavailable
 from pdserve.kvtransfer.shm import sweep_stale_segments
@@ -299,6 +300,10 @@ class TritonServer:
         fresh start that waits until every model is READY. On failure the server
         is left stopped (``process`` None) and ``Unavailable`` raised."""
         self.stop()
+        self._start_ready(should_stop)
+
+    def _start_ready(self, should_stop: Callable[[], bool] | None = None) -> None:
+        """Start and wait until every model is READY; stopped again if that fails."""
         self.start()
         try:
             self.wait_ready(should_stop)
@@ -318,12 +323,7 @@ class TritonServer:
                 path.unlink()
 
     def __enter__(self) -> TritonServer:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self._start_ready()
         return self
 
     def __exit__(
@@ -365,8 +365,26 @@ class RestartPolicy:
         return min(self.backoff_s * math.pow(2, recent), self.max_backoff_s)
 
 
+class _Process(Protocol):
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+
+class Supervised(Protocol):
+    """What ``supervise`` needs of a server (``TritonServer``, or a test's fake)."""
+
+    options: ServerOptions
+
+    @property
+    def process(self) -> _Process | None: ...
+
+    def restart(self, should_stop: Callable[[], bool] | None = None) -> None: ...
+
+
 def supervise(
-    server: TritonServer,
+    server: Supervised,
     stopping: Callable[[], bool],
     policy: RestartPolicy,
     *,
