@@ -220,11 +220,14 @@ def test_serve_restarts_a_killed_tritonserver_and_serves_again(
     first = generate_many(grpc, req)
     assert first[0].error is None, first[0].error
     (triton,) = [p for p in _children(proc.pid)]
+    stubs = _children(triton)
+    assert stubs and any(Path("/dev/shm").glob(f"pdkv-{pid}-*") for pid in stubs)  # KV arenas
     os.kill(triton, signal.SIGKILL)  # what the upstream abort looks like from outside
     _wait_line(lines, r"tritonserver was killed by SIGKILL; restarting in 1\.0 s", 30, ready)
     _wait_line(lines, r"ready again: HTTP", 180, ready)
     (again,) = _children(proc.pid)
     assert again != triton
+    stubs += _children(again)
     second = generate_many(grpc, req)
     assert second[0].error is None, second[0].error
     assert second[0].ids == first[0].ids  # same weights, greedy
@@ -232,3 +235,7 @@ def test_serve_restarts_a_killed_tritonserver_and_serves_again(
     assert proc.wait(timeout=60) == 0
     with pytest.raises(ProcessLookupError):
         os.killpg(again, 0)  # the restarted server's group went with it
+    # Nothing of either server left in /dev/shm: no stub IPC region (prefix named
+    # after the serve process) and no KV arena of any stub, killed or stopped.
+    assert not list(Path("/dev/shm").glob(f"pdserve_{proc.pid}_*"))
+    assert not [pid for pid in stubs if list(Path("/dev/shm").glob(f"pdkv-{pid}-*"))]
