@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import time
 
 import pytest
@@ -289,6 +291,35 @@ def test_policy_and_load_validation() -> None:
     assert InstanceLoad.from_bytes(load.to_bytes()) == load
     with pytest.raises(InvalidArgument, match="malformed"):
         InstanceLoad.from_bytes(b"{not json")
+
+
+def test_instance_load_init_matches_its_fields_and_stays_frozen() -> None:
+    """``InstanceLoad.__init__`` is written by hand (speed): its parameters must be
+    the dataclass's fields, in order, with the same defaults, and the snapshot must
+    stay immutable and compare, copy and serialise as the generated one did."""
+    params = list(inspect.signature(InstanceLoad.__init__).parameters.values())[1:]
+    fields = dataclasses.fields(InstanceLoad)
+    assert [p.name for p in params] == [f.name for f in fields]
+    for p, f in zip(params, fields, strict=True):
+        if f.default is not dataclasses.MISSING:
+            assert p.default == f.default, f.name
+        elif f.default_factory is not dataclasses.MISSING:
+            assert p.default is None and f.default_factory() == {}, f.name
+        else:
+            assert p.default is inspect.Parameter.empty, f.name
+    load = InstanceLoad("d0", "decode", "s", 8, in_flight=3, kv_free_bytes=5, kv_total_bytes=9)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load.in_flight = 4  # type: ignore[misc]
+    assert load.compute == {} and load.compute is not InstanceLoad("d1", "decode", "s", 8).compute
+    moved = dataclasses.replace(load, in_flight=4)
+    assert moved.in_flight == 4 and moved.kv_free_bytes == 5 and load.in_flight == 3
+    assert moved != load and dataclasses.replace(moved, in_flight=3) == load
+    assert dataclasses.asdict(load)["kv_total_bytes"] == 9
+    assert InstanceLoad.from_bytes(load.to_bytes()) == load
+    with pytest.raises(InvalidArgument, match="in_flight"):
+        dataclasses.replace(load, in_flight=-1)
+    with pytest.raises(InvalidArgument, match="compute"):
+        InstanceLoad("d0", "decode", "s", 8, compute={"cpu0": [1]})
 
 
 def test_an_accepted_prefill_is_not_cut_at_the_start_budget() -> None:
