@@ -21,9 +21,11 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from pdserve.bench.metrics import Slo
 from pdserve.scheduler.decode_choice import can_take, rank_decodes
@@ -33,6 +35,7 @@ from pdserve.scheduler.forwarding import (
     rank_prefills,
     shortest_queue,
 )
+from pdserve.scheduler.sim import native
 from pdserve.scheduler.sim.cluster import Cluster
 from pdserve.scheduler.sim.config import ScenarioSpec, SimConfig
 from pdserve.scheduler.sim.index import RankedIndex
@@ -63,7 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="sim_scale")
     ap.add_argument("--png", default=None)
+    ap.add_argument("--native", nargs="?", const=str(native.DEFAULT_DIR), default=None,
+                    metavar="DIR",
+                    help="run the simulator's event machinery from its mypyc build in DIR "
+                         f"(default {native.DEFAULT_DIR}; built first when missing or "
+                         "stale); the policies stay interpreted")
     args = ap.parse_args(argv)
+    if args.native and not os.environ.get(native.ENV):
+        _rerun_native(args.native, sys.argv[1:] if argv is None else argv)
     p = load_profile(args.profile)
     mean_in, mean_out = args.input_mean, args.output_mean
     per = args.instances // args.scenarios
@@ -100,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     sim["load"] = args.load
     sim["failures_in_flight_lost"] = sim["outcomes"].get("INSTANCE_FAILED", 0)
     sim["policy_us_per_decision"] = policy_costs(cfg, p, mean_in + mean_out)
+    sim["native_modules"] = native.native_modules()  # [] = all interpreted
     bins = binned(result.outcomes, 60.0, 1000, 50, args.duration)
     doc["bins"] = bins
     doc["failure_times"] = result.fail_log
@@ -108,6 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.png:
         _plot(bins, result, cfg, args.png)
     return 0
+
+
+def _rerun_native(path: str, argv: list[str]) -> None:
+    """Build the native simulator if needed, then run this command again on it (the
+    build must be on the package's path before ``pdserve.scheduler.sim`` is imported)."""
+    if not native.is_current(Path(path)):
+        print(f"building the native simulator in {path} ...", file=sys.stderr, flush=True)
+        native.build(Path(path))
+    env = {**os.environ, native.ENV: path}
+    os.execve(sys.executable, [sys.executable, "-m", "perf.sim_scale", *argv], env)
 
 
 def policy_costs(cfg: SimConfig, profile: Profile, kv_tokens: float,

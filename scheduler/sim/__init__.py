@@ -21,5 +21,14 @@ Modules, one idea each:
 - ``control``: failures and recovery, the P/D ratio loop;
 - ``results`` / ``runner``: per-request outcomes -> the ``pdserve bench`` JSON shape;
 - ``compare``: simulated vs measured, relative error per field;
-- ``cli``: ``pdserve sim run | profile | compare``.
+- ``cli``: ``pdserve sim run | profile | compare``;
+- ``native``: an optional mypyc build of events, index, instance, cluster and
+  results (the policies stay interpreted), for the scale run.
 """
+
+import os as _os
+
+if _os.environ.get("PDSERVE_SIM_NATIVE"):  # run the native build of the event machinery
+    from pdserve.scheduler.sim.native import activate as _activate
+
+    _activate(_os.environ["PDSERVE_SIM_NATIVE"], __path__)

@@ -136,8 +136,10 @@ class Cluster:
             if spec.host is not None:
                 sc.host = Host(self.loop, spec.host.num_cores, spec.host.router,
                                self._on_speed)
-            roles: list[Role] = (["prefill"] * spec.n_prefill + ["decode"] * spec.n_decode
-                                 + ["aggregated"] * spec.n_aggregated)
+            roles: list[Role] = []  # built in steps: one expression types as list[str] in mypyc
+            roles += ["prefill"] * spec.n_prefill
+            roles += ["decode"] * spec.n_decode
+            roles += ["aggregated"] * spec.n_aggregated
             for i, role in enumerate(roles):
                 self._add_instance(sc, f"{spec.name}/{role[0]}{i}", role, number)
                 if sc.host is not None and spec.host is not None:

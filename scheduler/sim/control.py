@@ -173,7 +173,7 @@ class Control:
             return
         decision, switch = self.ratio_loop.decide(scenario, signal, candidates)
         c.cost.add("ratio", time.perf_counter() - t0)
-        self.decisions.append({"t": round(c.loop.now, 3), "scenario": scenario,
+        self.decisions.append({"t": round(float(c.loop.now), 3), "scenario": scenario,
                                "action": decision.action, "n_prefill": decision.n_prefill,
                                "n_decode": decision.n_decode, "reason": decision.reason})
         if switch is not None:

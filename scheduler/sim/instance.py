@@ -215,7 +215,7 @@ class SimInstance:
     def join(self, req: SimRequest, now: float) -> None:
         self.sync(now)
         start = math.ceil(self.v - _EPS)
-        req.v_end = start + req.output_len - 1
+        req.v_end = float(start + req.output_len - 1)  # a float attribute (native build)
         req.ctx = req.input_len + 1
         self.ctx += req.ctx
         self.running.add(req)
