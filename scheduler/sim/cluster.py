@@ -176,14 +176,19 @@ class Cluster:
         if sig == old:
             return
         inst.sig = sig
-        load = inst.snapshot(sig)
+        role = sig[0]
+        if role == "prefill":  # the policy's view of it, cached per signature
+            load, candidate, key = inst.prefill_view(sig)
+        else:
+            load, candidate, key = inst.snapshot(sig), None, None
         inst.load = load
         sc = inst.state
         sc.loads[inst.name] = load
-        role = sig[0]
         both = old is None or old[0] != role  # new, or switched role: leave the other index
         if both or role != "decode":
-            sc.prefills.update(load, is_prefill_candidate(load))
+            if candidate is None:
+                candidate = is_prefill_candidate(load)
+            sc.prefills.update(load, candidate, key)
         if both or role != "prefill":
             # Only decodes with a free batch slot: ``can_take`` refuses every other
             # one, so the first that can take a request is the same as over all of

@@ -33,12 +33,14 @@ class RankedIndex:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def update(self, load: InstanceLoad, member: bool) -> None:
-        """Re-rank ``load`` (``member`` False: take it out of the index)."""
+    def update(self, load: InstanceLoad, member: bool, key: Any = None) -> None:
+        """Re-rank ``load`` (``member`` False: take it out of the index). ``key``: the
+        key function's value for ``load`` when the caller has it already."""
         name = load.name
         old = self._key_of.get(name)
         if member:
-            key = self._key(load)
+            if key is None:
+                key = self._key(load)
             if key == old:
                 return
         elif old is None:

@@ -31,12 +31,14 @@ from collections.abc import Coroutine
 from typing import Any
 
 from pdserve.scheduler.controller.health import InstanceHealth
+from pdserve.scheduler.forwarding import is_prefill_candidate, prefill_rank_key
 from pdserve.scheduler.instance import InstanceLoad, Role
 from pdserve.scheduler.sim.profile import Profile
 
 _EPS = 1e-9
 # what an instance's snapshot is built from: (role, in flight, pending, KV tokens, health)
 Signature = tuple[Role, int, int, int, str]
+PrefillView = tuple[InstanceLoad, bool, tuple[int, int, str]]  # load, candidate, rank key
 _MAX_CACHED_LOADS = 256  # per prefill instance (the local-queue baseline's queues grow)
 
 
@@ -99,8 +101,9 @@ class SimInstance:
         self.generation = 0
         self.load: InstanceLoad | None = None
         self.sig: Signature | None = None  # what ``load`` was built from
-        # a prefill's snapshots repeat (a few slots, no KV): built once per signature
-        self._prefill_loads: dict[Signature, InstanceLoad] = {}
+        # a prefill's snapshots repeat (a few slots, no KV): built once per signature,
+        # with what the forwarding policy reads of them (candidate? rank key)
+        self._prefill_loads: dict[Signature, PrefillView] = {}
         self.state: Any = None  # its scenario's cluster.ScenarioState
         # prefill side
         self.pf_in_flight = 0  # accepted, not yet handed to decode
@@ -161,12 +164,18 @@ class SimInstance:
             sig = self.signature()
         if sig[0] != "prefill":
             return self._build_load(sig)
-        load = self._prefill_loads.get(sig)
-        if load is None:
+        return self.prefill_view(sig)[0]
+
+    def prefill_view(self, sig: Signature) -> PrefillView:
+        """A prefill's snapshot of ``sig`` with ``is_prefill_candidate`` and
+        ``prefill_rank_key`` of it, computed once per signature."""
+        view = self._prefill_loads.get(sig)
+        if view is None:
             load = self._build_load(sig)
+            view = (load, is_prefill_candidate(load), prefill_rank_key(load))
             if len(self._prefill_loads) < _MAX_CACHED_LOADS:
-                self._prefill_loads[sig] = load
-        return load
+                self._prefill_loads[sig] = view
+        return view
 
     def _build_load(self, sig: Signature) -> InstanceLoad:
         role, in_flight, pending, kv_used, state = sig
