@@ -41,7 +41,9 @@ DEFAULT_DIR = _ROOT / "build" / "sim-native"
 # the installed package's layout (pyproject's package-dir): staged as one tree for mypyc
 _PACKAGE_DIRS = (("pdserve", "backends/pdserve"), ("pdserve/scheduler", "scheduler"),
                  ("pdserve/kvtransfer", "kvtransfer"))
-_MYPY_INI = "[mypy]\npython_version = 3.11\nignore_missing_imports = True\n"
+# type-checked for the interpreter that builds (and later loads) the extension
+_MYPY_INI = (f"[mypy]\npython_version = {sys.version_info.major}.{sys.version_info.minor}\n"
+             "ignore_missing_imports = True\n")
 
 
 def digest() -> str:
@@ -62,7 +64,7 @@ def is_current(path: Path) -> bool:
     return stamp.is_file() and stamp.read_text().strip() == digest()
 
 
-def build(dest: Path = DEFAULT_DIR, quiet: bool = True) -> Path:
+def build(dest: Path = DEFAULT_DIR) -> Path:
     """Compile ``MODULES`` into ``dest`` (replaced as a whole when the build succeeds)."""
     dest = Path(dest).resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -78,8 +80,6 @@ def build(dest: Path = DEFAULT_DIR, quiet: bool = True) -> Path:
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
             raise RuntimeError("mypyc failed to build the simulator:\n" + "\n".join(tail))
-        if not quiet:
-            print(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "built")
         out = Path(tmp) / "out"
         (out / "modules").mkdir(parents=True)
         for lib in stage.glob("*__mypyc*.so"):  # the shared library every module loads
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("dir", nargs="?", default=str(DEFAULT_DIR))
     args = ap.parse_args(argv)
     if args.cmd == "build":
-        print(f"native simulator built in {build(Path(args.dir), quiet=False)}")
+        print(f"native simulator built in {build(Path(args.dir))}")
         return 0
     current = is_current(Path(args.dir))
     print(f"{args.dir}: {'current' if current else 'missing or stale'}")
