@@ -55,14 +55,14 @@ class BackgroundStream(SendStream):
         for layer in range(kv.shape[0]):
             self.send_layer(layer, kv[layer])
 
-    def finish(self) -> TransferResult:
+    def finish(self, notice: str | None = None) -> TransferResult:
         """Wait for every queued layer, then complete the transfer (END -> DONE)."""
         self._check_usable()
         self._stop_worker()
         if self._error is not None:
             self.inner.abort(f"sender failed: {self._error}")
             raise self._error
-        return self.inner.finish()
+        return self.inner.finish(notice)
 
     def abort(self, reason: str = "aborted by sender") -> None:
         if self._closed:

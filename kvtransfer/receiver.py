@@ -8,7 +8,7 @@ other (senders pool connections):
     DATA  offset, payload   (tcp: received straight into the arena, hashed per chunk)
     NOTE  offset, nbytes    (shm, mooncake: the sender already wrote the bytes)
           ... with FLAG_ACK -> ACK per message (block-fixed baseline)
-    END   {nbytes, checksum}                            -> DONE | ERR
+    END   {nbytes, checksum[, notice]}                  -> DONE {checksum[, taken]} | ERR
     ABORT {reason}
 
 A refused BEGIN is answered ERR, then the frames the sender pipelined behind
@@ -20,6 +20,11 @@ verifies the byte count and the checksum over the landed bytes before the KV
 counts as landed. Any failure (bad frame, oversized span, EOF, timeout, a
 cancel or TTL expiry meanwhile) fails the reservation, whose extent the
 reservation table frees once this thread has left it.
+
+An END with a ``notice`` (the prefill's first token and sampler state, say)
+hands it to the owner's ``on_landed`` hook once the KV has landed, on this
+thread and before DONE, so the decode can start the sequence without another
+round trip; DONE says whether the hook took the request (``taken``).
 
 Transports subclass it only to say how peers reach the arena's memory
 (``data_endpoint``, ``remote_base``) and to release what that needs.
@@ -60,6 +65,7 @@ class _Transfer:
         self.hasher = wire.Hasher(checksum)  # over the landed bytes, in region order
         self.num_messages = 0
         self.began = time.perf_counter()
+        self.notice: str | None = None  # END's, for the on_landed hook
 
     def accept_span(self, offset: int, nbytes: int) -> None:
         end = self.start + self.nbytes
@@ -230,7 +236,21 @@ class ControlReceiver(KVReceiver):
         finally:
             self.reservations.end_write(res, result, error)
         assert result is not None
-        conn.send_frame(wire.DONE, meta={"checksum": result.checksum})
+        done: dict[str, Any] = {"checksum": result.checksum}
+        if xfer.notice is not None and self._hand_over(res.request_id, xfer.notice):
+            done["taken"] = True
+        conn.send_frame(wire.DONE, meta=done)
+
+    def _hand_over(self, request_id: str, notice: str) -> bool:
+        """Give a landed transfer's notice to the owner's hook: True if it took it."""
+        hook = self.on_landed
+        if hook is None:
+            return False
+        try:
+            return hook(request_id, notice) is True
+        except Exception:  # the owner's bug: the reservation stays for wait/claim
+            log.exception("on_landed hook failed for %r", request_id)
+            return False
 
     def _check_begin(self, meta: dict[str, Any]) -> Reservation:
         try:
@@ -311,6 +331,12 @@ class ControlReceiver(KVReceiver):
         if self.data_frame == wire.NOTE and self.config.verify == "at_end":
             # One pass over the landed region now: catches any change up to END.
             xfer.hasher.update(self._arena_view[xfer.start : xfer.start + xfer.nbytes])
+        notice = meta.get("notice")
+        if notice is not None and not (isinstance(notice, str)
+                                       and len(notice) <= wire.MAX_NOTICE_CHARS):
+            raise wire.ProtocolError("END carries a notice that is not a string of at most "
+                                     f"{wire.MAX_NOTICE_CHARS} characters")
+        xfer.notice = notice
         value = xfer.hasher.value()
         if value is not None and value != meta.get("checksum"):
             raise TransferError(

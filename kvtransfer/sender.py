@@ -40,6 +40,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -214,8 +215,9 @@ class ControlStream(SendStream):
         for layer in range(self.next_layer, lay.num_layers):
             self.send_layer(layer, kv[layer])
 
-    def finish(self) -> TransferResult:
-        """Completion notice; returns once the receiver verified length and checksum."""
+    def finish(self, notice: str | None = None) -> TransferResult:
+        """Completion notice; returns once the receiver verified length and checksum
+        (and, with ``notice``, once its ``on_landed`` hook answered: ``taken``)."""
         self._check_open()
         if self.next != self.start + self.nbytes:
             sent = self.next - self.start
@@ -223,13 +225,22 @@ class ControlStream(SendStream):
             raise InvalidArgument(f"finish() called after only {sent} of {self.nbytes} bytes "
                                   f"({self.next_layer} of {self.layout.num_layers} layers)")
         value = self.hasher.value()
+        if notice is not None and not (isinstance(notice, str) and notice.isascii()
+                                       and len(notice) <= wire.MAX_NOTICE_CHARS):
+            self.abort("finish() with an invalid notice")
+            raise InvalidArgument(f"notice must be an ASCII string of at most "
+                                  f"{wire.MAX_NOTICE_CHARS} characters")
+        end: dict[str, Any] = {"nbytes": self.nbytes, "checksum": value}
+        if notice is not None:
+            end["notice"] = notice
         with self._failing():
-            self.conn.send_frame(wire.END, meta={"nbytes": self.nbytes, "checksum": value})
-            self.conn.expect(wire.DONE)
+            self.conn.send_frame(wire.END, meta=end)
+            _, done = self.conn.expect(wire.DONE)
         self._open = False
         self.sender._checkin(self.handle.endpoint, self.conn)
         return TransferResult(self.handle.request_id, self.nbytes, self.mode, self.num_messages,
-                              value, time.perf_counter() - self.began)
+                              value, time.perf_counter() - self.began,
+                              taken=done.get("taken") is True)
 
     def abort(self, reason: str = "aborted by sender") -> None:
         if not self._open:

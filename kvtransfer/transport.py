@@ -11,6 +11,12 @@ KVReceiver -- called on the DECODE instance
         instance. If the transfer does not land within ``ttl_s`` (or the
         landed extent is not claimed within another ``ttl_s``) the extent is
         freed, so a dead router or prefill instance cannot leak KV.
+    on_landed: (request_id, notice) -> bool, or None
+        Set by the owner: called on the receiving thread right after a
+        transfer that came with a ``notice`` landed (verified), before the
+        sender hears DONE. True means the owner took the request over (it
+        claimed the extent); False leaves it reserved for ``wait``/``claim``.
+        The answer travels back to the sender as ``TransferResult.taken``.
     wait(request_id, timeout_s) -> TransferResult
         Block until the prompt KV has landed, length- and checksum-verified.
         Raises ``TransferError`` on failure, expiry, or if nothing lands within
@@ -32,8 +38,8 @@ KVSender -- called on the PREFILL instance
         The receiver's refusal (expired, cancelled, other model) surfaces as
         ``TransferError`` at the first write (shm, mooncake: they wait for
         GRANT before writing) or at ``finish`` (tcp).
-    send(handle, kv, mode) -> TransferResult
-        ``begin`` + ``send_all(kv)`` + ``finish``: the whole prompt at once.
+    send(handle, kv, mode, notice=None) -> TransferResult
+        ``begin`` + ``send_all(kv)`` + ``finish(notice)``: the whole prompt at once.
     close()
         Close pooled connections and transport resources.
 
@@ -41,8 +47,13 @@ SendStream -- returned by ``begin``, PREFILL instance
     send_layer(layer, kv_layer)   kv_layer [2, Tp, Hkv, D]; layers in order 0..L-1,
                                   each sent as soon as it exists (overlaps prefill)
     send_all(kv)                  kv [L, 2, Tp, Hkv, D]
-    finish() -> TransferResult    completion notice + checksum; returns once
-                                  the receiver verified the bytes
+    finish(notice=None) -> TransferResult
+                                  completion notice + checksum; returns once
+                                  the receiver verified the bytes. ``notice``
+                                  (a short string) goes with it to the
+                                  receiver's ``on_landed`` hook; the result's
+                                  ``taken`` says whether the hook took the
+                                  request over (the decode started it)
     (``BackgroundStream`` wraps a stream so that ``send_layer`` returns at once
     and a worker thread writes while the engine computes the next layer.)
     abort(reason)                 tell the receiver to drop the transfer
@@ -56,6 +67,7 @@ confirmation each).
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -79,6 +91,7 @@ class TransferResult:
     num_messages: int  # data writes/messages the sender issued
     checksum: int | None  # None when checksums are off
     elapsed_s: float  # BEGIN received (receiver) / begin() called (sender) to verified
+    taken: bool = False  # sender side: the receiver's on_landed hook took the request
 
 
 class KVReceiver(abc.ABC):
@@ -86,6 +99,7 @@ class KVReceiver(abc.ABC):
 
     transport: str
     arena: Arena
+    on_landed: Callable[[str, str], bool] | None = None
 
     @abc.abstractmethod
     def reserve(self, request_id: str, prompt_tokens: int, max_new_tokens: int,
@@ -120,7 +134,7 @@ class SendStream(abc.ABC):
     def send_all(self, kv: torch.Tensor) -> None: ...
 
     @abc.abstractmethod
-    def finish(self) -> TransferResult: ...
+    def finish(self, notice: str | None = None) -> TransferResult: ...
 
     @abc.abstractmethod
     def abort(self, reason: str = "aborted by sender") -> None: ...
@@ -141,11 +155,11 @@ class KVSender(abc.ABC):
     @abc.abstractmethod
     def begin(self, handle: KVHandle, mode: TransferMode = "layerwise") -> SendStream: ...
 
-    def send(self, handle: KVHandle, kv: torch.Tensor,
-             mode: TransferMode = "whole") -> TransferResult:
+    def send(self, handle: KVHandle, kv: torch.Tensor, mode: TransferMode = "whole",
+             notice: str | None = None) -> TransferResult:
         with self.begin(handle, mode) as stream:
             stream.send_all(kv)
-            return stream.finish()
+            return stream.finish(notice)
 
     @abc.abstractmethod
     def close(self) -> None: ...

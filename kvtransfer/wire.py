@@ -51,6 +51,7 @@ NONCE_BYTES = 32
 MAC_BYTES = 32
 REFUSED = bytes(MAC_BYTES)
 MAX_META_BYTES = 64 * 1024
+MAX_NOTICE_CHARS = 32 * 1024  # END's ASCII notice (transport.py): fits the metadata
 
 _HEADER = struct.Struct("!2sBBIQQ")
 HEADER_BYTES = _HEADER.size

@@ -3,11 +3,14 @@
 A disaggregated request's first token comes from the prefill; the second from
 the decode, after the KV moved and the decode took the sequence into its
 batch. An aggregated instance makes both. This runs E1's deployment (``small``,
-1P+1D and 2 aggregated, one tritonserver) and sends E1's unloaded requests one
-at a time to each, ``rounds`` times, and prints per deployment and round the
-first gap (token 1 -> 2) and the later gaps (token k -> k+1, k >= 2):
+1P+1D and 2 aggregated, one tritonserver) plus a second 1P+1D pair on the same
+two cores whose decode starts on the router's commit (``decode_start:
+on_commit``) instead of when the KV lands (the default), sends E1's unloaded
+requests one at a time to each deployment in turn, ``rounds`` times, and prints
+per deployment and round the first gap (token 1 -> 2) and the later gaps
+(token k -> k+1, k >= 2), then the medians over all rounds:
 
-    python -m perf.handoff_gap [--rounds 2]
+    python -m perf.handoff_gap [--rounds 3] [--json FILE]
 
 For answers of 2 tokens the TPOT is the first gap alone, which is why it
 matters for E1's TPOT-tight SLO at light load.
@@ -17,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 from pdserve.bench.records import RequestRecord
 from perf.experiments import common
@@ -50,21 +55,46 @@ def describe(first: list[float], later: list[float]) -> str:
     return line
 
 
+# label -> scenario: E1's two, and E1's disaggregated pair starting on commit
+DEPLOYMENTS = {"disagg": "default", "disagg_on_commit": "commit", "agg": "agg"}
+
+
+def spec(cfg: e1.E1Config) -> dict[str, Any]:
+    out = e1.spec(cfg)
+    pair = out["scenarios"]["default"]
+    out["scenarios"] = {**out["scenarios"], "commit": {**pair, "decode_start": "on_commit"}}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="write every gap here")
     args = parser.parse_args(argv)
     cfg = e1.FULL
     base, _ = e1.trace_at(cfg, 1.0, common.AZURE_CONV)
     base = [replace(s, arrival_s=None) for s in base[: cfg.unloaded_requests + 2]]
     print(f"{len(base) - 2} requests, output lengths {[s.output_len for s in base[2:]]}")
-    with TemporaryDirectory() as tmp, common.deployed(e1.spec(cfg), Path(tmp)) as server:
-        for label, scenario in e1.DEPLOYMENTS.items():
+    gaps: dict[str, dict[str, list[float]]] = {
+        label: {"first": [], "later": []} for label in DEPLOYMENTS}
+    with TemporaryDirectory() as tmp, common.deployed(spec(cfg), Path(tmp)) as server:
+        for scenario in DEPLOYMENTS.values():
             common.drive(server, base[:2], label="warmup", scenario=scenario, concurrency=1)
-            for k in range(args.rounds):
+        for k in range(args.rounds):  # deployments in turn: the machine's drift hits all
+            for label, scenario in DEPLOYMENTS.items():
                 run = common.drive(server, base[2:], label=label, scenario=scenario,
                                    concurrency=1)
-                print(f"{label} round {k + 1}: {describe(*gaps_ms(run.records))}", flush=True)
+                first, later = gaps_ms(run.records)
+                gaps[label]["first"] += first
+                gaps[label]["later"] += later
+                print(f"{label} round {k + 1}: {describe(first, later)}", flush=True)
+    for label, g in gaps.items():
+        print(f"{label} all rounds: {describe(g['first'], g['later'])}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": common.machine(), "spec": spec(cfg),
+                                         "requests": len(base) - 2, "gaps_ms": gaps},
+                                        indent=1))
     return 0
 
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 import pytest
 
 from pdserve.bench.records import RequestRecord
-from perf.handoff_gap import describe, gaps_ms
+from pdserve.server.repo import instances_from_spec
+from perf.experiments import e1_disagg_vs_agg as e1
+from perf.handoff_gap import describe, gaps_ms, spec
 
 
 def record(times: tuple[float, ...]) -> RequestRecord:
@@ -20,3 +22,12 @@ def test_first_gap_is_token_one_to_two_and_later_gaps_the_rest() -> None:
     assert describe(first, later) == ("first gap median 40.0 ms, max 50.0 ms (2 requests); "
                                       "later gaps median 23.5 ms (2)")
     assert describe([], []) == "no request with 2 tokens"
+
+
+def test_spec_adds_an_on_commit_pair_on_e1s_cores() -> None:
+    instances = {i.name: i for i in instances_from_spec(spec(e1.FULL))}
+    assert instances["prefill_0"].decode_start == "on_landing"
+    assert instances["prefill_1"].decode_start == "on_commit"
+    assert instances["prefill_1"].cpu_cores == instances["prefill_0"].cpu_cores == (0,)
+    assert instances["decode_1"].cpu_cores == instances["decode_0"].cpu_cores == (1,)
+    assert instances["pdserve"].routes["commit"].prefill == ("prefill_1",)

@@ -44,6 +44,7 @@ def test_parameters_round_trip() -> None:
     ({"role": "prefill", "colour": "red"}, "unknown parameters"),
     ({"role": "router"}, "needs 'routes'"),
     ({"role": "prefill", "admission": "lottery"}, "admission must be one of"),
+    ({"role": "prefill", "decode_start": "eventually"}, "decode_start must be one of"),
     ({"role": "prefill", "queue_cap": "4"}, "queue_cap needs admission 'queue'"),
     ({"role": "prefill", "admission": "queue", "queue_cap": "-1"}, "queue_cap must be >= 0"),
     ({"role": "router", "routes": "{"}, "routes is not JSON"),
@@ -69,6 +70,18 @@ def test_queue_admission_from_spec() -> None:
     assert parse_parameters("prefill_0", to_parameters(insts[1])) == insts[1]
     default = instances_from_spec({"scenarios": {"default": {"prefill": 1, "decode": 1}}})
     assert {c.admission for c in default} == {"on_demand"}
+
+
+def test_decode_start_from_spec_and_per_scenario() -> None:
+    spec = {"kv": {"decode_start": "on_commit"},
+            "scenarios": {"default": {"prefill": 1, "decode": 1},
+                          "fast": {"prefill": 1, "decode": 1, "decode_start": "on_landing"}}}
+    insts = {c.name: c for c in instances_from_spec(spec)}
+    assert insts["prefill_0"].decode_start == "on_commit"
+    assert insts["prefill_1"].decode_start == "on_landing"
+    assert parse_parameters("prefill_0", to_parameters(insts["prefill_0"])) == insts["prefill_0"]
+    plain = instances_from_spec({"scenarios": {"default": {"prefill": 1, "decode": 1}}})
+    assert {c.decode_start for c in plain} == {"on_landing"}
 
 
 def test_spec_expands_to_instances(tmp_path: Path) -> None:
@@ -102,6 +115,9 @@ def test_spec_pins_cores_per_instance() -> None:
     ({"scenarios": {"default": {"prefill": -1, "decode": 1}}}, "count >= 0"),
     ({"limits": {"max_tokens": 0}}, "max_tokens_limit must be positive"),
     ({"kv": {"transport": "pigeon"}}, "kv_transport"),
+    ({"kv": {"decode_start": "later"}}, "decode_start must be one of"),
+    ({"scenarios": {"default": {"prefill": 1, "decode": 1, "decode_start": "x"}}},
+     "decode_start must be one of"),
 ])
 def test_bad_specs(spec: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

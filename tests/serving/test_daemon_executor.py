@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -26,7 +27,10 @@ def test_stuck_call_is_abandoned_and_a_daemon() -> None:
     release = threading.Event()
     stuck = pool.submit(release.wait)
     assert pool.submit(pow, 3, 2).result(timeout=5) == 9  # others still run
-    pool.abandon(stuck)
+    pool.abandon(stuck)  # maybe before a worker took it: counted once it runs
+    deadline = time.monotonic() + 5
+    while not stuck.running() and time.monotonic() < deadline:
+        time.sleep(0.001)
     assert pool.num_abandoned == 1
     assert all(t.daemon for t in pool._threads)
     release.set()  # the call returns after all: no longer counted

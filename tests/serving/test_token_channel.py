@@ -249,3 +249,30 @@ async def _concurrent_connects(server: ChannelServer) -> None:
 
 def test_concurrent_connects_make_one_channel() -> None:
     _with_server("unix", _concurrent_connects)
+
+
+async def _held_until_release(server: ChannelServer) -> None:
+    """A decode that starts on landing may stream, and even finish, before the
+    router sent the prefill's first token: nothing is delivered until release."""
+    hub = ChannelHub("decode_0", SECRET)
+    await _in_thread(hub.connect, server.address)
+    got: list[tuple[int, ...]] = []
+    stream = server.open("r1", got.append, hold=True)
+    await server.bind(stream, "decode_0", hub.incarnation)
+    sink = hub.sink(server.address, "r1")
+    sink.chunk(TokenChunk(token_ids=(2,)), final=False)
+    hub.flush()
+    sink.chunk(TokenChunk(token_ids=(3,), finish_reason="length"), final=True)
+    hub.flush()
+    await asyncio.sleep(0.2)
+    assert got == [] and not stream.done.done()
+    got.append((1,))  # the router's first token
+    stream.release()
+    assert await asyncio.wait_for(stream.done, 5) == ("length", -1)
+    assert [t for chunk in got for t in chunk] == [1, 2, 3]
+    server.close_stream(stream)
+    hub.close()
+
+
+def test_held_stream_delivers_in_order_on_release() -> None:
+    _with_server("unix", _held_until_release)

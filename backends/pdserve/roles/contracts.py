@@ -113,11 +113,22 @@ class PrefillResult(_Message):
     finish_reason: str = ""  # set when the first token already ends the request
     text_len: int = -1  # as in TokenChunk
     rng_state: str = ""  # hex of the sampler's generator state after the first token
+    # The decode already started the sequence: the KV's completion notice carried
+    # the first token (CommitCall below), so the router sends no commit.
+    started: bool = False
+
+    def __post_init__(self) -> None:
+        if type(self.started) is not bool:
+            raise ValueError(f"started must be a bool, got {self.started!r}")
 
 
 @dataclass(frozen=True)
 class CommitCall(_Message):
-    """The KV has landed: decode may start the sequence with ``first_token``."""
+    """The KV has landed: decode may start the sequence with ``first_token``.
+
+    Sent by the router after the prefill answered, or (``decode_start:
+    on_landing``) by the prefill itself as the KV transfer's completion notice.
+    """
 
     request_id: str
     first_token: int

@@ -56,11 +56,15 @@ class DaemonExecutor(Executor):
             if item is _STOP:
                 return
             future, fn, args, kwargs = item
-            if not future.set_running_or_notify_cancel():
+            with self._lock:  # running <=> busy, as num_abandoned sees them
+                running = future.set_running_or_notify_cancel()
+                if running:
+                    self._busy.add(future)
+                else:
+                    self._abandoned.discard(future)
+            if not running:
                 self._mark_idle()
                 continue
-            with self._lock:
-                self._busy.add(future)
             try:
                 future.set_result(fn(*args, **kwargs))
             except BaseException as exc:
@@ -77,15 +81,17 @@ class DaemonExecutor(Executor):
 
     def abandon(self, future: Future[Any]) -> None:
         """The caller stopped waiting for ``future`` (its thread may be stuck for good)."""
+        # Also when a worker took it from the queue but has not marked it busy yet:
+        # it counts once it runs (num_abandoned), and is forgotten when it ends.
         with self._lock:
-            if future in self._busy:
+            if not future.done():
                 self._abandoned.add(future)
 
     @property
     def num_abandoned(self) -> int:
         """Threads still blocked in a call nobody waits for."""
         with self._lock:
-            return len(self._abandoned)
+            return len(self._abandoned & self._busy)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

@@ -2,6 +2,10 @@
 
     reserve  -> open the token channel to the calling router (once per router),
                 reserve an extent (kvtransfer receiver), answer Accepted(handle)
+    (landed) -> the prefill's transfer completed with the first token and
+                sampler state (``on_landed`` hook, on the receiver's thread):
+                start the sequence at once, as commit does; the prefill tells
+                the router, which then sends no commit
     commit   -> the KV has landed: verify, claim the extent, start the sequence
                 with the first token (from prefill) in the continuous batch;
                 tokens go to the router's token channel, one message per step
@@ -18,6 +22,7 @@ with an error (reaped here).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -75,11 +80,17 @@ class DecodeRole:
                                     chunked_prefill=False)
         self.worker = BatchWorker(batcher, cfg.name, on_step=self._publish, flush=self.hub.flush)
         self._lock = threading.Lock()
+        # Held from taking a reservation out of _pending until its sequence is in the
+        # batch (or failed), and by abort: an abort racing a start on landing either
+        # finds the reservation or finds the sequence running, never neither.
+        # Re-entrant: a flush under it may find a broken channel and abort (on_broken).
+        self._starting = threading.RLock()
         self._pending: dict[str, _Pending] = {}
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name=f"{cfg.name}-reaper",
                                         daemon=True)
         self._reaper.start()
+        receiver.on_landed = self._on_landed
         self._update_kv()
 
     async def handle(self, op: str, payload: bytes, out: Responder) -> None:
@@ -120,9 +131,46 @@ class DecodeRole:
         with self._lock:
             pending = self._pending.pop(call.request_id, None)
         if pending is None:
+            if self.worker.is_running(call.request_id):
+                return  # started on landing already (a router that committed anyway)
             raise InvalidArgument(f"no reservation for request {call.request_id!r} to commit")
         try:
             self.receiver.wait(call.request_id, timeout_s=self.cfg.kv_ttl_s)  # verified landing
+        except BaseException as exc:
+            self.receiver.cancel(call.request_id)
+            pending.sink.fail(exc)
+            self.hub.flush()
+            raise
+        with self._starting:
+            self._start(call, pending)
+
+    def _on_landed(self, request_id: str, notice: str) -> bool:
+        """Receiver hook: the KV of ``request_id`` landed with the prefill's first
+        token. Start the sequence now; False (nothing taken) if the reservation
+        is gone (aborted) or the notice is not a commit for it."""
+        try:
+            call = CommitCall.from_bytes(notice.encode())
+        except InvalidArgument:
+            return False
+        if call.request_id != request_id:
+            return False
+        with self._starting:
+            with self._lock:
+                pending = self._pending.pop(request_id, None)
+            if pending is None:
+                return False
+            # On failure _start ended the stream with the error: the router learns it
+            # there, and the request counts as taken (no commit follows).
+            with contextlib.suppress(Exception):
+                self._start(call, pending)
+                self.metrics.started_on_landing.increment(1)
+        self._update_kv()
+        return True
+
+    def _start(self, call: CommitCall, pending: _Pending) -> None:
+        """Claim the landed extent and put the sequence into the running batch;
+        on failure the reservation is freed and the stream ends with the error."""
+        try:
             extent = self.receiver.claim(call.request_id)
         except BaseException as exc:
             self.receiver.cancel(call.request_id)
@@ -148,14 +196,15 @@ class DecodeRole:
         self.metrics.prompt_tokens.increment(len(pending.call.prompt_ids))
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            pending = self._pending.pop(request_id, None)
-        if pending is not None:
-            self.receiver.cancel(request_id)
-            pending.sink.chunk(TokenChunk(finish_reason="abort"), final=True)
-            self.hub.flush()
-        else:
-            self.worker.abort(request_id)
+        with self._starting:
+            with self._lock:
+                pending = self._pending.pop(request_id, None)
+            if pending is not None:
+                self.receiver.cancel(request_id)
+                pending.sink.chunk(TokenChunk(finish_reason="abort"), final=True)
+                self.hub.flush()
+            else:
+                self.worker.abort(request_id)
         self._update_kv()
 
     def _abort_many(self, request_ids: list[str]) -> None:

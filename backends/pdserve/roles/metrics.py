@@ -8,7 +8,7 @@ Every metric carries the labels ``instance`` (the Triton model name) and
 ``scenario``. Families are created once per stub process; each role records
 what it observes: router TTFT/TPOT, tokens, offered requests, prefill
 rejections and resumes, per scenario; decode/aggregated running batch and KV
-arena bytes; prefill KV transfer seconds.
+arena bytes, sequences started on landing; prefill KV transfer seconds.
 """
 
 from __future__ import annotations
@@ -84,6 +84,10 @@ class InstanceMetrics:
         self.kv_transfer = make("pdserve_kv_transfer_seconds",
                                 "Time to send one request's prompt KV", fam.HISTOGRAM,
                                 TRANSFER_BUCKETS)
+        self.started_on_landing = make(
+            "pdserve_decode_started_on_landing_total",
+            "Sequences a decode started as their KV landed (no router commit; decode_start)",
+            fam.COUNTER)
         self.prefill_rejections = make("pdserve_prefill_rejections_total",
                                        "Prompts refused for lack of a free prefill slot",
                                        fam.COUNTER)

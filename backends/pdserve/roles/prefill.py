@@ -4,7 +4,10 @@
                UNAVAILABLE, so the router tries the next instance); prompts that
                arrive together are prefilled in one packed forward; each
                prompt's KV goes to its KVHandle (whole region, or layer by layer
-               while later layers still compute); answers one PrefillResult.
+               while later layers still compute); the transfer's completion
+               carries the first token, so the decode starts the sequence as
+               the KV lands (``decode_start: on_landing``); answers one
+               PrefillResult (``started``: no commit needed).
     health  -> this instance's InstanceLoad (the controller's heartbeat).
 
 With ``admission: queue`` (the measured baseline only) a prefill also accepts
@@ -26,7 +29,7 @@ from pdserve.kvtransfer.factory import make_sender
 from pdserve.kvtransfer.handle import KVHandle
 from pdserve.kvtransfer.transport import SendStream
 from pdserve.roles.common import wrong_op
-from pdserve.roles.contracts import PrefillCall, PrefillResult
+from pdserve.roles.contracts import CommitCall, PrefillCall, PrefillResult
 from pdserve.roles.instance import RoleParts, engine_for, transfer_config
 from pdserve.roles.metrics import InstanceMetrics
 from pdserve.roles.triton import Responder, payload_out
@@ -159,11 +162,18 @@ class PrefillRole:
     def _finish_one(self, job: _Job, seq: Sequence, first: int, stream: SendStream | None,
                     prefill_s: float) -> None:
         t0 = time.perf_counter()
+        rng_state = _rng_state(seq)
+        notice = None
+        if self.cfg.decode_start == "on_landing" and not seq.finish_reason:
+            # The decode starts the sequence as the KV lands, before this answer
+            # reaches the router (which then sends no commit).
+            notice = CommitCall(job.call.request_id, first, rng_state).to_bytes().decode()
         try:
             if stream is not None:
-                stream.finish()
+                sent = stream.finish(notice)
             else:
-                self.sender.send(job.handle, self.engine.kv_prompt_view(seq), "whole")
+                sent = self.sender.send(job.handle, self.engine.kv_prompt_view(seq), "whole",
+                                        notice=notice)
         except Exception as exc:
             job.out.fail(exc)
             return
@@ -173,7 +183,7 @@ class PrefillRole:
         result = PrefillResult(job.call.request_id, first, prefill_s, transfer_s,
                                finish_reason=seq.finish_reason or "",
                                text_len=seq.stop_text_len if seq.stop_text_len is not None else -1,
-                               rng_state=_rng_state(seq))
+                               rng_state=rng_state, started=sent.taken)
         job.out.send(payload_out(result.to_bytes()), final=True)
 
     def _update_kv(self) -> None:

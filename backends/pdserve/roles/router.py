@@ -242,7 +242,9 @@ class RouterRole:
         decode = await self._choose(req, "decode", deadline, state)
         call = GenerateCall(req.request_id, req.prompt_ids, req.sampling,
                             channel=await self._address())
-        stream = self.channel.open(req.request_id, emitter.tokens)
+        # Held until the prefill's first token went out: the decode may start
+        # streaming as soon as the KV lands (decode_start: on_landing).
+        stream = self.channel.open(req.request_id, emitter.tokens, hold=True)
         self.view.started(decode, self.layout.extent_bytes(len(req.prompt_ids), req.max_tokens))
         step = "reserve"
         epoch = self.view.epoch(decode)
@@ -273,11 +275,15 @@ class RouterRole:
                 await self._abort(decode, req.request_id)
                 emitter.finish(result.finish_reason or "abort", result.text_len)
                 return
+            stream.release()
             step = "commit"
-            if lost():  # its KV landed in a dead stub's arena: resume elsewhere
-                raise DecodeLost(decode, Unavailable(self._why_down([decode]) or "lost"))
-            commit = CommitCall(req.request_id, result.first_token, result.rng_state)
-            await self.client.call(decode, "commit", commit.to_bytes(), lost=lost)
+            # Started when the KV landed (decode_start: on_landing): its tokens are on
+            # the stream already, and a decode lost now fails the stream (InstanceLost).
+            if not result.started:
+                if lost():  # its KV landed in a dead stub's arena: resume elsewhere
+                    raise DecodeLost(decode, Unavailable(self._why_down([decode]) or "lost"))
+                commit = CommitCall(req.request_id, result.first_token, result.rng_state)
+                await self.client.call(decode, "commit", commit.to_bytes(), lost=lost)
             step = "stream"
             await self._finish(stream, emitter)
         except DecodeLost:

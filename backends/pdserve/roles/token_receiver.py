@@ -66,8 +66,15 @@ class TokenStream:
     # Entries that came before ``bind``: an aggregated instance starts streaming as
     # soon as it accepts, possibly before the router has read its answer.
     early: list[tuple[_Peer, list[Entry]]] = field(default_factory=list)
+    # Deliveries kept back until ``release`` (None: delivered at once). A decode that
+    # starts when the KV lands may stream token 2 before the router has the prefill's
+    # answer with token 1.
+    held: list[list[Entry]] | None = None
 
     def deliver(self, entries: list[Entry]) -> None:
+        if self.held is not None:
+            self.held.append(entries)
+            return
         ids: list[int] = []
         for e in entries:
             ids.extend(e.token_ids)
@@ -80,6 +87,12 @@ class TokenStream:
             self.done.set_exception(last.error)
         elif last.finish_reason:
             self.done.set_result((last.finish_reason, last.text_len))
+
+    def release(self) -> None:
+        """Deliver what was held, in order, and everything after it at once."""
+        held, self.held = self.held, None
+        for entries in held or ():
+            self.deliver(entries)
 
     def fail(self, exc: BaseException) -> None:
         if not self.done.done():
@@ -163,10 +176,13 @@ class ChannelServer:
         await self._on_connect(reader, writer)
 
     # -- streams ---------------------------------------------------------------------
-    def open(self, request_id: str, on_tokens: Callable[[tuple[int, ...]], None]) -> TokenStream:
+    def open(self, request_id: str, on_tokens: Callable[[tuple[int, ...]], None],
+             hold: bool = False) -> TokenStream:
+        """``hold``: keep deliveries back until ``stream.release()``."""
         if request_id in self._streams:
             raise Unavailable(f"request id {request_id!r} is already streaming")
-        stream = TokenStream(request_id, on_tokens, asyncio.get_running_loop().create_future())
+        stream = TokenStream(request_id, on_tokens, asyncio.get_running_loop().create_future(),
+                             held=[] if hold else None)
         self._streams[request_id] = stream
         return stream
 

@@ -26,6 +26,11 @@ TOKEN_CHANNELS: tuple[TokenChannel, ...] = ("unix", "tcp")
 # "queue": per-prefill local FIFO up to queue_cap, shortest-queue routing (baseline only).
 Admission = Literal["on_demand", "queue"]
 ADMISSIONS: tuple[Admission, ...] = ("on_demand", "queue")
+# When a decode starts a sequence: as soon as its KV landed (the prefill's first
+# token and sampler state come with the transfer's completion), or when the
+# router's commit arrives after the prefill answered it (one more round trip).
+DecodeStart = Literal["on_landing", "on_commit"]
+DECODE_STARTS: tuple[DecodeStart, ...] = ("on_landing", "on_commit")
 # Parameters that exist only to make Triton's poll mode reload a model (the
 # controller bumps "generation" on every reload/replace/role switch/upgrade);
 # accepted, never read.
@@ -108,6 +113,7 @@ class InstanceConfig:
     kv_capacity_bytes: int = 256 << 20
     kv_transport: Transport = "shm"
     kv_send_mode: SendMode = "whole"
+    decode_start: DecodeStart = "on_landing"  # prefill: see DECODE_STARTS
     kv_ttl_s: float = 30.0
     kv_secret: str = "pdserve-local"  # shared by every instance of one deployment
     max_tokens_limit: int = 1024  # router: largest max_tokens a client may ask for
@@ -139,6 +145,9 @@ class InstanceConfig:
             raise ValueError(f"queue_cap must be >= 0, got {self.queue_cap}")
         if self.admission == "on_demand" and self.queue_cap:
             raise ValueError("queue_cap needs admission 'queue' (on-demand prefills never queue)")
+        if self.decode_start not in DECODE_STARTS:
+            raise ValueError(
+                f"decode_start must be one of {DECODE_STARTS}, got {self.decode_start!r}")
         if self.kv_send_mode not in SEND_MODES:
             raise ValueError(f"kv_send_mode must be one of {SEND_MODES}, got {self.kv_send_mode!r}")
         for key in ("max_batch_size", "max_step_tokens", "kv_capacity_bytes", "max_tokens_limit",

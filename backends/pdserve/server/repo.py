@@ -8,10 +8,11 @@ Spec (YAML)::
     router: {name: pdserve, cpu_cores: "0-1"}
     limits: {max_tokens: 1024, max_batch_size: 32, kv_capacity_mb: 256, ttft_budget_s: 30,
              admission: on_demand}  # or {admission: queue, queue_cap: N}: the baseline
-    kv: {transport: shm, send_mode: whole, ttl_s: 30}
+    kv: {transport: shm, send_mode: whole, ttl_s: 30, decode_start: on_landing}
     scenarios:
       default: {prefill: 1, decode: 1, cpu_cores: {prefill: ["0"], decode: ["1"]}}
       long:    {aggregated: 2}  # the aggregated baseline, behind the same router
+      commit:  {prefill: 1, decode: 1, decode_start: on_commit}  # per-scenario override
 
 Instances are numbered per role across scenarios (prefill_0, prefill_1,
 decode_0, aggregated_0...); a ``cpu_cores`` list is cycled over a role's
@@ -99,7 +100,7 @@ def instances_from_spec(spec: Mapping[str, Any]) -> list[InstanceConfig]:
     limits = _section(spec, "limits", {"max_tokens", "max_batch_size", "max_step_tokens",
                                        "kv_capacity_mb", "ttft_budget_s", "admission",
                                        "queue_cap"})
-    kv = _section(spec, "kv", {"transport", "send_mode", "ttl_s", "secret"})
+    kv = _section(spec, "kv", {"transport", "send_mode", "ttl_s", "secret", "decode_start"})
     router = _section(spec, "router", {"name", "cpu_cores", "num_threads"})
     common: dict[str, Any] = {
         "model": str(spec.get("model", "tiny")),
@@ -110,6 +111,7 @@ def instances_from_spec(spec: Mapping[str, Any]) -> list[InstanceConfig]:
         "kv_capacity_bytes": int(float(limits.get("kv_capacity_mb", 256)) * (1 << 20)),
         "kv_transport": str(kv.get("transport", "shm")),
         "kv_send_mode": str(kv.get("send_mode", "whole")),
+        "decode_start": str(kv.get("decode_start", "on_landing")),
         "kv_ttl_s": float(kv.get("ttl_s", 30.0)),
         "kv_secret": str(kv.get("secret", "pdserve-local")),
         "max_tokens_limit": int(limits.get("max_tokens", 1024)),
@@ -126,6 +128,7 @@ def instances_from_spec(spec: Mapping[str, Any]) -> list[InstanceConfig]:
         group = _group(str(scenario), group)
         names: dict[str, list[str]] = {role: [] for role in _INSTANCE_ROLES}
         cores = group.get("cpu_cores") or {}
+        overrides = {"decode_start": str(group["decode_start"])} if "decode_start" in group else {}
         for role in _INSTANCE_ROLES:
             for i in range(int(group.get(role, 0))):
                 name = f"{role}_{counters[role]}"
@@ -135,7 +138,7 @@ def instances_from_spec(spec: Mapping[str, Any]) -> list[InstanceConfig]:
                 pinned = parse_cpu_cores(str(core_list[i % len(core_list)])) if core_list else None
                 instances.append(InstanceConfig(
                     name=name, role=role, scenario=str(scenario),  # type: ignore[arg-type]
-                    cpu_cores=pinned, **common,
+                    cpu_cores=pinned, **{**common, **overrides},
                 ))
         routes[str(scenario)] = Route(
             prefill=tuple(names["prefill"]), decode=tuple(names["decode"]),
@@ -167,7 +170,7 @@ def _section(spec: Mapping[str, Any], key: str, allowed: set[str]) -> Mapping[st
 def _group(scenario: str, group: object) -> Mapping[str, Any]:
     if not isinstance(group, Mapping):
         raise ValueError(f"scenario {scenario!r} must be a mapping, got {group!r}")
-    unknown = sorted(set(group) - {*_INSTANCE_ROLES, "cpu_cores"})
+    unknown = sorted(set(group) - {*_INSTANCE_ROLES, "cpu_cores", "decode_start"})
     if unknown:
         raise ValueError(f"scenario {scenario!r}: unknown keys {unknown}")
     for role in _INSTANCE_ROLES:
