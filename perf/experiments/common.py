@@ -146,6 +146,13 @@ def summary_row(summary: Summary) -> dict[str, Any]:
     }
 
 
+def request_rows(records: Sequence[RequestRecord]) -> list[list[Any]]:
+    """Per request, for finding which ones missed an SLO and why: [input tokens,
+    output tokens, send s, response times s (relative to send), status]."""
+    return [[r.input_len, r.output_tokens, round(r.send_s, 4),
+             [round(t - r.send_s, 4) for t in r.response_s], r.status] for r in records]
+
+
 def out_dir(name: str, quick: bool) -> Path:
     path = OUT_ROOT / (f"{name}_quick" if quick else name)
     path.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,8 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
                 point: dict[str, Any] = {
                     "deployment": label, "rate": rate, "time_scale": time_scale,
                     "offered_requests": len(specs), "wall_s": run_.wall_s,
-                    "load": common.summary_row(run_.summary())}
+                    "load": common.summary_row(run_.summary()),
+                    "requests": common.request_rows(run_.records)}
                 for key, s in slo.items():
                     point[key] = common.summary_row(run_.summary(s))
                 points.append(point)

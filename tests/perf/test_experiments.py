@@ -155,6 +155,13 @@ def test_e3_blockers_are_reasons_not_crashes() -> None:
     assert all(isinstance(b, str) and b for b in blockers)
 
 
+def test_request_rows_keep_what_an_slo_miss_needs() -> None:
+    rec = RequestRecord(index=0, input_len=40, requested_output_len=3, send_s=10.0,
+                        response_s=(10.2, 10.25, 10.3), response_tokens=(1, 1, 1),
+                        final_s=10.3, status="ok")
+    assert common.request_rows([rec]) == [[40, 3, 10.0, [0.2, 0.25, 0.3], "ok"]]
+
+
 def test_replace_section_appends_then_replaces(tmp_path: Path) -> None:
     md = tmp_path / "RESULTS.md"
     md.write_text("# title\n\n## other\ntext\n")
@@ -190,6 +197,8 @@ def test_e1_quick(tmp_path: Path) -> None:
     for p in doc["points"]:
         assert p["load"]["ok"] == p["offered_requests"], p["load"]["errors"]
         assert 0.0 <= p["tpot_tight"]["slo_attainment"] <= 1.0
+        assert len(p["requests"]) == p["offered_requests"]
+        assert all(out >= len(times) > 0 for _, out, _, times, _ in p["requests"])
     assert (tmp_path / "e1.png").stat().st_size > 0
     assert _leftover_processes(str(tmp_path)) == []
 
