@@ -23,6 +23,11 @@ steal, total = busy + idle + iowait. The counters are the machine's, so work
 that is not pdserve's on those cores counts as busy too: compute a switch could
 not use either. Accelerators are not measured (no NVML here); an instance that
 reports no counters leaves the rule to count slots alone.
+
+Each instance also reports its own process's CPU ticks (``InstanceLoad.own_ticks``:
+utime + stime from ``/proc/self/stat``, the same clock ticks). A donor's units are
+busy partly with the donor's own work, which leaves with it when it switches; the
+check subtracts that share (``own_shares``) before it calls such a unit saturated.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 STAT_PATH = "/proc/stat"
+SELF_STAT_PATH = "/proc/self/stat"
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal
 _IDLE_FIELDS = (3, 4)  # idle iowait
 
@@ -62,6 +68,13 @@ def parse_proc_stat(text: str, cores: Iterable[int]) -> dict[int, tuple[int, int
     return out
 
 
+def parse_process_ticks(text: str) -> int:
+    """utime + stime of a ``/proc/<pid>/stat`` line (all its threads), in clock ticks."""
+    # The command name (field 2) is in parentheses and may hold spaces or ')'.
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of the line
+
+
 class CpuCounters:
     """Busy/total ticks of the cores this process may run on, for heartbeats.
 
@@ -71,14 +84,24 @@ class CpuCounters:
     """
 
     def __init__(self, cores: Sequence[int] | None = None, host: str | None = None,
-                 stat_path: str = STAT_PATH, min_interval_s: float = 0.2) -> None:
+                 stat_path: str = STAT_PATH, min_interval_s: float = 0.2,
+                 self_stat_path: str = SELF_STAT_PATH) -> None:
         self.cores = tuple(sorted(cores if cores is not None else os.sched_getaffinity(0)))
         self.host = host or socket.gethostname()
         self.stat_path = stat_path
+        self.self_stat_path = self_stat_path
         self.min_interval_s = min_interval_s
         self._lock = threading.Lock()
         self._at = float("-inf")
         self._last: dict[str, list[int]] = {}
+
+    def read_own(self) -> int:
+        """This process's CPU ticks so far; 0 where they cannot be read."""
+        try:
+            with open(self.self_stat_path, encoding="ascii", errors="replace") as f:
+                return parse_process_ticks(f.read())
+        except (OSError, ValueError, IndexError):
+            return 0
 
     def read(self) -> dict[str, list[int]]:
         with self._lock:
@@ -106,6 +129,33 @@ def busy_shares(prev: Mapping[str, Sequence[int]],
         d_busy, d_total = busy - before[0], total - before[1]
         if d_total > 0 and 0 <= d_busy <= d_total:
             out[unit] = d_busy / d_total
+    return out
+
+
+def own_shares(prev: Mapping[str, tuple[str, int]], cur: Mapping[str, tuple[str, int]],
+               prev_counters: Mapping[str, Sequence[int]],
+               cur_counters: Mapping[str, Sequence[int]],
+               units: Mapping[str, Iterable[str]]) -> dict[str, float]:
+    """instance -> the share of each of its units its own process kept busy between
+    two samples: its ticks over its units' total ticks (spread evenly over them).
+
+    ``prev``/``cur``: instance -> (incarnation, own ticks). An instance restarted in
+    between (another incarnation), whose ticks went back, or one of whose units
+    was not sampled both times is left out (not measured)."""
+    out: dict[str, float] = {}
+    for name, (inc, ticks) in cur.items():
+        before = prev.get(name)
+        if before is None or before[0] != inc or ticks < before[1]:
+            continue
+        total = 0
+        for unit in units.get(name, ()):
+            a, b = prev_counters.get(unit), cur_counters.get(unit)
+            if a is None or b is None or b[1] <= a[1]:
+                total = 0
+                break
+            total += b[1] - a[1]
+        if total > 0:
+            out[name] = min(1.0, (ticks - before[1]) / total)
     return out
 
 

@@ -43,6 +43,9 @@ class InstanceLoad:
     # (``scheduler/compute.py``): the ratio rule's check that a switch adds
     # compute, not only slots. Empty: not measured.
     compute: dict[str, list[int]] = field(default_factory=dict)
+    # Cumulative CPU ticks of its own process (utime + stime, the clock ticks of
+    # ``compute``): the part of its units' busy time that leaves with it. 0: not measured.
+    own_ticks: int = 0
 
     def __init__(
         self,
@@ -59,6 +62,7 @@ class InstanceLoad:
         model: str = "",
         incarnation: str = "",
         compute: dict[str, list[int]] | None = None,
+        own_ticks: int = 0,
     ) -> None:
         # Written by hand (same fields, order and defaults as the dataclass's, tested)
         # because the simulator builds millions of these: the generated frozen
@@ -79,11 +83,12 @@ class InstanceLoad:
         d["model"] = model
         d["incarnation"] = incarnation
         d["compute"] = {} if compute is None else compute
+        d["own_ticks"] = own_ticks
         # One cheap test of the common case; the detailed checks only when
         # something is off or measured.
         if (not name or role not in ROLES or max_batch_size <= 0
                 or in_flight < 0 or queued < 0 or kv_free_bytes < 0
-                or kv_total_bytes < 0 or compute):
+                or kv_total_bytes < 0 or compute or own_ticks):
             self._validate()
 
     def _validate(self) -> None:
@@ -93,7 +98,7 @@ class InstanceLoad:
             raise InvalidArgument(f"role must be one of {ROLES}, got {self.role!r}")
         if self.max_batch_size <= 0:
             raise InvalidArgument(f"max_batch_size must be positive, got {self.max_batch_size}")
-        for name in ("in_flight", "queued", "kv_free_bytes", "kv_total_bytes"):
+        for name in ("in_flight", "queued", "kv_free_bytes", "kv_total_bytes", "own_ticks"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
         for unit, ticks in self.compute.items():

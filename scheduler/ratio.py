@@ -111,6 +111,9 @@ class ComputeView:
     roles: Mapping[str, str] = field(default_factory=dict)  # instance -> role now
     units: Mapping[str, frozenset[str]] = field(default_factory=dict)  # instance -> units
     busy: Mapping[str, float] = field(default_factory=dict)  # unit -> busy share
+    # instance -> share of each of its units that was its own process's work (it
+    # leaves with it when it switches); missing: not measured, nothing subtracted
+    own: Mapping[str, float] = field(default_factory=dict)
 
     def stage_units(self, role: str) -> frozenset[str]:
         return frozenset().union(*(self.units.get(n, frozenset())
@@ -125,9 +128,11 @@ class ComputeView:
 
     def adds(self, donor: str, to_role: str, saturated: float) -> bool:
         """Moving ``donor`` to ``to_role`` gives that stage a unit it does not run
-        on yet that is not saturated itself (unmeasured units count as room)."""
+        on yet that is not saturated by others' work (the donor's own work leaves
+        with it; unmeasured units count as room)."""
         new = self.units.get(donor, frozenset()) - self.stage_units(to_role)
-        return any(self.busy.get(u, 0.0) < saturated for u in new)
+        own = self.own.get(donor, 0.0)
+        return any(self.busy.get(u, 0.0) - own < saturated for u in new)
 
 
 @dataclass(frozen=True)

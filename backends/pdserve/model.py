@@ -121,8 +121,10 @@ class TritonPythonModel:
                     await self._set_role(call.role)
                 elif self._switching:  # the old role is being released under us
                     raise Unavailable(f"{self.cfg.name} is switching roles")
+                cpu = self.cpu
                 load = replace(self.role.load(), incarnation=self.incarnation,
-                               compute=self.cpu.read() if self.cpu is not None else {})
+                               compute=cpu.read() if cpu is not None else {},
+                               own_ticks=cpu.read_own() if cpu is not None else 0)
                 out.send(load_out(answer_health(load)), final=True)
             else:
                 op, payload = read_instance_request(request)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pdserve.scheduler.compute import busy_shares, merge_counters
+from pdserve.scheduler.compute import busy_shares, merge_counters, own_shares
 from pdserve.scheduler.controller.health import (
     HealthPolicy,
     InstanceHealth,
@@ -109,6 +109,7 @@ class Controller:
         self._last_ratio = float("-inf")
         self._last_kind: dict[str, str] = {}  # scenario -> reason kind of its last decision
         self._last_compute: dict[str, list[int]] = {}  # unit -> [busy, total] at the last window
+        self._last_own: dict[str, tuple[str, int]] = {}  # instance -> (incarnation, own ticks)
         self._pool = ThreadPoolExecutor(options.probe_workers, thread_name_prefix="probe")
         self.state = ControllerState()
         self._drains: dict[str, DrainRequest] = {}
@@ -298,7 +299,10 @@ class Controller:
         counters = merge_counters(h.last_load.compute for h in self.health.values()
                                   if h.last_load is not None)
         busy = busy_shares(self._last_compute, counters)
-        self._last_compute = counters
+        own_now = self._own_ticks()
+        own = own_shares(self._last_own, own_now, self._last_compute, counters,
+                         {n: self._units(n) for n in own_now})
+        self._last_compute, self._last_own = counters, own_now
         if prev is None:
             return
         for scenario in scenarios:
@@ -308,7 +312,7 @@ class Controller:
             batch = {r: max((self.entries[c.name].max_batch_size for c in cands if c.role == r),
                             default=1) for r in ("prefill", "decode")}
             sig = scenario_signal(w, now, n_p, n_d, batch["prefill"], batch["decode"],
-                                  occupancy[scenario], self._compute_view(cands, busy)) \
+                                  occupancy[scenario], self._compute_view(cands, busy, own)) \
                 if w else None
             if sig is None or n_p + n_d == 0:
                 self.metrics.decision(scenario, "none", "no signal in the window")
@@ -323,16 +327,31 @@ class Controller:
             if switch is not None:
                 self._start_switch(switch, now)
 
-    def _compute_view(self, cands: list[Candidate], busy: dict[str, float]) -> ComputeView | None:
-        """The routable instances' compute units (from their heartbeats) and how busy
-        each unit was since the last window; None where no instance reports any."""
-        units = {c.name: frozenset().union(*(h.last_load.compute for h in self._healths(c.name)
-                                             if h.last_load is not None))
-                 for c in cands if c.routable}
+    def _compute_view(self, cands: list[Candidate], busy: dict[str, float],
+                      own: dict[str, float]) -> ComputeView | None:
+        """The routable instances' compute units (from their heartbeats), how busy
+        each unit was since the last window and how much of that was each instance's
+        own work; None where no instance reports any."""
+        units = {c.name: self._units(c.name) for c in cands if c.routable}
         if not any(units.values()):
             return None
         return ComputeView(roles={c.name: c.role for c in cands if c.routable},
-                           units=units, busy=busy)
+                           units=units, busy=busy,
+                           own={n: share for n, share in own.items() if n in units})
+
+    def _units(self, name: str) -> frozenset[str]:
+        return frozenset().union(*(h.last_load.compute for h in self._healths(name)
+                                   if h.last_load is not None))
+
+    def _own_ticks(self) -> dict[str, tuple[str, int]]:
+        """instance -> (incarnation, own CPU ticks) of the instances served by one
+        stub that reports them (ticks of several stubs cannot be told apart)."""
+        out: dict[str, tuple[str, int]] = {}
+        for name in {n for _, n in self.health}:
+            loads = [h.last_load for h in self._healths(name) if h.last_load is not None]
+            if len(loads) == 1 and loads[0].own_ticks > 0:
+                out[name] = (loads[0].incarnation, loads[0].own_ticks)
+        return out
 
     def candidates(self, scenario: str) -> list[Candidate]:
         out = []

@@ -36,6 +36,7 @@ class FakeTriton:
         self.acting: dict[str, str] = {}  # switched in place; gone at a reload
         self.refuse_switch: set[str] = set()
         self.compute: dict[str, dict[str, list[int]]] = {}  # model -> its heartbeat counters
+        self.own: dict[str, int] = {}  # model -> its process's own CPU ticks
         self.poll()
 
     def poll(self) -> None:
@@ -69,7 +70,8 @@ class FakeTriton:
         load = InstanceLoad(name=model, role=self.acting.get(model, entry.role),
                             scenario=entry.scenario, max_batch_size=entry.max_batch_size,
                             in_flight=self.in_flight.get(model, 0),
-                            compute=self.compute.get(model, {}))
+                            compute=self.compute.get(model, {}),
+                            own_ticks=self.own.get(model, 0))
         return ProbeResult(ok=True, load=load, generation=self.loaded[model])
 
     def close(self) -> None:

@@ -12,7 +12,9 @@ from pdserve.scheduler.compute import (
     CpuCounters,
     busy_shares,
     merge_counters,
+    own_shares,
     parse_proc_stat,
+    parse_process_ticks,
 )
 from pdserve.scheduler.instance import InstanceLoad
 
@@ -88,3 +90,41 @@ def test_heartbeat_fields_this_version_does_not_know_are_left_out() -> None:
     for bad in (b"[1, 2]", b'{"role":"decode"}', b"not json"):
         with pytest.raises(InvalidArgument, match="malformed"):
             InstanceLoad.from_bytes(bad)
+
+
+SELF_STAT = ("4242 (pdserve stub) (x)) S 1 4242 4242 0 -1 4194560 5000 0 0 0 "
+             "1234 56 0 0 20 0 9 0 100 0 0 18446744073709551615\n")
+
+
+def test_own_ticks_are_utime_plus_stime_whatever_the_command_name(tmp_path: Path) -> None:
+    assert parse_process_ticks(SELF_STAT) == 1234 + 56
+    stat = tmp_path / "self_stat"
+    stat.write_text(SELF_STAT)
+    assert CpuCounters(cores=[0], self_stat_path=str(stat)).read_own() == 1290
+    assert CpuCounters(cores=[0], self_stat_path=str(tmp_path / "none")).read_own() == 0
+    stat.write_text("garbage")
+    assert CpuCounters(cores=[0], self_stat_path=str(stat)).read_own() == 0
+    # This process: it has used some CPU by now, and it only grows.
+    me = CpuCounters(cores=[0])
+    first = me.read_own()
+    sum(i * i for i in range(300_000))
+    assert 0 < first <= me.read_own()
+
+
+def test_own_shares_over_the_instances_units() -> None:
+    prev_c = {"h/cpu0": [100, 1000], "h/cpu1": [100, 1000]}
+    cur_c = {"h/cpu0": [180, 1100], "h/cpu1": [150, 1100]}
+    units = {"p0": ["h/cpu0"], "d0": ["h/cpu0", "h/cpu1"], "new": ["h/cpu0"],
+             "restarted": ["h/cpu0"], "unsampled": ["h/cpu9"]}
+    prev = {"p0": ("a", 500), "d0": ("b", 10), "restarted": ("c", 900), "unsampled": ("e", 1)}
+    cur = {"p0": ("a", 560), "d0": ("b", 110), "new": ("d", 5), "restarted": ("c2", 20),
+           "unsampled": ("e", 9)}
+    # p0: 60 ticks of core 0's 100; d0: 100 ticks over two cores' 200 (half of each)
+    assert own_shares(prev, cur, prev_c, cur_c, units) == {"p0": 0.6, "d0": 0.5}
+
+
+def test_heartbeat_carries_own_ticks() -> None:
+    load = InstanceLoad("p", "prefill", "default", 4, own_ticks=77)
+    assert InstanceLoad.from_bytes(load.to_bytes()).own_ticks == 77
+    with pytest.raises(InvalidArgument, match="own_ticks"):
+        InstanceLoad("p", "prefill", "default", 4, own_ticks=-1)

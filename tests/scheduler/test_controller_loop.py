@@ -434,3 +434,42 @@ def test_heartbeat_cpu_counters_stop_a_switch_that_adds_no_compute(
         assert c.repo.entry("prefill_0").role == "decode"
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("own_reported", [True, False])
+def test_a_donors_own_cpu_is_not_counted_against_the_core_it_brings(
+        tmp_path: Path, own_reported: bool) -> None:
+    """3P1D, output-heavy, decode_0 saturating core 1. Core 0 is 95% busy, 90
+    points of it prefill_0's own work: moving prefill_0 to decode brings core 0
+    with room. Without its own ticks in the heartbeat the core looks saturated
+    and the switch is refused."""
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=3, decode=1, traffic=traffic)
+    cores = {"prefill_0": 0, "prefill_1": 1, "prefill_2": 1, "decode_0": 1}
+    ticks = {0: [0, 0], 1: [0, 0]}
+    own = {"prefill_0": 0}
+
+    def run_cores(busy0: float, busy1: float, own0: float, seconds: float = 10.0) -> None:
+        for core, busy in ((0, busy0), (1, busy1)):
+            ticks[core][0] += int(busy * seconds * 100)
+            ticks[core][1] += int(seconds * 100)
+        own["prefill_0"] += int(own0 * seconds * 100)
+        triton.compute = {n: {f"h/cpu{core}": list(ticks[core])} for n, core in cores.items()}
+        triton.own = dict(own) if own_reported else {}
+
+    try:
+        run_cores(0.5, 0.5, 0.4)
+        c.tick(0.0)
+        triton.in_flight.update(decode_0=32)
+        run_cores(0.95, 0.99, 0.9)
+        traffic.add(50, ttft_s=0.05, tpot_s=0.05, out_tokens=200)
+        c.tick(10.0)
+        if own_reported:
+            assert [(e.kind, e.model) for e in c.repo.edits] == [("switch_role", "prefill_0")]
+        else:
+            assert c.repo.edits == []
+            assert c.metrics.registry.get_sample_value(
+                "pdserve_controller_ratio_decisions_total",
+                {"scenario": "default", "action": "none", "reason": "compute_saturated"}) == 1
+    finally:
+        c.close()

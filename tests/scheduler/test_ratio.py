@@ -239,3 +239,21 @@ def test_a_saturated_stage_gets_a_donor_that_brings_a_core() -> None:
     assert vetoed.action == "none" and "compute saturated" in vetoed.reason
     with pytest.raises(ValueError, match="compute_busy"):
         RatioPolicy(compute_busy=1.5)
+
+
+def test_a_donors_own_work_does_not_make_its_core_saturated() -> None:
+    """3P1D: core 0 is 95% busy, but 60 points of that are prefill_0's own work,
+    which leaves with it: moving it to decode brings core 0 with room."""
+    roles = {"prefill_0": "prefill", "prefill_1": "prefill", "prefill_2": "prefill",
+             "decode_0": "decode"}
+    units = dict(E3_UNITS, prefill_2=frozenset({"h/cpu1"}))
+    busy = {"h/cpu0": 0.95, "h/cpu1": 0.99}
+    mostly_own = ComputeView(roles=roles, units=units, busy=busy, own={"prefill_0": 0.6})
+    assert mostly_own.adds("prefill_0", "decode", 0.85)
+    sig = signal(100.0, 3, 1, rate=3.0, compute=mostly_own)
+    assert RatioController().decide(sig).action == "add_decode"
+    # Its own share small: core 0 stays busy with others' work after it left.
+    little_own = ComputeView(roles=roles, units=units, busy=busy, own={"prefill_0": 0.05})
+    assert not little_own.adds("prefill_0", "decode", 0.85)
+    vetoed = RatioController().decide(signal(100.0, 3, 1, rate=3.0, compute=little_own))
+    assert vetoed.action == "none" and "compute saturated" in vetoed.reason
