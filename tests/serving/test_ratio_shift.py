@@ -121,12 +121,14 @@ def test_ratio_moves_toward_decode_and_back(
             m = scrape_until(metrics_url,
                              lambda m: m.get(("pdserve_generated_tokens_total", first), 0) > 0)
             assert m[("pdserve_generated_tokens_total", first)] > 0
-        # Each stub's heartbeat carries the counters of the cores it may run on.
+        # Each stub's heartbeat carries the counters of the cores it may run on,
+        # and its own process's CPU ticks (it loaded a model and served: some).
         cores = len(os.sched_getaffinity(0))
         for name in ("prefill_0", "decode_0"):
             load = probe.probe(server.options.http_url, name).load
             assert load is not None and len(load.compute) == cores, load
             assert all(0 < busy <= total for busy, total in load.compute.values())
+            assert 0 < load.own_ticks <= max(busy for busy, _ in load.compute.values()), load
         # Every arena is empty again, also those of the instances that switched.
         names = [f"{r}_{i}" for r in ("prefill", "decode") for i in (0, 1)]
         m = scrape_until(metrics_url, lambda m: all(
