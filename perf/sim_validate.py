@@ -23,12 +23,13 @@ never from the points themselves:
   - E2 only: the prefill time of its one prompt length from the closed-loop
     capacity C (every slot busy, both prefills on one core): a prompt holds its
     slot S = slots / C, of which the core's share is S / 2.
-  - E2 only: the router's and client's CPU work per request on the decode's
-    core (``HostCores.request_s``), from the same capacity run, the one
-    measurement before the points with the router and client busy: the capacity
-    run is replayed (closed loop, the same concurrency and duration) and
-    request_s is the value (bisection) at which its simulated TPOT p50 is the
-    measured one; its rise over the unloaded TPOT is the core time they took.
+  - the router's and client's CPU work per request (``HostCores.request_s``;
+    E2: on the decode's core, E1: unpinned, on the less busy core), from the
+    one measurement before the points with the router and client busy (E2: the
+    capacity run; E1: its closed-loop busy run per deployment): that run is
+    replayed (closed loop, the same concurrency and duration) and request_s is
+    the value (bisection) at which its simulated TPOT p50 (E2) or TTFT p50 (E1,
+    where an unpinned router barely moves the TPOT) is the measured one.
 The deployment's cores (``cpu_cores`` of its instances and router) are declared
 as a ``HostCores``: every core is shared by processor sharing. The load points
 are then predictions.
@@ -166,9 +167,10 @@ def simulate_closed_loop(profile: Profile, scenario: ScenarioSpec, specs: list[R
 
 
 def fit_router_request_s(profile: Profile, scenario: ScenarioSpec, specs: list[RequestSpec],
-                         measured_tpot_ms: float, concurrency: int, duration_s: float,
-                         **kw: Any) -> tuple[float, dict[str, Any]]:
-    """``request_s`` at which the replayed capacity run's TPOT p50 is the measured one."""
+                         measured_ms: float, concurrency: int, duration_s: float,
+                         target: str = "tpot_p50_ms", **kw: Any) -> tuple[float, dict[str, Any]]:
+    """``request_s`` at which the replayed closed-loop run's ``target`` figure is
+    the measured one (it grows with the router's work; bisection)."""
     assert scenario.host is not None
 
     def run(request_s: float) -> dict[str, Any]:
@@ -176,11 +178,11 @@ def fit_router_request_s(profile: Profile, scenario: ScenarioSpec, specs: list[R
         return simulate_closed_loop(profile, sc, specs, concurrency, duration_s, **dict(kw))
 
     lo, hi = 0.0, 0.5
-    if (run(lo).get("tpot_p50_ms") or 0.0) >= measured_tpot_ms:
+    if (run(lo).get(target) or 0.0) >= measured_ms:
         return 0.0, run(0.0)
     for _ in range(20):  # 0.5 s / 2**20: well below a microsecond
         mid = (lo + hi) / 2
-        if (run(mid).get("tpot_p50_ms") or 0.0) < measured_tpot_ms:
+        if (run(mid).get(target) or 0.0) < measured_ms:
             lo = mid
         else:
             hi = mid
@@ -207,9 +209,10 @@ def validate_e1(doc: dict[str, Any], profile: Profile) -> dict[str, Any]:
     budget = float(spec["limits"].get("ttft_budget_s", 120))
     mode = "layerwise" if spec["kv"].get("send_mode") == "layerwise" else "block_free"
     prof = _limits(profile, spec)
-    # The router and client are unpinned; E1 measures nothing before its points
-    # with them busy, so their CPU work is 0 here (the instances' cores are still
-    # declared: one instance per core).
+    # The router and client are unpinned (their work goes to the less busy core).
+    # Their CPU work per request is fitted, per deployment, to the closed-loop busy
+    # run E1 takes before its points; an E1 run without one (before 2026-12-03
+    # 23:30 UTC) leaves it 0.
     scenarios = {"disagg": ScenarioSpec("default", 1, 1, host=host_cores(spec, "default")),
                  "agg": ScenarioSpec("default", n_aggregated=2, host=host_cores(spec, "agg"))}
     base, _ = e1.trace_at(cfg, 1.0, trace)
@@ -218,6 +221,22 @@ def validate_e1(doc: dict[str, Any], profile: Profile) -> dict[str, Any]:
     for label, sc in scenarios.items():
         calibrated[label], calib[label] = calibrate(
             prof, sc, unloaded, doc["unloaded"][label], ttft_budget_s=budget, transfer_mode=mode)
+        busy = (doc.get("busy") or {}).get(label)
+        if busy is None or not busy["load"].get("ttft_p50_ms"):
+            continue
+        # Fitted on TTFT: with the router unpinned its work mostly goes to the
+        # core the prompt's prefill does not use, so a few requests in flight move
+        # E1's TPOT by a few per cent at most, and its TTFT (the router's part of
+        # the path to the first token) clearly.
+        request_s, replay = fit_router_request_s(
+            calibrated[label], sc, e1.busy_specs(cfg, trace), float(busy["load"]["ttft_p50_ms"]),
+            concurrency=int(busy["concurrency"]), duration_s=float(busy["duration_s"]),
+            target="ttft_p50_ms", ttft_budget_s=budget, transfer_mode=mode)
+        assert sc.host is not None
+        scenarios[label] = replace(sc, host=replace(sc.host, request_s=request_s))
+        calib[label]["router_request_ms"] = 1000 * request_s
+        for k in ("req_per_s", "ttft_p50_ms", "tpot_p50_ms"):
+            calib[label][f"busy_replay_{k}"] = float(replay.get(k) or 0.0)
     points = []
     for p in doc["points"]:
         specs, _ = e1.trace_at(cfg, float(p["rate"]), trace)

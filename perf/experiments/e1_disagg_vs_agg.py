@@ -43,19 +43,27 @@ class E1Config:
     point_s: float  # arrivals span this long at each rate
     unloaded_requests: int
     max_step_tokens: int  # aggregated chunk budget per step (Sarathi-style)
+    # Before the points, per deployment: a closed loop of this many requests in flight
+    # for busy_s seconds (the router and the client busy; the simulator's validation
+    # calibrates their CPU work from it, never from the points). 0: not run.
+    busy_concurrency: int = 2
+    busy_s: float = 15.0
 
     def __post_init__(self) -> None:
         if not self.rates or min(self.rates) <= 0:
             raise ValueError(f"rates must be positive, got {self.rates}")
         if self.point_s <= 0 or self.unloaded_requests < 2:
             raise ValueError("point_s must be > 0 and unloaded_requests >= 2")
+        if self.busy_concurrency < 0 or (self.busy_concurrency and self.busy_s <= 0):
+            raise ValueError("busy_concurrency must be >= 0 and busy_s > 0 when it runs")
 
 
 FULL = E1Config(model="small", length_scale=0.125, max_input_len=256, max_output_len=48,
                 rates=(0.5, 1.0, 2.0, 3.0), point_s=40.0, unloaded_requests=10,
                 max_step_tokens=128)
 QUICK = E1Config(model="tiny", length_scale=0.125, max_input_len=128, max_output_len=16,
-                 rates=(2.0, 8.0), point_s=6.0, unloaded_requests=4, max_step_tokens=64)
+                 rates=(2.0, 8.0), point_s=6.0, unloaded_requests=4, max_step_tokens=64,
+                 busy_s=3.0)
 
 
 def spec(cfg: E1Config) -> dict[str, Any]:
@@ -84,6 +92,25 @@ def trace_at(cfg: E1Config, rate: float, trace: Path) -> tuple[list[RequestSpec]
     return trace_requests(rows, scaling), time_scale
 
 
+def busy_specs(cfg: E1Config, trace: Path) -> list[RequestSpec]:
+    """The trace's requests for the closed-loop busy run (more than it can send)."""
+    rows, _ = trace_at(replace(cfg, point_s=max(cfg.busy_s * 20, 1.0)), 1.0, trace)
+    return [replace(s, arrival_s=None) for s in rows]
+
+
+def busy_runs(server: Any, cfg: E1Config, trace: Path) -> dict[str, dict[str, Any]]:
+    """Per deployment: ``busy_concurrency`` requests in flight for ``busy_s``."""
+    out = {}
+    specs = busy_specs(cfg, trace)
+    for label, scenario in DEPLOYMENTS.items():
+        run_ = common.drive(server, specs, label=f"busy {label}", scenario=scenario,
+                            concurrency=cfg.busy_concurrency, max_duration_s=cfg.busy_s)
+        out[label] = {"concurrency": cfg.busy_concurrency, "duration_s": cfg.busy_s,
+                      "load": common.summary_row(run_.summary())}
+        print(f"busy {label}: {out[label]['load']}", flush=True)
+    return out
+
+
 def slos(unloaded: dict[str, dict[str, Any]]) -> dict[str, Slo]:
     ttft = min(u["ttft_p90_ms"] for u in unloaded.values())
     tpot = min(u["tpot_p50_ms"] for u in unloaded.values())
@@ -109,6 +136,8 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
             print(f"unloaded {label}: {unloaded[label]}", flush=True)
         slo = slos(unloaded)
         doc["unloaded"] = unloaded
+        if cfg.busy_concurrency:
+            doc["busy"] = busy_runs(server, cfg, trace)
         doc["slo"] = {k: v.__dict__ for k, v in slo.items()}
         for i, rate in enumerate(cfg.rates):
             specs, time_scale = trace_at(cfg, rate, trace)
