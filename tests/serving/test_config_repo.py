@@ -122,3 +122,4 @@ def test_spec_pins_cores_per_instance() -> None:
 def test_bad_specs(spec: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         instances_from_spec(spec)
+

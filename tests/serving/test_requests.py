@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -72,3 +74,14 @@ def test_contracts_round_trip_and_reject_garbage() -> None:
             GenerateCall.from_bytes(bad)
     with pytest.raises(InvalidArgument, match="finish_reason"):
         TokenChunk.from_bytes(b'{"finish_reason": "bored"}')
+
+
+def test_prefill_result_leaves_started_out_unless_set() -> None:
+    """A router of before ``started`` refuses unknown fields: only an answer whose
+    decode started on landing carries it."""
+    plain = PrefillResult("r", 5, 0.1, 0.01)
+    assert "started" not in json.loads(plain.to_bytes())
+    assert PrefillResult.from_bytes(plain.to_bytes()) == plain
+    started = PrefillResult("r", 5, 0.1, 0.01, started=True)
+    assert json.loads(started.to_bytes())["started"] is True
+    assert PrefillResult.from_bytes(started.to_bytes()).started is True

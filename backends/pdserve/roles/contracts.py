@@ -121,6 +121,14 @@ class PrefillResult(_Message):
         if type(self.started) is not bool:
             raise ValueError(f"started must be a bool, got {self.started!r}")
 
+    def to_bytes(self) -> bytes:
+        # ``started`` left out when False: a router of before it (contracts refuse
+        # unknown fields) still reads every answer that needs its commit.
+        d = asdict(self)
+        if not self.started:
+            del d["started"]
+        return json.dumps(d, separators=(",", ":")).encode()
+
 
 @dataclass(frozen=True)
 class CommitCall(_Message):
