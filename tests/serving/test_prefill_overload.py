@@ -67,11 +67,19 @@ def test_requests_ended_at_a_full_prefill_are_not_resumed(server: TritonServer) 
     # now needs a race (the router's next call arriving before the prefill has
     # freed the slot it just answered from; a clean-clone CI run saw 3 of 46
     # requests end with refusals only).
+    # A request can also spend its 200 ms before it reaches the prefills at all
+    # (decode reserve through Triton in a burst of 48 on a loaded machine: a
+    # clean-clone CI run saw 21 of 46): it asked nothing, so it says nothing about
+    # skipping; the others must mostly have skipped the full prefill.
     skipped = [e for e, _ in errors if "skipped: every slot held by this router" in e]
+    before = [e for e, _ in errors if (e or "").endswith("0 attempts, 0 rejected for lack of a "
+                                                          "free slot)")]
     rejections = m.get(("pdserve_prefill_rejections_total", "prefill_0"), 0)
-    print(f"\n{len(errors)} ended early, {len(skipped)} of them skipped the full prefill; "
-          f"{rejections:.0f} refusals")
-    assert len(skipped) >= 0.75 * len(errors), [e for e, _ in errors if e not in skipped][:2]
+    print(f"\n{len(errors)} ended early, {len(skipped)} of them skipped the full prefill, "
+          f"{len(before)} before reaching it; {rejections:.0f} refusals")
+    assert skipped
+    assert len(skipped) >= 0.75 * (len(errors) - len(before)), \
+        [e for e, _ in errors if e not in skipped and e not in before][:2]
     assert rejections < len(errors) / 2
     kv = ("pdserve_kv_arena_bytes_in_use", "decode_0")
     assert scrape_until(server.options.metrics_url, lambda m: m.get(kv) == 0, 15)[kv] == 0
