@@ -48,10 +48,6 @@ class BatchWorker:
         with self._lock:
             return len(self._streams)
 
-    def is_running(self, request_id: str) -> bool:
-        with self._lock:
-            return request_id in self._streams
-
     def add(self, seq: Sequence, sink: Sink) -> None:
         with self._lock:
             if self._stop:

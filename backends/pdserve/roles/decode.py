@@ -131,8 +131,6 @@ class DecodeRole:
         with self._lock:
             pending = self._pending.pop(call.request_id, None)
         if pending is None:
-            if self.worker.is_running(call.request_id):
-                return  # started on landing already (a router that committed anyway)
             raise InvalidArgument(f"no reservation for request {call.request_id!r} to commit")
         try:
             self.receiver.wait(call.request_id, timeout_s=self.cfg.kv_ttl_s)  # verified landing
