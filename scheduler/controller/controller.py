@@ -52,6 +52,7 @@ from pdserve.scheduler.controller.state import (
     with_drain,
     without_drain,
 )
+from pdserve.scheduler.instance import InstanceLoad
 from pdserve.scheduler.ratio import ComputeView
 
 log = logging.getLogger(__name__)
@@ -346,12 +347,13 @@ class Controller:
     def _own_ticks(self) -> dict[str, tuple[str, int]]:
         """instance -> (incarnation, own CPU ticks) of the instances served by one
         stub that reports them (ticks of several stubs cannot be told apart)."""
-        out: dict[str, tuple[str, int]] = {}
-        for name in {n for _, n in self.health}:
-            loads = [h.last_load for h in self._healths(name) if h.last_load is not None]
-            if len(loads) == 1 and loads[0].own_ticks > 0:
-                out[name] = (loads[0].incarnation, loads[0].own_ticks)
-        return out
+        loads: dict[str, list[InstanceLoad]] = {}
+        for (_, name), h in self.health.items():  # one pass: heartbeats of every server
+            loads.setdefault(name, [])
+            if h.last_load is not None:
+                loads[name].append(h.last_load)
+        return {name: (ls[0].incarnation, ls[0].own_ticks) for name, ls in loads.items()
+                if len(ls) == 1 and ls[0].own_ticks > 0}
 
     def candidates(self, scenario: str) -> list[Candidate]:
         out = []
