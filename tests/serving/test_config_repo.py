@@ -47,6 +47,7 @@ def test_parameters_round_trip() -> None:
     ({"role": "prefill", "decode_start": "eventually"}, "decode_start must be one of"),
     ({"role": "prefill", "queue_cap": "4"}, "queue_cap needs admission 'queue'"),
     ({"role": "prefill", "admission": "queue", "queue_cap": "-1"}, "queue_cap must be >= 0"),
+    ({"role": "prefill", "warmup_tokens": "-1"}, "warmup_tokens must be >= 0"),
     ({"role": "router", "routes": "{"}, "routes is not JSON"),
     ({"role": "router", "routes": '{"x": {"prefill": ["p"]}}'}, "prefill AND decode"),
     ({"role": "router", "routes": '{"x": {"aggregated": ["a"]}}'}, "'default' scenario"),
@@ -82,6 +83,15 @@ def test_decode_start_from_spec_and_per_scenario() -> None:
     assert parse_parameters("prefill_0", to_parameters(insts["prefill_0"])) == insts["prefill_0"]
     plain = instances_from_spec({"scenarios": {"default": {"prefill": 1, "decode": 1}}})
     assert {c.decode_start for c in plain} == {"on_landing"}
+
+
+def test_warmup_tokens_from_spec() -> None:
+    insts = instances_from_spec({"warmup_tokens": 0,
+                                 "scenarios": {"default": {"prefill": 1, "decode": 1}}})
+    assert {c.warmup_tokens for c in insts} == {0}
+    assert parse_parameters("decode_0", to_parameters(insts[2])) == insts[2]
+    plain = instances_from_spec({"scenarios": {"default": {"prefill": 1, "decode": 1}}})
+    assert {c.warmup_tokens for c in plain} == {16}
 
 
 def test_spec_expands_to_instances(tmp_path: Path) -> None:

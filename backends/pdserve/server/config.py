@@ -111,6 +111,10 @@ class InstanceConfig:
     max_batch_size: int = 32  # prefill: concurrent prompts; decode: running batch
     max_step_tokens: int = 2048  # aggregated/decode: tokens per batcher step
     kv_capacity_bytes: int = 256 << 20
+    # prefill/decode/aggregated: prompt tokens of the request run once at load, before
+    # the instance is ready, so its first client request does not pay the first forward
+    # pass's one-time costs (roles.instance.warm_up); 0: no warm-up
+    warmup_tokens: int = 16
     kv_transport: Transport = "shm"
     kv_send_mode: SendMode = "whole"
     decode_start: DecodeStart = "on_landing"  # prefill: see DECODE_STARTS
@@ -143,6 +147,8 @@ class InstanceConfig:
             raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
         if self.queue_cap < 0:
             raise ValueError(f"queue_cap must be >= 0, got {self.queue_cap}")
+        if self.warmup_tokens < 0:
+            raise ValueError(f"warmup_tokens must be >= 0, got {self.warmup_tokens}")
         if self.admission == "on_demand" and self.queue_cap:
             raise ValueError("queue_cap needs admission 'queue' (on-demand prefills never queue)")
         if self.decode_start not in DECODE_STARTS:
@@ -190,7 +196,7 @@ class InstanceConfig:
 
 
 _INT_KEYS = ("num_threads", "max_batch_size", "max_step_tokens", "kv_capacity_bytes",
-             "max_tokens_limit", "stream_threads", "queue_cap")
+             "max_tokens_limit", "stream_threads", "queue_cap", "warmup_tokens")
 _FLOAT_KEYS = ("kv_ttl_s", "ttft_budget_s")
 _KNOWN = {f.name for f in fields(InstanceConfig)} - {"name"}
 

@@ -9,6 +9,7 @@ Spec (YAML)::
     limits: {max_tokens: 1024, max_batch_size: 32, kv_capacity_mb: 256, ttft_budget_s: 30,
              admission: on_demand}  # or {admission: queue, queue_cap: N}: the baseline
     kv: {transport: shm, send_mode: whole, ttl_s: 30, decode_start: on_landing}
+    warmup_tokens: 16           # a request run by each instance at load (0: none)
     scenarios:
       default: {prefill: 1, decode: 1, cpu_cores: {prefill: ["0"], decode: ["1"]}}
       long:    {aggregated: 2}  # the aggregated baseline, behind the same router
@@ -35,7 +36,7 @@ import yaml
 from pdserve.server.config import InstanceConfig, Route, parse_cpu_cores, to_parameters
 
 _INSTANCE_ROLES = ("prefill", "decode", "aggregated")
-_TOP_KEYS = {"model", "dtype", "device", "router", "limits", "kv", "scenarios"}
+_TOP_KEYS = {"model", "dtype", "device", "router", "limits", "kv", "scenarios", "warmup_tokens"}
 
 ROUTER_IO = """\
 model_transaction_policy { decoupled: true }
@@ -117,6 +118,7 @@ def instances_from_spec(spec: Mapping[str, Any]) -> list[InstanceConfig]:
         "max_tokens_limit": int(limits.get("max_tokens", 1024)),
         "admission": str(limits.get("admission", "on_demand")),
         "queue_cap": int(limits.get("queue_cap", 0)),
+        "warmup_tokens": int(spec.get("warmup_tokens", 16)),
     }
     scenarios = spec.get("scenarios") or {"default": {"prefill": 1, "decode": 1}}
     if not isinstance(scenarios, Mapping):
