@@ -67,8 +67,8 @@ def warm_up(engine: LLMEngine, tokens: int) -> float:
     touched, kernels and thread pools set up) on its first request: 1.1 s of
     ``small``'s first request on one core here, 40 ms of ``tiny``'s. Paid at load,
     the instance is not READY until it is, so no client request (and no request
-    after a replacement or an upgrade) waits for it. Shapes seen later cost little
-    more (a 128-token prompt after a 16-token warm-up: within 6 % of its next run).
+    after a replacement or an upgrade) waits for it. A shape seen first later costs
+    6-14 % more once (offline, ``small``, one core), not seconds.
     """
     vocab = engine.config.vocab_size
     prompt = [1 + (7 * i) % (vocab - 1) for i in range(tokens)]
