@@ -40,7 +40,7 @@ class E1Config:
     max_input_len: int
     max_output_len: int
     rates: tuple[float, ...]  # offered requests/s
-    point_s: float  # arrivals span this long at each rate
+    point_s: float  # arrivals span this long at each rate (longer where min_requests asks)
     unloaded_requests: int
     max_step_tokens: int  # aggregated chunk budget per step (Sarathi-style)
     # Before the points, per deployment: a closed loop of this many requests in flight
@@ -48,19 +48,22 @@ class E1Config:
     # calibrates their CPU work from it, never from the points). 0: not run.
     busy_concurrency: int = 2
     busy_s: float = 15.0
+    # At least this many requests per point: at 0.5 req/s, 40 s of arrivals are 20
+    # requests, and one slow request moves the point's attainment by 5 %.
+    min_requests: int = 2
 
     def __post_init__(self) -> None:
         if not self.rates or min(self.rates) <= 0:
             raise ValueError(f"rates must be positive, got {self.rates}")
-        if self.point_s <= 0 or self.unloaded_requests < 2:
-            raise ValueError("point_s must be > 0 and unloaded_requests >= 2")
+        if self.point_s <= 0 or self.unloaded_requests < 2 or self.min_requests < 2:
+            raise ValueError("point_s must be > 0, unloaded_requests and min_requests >= 2")
         if self.busy_concurrency < 0 or (self.busy_concurrency and self.busy_s <= 0):
             raise ValueError("busy_concurrency must be >= 0 and busy_s > 0 when it runs")
 
 
 FULL = E1Config(model="small", length_scale=0.125, max_input_len=256, max_output_len=48,
                 rates=(0.5, 1.0, 2.0, 3.0), point_s=40.0, unloaded_requests=10,
-                max_step_tokens=128)
+                max_step_tokens=128, min_requests=40)
 QUICK = E1Config(model="tiny", length_scale=0.125, max_input_len=128, max_output_len=16,
                  rates=(2.0, 8.0), point_s=6.0, unloaded_requests=4, max_step_tokens=64,
                  busy_s=3.0)
@@ -84,7 +87,7 @@ def spec(cfg: E1Config) -> dict[str, Any]:
 
 def trace_at(cfg: E1Config, rate: float, trace: Path) -> tuple[list[RequestSpec], float]:
     """The first requests of the trace replayed at ``rate`` req/s: (specs, time_scale)."""
-    count = max(2, math.ceil(rate * cfg.point_s))
+    count = max(cfg.min_requests, math.ceil(rate * cfg.point_s))
     rows = read_trace(trace, max_rows=count)
     native_rate = (len(rows) - 1) / max(rows[-1].timestamp_s, 1e-9)
     time_scale = native_rate / rate
@@ -146,7 +149,8 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
             order = list(DEPLOYMENTS.items())
             for label, scenario in order if i % 2 == 0 else order[::-1]:
                 run_ = common.drive(server, specs, label=label, scenario=scenario,
-                                    max_duration_s=cfg.point_s * 3 + 30, request_timeout_s=120)
+                                    max_duration_s=len(specs) / rate * 3 + 30,
+                                    request_timeout_s=120)
                 point: dict[str, Any] = {
                     "deployment": label, "rate": rate, "time_scale": time_scale,
                     "offered_requests": len(specs), "wall_s": run_.wall_s,
@@ -215,7 +219,8 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         f"{cfg['max_step_tokens']} tokens per step. Client on the same 2 cores.  ",
         f"Trace `{Path(doc['trace']).name}` (first rows), lengths x{cfg['length_scale']} capped "
         f"at {cfg['max_input_len']} in / {cfg['max_output_len']} out; arrivals time-scaled to "
-        f"each offered rate; {cfg['point_s']:.0f} s of arrivals per point.  ",
+        f"each offered rate; {cfg['point_s']:.0f} s of arrivals per point, at least "
+        f"{cfg.get('min_requests', 2)} requests.  ",
         f"Unloaded (one at a time, {cfg['unloaded_requests']} requests): disagg TTFT p90 "
         f"{u['disagg']['ttft_p90_ms']:.0f} ms, TPOT p50 {u['disagg']['tpot_p50_ms']:.1f} ms; "
         f"agg TTFT p90 {u['agg']['ttft_p90_ms']:.0f} ms, TPOT p50 "
