@@ -23,6 +23,7 @@ from pdserve.server.config import InstanceConfig
 
 log = logging.getLogger(__name__)
 
+
 def apply_pinning(cfg: InstanceConfig) -> None:
     """Pin this stub to ``cpu_cores`` (if set) and size torch's thread pool."""
     if cfg.cpu_cores is not None:
