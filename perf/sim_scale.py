@@ -38,7 +38,7 @@ from pdserve.scheduler.forwarding import (
 from pdserve.scheduler.sim import native
 from pdserve.scheduler.sim.cluster import Cluster
 from pdserve.scheduler.sim.config import ScenarioSpec, SimConfig
-from pdserve.scheduler.sim.index import RankedIndex
+from pdserve.scheduler.sim.index import ranked_index
 from pdserve.scheduler.sim.profile import Profile, load_profile
 from pdserve.scheduler.sim.runner import RunResult, simulate
 from pdserve.scheduler.sim.workload import ScenarioLoad
@@ -155,7 +155,7 @@ def policy_costs(cfg: SimConfig, profile: Profile, kv_tokens: float,
         with contextlib.suppress(StopIteration):
             coro.send(None)
 
-    idx = RankedIndex(prefill_rank_key)
+    idx = ranked_index(prefill_rank_key)  # the run's kind (native: a FieldIndex)
     for load in pre:
         idx.update(load, True)
     probe = pre[0]

@@ -16,14 +16,15 @@ Modules, one idea each:
 - ``index``: per-scenario instance order kept under updates (no O(N) scans);
 - ``instance``: one simulated instance (prefill batches, fluid decode batch);
 - ``workload``: Poisson/bursty/day-night/trace arrivals, failure injection;
+- ``arrivals``: a scenario's arrivals as ``workload`` draws them, compiled natively;
 - ``config`` / ``spec``: what to simulate, as dataclasses / from YAML;
 - ``cluster``: a request's path (routing, admission, decode choice);
 - ``control``: failures and recovery, the P/D ratio loop;
 - ``results`` / ``runner``: per-request outcomes -> the ``pdserve bench`` JSON shape;
 - ``compare``: simulated vs measured, relative error per field;
 - ``cli``: ``pdserve sim run | profile | compare``;
-- ``native``: an optional mypyc build of events, index, instance, cluster and
-  results (the policies stay interpreted), for the scale run.
+- ``native``: an optional mypyc build of events, index, instance, arrivals,
+  cluster and results (the policies stay interpreted), for the scale run.
 """
 
 import os as _os

@@ -34,14 +34,15 @@ from pdserve.scheduler.forwarding import (
 )
 from pdserve.scheduler.instance import InstanceLoad, Role
 from pdserve.scheduler.scenario import ScenarioClassifier, ScenarioRule
+from pdserve.scheduler.sim.arrivals import scenario_arrivals_native
 from pdserve.scheduler.sim.config import ScenarioSpec, SimConfig
 from pdserve.scheduler.sim.cores import Host
 from pdserve.scheduler.sim.events import EventLoop
-from pdserve.scheduler.sim.index import RankedIndex
+from pdserve.scheduler.sim.index import RankedIndex, ranked_index
 from pdserve.scheduler.sim.instance import SimInstance, SimRequest
 from pdserve.scheduler.sim.profile import Profile
 from pdserve.scheduler.sim.results import Outcomes, PolicyCost
-from pdserve.scheduler.sim.workload import scenario_arrivals, spec_arrivals
+from pdserve.scheduler.sim.workload import spec_arrivals
 
 
 class _Sleep:
@@ -71,10 +72,12 @@ class ScenarioState:
 
     def __init__(self, spec: ScenarioSpec) -> None:
         self.spec = spec
+        self.disaggregated = spec.n_aggregated == 0  # decodes chosen at admission
+        self.prefill_cores = spec.prefill_cores
         self.members: list[SimInstance] = []
         self.loads: dict[str, InstanceLoad] = {}
-        self.prefills = RankedIndex(prefill_rank_key)
-        self.decodes = RankedIndex(decode_rank_key)
+        self.prefills: RankedIndex = ranked_index(prefill_rank_key)
+        self.decodes: RankedIndex = ranked_index(decode_rank_key)
         # window counters for the ratio loop
         self.win_first = 0
         self.win_ttft = 0.0
@@ -87,6 +90,7 @@ class ScenarioState:
         self.win_prompt = 0
         self.win_occupancy: list[float] = []
         self.host: Host | None = None  # spec.host declared: its cores, shared
+        self.request_s = spec.host.request_s if spec.host is not None else 0.0  # router, a prompt
 
 
 class Cluster:
@@ -125,6 +129,13 @@ class Cluster:
         self._rtt = profile.attempt_rtt_s + profile.serving_overhead_s
         self._pf_slots = profile.prefill.max_batch_size
         self._kv_total = profile.decode.kv_capacity_tokens * profile.kv_bytes_per_token
+        # figures read per request, kept here (reading them from the frozen config and
+        # profile objects is a Python attribute lookup each time in the native build)
+        self._fw = config.forwarding
+        self._ttft_budget_s = config.forwarding.ttft_budget_s
+        self._kv_per_token = profile.kv_bytes_per_token
+        self._pf = profile.prefill
+        self._pf_tokens = profile.prefill.max_batch_tokens
         number = 0
         for k, spec in enumerate(config.scenarios):
             if k % n_parts != i_part:
@@ -173,29 +184,33 @@ class Cluster:
         """
         sig = inst.signature()
         old = inst.sig
-        if sig == old:
+        # field by field (native build: int and str tests, no tuple built or compared);
+        # the counts first, which change most often
+        if (sig[1] == old[1] and sig[3] == old[3] and sig[2] == old[2] and sig[0] == old[0]
+                and sig[4] == old[4]):
             return
         inst.sig = sig
         role = sig[0]
+        sc: ScenarioState = inst.state
+        both = old[1] < 0 or old[0] != role  # new, or switched role: leave the other index
         if role == "prefill":  # the policy's view of it, cached per signature
             load, candidate, key = inst.prefill_view(sig)
-        else:
-            load, candidate, key = inst.snapshot(sig), None, None
-        inst.load = load
-        sc = inst.state
-        sc.loads[inst.name] = load
-        both = old is None or old[0] != role  # new, or switched role: leave the other index
-        if both or role != "decode":
-            if candidate is None:
-                candidate = is_prefill_candidate(load)
+            inst.load = load
+            sc.loads[inst.name] = load
             sc.prefills.update(load, candidate, key)
-        if both or role != "prefill":
-            # Only decodes with a free batch slot: ``can_take`` refuses every other
-            # one, so the first that can take a request is the same as over all of
-            # them (the order is the policy's), and a saturated scenario's decode
-            # choice does not walk past every full instance at each retry.
-            sc.decodes.update(load, load.is_routable and role != "prefill"
-                              and load.free_slots > 0)
+            if both:
+                sc.decodes.update(load, False)
+            return
+        load = inst.snapshot(sig)
+        inst.load = load
+        sc.loads[inst.name] = load
+        if both or role == "aggregated":
+            sc.prefills.update(load, is_prefill_candidate(load))
+        # Only decodes with a free batch slot: ``can_take`` refuses every other
+        # one, so the first that can take a request is the same as over all of
+        # them (the order is the policy's), and a saturated scenario's decode
+        # choice does not walk past every full instance at each retry.
+        sc.decodes.update(load, inst.can_decode_more(sig))
 
     # -- running -------------------------------------------------------------
     def run(self) -> None:
@@ -213,7 +228,9 @@ class Cluster:
             spec = self.scenarios[name].spec
             if spec.load is not None:
                 seed = self.config.seed * 1000003 + k
-                yield spec.name, scenario_arrivals(spec.load, self.config.duration_s, seed)
+                # = scenario_arrivals(spec.load, duration, seed), drawn natively (tested)
+                yield spec.name, scenario_arrivals_native(spec.load, self.config.duration_s,
+                                                            seed)
         if self._trace is not None:
             yield None, spec_arrivals([s for s in self._trace
                                        if (s.arrival_s or 0.0) < self.config.duration_s])
@@ -234,16 +251,16 @@ class Cluster:
         sc.win_prompt += input_len
         req = SimRequest(self.outcomes.new(t, input_len, output_len), scenario, t,
                          input_len, output_len)
-        req.deadline = t + self.config.forwarding.ttft_budget_s
+        req.deadline = t + self._ttft_budget_s
         self._next_arrival(stream)
         self._admit(req)
 
     def _admit(self, req: SimRequest) -> None:
         sc = self.scenarios[req.scenario]
-        if sc.spec.n_aggregated == 0 and not self._reserve_decode(sc, req):
+        if sc.disaggregated and not self._reserve_decode(sc, req):
             # No decode has room: wait as the router does (``Router._choose``: doubling
             # back-off) while the TTFT budget allows, then end the request early.
-            fw = self.config.forwarding
+            fw = self._fw
             req.backoff = min(max(req.backoff * 2, fw.min_backoff_s), fw.max_backoff_s)
             if self.loop.now + req.backoff < req.deadline:
                 self.loop.after(req.backoff, self._admit, req)
@@ -259,7 +276,7 @@ class Cluster:
         coro = forward_on_demand(
             sc.prefills.names,
             partial(self._attempt, req),
-            self.config.forwarding,
+            self._fw,
             deadline=req.deadline,  # no prefill estimate: the router passes none either
             clock=self.loop.clock,
             sleep=_sleep,
@@ -269,7 +286,7 @@ class Cluster:
 
     def _reserve_decode(self, sc: ScenarioState, req: SimRequest) -> bool:
         t0 = time.perf_counter()
-        need = req.kv_tokens * self.profile.kv_bytes_per_token
+        need = req.kv_tokens * self._kv_per_token
         loads = sc.loads
         chosen = None
         for name in sc.decodes:  # best first: the first that can take it
@@ -376,10 +393,10 @@ class Cluster:
         """Start the next prefill batch if the instance is free (the caller then touches)."""
         if inst.pf_busy or not inst.pending or not inst.alive:
             return
-        pf = self.profile.prefill
-        slots = pf.max_batch_size - len(inst.transferring) if self._local else pf.max_batch_size
+        pf = self._pf
+        slots = self._pf_slots - len(inst.transferring) if self._local else self._pf_slots
         batch: list[SimRequest] = []
-        pending, max_tokens = inst.pending, pf.max_batch_tokens
+        pending, max_tokens = inst.pending, self._pf_tokens
         tokens = tokens_sq = 0
         while pending and len(batch) < slots:
             nxt = pending[0].input_len
@@ -391,28 +408,29 @@ class Cluster:
         if not batch:
             return
         dur = pf.batch_time(tokens, float(tokens_sq))
-        host = inst.state.host
+        sc: ScenarioState = inst.state
+        host = sc.host
         if host is not None and not (inst.role == "aggregated" and inst.running):
             # a job on its core, re-timed whenever the core's runnable count changes
             inst.pf_busy = True
             inst.pf_running = batch
             inst.core.add_job(dur, self._pf_job_done, (inst, inst.epoch, self.loop.now))
             # the router's work for these prompts: placed once the prefill is runnable
-            host.router_job(inst.state.spec.host.request_s * len(batch))
+            host.router_job(sc.request_s * len(batch))
             return
         if inst.role == "aggregated":
             dur = self._mix_prefill(inst, tokens, dur)
         else:
-            cores = inst.state.spec.prefill_cores
+            cores = sc.prefill_cores
             if cores:  # prefills pinned together share their cores while they compute
-                busy = 1 + sum(1 for m in inst.state.members
+                busy = 1 + sum(1 for m in sc.members
                                if m.pf_busy and m is not inst and m.role == "prefill")
                 dur *= max(1.0, busy / cores)
         inst.pf_busy = True
         inst.pf_running = batch
         self.loop.after(dur, self._batch_done, (inst, inst.epoch, dur))
         if host is not None:  # aggregated, mixed into its running batch
-            host.router_job(inst.state.spec.host.request_s * len(batch))
+            host.router_job(sc.request_s * len(batch))
 
     def _mix_prefill(self, inst: SimInstance, tokens: int, prefill_s: float) -> float:
         """Chunked prefill: each chunk rides on one decode step of the running batch."""

@@ -92,7 +92,7 @@ class Control:
         reserved = sorted(inst.reserved, key=lambda r: r.index)
         inst.running.clear()
         inst.reserved.clear()
-        inst.ends.clear()
+        inst.clear_ends()
         inst.kv_used = 0
         inst.ctx = 0.0
         inst.mixing_until = -1.0

@@ -1,9 +1,17 @@
-"""The event heap: (time, sequence, callback, argument).
+"""The event heap: events ordered by (time, sequence), each a callback and its argument.
 
 The sequence number breaks ties in insertion order, so a run is a pure
 function of its inputs and seed (no comparison of callbacks, no set order).
 Stale events (a batch of an instance that failed meanwhile) are not removed
 from the heap; their callbacks check an epoch and return.
+
+Interpreted, the heap is ``heapq`` on (time, sequence, callback, argument)
+tuples. The native build (``COMPILED``) runs ``heapq``'s algorithm written out
+here on ``_Event`` objects compared by their typed (time, sequence) fields,
+which it compiles to two float/int tests instead of a generic tuple comparison
+(interpreted, that Python loop would be slower than ``heapq``'s C). (time,
+sequence) pairs are unique, so the events come out in the same order either way
+(the pinned runs are checked both ways).
 """
 
 from __future__ import annotations
@@ -14,38 +22,115 @@ from typing import Any
 
 Callback = Callable[[Any], None]
 
+# True in the native build (a compiled module's file is the extension's). The
+# simulator's modules are compiled together (native.MODULES): ``index`` and
+# ``instance`` pick their typed loops by it too. Read when an object is built.
+COMPILED = not __file__.endswith(".py")
+
+
+class _Event:
+    __slots__ = ("arg", "fn", "seq", "t")
+
+    def __init__(self, t: float, seq: int, fn: Callback, arg: Any) -> None:
+        self.t = t
+        self.seq = seq
+        self.fn = fn
+        self.arg = arg
+
+
+def _before(a: _Event, b: _Event) -> bool:
+    return a.t < b.t or (a.t == b.t and a.seq < b.seq)
+
 
 class EventLoop:
     def __init__(self) -> None:
         self.now = 0.0
         self.num_events = 0
-        self._heap: list[tuple[float, int, Callback, Any]] = []
+        self._typed = COMPILED
+        self._heap: list[_Event] = []  # COMPILED
+        self._tuples: list[tuple[float, int, Callback, Any]] = []  # else
         self._seq = 0
 
     def at(self, t: float, fn: Callback, arg: Any = None) -> None:
         if t < self.now:
             t = self.now  # float round-off only: events never go back in time
         self._seq += 1
-        heapq.heappush(self._heap, (t, self._seq, fn, arg))
+        if self._typed:
+            self._push(_Event(t, self._seq, fn, arg))
+        else:
+            heapq.heappush(self._tuples, (t, self._seq, fn, arg))
 
     def after(self, delay: float, fn: Callback, arg: Any = None) -> None:
         t = self.now + delay if delay > 0.0 else self.now  # as at(): never back in time
         self._seq += 1
-        heapq.heappush(self._heap, (t, self._seq, fn, arg))
+        if self._typed:
+            self._push(_Event(t, self._seq, fn, arg))
+        else:
+            heapq.heappush(self._tuples, (t, self._seq, fn, arg))
 
     def clock(self) -> float:
         return self.now
 
+    def _push(self, event: _Event) -> None:
+        """``heapq.heappush``: append, then move it up past later parents."""
+        heap = self._heap
+        heap.append(event)
+        pos = len(heap) - 1
+        while pos > 0:
+            up = (pos - 1) >> 1
+            parent = heap[up]
+            if not _before(event, parent):
+                break
+            heap[pos] = parent
+            pos = up
+        heap[pos] = event
+
+    def _pop(self) -> _Event:
+        """``heapq.heappop`` (non-empty heap): the last leaf replaces the root, which
+        moves down to a leaf along the earlier children, then back up (``_siftup``)."""
+        heap = self._heap
+        last = heap.pop()
+        if not heap:
+            return last
+        first = heap[0]
+        end = len(heap)
+        pos = 0
+        child = 1
+        while child < end:
+            right = child + 1
+            if right < end and not _before(heap[child], heap[right]):
+                child = right
+            heap[pos] = heap[child]
+            pos = child
+            child = 2 * pos + 1
+        while pos > 0:  # heapq's _siftdown from the leaf reached
+            up = (pos - 1) >> 1
+            parent = heap[up]
+            if not _before(last, parent):
+                break
+            heap[pos] = parent
+            pos = up
+        heap[pos] = last
+        return first
+
     def run(self, until: float = float("inf")) -> None:
-        heap, pop = self._heap, heapq.heappop
         n = 0
-        while heap and heap[0][0] <= until:
-            t, _, fn, arg = pop(heap)
-            self.now = t
-            n += 1
-            fn(arg)
+        if self._typed:
+            heap = self._heap
+            while heap and heap[0].t <= until:
+                event = self._pop()
+                self.now = event.t
+                n += 1
+                event.fn(event.arg)
+        else:
+            tuples, pop = self._tuples, heapq.heappop
+            while tuples and tuples[0][0] <= until:
+                t, _, fn, arg = pop(tuples)
+                self.now = t
+                n += 1
+                fn(arg)
         self.num_events += n
 
     @property
     def pending(self) -> int:
-        return len(self._heap)
+        return len(self._heap) + len(self._tuples)

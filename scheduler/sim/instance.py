@@ -33,6 +33,7 @@ from typing import Any
 from pdserve.scheduler.controller.health import InstanceHealth
 from pdserve.scheduler.forwarding import is_prefill_candidate, prefill_rank_key
 from pdserve.scheduler.instance import InstanceLoad, Role
+from pdserve.scheduler.sim.events import COMPILED
 from pdserve.scheduler.sim.profile import Profile
 
 _EPS = 1e-9
@@ -40,6 +41,8 @@ _EPS = 1e-9
 Signature = tuple[Role, int, int, int, str]
 PrefillView = tuple[InstanceLoad, bool, tuple[int, int, str]]  # load, candidate, rank key
 _MAX_CACHED_LOADS = 256  # per prefill instance (the local-queue baseline's queues grow)
+# ``SimInstance.sig`` before its first snapshot: equal to no signature (in flight -1)
+_NO_SIGNATURE: Signature = ("prefill", -1, -1, -1, "")
 
 
 class SimRequest:
@@ -81,7 +84,8 @@ class SimRequest:
 
 class SimInstance:
     __slots__ = (
-        "_prefill_loads", "alive", "core", "ctx", "decode_version", "ends", "epoch",
+        "_decode_slots", "_kv_per_token", "_kv_total", "_prefill_loads", "_prefill_slots",
+        "_typed_ends", "alive", "core", "ctx", "decode_version", "end_tuples", "ends", "epoch",
         "generation", "health", "kv_used", "load", "local_queue", "mix_extra_s",
         "mixing_until", "name", "pending", "pf_busy", "pf_in_flight", "pf_running",
         "probe_phase", "profile", "reserved", "role", "running", "scenario", "sig", "speed",
@@ -94,13 +98,18 @@ class SimInstance:
         self.scenario = scenario
         self.role: Role = role
         self.profile = profile
+        # the profile's figures a snapshot reads (fixed for the run)
+        self._prefill_slots = profile.prefill.max_batch_size
+        self._decode_slots = profile.decode.max_batch_size
+        self._kv_per_token = profile.kv_bytes_per_token
+        self._kv_total = profile.decode.kv_capacity_tokens * profile.kv_bytes_per_token
         self.health = health
         self.probe_phase = probe_phase
         self.alive = True
         self.epoch = 0  # bumped on failure/switch: events of an older epoch are stale
         self.generation = 0
         self.load: InstanceLoad | None = None
-        self.sig: Signature | None = None  # what ``load`` was built from
+        self.sig: Signature = _NO_SIGNATURE  # what ``load`` was built from
         # a prefill's snapshots repeat (a few slots, no KV): built once per signature,
         # with what the forwarding policy reads of them (candidate? rank key)
         self._prefill_loads: dict[Signature, PrefillView] = {}
@@ -120,7 +129,12 @@ class SimInstance:
         self.v = 0.0
         self.t_sync = 0.0
         self.step_s = 0.0
-        self.ends: list[tuple[float, int, SimRequest]] = []
+        # the running requests' ends, a heap by (v_end, index): of the requests
+        # (_push_end, _pop_end) in the native build, else of (v_end, index, request)
+        # tuples for ``heapq`` (as events.EventLoop: the same order either way)
+        self._typed_ends = COMPILED
+        self.ends: list[SimRequest] = []
+        self.end_tuples: list[tuple[float, int, SimRequest]] = []
         self.decode_version = 0
         self.mixing_until = -1.0  # aggregated: prefill chunks mixed into steps until then
         self.mix_extra_s = 0.0
@@ -134,9 +148,7 @@ class SimInstance:
     # -- what the policies see -------------------------------------------------
     @property
     def max_batch_size(self) -> int:
-        if self.role == "prefill":
-            return self.profile.prefill.max_batch_size
-        return self.profile.decode.max_batch_size
+        return self._prefill_slots if self.role == "prefill" else self._decode_slots
 
     @property
     def in_flight(self) -> int:
@@ -179,21 +191,27 @@ class SimInstance:
 
     def _build_load(self, sig: Signature) -> InstanceLoad:
         role, in_flight, pending, kv_used, state = sig
-        per_token = self.profile.kv_bytes_per_token
-        kv_total = self.profile.decode.kv_capacity_tokens * per_token
+        kv_total = self._kv_total
         prefill = role == "prefill"
         return InstanceLoad(
             self.name,
             role,
             self.scenario,
-            self.max_batch_size,
+            self._prefill_slots if prefill else self._decode_slots,
             min(in_flight, 1 << 30),
             pending if prefill else 0,
-            0 if prefill else max(0, kv_total - kv_used * per_token),
+            0 if prefill else max(0, kv_total - kv_used * self._kv_per_token),
             0 if prefill else kv_total,
             state == "healthy" or state == "draining",
             state == "draining",
         )
+
+    def can_decode_more(self, sig: Signature) -> bool:
+        """``load.is_routable and load.free_slots > 0`` of the decode (or aggregated)
+        snapshot of ``sig``, read from ``sig`` (the properties are Python calls):
+        routable is healthy and not draining, the health state "healthy"; a free
+        slot is fewer in flight than the decode batch size (tested equal)."""
+        return sig[4] == "healthy" and sig[1] < self._decode_slots
 
     @property
     def is_idle(self) -> bool:
@@ -228,21 +246,43 @@ class SimInstance:
         req.ctx = req.input_len + 1
         self.ctx += req.ctx
         self.running.add(req)
-        heapq.heappush(self.ends, (req.v_end, req.index, req))
+        if self._typed_ends:
+            _push_end(self.ends, req)
+        else:
+            heapq.heappush(self.end_tuples, (req.v_end, req.index, req))
         self.restep(now)
 
+    def _first_end(self) -> SimRequest | None:
+        """The request of the earliest end in the heap (maybe no longer running)."""
+        if self._typed_ends:
+            return self.ends[0] if self.ends else None
+        return self.end_tuples[0][2] if self.end_tuples else None
+
+    def _pop_first_end(self) -> SimRequest:
+        if self._typed_ends:
+            return _pop_end(self.ends)
+        return heapq.heappop(self.end_tuples)[2]
+
+    def clear_ends(self) -> None:
+        self.ends.clear()
+        self.end_tuples.clear()
+
     def next_end_time(self) -> float | None:
-        while self.ends and self.ends[0][2] not in self.running:
-            heapq.heappop(self.ends)
-        if not self.ends:
+        first = self._first_end()
+        while first is not None and first not in self.running:
+            self._pop_first_end()
+            first = self._first_end()
+        if first is None:
             return None
-        return self.t_sync + max(0.0, self.ends[0][0] - self.v) * self.step_s
+        return self.t_sync + max(0.0, first.v_end - self.v) * self.step_s
 
     def pop_finished(self, now: float) -> list[SimRequest]:
         self.sync(now)
         done = []
-        while self.ends and self.ends[0][0] <= self.v + 1e-6:
-            _, _, req = heapq.heappop(self.ends)
+        first = self._first_end()
+        while first is not None and first.v_end <= self.v + 1e-6:
+            req = self._pop_first_end()
+            first = self._first_end()
             if req in self.running:
                 self.running.discard(req)
                 self.ctx -= req.ctx + (req.output_len - 1)
@@ -251,3 +291,54 @@ class SimInstance:
             self.ctx = 0.0
         self.restep(now)
         return done
+
+
+# The decode batch's ends in the native build: ``heapq``'s algorithm on the requests
+# themselves, ordered by (v_end, index) (unique: the index is the request's), so they
+# come out in the order ``heapq`` gives (v_end, index, request) tuples, without a tuple
+# per request or generic tuple comparisons (compiled: two typed field tests).
+
+
+def _end_before(a: SimRequest, b: SimRequest) -> bool:
+    return a.v_end < b.v_end or (a.v_end == b.v_end and a.index < b.index)
+
+
+def _push_end(heap: list[SimRequest], req: SimRequest) -> None:
+    """``heapq.heappush``."""
+    heap.append(req)
+    pos = len(heap) - 1
+    while pos > 0:
+        up = (pos - 1) >> 1
+        parent = heap[up]
+        if not _end_before(req, parent):
+            break
+        heap[pos] = parent
+        pos = up
+    heap[pos] = req
+
+
+def _pop_end(heap: list[SimRequest]) -> SimRequest:
+    """``heapq.heappop`` of a non-empty heap (as ``events.EventLoop._pop``)."""
+    last = heap.pop()
+    if not heap:
+        return last
+    first = heap[0]
+    end = len(heap)
+    pos = 0
+    child = 1
+    while child < end:
+        right = child + 1
+        if right < end and not _end_before(heap[child], heap[right]):
+            child = right
+        heap[pos] = heap[child]
+        pos = child
+        child = 2 * pos + 1
+    while pos > 0:
+        up = (pos - 1) >> 1
+        parent = heap[up]
+        if not _end_before(last, parent):
+            break
+        heap[pos] = parent
+        pos = up
+    heap[pos] = last
+    return first

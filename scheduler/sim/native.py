@@ -1,13 +1,13 @@
 """An optional native build of the simulator's own event machinery (mypyc).
 
 The scale run (10,000 instances, one simulated hour) spends most of its time in
-the simulator's bookkeeping: the event heap, the instance index, snapshots and
-a request's path through ``cluster``. ``build`` compiles exactly those modules
-(``MODULES``) with mypyc, the compiler that ships with mypy, from the same
-sources; the routing and ratio policies (``pdserve.scheduler.forwarding``,
-``decode_choice``, ``ratio``, the controller's code) are *not* compiled: they
-run as the same interpreted code the router runs, so their measured cost per
-decision is the router's.
+the simulator's bookkeeping: the event heap, the instance index, snapshots, the
+arrivals' random draws and a request's path through ``cluster``. ``build``
+compiles exactly those modules (``MODULES``) with mypyc, the compiler that ships
+with mypy, from the same sources; the routing and ratio policies
+(``pdserve.scheduler.forwarding``, ``decode_choice``, ``ratio``, the controller's
+code) are *not* compiled: they run as the same interpreted code the router runs,
+so their measured cost per decision is the router's.
 
     python -m pdserve.scheduler.sim.native build [DIR]   # default build/sim-native
     PDSERVE_SIM_NATIVE=DIR python -m perf.sim_scale ...   # or: sim_scale --native
@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 ENV = "PDSERVE_SIM_NATIVE"
-MODULES = ("events", "index", "instance", "cluster", "results")
+MODULES = ("events", "index", "instance", "arrivals", "cluster", "results")
 _SIM = Path(__file__).resolve().parent  # scheduler/sim
 _ROOT = _SIM.parents[1]  # the repository
 DEFAULT_DIR = _ROOT / "build" / "sim-native"

@@ -9,8 +9,10 @@ import pytest
 from pdserve.bench.metrics import Slo, summarize
 from pdserve.bench.records import RequestRecord
 from pdserve.bench.report import to_json
+from pdserve.scheduler.controller.health import STATES
 from pdserve.scheduler.decode_choice import rank_decodes
 from pdserve.scheduler.forwarding import ForwardingPolicy
+from pdserve.scheduler.instance import Role
 from pdserve.scheduler.ratio import RatioPolicy
 from pdserve.scheduler.sim.cluster import Cluster, ScenarioState
 from pdserve.scheduler.sim.config import ScenarioSpec, SimConfig
@@ -197,3 +199,18 @@ def test_decode_choice_is_the_policys_first_choice_under_kv_and_slot_pressure(
     c.run()
     assert c.chosen > 100 and c.refused > 100, (c.chosen, c.refused)
     assert_clean(c)
+
+
+def test_decode_slot_test_from_the_signature_equals_the_snapshots_properties() -> None:
+    """``SimInstance.can_decode_more`` (the decode index's membership, read from the
+    signature) is ``is_routable and free_slots > 0`` of the snapshot it describes."""
+    c = Cluster(config(n_p=1, n_d=1), profile())
+    dec = next(i for i in c.instances if i.role == "decode")
+    slots = profile().decode.max_batch_size
+    roles: tuple[Role, ...] = ("decode", "aggregated")
+    for role in roles:
+        for n in (0, 1, slots - 1, slots, slots + 1, 1 << 31):
+            for state in STATES:
+                sig = (role, n, 0, 7, state)
+                load = dec.snapshot(sig)
+                assert dec.can_decode_more(sig) == (load.is_routable and load.free_slots > 0), sig

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from pdserve.scheduler.decode_choice import can_take, decode_rank_key, rank_decodes
 from pdserve.scheduler.forwarding import is_prefill_candidate, prefill_rank_key, rank_prefills
 from pdserve.scheduler.instance import InstanceLoad
-from pdserve.scheduler.sim.index import RankedIndex
+from pdserve.scheduler.sim.index import FieldIndex, RankedIndex
+
+KINDS = [RankedIndex, FieldIndex]  # interpreted runs use RankedIndex, the native build FieldIndex
 
 
 def _random_load(rng: random.Random, name: str) -> InstanceLoad:
@@ -19,10 +23,12 @@ def _random_load(rng: random.Random, name: str) -> InstanceLoad:
                         draining=rng.random() < 0.1)
 
 
-def test_index_order_equals_rank_prefills_and_rank_decodes_under_updates() -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_index_order_equals_rank_prefills_and_rank_decodes_under_updates(
+        kind: type[RankedIndex]) -> None:
     rng = random.Random(7)
     loads = {f"i{k}": _random_load(rng, f"i{k}") for k in range(40)}
-    pre, dec = RankedIndex(prefill_rank_key), RankedIndex(decode_rank_key)
+    pre, dec = kind(prefill_rank_key), kind(decode_rank_key)
     for step in range(500):
         name = rng.choice(list(loads))
         loads[name] = _random_load(rng, name)
@@ -38,8 +44,9 @@ def test_index_order_equals_rank_prefills_and_rank_decodes_under_updates() -> No
             assert fits == rank_decodes(loads.values(), need)
 
 
-def test_removal_takes_an_instance_out() -> None:
-    idx = RankedIndex(prefill_rank_key)
+@pytest.mark.parametrize("kind", KINDS)
+def test_removal_takes_an_instance_out(kind: type[RankedIndex]) -> None:
+    idx = kind(prefill_rank_key)
     a = InstanceLoad("a", "prefill", "s", 4)
     idx.update(a, True)
     assert idx.names() == ["a"]
@@ -47,8 +54,9 @@ def test_removal_takes_an_instance_out() -> None:
     assert idx.names() == [] and len(idx) == 0
 
 
-def test_names_is_a_copy_that_survives_updates() -> None:
-    idx = RankedIndex(prefill_rank_key)
+@pytest.mark.parametrize("kind", KINDS)
+def test_names_is_a_copy_that_survives_updates(kind: type[RankedIndex]) -> None:
+    idx = kind(prefill_rank_key)
     a, b = InstanceLoad("a", "prefill", "s", 4), InstanceLoad("b", "prefill", "s", 4, in_flight=1)
     idx.update(a, True)
     idx.update(b, True)

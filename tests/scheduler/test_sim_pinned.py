@@ -109,3 +109,20 @@ def test_parts_run_one_after_another_equal_one_process(workers: int) -> None:
     assert (one.events, one.failures, one.replaced) == (parts.events, parts.failures,
                                                         parts.replaced)
     assert document(cfg, profile(), one)["summary"] == document(cfg, profile(), parts)["summary"]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_native_builds_typed_heaps_and_index_give_the_same_runs(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native build orders events, decode ends and the index with typed loops
+    (``events.COMPILED``) where the interpreter uses heapq and bisect: the same
+    order, so the same runs, checked here with those loops interpreted."""
+    from pdserve.scheduler.sim import events, index, instance
+    from pdserve.scheduler.sim.index import FieldIndex
+
+    for module in (events, index, instance):
+        monkeypatch.setattr(module, "COMPILED", True)
+    c = Cluster(CASES[name], profile())
+    assert c.loop._typed and isinstance(next(iter(c.scenarios.values())).prefills, FieldIndex)
+    c.run()
+    assert _fingerprint(c) == PINNED[name]
