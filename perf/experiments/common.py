@@ -139,6 +139,7 @@ def summary_row(summary: Summary) -> dict[str, Any]:
         "ttft_p99_ms": ttft.p99 if ttft else None,
         "tpot_p50_ms": itl.p50 if itl else None,
         "tpot_p90_ms": itl.p90 if itl else None,
+        "good": summary.num_good,  # requests meeting the SLO (None without one)
         "goodput": summary.goodput,
         "slo_attainment": summary.slo_attainment,
         "ttft_attainment": summary.ttft_attainment,

@@ -300,3 +300,30 @@ def test_e3_static_passes_are_compared_as_their_mean(tmp_path: Path) -> None:
     assert e3.plot(doc, tmp_path / "e3.png").stat().st_size > 0
     with pytest.raises(ValueError, match="static_passes"):
         replace(e3.FULL, static_passes=0)
+
+
+def _e1_row(good: int | None, requests: int, goodput: float, attainment: float,
+            deadline: int = 0) -> dict[str, object]:
+    row: dict[str, object] = {"requests": requests, "goodput": goodput,
+                              "slo_attainment": attainment,
+                              "errors": {"DEADLINE": deadline} if deadline else {}}
+    if good is not None:
+        row["good"] = good
+    return row
+
+
+def test_e1_verdict_counts_requests_meeting_the_slo_not_goodput_jitter() -> None:
+    # 0.5 req/s: all 40 met on both, goodput differs only by the runs' wall times (a tie);
+    # 2 req/s: 80 vs 58 met; an older doc without "good" (3 req/s): counted from the
+    # attainment over the requests that finished (2 were cut at the time limit)
+    points = []
+    for rate, d, a in ((0.5, _e1_row(40, 40, 0.5094, 1.0), _e1_row(40, 40, 0.5087, 1.0)),
+                       (2.0, _e1_row(80, 80, 1.94, 1.0), _e1_row(58, 80, 1.41, 0.725)),
+                       (3.0, _e1_row(None, 120, 1.2, 0.5, deadline=2),
+                        _e1_row(None, 120, 1.3, 0.5))):
+        for dep, row in (("disagg", d), ("agg", a)):
+            points.append({"rate": rate, "deployment": dep, "tpot_tight": row,
+                           "ttft_tight": row})
+    lines = e1.verdict({"config": {"rates": [0.5, 2.0, 3.0]}, "points": points})
+    assert lines[0] == ("- TPOT-tight: disaggregation ahead on goodput (more requests meeting "
+                        "the SLO) at rates ['2'], behind at ['3'] (as many elsewhere).")
