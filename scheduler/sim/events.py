@@ -7,7 +7,7 @@ from the heap; their callbacks check an epoch and return.
 
 Interpreted, the heap is ``heapq`` on (time, sequence, callback, argument)
 tuples. The native build (``COMPILED``) runs ``heapq``'s algorithm written out
-here on ``_Event`` objects compared by their typed (time, sequence) fields,
+here on ``Timed`` objects compared by their typed (time, sequence) fields,
 which it compiles to two float/int tests instead of a generic tuple comparison
 (interpreted, that Python loop would be slower than ``heapq``'s C). (time,
 sequence) pairs are unique, so the events come out in the same order either way
@@ -28,18 +28,61 @@ Callback = Callable[[Any], None]
 COMPILED = not __file__.endswith(".py")
 
 
-class _Event:
+class Timed:
+    """An entry of a typed heap (``heap_push``, ``heap_pop``), ordered by (t, seq):
+    an event (``fn(arg)`` at ``t``), or any item ``arg`` kept by a time (``fn`` None:
+    the decode batch's ends, ``instance.SimInstance``)."""
+
     __slots__ = ("arg", "fn", "seq", "t")
 
-    def __init__(self, t: float, seq: int, fn: Callback, arg: Any) -> None:
+    def __init__(self, t: float, seq: int, fn: Callback | None, arg: Any) -> None:
         self.t = t
         self.seq = seq
         self.fn = fn
         self.arg = arg
 
 
-def _before(a: _Event, b: _Event) -> bool:
+def _before(a: Timed, b: Timed) -> bool:
     return a.t < b.t or (a.t == b.t and a.seq < b.seq)
+
+
+def _sift_up(heap: list[Timed], pos: int, item: Timed) -> None:
+    """Put ``item`` at ``pos`` or above it, moving later parents down (heapq's ``_siftdown``)."""
+    while pos > 0:
+        up = (pos - 1) >> 1
+        parent = heap[up]
+        if not _before(item, parent):
+            break
+        heap[pos] = parent
+        pos = up
+    heap[pos] = item
+
+
+def heap_push(heap: list[Timed], item: Timed) -> None:
+    """``heapq.heappush`` on (t, seq)."""
+    heap.append(item)
+    _sift_up(heap, len(heap) - 1, item)
+
+
+def heap_pop(heap: list[Timed]) -> Timed:
+    """``heapq.heappop`` on (t, seq), of a non-empty heap: the last leaf replaces the
+    root, which moves down to a leaf along the earlier children, then back up."""
+    last = heap.pop()
+    if not heap:
+        return last
+    first = heap[0]
+    end = len(heap)
+    pos = 0
+    child = 1
+    while child < end:
+        right = child + 1
+        if right < end and not _before(heap[child], heap[right]):
+            child = right
+        heap[pos] = heap[child]
+        pos = child
+        child = 2 * pos + 1
+    _sift_up(heap, pos, last)
+    return first
 
 
 class EventLoop:
@@ -47,7 +90,7 @@ class EventLoop:
         self.now = 0.0
         self.num_events = 0
         self._typed = COMPILED
-        self._heap: list[_Event] = []  # COMPILED
+        self._heap: list[Timed] = []  # COMPILED
         self._tuples: list[tuple[float, int, Callback, Any]] = []  # else
         self._seq = 0
 
@@ -56,7 +99,7 @@ class EventLoop:
             t = self.now  # float round-off only: events never go back in time
         self._seq += 1
         if self._typed:
-            self._push(_Event(t, self._seq, fn, arg))
+            heap_push(self._heap, Timed(t, self._seq, fn, arg))
         else:
             heapq.heappush(self._tuples, (t, self._seq, fn, arg))
 
@@ -64,64 +107,24 @@ class EventLoop:
         t = self.now + delay if delay > 0.0 else self.now  # as at(): never back in time
         self._seq += 1
         if self._typed:
-            self._push(_Event(t, self._seq, fn, arg))
+            heap_push(self._heap, Timed(t, self._seq, fn, arg))
         else:
             heapq.heappush(self._tuples, (t, self._seq, fn, arg))
 
     def clock(self) -> float:
         return self.now
 
-    def _push(self, event: _Event) -> None:
-        """``heapq.heappush``: append, then move it up past later parents."""
-        heap = self._heap
-        heap.append(event)
-        pos = len(heap) - 1
-        while pos > 0:
-            up = (pos - 1) >> 1
-            parent = heap[up]
-            if not _before(event, parent):
-                break
-            heap[pos] = parent
-            pos = up
-        heap[pos] = event
-
-    def _pop(self) -> _Event:
-        """``heapq.heappop`` (non-empty heap): the last leaf replaces the root, which
-        moves down to a leaf along the earlier children, then back up (``_siftup``)."""
-        heap = self._heap
-        last = heap.pop()
-        if not heap:
-            return last
-        first = heap[0]
-        end = len(heap)
-        pos = 0
-        child = 1
-        while child < end:
-            right = child + 1
-            if right < end and not _before(heap[child], heap[right]):
-                child = right
-            heap[pos] = heap[child]
-            pos = child
-            child = 2 * pos + 1
-        while pos > 0:  # heapq's _siftdown from the leaf reached
-            up = (pos - 1) >> 1
-            parent = heap[up]
-            if not _before(last, parent):
-                break
-            heap[pos] = parent
-            pos = up
-        heap[pos] = last
-        return first
-
     def run(self, until: float = float("inf")) -> None:
         n = 0
         if self._typed:
             heap = self._heap
             while heap and heap[0].t <= until:
-                event = self._pop()
+                event = heap_pop(heap)
                 self.now = event.t
                 n += 1
-                event.fn(event.arg)
+                fn = event.fn
+                if fn is not None:  # (always set for the loop's own events)
+                    fn(event.arg)
         else:
             tuples, pop = self._tuples, heapq.heappop
             while tuples and tuples[0][0] <= until:

@@ -33,7 +33,7 @@ from typing import Any
 from pdserve.scheduler.controller.health import InstanceHealth
 from pdserve.scheduler.forwarding import is_prefill_candidate, prefill_rank_key
 from pdserve.scheduler.instance import InstanceLoad, Role
-from pdserve.scheduler.sim.events import COMPILED
+from pdserve.scheduler.sim.events import COMPILED, Timed, heap_pop, heap_push
 from pdserve.scheduler.sim.profile import Profile
 
 _EPS = 1e-9
@@ -129,11 +129,11 @@ class SimInstance:
         self.v = 0.0
         self.t_sync = 0.0
         self.step_s = 0.0
-        # the running requests' ends, a heap by (v_end, index): of the requests
-        # (_push_end, _pop_end) in the native build, else of (v_end, index, request)
-        # tuples for ``heapq`` (as events.EventLoop: the same order either way)
+        # the running requests' ends, a heap by (v_end, index): of ``Timed`` entries
+        # (events.heap_push / heap_pop) in the native build, else of (v_end, index,
+        # request) tuples for ``heapq`` (as events.EventLoop: the same order either way)
         self._typed_ends = COMPILED
-        self.ends: list[SimRequest] = []
+        self.ends: list[Timed] = []
         self.end_tuples: list[tuple[float, int, SimRequest]] = []
         self.decode_version = 0
         self.mixing_until = -1.0  # aggregated: prefill chunks mixed into steps until then
@@ -247,7 +247,7 @@ class SimInstance:
         self.ctx += req.ctx
         self.running.add(req)
         if self._typed_ends:
-            _push_end(self.ends, req)
+            heap_push(self.ends, Timed(req.v_end, req.index, None, req))
         else:
             heapq.heappush(self.end_tuples, (req.v_end, req.index, req))
         self.restep(now)
@@ -255,12 +255,16 @@ class SimInstance:
     def _first_end(self) -> SimRequest | None:
         """The request of the earliest end in the heap (maybe no longer running)."""
         if self._typed_ends:
-            return self.ends[0] if self.ends else None
+            if not self.ends:
+                return None
+            first: SimRequest = self.ends[0].arg
+            return first
         return self.end_tuples[0][2] if self.end_tuples else None
 
     def _pop_first_end(self) -> SimRequest:
         if self._typed_ends:
-            return _pop_end(self.ends)
+            req: SimRequest = heap_pop(self.ends).arg
+            return req
         return heapq.heappop(self.end_tuples)[2]
 
     def clear_ends(self) -> None:
@@ -291,54 +295,3 @@ class SimInstance:
             self.ctx = 0.0
         self.restep(now)
         return done
-
-
-# The decode batch's ends in the native build: ``heapq``'s algorithm on the requests
-# themselves, ordered by (v_end, index) (unique: the index is the request's), so they
-# come out in the order ``heapq`` gives (v_end, index, request) tuples, without a tuple
-# per request or generic tuple comparisons (compiled: two typed field tests).
-
-
-def _end_before(a: SimRequest, b: SimRequest) -> bool:
-    return a.v_end < b.v_end or (a.v_end == b.v_end and a.index < b.index)
-
-
-def _push_end(heap: list[SimRequest], req: SimRequest) -> None:
-    """``heapq.heappush``."""
-    heap.append(req)
-    pos = len(heap) - 1
-    while pos > 0:
-        up = (pos - 1) >> 1
-        parent = heap[up]
-        if not _end_before(req, parent):
-            break
-        heap[pos] = parent
-        pos = up
-    heap[pos] = req
-
-
-def _pop_end(heap: list[SimRequest]) -> SimRequest:
-    """``heapq.heappop`` of a non-empty heap (as ``events.EventLoop._pop``)."""
-    last = heap.pop()
-    if not heap:
-        return last
-    first = heap[0]
-    end = len(heap)
-    pos = 0
-    child = 1
-    while child < end:
-        right = child + 1
-        if right < end and not _end_before(heap[child], heap[right]):
-            child = right
-        heap[pos] = heap[child]
-        pos = child
-        child = 2 * pos + 1
-    while pos > 0:
-        up = (pos - 1) >> 1
-        parent = heap[up]
-        if not _end_before(last, parent):
-            break
-        heap[pos] = parent
-        pos = up
-    heap[pos] = last
-    return first
