@@ -23,35 +23,41 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+from pdserve.bench.records import RequestRecord
 from perf.experiments import common
 from perf.experiments import e1_disagg_vs_agg as e1
 
 SCENARIOS = {"disagg": "default", "agg": "agg"}
 
 
+def spec(warmup_tokens: int) -> dict[str, Any]:
+    """E1's deployment with every instance warming up ``warmup_tokens`` (0: not at all)."""
+    return {**e1.spec(e1.FULL), "warmup_tokens": warmup_tokens}
+
+
+def row(record: RequestRecord) -> dict[str, float | None]:
+    """A request's TTFT and first inter-token gap (None for a 1-response answer), in ms."""
+    first = record.first_token_s
+    if not record.is_ok or first is None:
+        raise RuntimeError(f"request {record.index} failed: {record.error_message}")
+    ts = record.response_s
+    return {"ttft_ms": 1000 * (first - record.send_s),
+            "first_gap_ms": 1000 * (ts[1] - ts[0]) if len(ts) > 1 else None}
+
+
 def measure(warmup_tokens: int, n: int) -> dict[str, Any]:
-    cfg = e1.FULL
-    base, _ = e1.trace_at(cfg, 1.0, common.AZURE_CONV)
+    base, _ = e1.trace_at(e1.FULL, 1.0, common.AZURE_CONV)
     specs = [replace(s, arrival_s=None) for s in base[:n]]
-    spec = {**e1.spec(cfg), "warmup_tokens": warmup_tokens}
     out: dict[str, Any] = {"warmup_tokens": warmup_tokens,
                            "lengths": [(s.input_len, s.output_len) for s in specs]}
     with TemporaryDirectory() as tmp:
         t0 = time.monotonic()
-        with common.deployed(spec, Path(tmp)) as server:
+        with common.deployed(spec(warmup_tokens), Path(tmp)) as server:
             out["ready_s"] = time.monotonic() - t0
             for label, scenario in SCENARIOS.items():
-                rows = []
-                for s in specs:  # one at a time: each request alone on the deployment
-                    run = common.drive(server, [s], label=label, scenario=scenario,
-                                       concurrency=1)
-                    r = run.records[0]
-                    if not r.is_ok or r.first_token_s is None:
-                        raise RuntimeError(f"{label}: request failed: {r.error_message}")
-                    ts = r.response_s
-                    rows.append({"ttft_ms": 1000 * (r.first_token_s - r.send_s),
-                                 "first_gap_ms": 1000 * (ts[1] - ts[0]) if len(ts) > 1 else None})
-                out[label] = rows
+                # one at a time: each request alone on the deployment
+                out[label] = [row(common.drive(server, [s], label=label, scenario=scenario,
+                                               concurrency=1).records[0]) for s in specs]
     return out
 
 
