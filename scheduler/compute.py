@@ -24,6 +24,13 @@ that is not pdserve's on those cores counts as busy too: compute a switch could
 not use either. Accelerators are not measured (no NVML here); an instance that
 reports no counters leaves the rule to count slots alone.
 
+An instance with a CPU quota (``cpu_quota``, ``roles/cpu_quota.py``) owns its
+compute as an accelerator instance owns its device: its one unit is
+``"<host>/quota-<instance>"``, busy = its process's CPU ticks, total = the
+ticks its quota allows (quota cores x elapsed time). A donor then always
+brings a unit the stage does not run on, and the check never refuses its
+switch: with owned compute, slots are throughput, as the ratio rule assumes.
+
 Each instance also reports its own process's CPU ticks (``InstanceLoad.own_ticks``:
 utime + stime from ``/proc/self/stat``, the same clock ticks). A donor's units are
 busy partly with the donor's own work, which leaves with it when it switches; the
@@ -42,10 +49,15 @@ STAT_PATH = "/proc/stat"
 SELF_STAT_PATH = "/proc/self/stat"
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal
 _IDLE_FIELDS = (3, 4)  # idle iowait
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc's unit
 
 
 def cpu_unit(host: str, core: int) -> str:
     return f"{host}/cpu{core}"
+
+
+def quota_unit(host: str, instance: str) -> str:
+    return f"{host}/quota-{instance}"
 
 
 def parse_proc_stat(text: str, cores: Iterable[int]) -> dict[int, tuple[int, int]]:
@@ -85,7 +97,11 @@ class CpuCounters:
 
     def __init__(self, cores: Sequence[int] | None = None, host: str | None = None,
                  stat_path: str = STAT_PATH, min_interval_s: float = 0.2,
-                 self_stat_path: str = SELF_STAT_PATH) -> None:
+                 self_stat_path: str = SELF_STAT_PATH,
+                 quota: tuple[str, float] | None = None) -> None:
+        """``quota``: (instance, cores) where the instance has a CPU quota: then its
+        one unit is the quota (``quota_unit``), not the cores it may run on."""
+        self.quota = quota
         self.cores = tuple(sorted(cores if cores is not None else os.sched_getaffinity(0)))
         self.host = host or socket.gethostname()
         self.stat_path = stat_path
@@ -108,6 +124,11 @@ class CpuCounters:
             now = time.monotonic()
             if now - self._at >= self.min_interval_s:
                 self._at = now
+                if self.quota is not None:
+                    name, cores = self.quota
+                    allowed = int(cores * now * CLOCK_TICKS)
+                    self._last = {quota_unit(self.host, name): [self.read_own(), allowed]}
+                    return dict(self._last)
                 try:
                     with open(self.stat_path, encoding="ascii") as f:
                         ticks = parse_proc_stat(f.read(), self.cores)
@@ -119,16 +140,18 @@ class CpuCounters:
 
 def busy_shares(prev: Mapping[str, Sequence[int]],
                 cur: Mapping[str, Sequence[int]]) -> dict[str, float]:
-    """unit -> busy share between two samples (units whose counters did not advance,
-    or went back, are left out: not measured)."""
+    """unit -> busy share between two samples, at most 1 (units whose counters did
+    not advance, or went back, are left out: not measured)."""
     out: dict[str, float] = {}
     for unit, (busy, total) in cur.items():
         before = prev.get(unit)
         if before is None:
             continue
         d_busy, d_total = busy - before[0], total - before[1]
-        if d_total > 0 and 0 <= d_busy <= d_total:
-            out[unit] = d_busy / d_total
+        if d_total > 0 and d_busy >= 0:
+            # A quota unit's process may run a little past its budget within a
+            # window (the kernel settles it a period later): busy, not more.
+            out[unit] = min(1.0, d_busy / d_total)
     return out
 
 

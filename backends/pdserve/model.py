@@ -80,15 +80,22 @@ class TritonPythonModel:
             # Triton 2.51 restarts a killed stub by running initialize again in the
             # same model load: the dead one's KV segment is ours to unlink.
             sweep_stale_segments()
-        apply_pinning(self.cfg)
-        # args["model_repository"] is this model's directory; its parent is the
-        # repository the router reads instance roles from.
-        self.role = _build_role(self.cfg, Path(args["model_repository"]).parent)
+        self.quota = apply_pinning(self.cfg)
+        try:
+            # args["model_repository"] is this model's directory; its parent is the
+            # repository the router reads instance roles from.
+            self.role = _build_role(self.cfg, Path(args["model_repository"]).parent)
+        except BaseException:
+            if self.quota is not None:  # a failed load leaves no cgroup behind
+                self.quota.release()
+            raise
         self.incarnation = os.urandom(8).hex()  # this stub process, in every heartbeat
-        # The cores it computes on and how busy they are, in every heartbeat (the
-        # ratio rule's compute check); an accelerator's load is not measured.
-        self.cpu = (CpuCounters() if self.cfg.device == "cpu" and self.cfg.role != "router"
-                    else None)
+        # The cores (or CPU quota) it computes on and how busy they are, in every
+        # heartbeat (the ratio rule's compute check); an accelerator's load is not
+        # measured.
+        quota = (self.cfg.name, self.cfg.cpu_quota) if self.cfg.cpu_quota is not None else None
+        self.cpu = (CpuCounters(quota=quota)
+                    if self.cfg.device == "cpu" and self.cfg.role != "router" else None)
         self._tasks: set[asyncio.Task[None]] = set()
         self._switching = False
 
@@ -170,3 +177,6 @@ class TritonPythonModel:
         role = getattr(self, "role", None)
         if role is not None:
             role.close()
+        quota = getattr(self, "quota", None)
+        if quota is not None:
+            quota.release()

@@ -16,7 +16,8 @@ static ratios keep E3's spread: each stage's instances cover both cores where
 they can. ``--repeat N`` runs the whole thing N times, each on a fresh server,
 and summarises each phase over the runs (median).
 
-    python -m perf.experiments.e3_adjacent [--ref-s 20] [--start 1P3D] [--repeat N] [--out DIR]
+    python -m perf.experiments.e3_adjacent [--ref-s 20] [--start 1P3D] [--repeat N] [--owned]
+        [--out DIR]
 
 Writes ``e3_adjacent.json`` (rows in E3's shape; reference rows carry
 ``reference_for`` and ``reference_when``) per run and prints the verdict per
@@ -47,7 +48,7 @@ from pdserve.scheduler.controller.state import (
 )
 from pdserve.server.launcher import TritonServer
 from pdserve.server.repo import instances_from_spec
-from perf.experiments import common
+from perf.experiments import common, e3_owned
 from perf.experiments import e3_dynamic_ratio as e3
 
 OWNER = "controller"  # the drains a controller would set
@@ -262,14 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs, each on a fresh server")
     parser.add_argument("--no-bracket", action="store_true",
                         help="references after each phase only (not also before)")
+    parser.add_argument("--owned", action="store_true",
+                        help="E3 with owned compute (perf.experiments.e3_owned: each instance "
+                             "its own CPU quota, 120 s phases)")
     parser.add_argument("--out", type=Path, default=Path("perf/out/e3_adjacent"))
     args = parser.parse_args(argv)
+    cfg = e3_owned.FULL if args.owned else e3.FULL
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
     docs = []
     for k in range(args.repeat):
         out = args.out if args.repeat == 1 else args.out / f"run{k}"
-        doc = run(e3.FULL, args.start, args.ref_s, out, bracket=not args.no_bracket)
+        doc = run(cfg, args.start, args.ref_s, out, bracket=not args.no_bracket)
         docs.append(doc)
         print("\n".join(doc["verdict"]))
         print(json.dumps({"run": k, "wall_s": round(doc["wall_s"]),

@@ -99,6 +99,10 @@ class E3Config:
     # dynamic runs, and compared as the mean (a drift of the machine's load over the
     # run then weighs on both sides alike)
     static_passes: int = 1
+    # cores of CPU time each instance owns (``cpu_quota``, a cgroup per instance), as
+    # an NPU instance owns its device: a ratio then moves compute, not only slots
+    # (``e3_owned``); None: the instances share the two cores as they come
+    cpu_quota: float | None = None
 
     def __post_init__(self) -> None:
         if not self.phases or self.phase_s <= 0 or self.static_phase_s <= 0 \
@@ -160,14 +164,17 @@ def is_dynamic(label: str) -> bool:
 
 
 def spec(cfg: E3Config, n_prefill: int, n_decode: int) -> dict[str, Any]:
+    group: dict[str, Any] = {"prefill": n_prefill, "decode": n_decode,
+                             "cpu_cores": {"prefill": ["0", "1"], "decode": ["1", "0"]}}
+    if cfg.cpu_quota is not None:
+        group["cpu_quota"] = cfg.cpu_quota
     return {
         "model": "tiny",
         "router": {"name": "pdserve", "num_threads": 1},
         "limits": {"max_tokens": 256, "max_batch_size": cfg.slots, "kv_capacity_mb": 64,
                    "ttft_budget_s": 60},
         "kv": {"transport": "shm", "send_mode": "whole", "ttl_s": 30},
-        "scenarios": {"default": {"prefill": n_prefill, "decode": n_decode,
-                                  "cpu_cores": {"prefill": ["0", "1"], "decode": ["1", "0"]}}},
+        "scenarios": {"default": group},
     }
 
 
@@ -447,7 +454,9 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
-    fig.suptitle("E3 tiny, 4 instances: static P/D ratios" +
+    quota = doc["config"].get("cpu_quota")
+    fig.suptitle("E3 tiny, 4 instances" + (f" owning {quota:g} cores each" if quota else "")
+                 + ": static P/D ratios" +
                  (" vs controller" if any(map(is_dynamic, labels))
                   else " (dynamic run blocked)"))
     fig.tight_layout()
@@ -465,10 +474,13 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
     phases = "; ".join(f"{p['name']} {p['input_len']} in / {p['output_len']} out"
                        for p in cfg["phases"])
     static_s = cfg.get("static_phase_s", cfg["phase_s"])
+    quota = cfg.get("cpu_quota")
+    owned = "" if quota is None else f", each owning {quota:g} cores (cgroup CPU quota)"
+    command = NAME if quota is None else "e3_owned"
     lines = [
-        "## E3: dynamic P/D ratio vs static ratios, 4 tiny instances — experiments",
+        f"## E3: dynamic P/D ratio vs static ratios, 4 tiny instances{owned} — experiments",
         "",
-        f"Command: `.venv/bin/python -m perf.experiments.{NAME}` "
+        f"Command: `.venv/bin/python -m perf.experiments.{command}` "
         f"({doc.get('wall_s', 0) / 60:.1f} min)  ",
         f"Machine: {m['cpu']}, {m['usable_cores']} usable cores shared with other engineers' "
         f"jobs, load average {m['load_average']} before / {doc['machine_after']['load_average']} "
@@ -482,7 +494,13 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
            "compared as the mean" if cfg.get("static_passes", 1) > 1 else "")
         + ". Every deployment is warmed up (each mix, unmeasured) "
         f"first. {cfg['slots']} slots per instance (prefill slots / decode batch); instances "
-        "alternate over the 2 cores; router unpinned.  ",
+        "alternate over the 2 cores; router unpinned"
+        + ("." if quota is None else
+           f"; each instance may use {quota:g} cores of CPU time (`cpu_quota`: a cgroup of its "
+           "own, 10 ms periods), as if it owned a device, so a ratio moves compute between the "
+           f"stages; the {2 - 4 * quota:g} cores left are the router's, the client's and the "
+           "controller's; the compute check sees each instance's quota as its own unit.")
+        + "  ",
         f"Controller (`pdserve controller {' '.join(doc.get('controller_args', []))}`): "
         f"ratio window {cfg['ratio_interval_s']:g} s, cool-down {cfg['ratio_cooldown_s']:g} s "
         "after a switch, drain first (switch when idle or after the drain timeout), "

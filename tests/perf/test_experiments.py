@@ -18,7 +18,7 @@ import pytest
 from pdserve.bench.metrics import Slo
 from pdserve.bench.records import RequestRecord
 from pdserve.server.repo import instances_from_spec
-from perf.experiments import common
+from perf.experiments import common, e3_owned
 from perf.experiments import e1_disagg_vs_agg as e1
 from perf.experiments import e2_forwarding_vs_queue as e2
 from perf.experiments import e3_dynamic_ratio as e3
@@ -150,6 +150,18 @@ def test_e3_static_ratios_spread_instances_over_both_cores() -> None:
         assert sorted(cores) == [(0,), (0,), (1,), (1,)]
 
 
+def test_e3_owned_gives_every_instance_its_quota_and_keeps_the_pinning() -> None:
+    assert e3.FULL.cpu_quota is None  # the shared-core E3 stays as it was
+    for n_p, n_d in e3.STATIC:
+        plain = instances_from_spec(e3.spec(e3.FULL, n_p, n_d))
+        owned = instances_from_spec(e3.spec(e3_owned.FULL, n_p, n_d))
+        assert [c.cpu_quota for c in plain] == [None] * 5
+        assert [c.cpu_quota for c in owned] == [None] + [e3_owned.CPU_QUOTA] * 4  # router: none
+        assert [c.cpu_cores for c in owned] == [c.cpu_cores for c in plain]
+        assert 4 * e3_owned.CPU_QUOTA < 2  # room left on the 2 cores for router and client
+    assert e3_owned.FULL.phases == e3.FULL.phases and e3_owned.FULL.slots == e3.FULL.slots
+
+
 def test_e3_blockers_are_reasons_not_crashes() -> None:
     blockers = e3.dynamic_blockers()
     assert all(isinstance(b, str) and b for b in blockers)
@@ -267,6 +279,11 @@ def test_e3_verdict_and_markdown_from_a_json_doc() -> None:
     assert "dynamic 3.80 req/s = 3.80x worst (goal >= 1.6x: met)" in doc["verdict"][0]
     assert "95% of best (goal >= 90%: met)" in doc["verdict"][0]
     assert "Role switches during the dynamic runs: 0 — none" in e3.markdown(doc, None)
+    assert "owning" not in e3.markdown(doc, None)
+    owned = dict(doc, config=dict(doc["config"], cpu_quota=0.4))
+    text = e3.markdown(owned, None)
+    assert "4 tiny instances, each owning 0.4 cores (cgroup CPU quota)" in text
+    assert "perf.experiments.e3_owned" in text and "the 0.4 cores left" in text
     # Where best/worst < 1.6x, 1.6x worst cannot be reached: said so, not hidden.
     close = [dict(r, req_per_s=v) for r, v in zip(rows, (3.0, 4.0, 3.5, 3.9), strict=True)]
     doc["rows"] = close

@@ -19,20 +19,26 @@ from pdserve.engine import LLMEngine, SamplingParams, generate
 from pdserve.kvtransfer.arena import Arena
 from pdserve.kvtransfer.config import TransferConfig
 from pdserve.kvtransfer.shm import ShmArena
+from pdserve.roles.cpu_quota import CpuQuota
 from pdserve.server.config import InstanceConfig
 
 log = logging.getLogger(__name__)
 
 
-def apply_pinning(cfg: InstanceConfig) -> None:
-    """Pin this stub to ``cpu_cores`` (if set) and size torch's thread pool."""
+def apply_pinning(cfg: InstanceConfig) -> CpuQuota | None:
+    """Pin this stub to ``cpu_cores`` (if set), limit it to ``cpu_quota`` cores (if
+    set: the returned handle releases the limit) and size torch's thread pool."""
     if cfg.cpu_cores is not None:
         usable = os.sched_getaffinity(0) | set(range(os.cpu_count() or 1))
         missing = sorted(set(cfg.cpu_cores) - usable)
         if missing:
             raise ValueError(f"{cfg.name}: cpu_cores {missing} do not exist on this machine")
         os.sched_setaffinity(0, cfg.cpu_cores)
+    quota = CpuQuota(cfg.name, cfg.cpu_quota) if cfg.cpu_quota is not None else None
     torch.set_num_threads(cfg.threads)
+    if quota is not None:
+        log.info("%s: limited to %g cores (%s)", cfg.name, cfg.cpu_quota, quota.path)
+    return quota
 
 
 def transfer_config(cfg: InstanceConfig) -> TransferConfig:

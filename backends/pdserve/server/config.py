@@ -9,6 +9,7 @@ Bad values raise ``ValueError`` naming the key and the value.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -107,6 +108,9 @@ class InstanceConfig:
     dtype: str = "float32"
     device: str = "cpu"
     cpu_cores: tuple[int, ...] | None = None  # None: leave affinity alone
+    # cores of CPU time this instance may use (a cgroup of its own, roles/cpu_quota.py):
+    # the instance owns that much compute as it would own a device; None: no limit
+    cpu_quota: float | None = None
     num_threads: int | None = None  # None: one per usable core
     max_batch_size: int = 32  # prefill: concurrent prompts; decode: running batch
     max_step_tokens: int = 2048  # aggregated/decode: tokens per batcher step
@@ -167,6 +171,12 @@ class InstanceConfig:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")
         if self.cpu_cores is not None and not self.cpu_cores:
             raise ValueError("cpu_cores must not be empty")
+        if self.cpu_quota is not None:
+            if not 0.01 <= self.cpu_quota <= 1024:
+                raise ValueError(f"cpu_quota must be between 0.01 and 1024 cores, "
+                                 f"got {self.cpu_quota}")
+            if self.role == "router":
+                raise ValueError("cpu_quota is for prefill, decode and aggregated instances")
         if self.role == "router":
             if not self.routes:
                 raise ValueError("a router needs 'routes' (scenario -> instances)")
@@ -177,12 +187,14 @@ class InstanceConfig:
 
     @property
     def threads(self) -> int:
-        """Torch threads: explicit, else one per pinned (or usable) core."""
+        """Torch threads: explicit, else one per pinned (or usable) core, at most one
+        per whole core of the CPU quota (rounded up)."""
         if self.num_threads is not None:
             return self.num_threads
-        if self.cpu_cores is not None:
-            return len(self.cpu_cores)
-        return len(os.sched_getaffinity(0))
+        cores = len(self.cpu_cores) if self.cpu_cores is not None else len(os.sched_getaffinity(0))
+        if self.cpu_quota is not None:
+            cores = min(cores, math.ceil(self.cpu_quota))
+        return cores
 
     @property
     def instance_names(self) -> tuple[str, ...]:
@@ -222,6 +234,12 @@ def parse_parameters(name: str, params: Mapping[str, str]) -> InstanceConfig:
                 raise ValueError(f"model {name!r}: {key} must be a number, got {raw!r}") from None
         elif key == "cpu_cores":
             kw[key] = parse_cpu_cores(value) if value else None
+        elif key == "cpu_quota":
+            try:
+                kw[key] = float(value) if value else None
+            except ValueError:
+                raise ValueError(f"model {name!r}: cpu_quota must be a number of cores, "
+                                 f"got {raw!r}") from None
         elif key == "routes":
             kw[key] = _parse_routes(name, value)
         else:

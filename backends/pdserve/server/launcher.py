@@ -59,6 +59,7 @@ from typing import Protocol
 
 from pdserve.errors import Unavailable
 from pdserve.kvtransfer.shm import sweep_stale_segments
+from pdserve.roles.cpu_quota import sweep_quota_cgroups
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # backends/pdserve
 RUNTIME_DIR_ENV = "PDSERVE_RUNTIME_DIR"  # where stubs keep sockets (removed on stop)
@@ -287,6 +288,8 @@ class TritonServer:
         # swept by the next stub's start after a kill; a stub killed last (or at
         # stop) has no successor: its segment goes now (only dead creators').
         sweep_stale_segments()
+        # Stubs with a CPU quota killed without finalize leave empty cgroups.
+        sweep_quota_cgroups()
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None

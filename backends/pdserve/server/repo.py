@@ -14,11 +14,14 @@ Spec (YAML)::
       default: {prefill: 1, decode: 1, cpu_cores: {prefill: ["0"], decode: ["1"]}}
       long:    {aggregated: 2}  # the aggregated baseline, behind the same router
       commit:  {prefill: 1, decode: 1, decode_start: on_commit}  # per-scenario override
+      owned:   {prefill: 2, decode: 2, cpu_quota: 0.45}  # each instance owns 0.45 cores
 
 Instances are numbered per role across scenarios (prefill_0, prefill_1,
 decode_0, aggregated_0...); a ``cpu_cores`` list is cycled over a role's
-instances. The tree is written to a temp dir next to ``DIR`` and renamed into
-place, so a polling Triton never sees half a repository.
+instances. ``cpu_quota`` gives each instance of the group that many cores of CPU
+time in a cgroup of its own (``roles/cpu_quota.py``). The tree is written to a
+temp dir next to ``DIR`` and renamed into place, so a polling Triton never sees
+half a repository.
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ def instances_from_spec(spec: Mapping[str, Any]) -> list[InstanceConfig]:
         names: dict[str, list[str]] = {role: [] for role in _INSTANCE_ROLES}
         cores = group.get("cpu_cores") or {}
         overrides = {"decode_start": str(group["decode_start"])} if "decode_start" in group else {}
+        quota = _quota(str(scenario), group.get("cpu_quota"))
         for role in _INSTANCE_ROLES:
             for i in range(int(group.get(role, 0))):
                 name = f"{role}_{counters[role]}"
@@ -140,7 +144,7 @@ def instances_from_spec(spec: Mapping[str, Any]) -> list[InstanceConfig]:
                 pinned = parse_cpu_cores(str(core_list[i % len(core_list)])) if core_list else None
                 instances.append(InstanceConfig(
                     name=name, role=role, scenario=str(scenario),  # type: ignore[arg-type]
-                    cpu_cores=pinned, **{**common, **overrides},
+                    cpu_cores=pinned, cpu_quota=quota, **{**common, **overrides},
                 ))
         routes[str(scenario)] = Route(
             prefill=tuple(names["prefill"]), decode=tuple(names["decode"]),
@@ -172,7 +176,7 @@ def _section(spec: Mapping[str, Any], key: str, allowed: set[str]) -> Mapping[st
 def _group(scenario: str, group: object) -> Mapping[str, Any]:
     if not isinstance(group, Mapping):
         raise ValueError(f"scenario {scenario!r} must be a mapping, got {group!r}")
-    unknown = sorted(set(group) - {*_INSTANCE_ROLES, "cpu_cores", "decode_start"})
+    unknown = sorted(set(group) - {*_INSTANCE_ROLES, "cpu_cores", "cpu_quota", "decode_start"})
     if unknown:
         raise ValueError(f"scenario {scenario!r}: unknown keys {unknown}")
     for role in _INSTANCE_ROLES:
@@ -180,6 +184,17 @@ def _group(scenario: str, group: object) -> Mapping[str, Any]:
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"scenario {scenario!r}: {role} must be a count >= 0, got {count!r}")
     return group
+
+
+def _quota(scenario: str, value: object) -> float | None:
+    """A group's ``cpu_quota``: the cores each of its instances owns. One number for
+    all roles, since an instance that switches roles keeps its process and its quota."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"scenario {scenario!r}: cpu_quota must be a number of cores per "
+                         f"instance, got {value!r}")
+    return float(value)
 
 
 def write_repository(instances: list[InstanceConfig], out: Path, *, force: bool = False) -> Path:

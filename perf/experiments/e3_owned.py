@@ -1,0 +1,48 @@
+"""E3 with owned compute: each of the 4 instances limited to its own CPU quota.
+
+On two shared cores a P/D ratio moves slots, not compute: every ratio runs on
+the same two cores, so the best static ratio was only 1.21x (prompt-heavy) and
+1.37x (output-heavy) the worst, and E3's "1.6x the worst static ratio" could
+not be met by any controller. P/D-Serve's instances each own their NPUs. Here
+each instance owns ``cpu_quota`` cores of CPU time in a cgroup of its own
+(``roles/cpu_quota.py``); 4 x 0.4 = 1.6 cores, the rest of the two cores is left
+to the router, the client and the controller. A stage's compute then grows with
+its instance count, as on owned devices, and the ratio matters.
+
+Everything else is E3's (``e3_dynamic_ratio``: the same phases, SLOs,
+controller settings, static references before and after), with longer phases
+(120 s: a day or a night is long against the controller's reaction, ~10 s from
+a shift to the first window of one mix, then a drain and a switch, and a
+cool-down before a second switch) and a cool-down of one ratio window.
+
+    python -m perf.experiments.e3_owned [--quick]
+
+Needs a writable cgroup CPU controller (root here); writes its own RESULTS.md
+section (``e3_owned``) next to E3's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from perf.experiments import common
+from perf.experiments import e3_dynamic_ratio as e3
+
+NAME = "e3_owned"
+CPU_QUOTA = 0.4  # cores per instance: 1.6 of the 2 cores
+# Phases of 2 minutes; a cool-down of one ratio window (the window after a switch
+# already measures the new ratio), so crossing two switches costs ~4 s less.
+FULL = replace(e3.FULL, cpu_quota=CPU_QUOTA, phase_s=120.0, ratio_cooldown_s=4.0)
+QUICK = replace(e3.QUICK, cpu_quota=CPU_QUOTA)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.main(argv, key="e3_owned", name=NAME,
+                       description=__doc__.split("\n")[0], quick_help="2 short phases",
+                       plot=e3.plot, markdown=e3.markdown,
+                       run=lambda args: e3.run(QUICK if args.quick else FULL, args.quick,
+                                               args.out or common.out_dir(NAME, args.quick)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
