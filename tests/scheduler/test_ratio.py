@@ -257,3 +257,51 @@ def test_a_donors_own_work_does_not_make_its_core_saturated() -> None:
     assert not little_own.adds("prefill_0", "decode", 0.85)
     vetoed = RatioController().decide(signal(100.0, 3, 1, rate=3.0, compute=little_own))
     assert vetoed.action == "none" and "compute saturated" in vetoed.reason
+
+
+def _owned_2p2d(busy: dict[str, float], shared: bool = False) -> ScenarioSignal:
+    """E3 with owned compute, 2P2D, prompt-heavy, as measured: 50 req/s, prefill
+    slots 0.84 busy, decode slots 0.91 (a decode slot is held through the prefill)."""
+    names = ("prefill_0", "prefill_1", "decode_0", "decode_1")
+    roles = {n: n.split("_")[0] for n in names}
+    units = ({n: E3_UNITS[n] for n in names} if shared
+             else {n: frozenset({f"h/quota-{n}"}) for n in names})
+    return ScenarioSignal(now=100.0, n_prefill=2, n_decode=2, arrival_rate=50.0,
+                          prefill=RoleCapacity(4, 0.84 * 8 / 50),
+                          decode=RoleCapacity(4, 0.91 * 8 / 50),
+                          compute=ComputeView(roles=roles, units=units, busy=busy))
+
+
+def test_owned_compute_caps_slots_held_by_waiting() -> None:
+    """Owned compute: the decodes' slots are full but their compute idles, the
+    prefills' compute is saturated: a third prefill (3P1D served 12-30 % more)."""
+    quota_busy = {"h/quota-prefill_0": 1.0, "h/quota-prefill_1": 0.98,
+                  "h/quota-decode_0": 0.2, "h/quota-decode_1": 0.22}
+    sig = _owned_2p2d(quota_busy)
+    assert sig.compute is not None and sig.compute.owned()
+    decision = RatioController(RatioPolicy(min_peak=0.7)).decide(sig)
+    assert decision.action == "add_prefill", decision.reason
+    assert "prefill 0.84 vs decode 0.21 utilised (slots x owned compute)" in decision.reason
+    # Slots alone (as on accelerators, or with the check off): decode looks busier,
+    # and a decode more would overload the prefills: nothing moves.
+    for policy in (RatioPolicy(min_peak=0.7, compute_busy=None),):
+        assert RatioController(policy).decide(sig).action == "none"
+    # Both stages' compute busy: the slots decide, as before (the decode is busier).
+    both = _owned_2p2d({u: 0.97 for u in quota_busy})
+    assert RatioController(RatioPolicy(min_peak=0.7)).decide(both).action == "none"
+    # Instances sharing cores (E3 on two cores) own nothing: slots decide.
+    shared = _owned_2p2d({"h/cpu0": 0.99, "h/cpu1": 0.99}, shared=True)
+    assert shared.compute is not None and not shared.compute.owned()
+    assert "(slots x owned compute)" not in RatioController().decide(shared).reason
+
+
+def test_owned_needs_every_instance_measured_on_units_of_its_own() -> None:
+    roles = {"prefill_0": "prefill", "decode_0": "decode"}
+    own = {"prefill_0": frozenset({"h/cpu0"}), "decode_0": frozenset({"h/cpu1"})}
+    assert ComputeView(roles, own, {"h/cpu0": 0.5, "h/cpu1": 0.5}).owned()
+    assert not ComputeView(roles, own, {"h/cpu0": 0.5}).owned()  # one unit unmeasured
+    assert not ComputeView(roles, {"prefill_0": frozenset({"h/cpu0"})},
+                           {"h/cpu0": 0.5}).owned()  # decode_0 reports no unit
+    same = {"prefill_0": frozenset({"h/cpu0"}), "decode_0": frozenset({"h/cpu0", "h/cpu1"})}
+    assert not ComputeView(roles, same, {"h/cpu0": 0.5, "h/cpu1": 0.5}).owned()
+    assert not ComputeView().owned()
