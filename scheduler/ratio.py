@@ -92,6 +92,10 @@ class RatioPolicy:
     # A stage whose compute units are this busy is saturated: a switch that
     # gives it no other unit (with room) is refused. None: count slots only.
     compute_busy: float | None = 0.85
+    # A ratio measured in the last ``remember_s`` seconds with the same request mix
+    # is not switched back to while it did worse than the ratio now (requests/s per
+    # second of E2E: ``RatioController._score``); 0: predictions alone decide.
+    remember_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.tolerance < 1:
@@ -106,6 +110,8 @@ class RatioPolicy:
             raise ValueError(f"e2e_rise must exceed 1, got {self.e2e_rise}")
         if self.min_prefill < 1 or self.min_decode < 1:
             raise ValueError("a scenario keeps at least one prefill and one decode")
+        if self.remember_s < 0:
+            raise ValueError(f"remember_s must be >= 0, got {self.remember_s}")
         if self.compute_busy is not None and not 0 < self.compute_busy <= 1:
             raise ValueError(f"compute_busy must be in (0, 1] or None, got {self.compute_busy}")
 
@@ -212,19 +218,27 @@ class RatioController:
         self._baseline_share: float | None = None
         self._baseline_mix: tuple[float | None, float | None] = (None, None)
         self._last_mix: tuple[float | None, float | None] = (None, None)
+        # (n_prefill, n_decode) -> (when, score) measured with the current mix
+        self._measured: dict[tuple[int, int], tuple[float, float]] = {}
 
     def decide(self, signal: ScenarioSignal) -> RatioDecision:
         n_p, n_d = signal.n_prefill, signal.n_decode
         mix = (signal.prompt_tokens, signal.output_tokens)
         before, self._last_mix = self._last_mix, mix
         if self._differs(before, mix):
+            self._measured.clear()  # what each ratio did was for the old mix
             return RatioDecision("none", n_p, n_d,
                                  f"request mix changing ({_fmt_mix(before)} -> {_fmt_mix(mix)} "
                                  "tokens in/out): waiting for a window of one mix")
         if signal.now - self._last_change < self.policy.cooldown_s:
             return RatioDecision("none", n_p, n_d, "cooling down after the last change")
+        score = self._score(signal)
+        if score is not None:
+            self._measured[(n_p, n_d)] = (signal.now, score)
         decision = self._online(signal) or self._balance(signal)
         if decision.action != "none" and (why := self._no_compute(signal, decision)):
+            decision = RatioDecision("none", n_p, n_d, why)
+        if decision.action != "none" and (why := self._did_worse(signal, decision, score)):
             decision = RatioDecision("none", n_p, n_d, why)
         if decision.action != "none":
             self.changed(signal.now)
@@ -319,6 +333,33 @@ class RatioController:
         return (f"{to_role} compute saturated ({busy:.0%} busy on "
                 f"{len(view.stage_units(to_role))} units) and no {from_role} brings a unit "
                 f"with room: a switch adds slots, not compute (slot rule: {decision.reason})")
+
+    @staticmethod
+    def _score(signal: ScenarioSignal) -> float | None:
+        """Requests/s per second of mean E2E: higher is better both in a closed loop
+        (throughput up, so latency down: N = X * R) and under an offered rate
+        (the same X, latency down)."""
+        if signal.arrival_rate <= 0 or not signal.e2e_s or signal.e2e_s <= 0:
+            return None
+        return signal.arrival_rate / signal.e2e_s
+
+    def _did_worse(self, signal: ScenarioSignal, decision: RatioDecision,
+                   score: float | None) -> str | None:
+        """Why the switch goes back to a ratio that measured worse with this mix
+        lately (None: it may). The rule's predictions keep each stage's time per
+        request as measured at the current ratio; where that time moves with the
+        ratio they can point back and forth (E3 with owned compute: 2P2D -> 3P1D ->
+        2P2D... every window). What a ratio did beats what it was predicted to do."""
+        if score is None or not self.policy.remember_s:
+            return None
+        then = self._measured.get((decision.n_prefill, decision.n_decode))
+        if then is None or signal.now - then[0] > self.policy.remember_s:
+            return None
+        if then[1] >= score:
+            return None
+        return (f"{decision.n_prefill}P{decision.n_decode}D did worse with this mix "
+                f"{signal.now - then[0]:.0f} s ago ({then[1]:.3g} vs {score:.3g} requests/s "
+                f"per s of E2E now; {decision.reason})")
 
     def _online(self, signal: ScenarioSignal) -> RatioDecision | None:
         if signal.e2e_s is None or signal.ttft_share is None:

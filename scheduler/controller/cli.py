@@ -51,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a stage whose CPU cores (from the instances' heartbeats) are this "
                              "share busy is saturated: no switch that gives it no other core "
                              "with room (default %(default)s)")
+    parser.add_argument("--ratio-remember-s", type=float, default=RatioPolicy.remember_s,
+                        help="do not switch back to a ratio that did worse with the same "
+                             "request mix within this many seconds (requests/s per second of "
+                             "E2E); 0: the rule's predictions alone decide")
     parser.add_argument("--no-ratio-compute", action="store_true",
                         help="count slots only, as if every instance owned its compute")
     parser.add_argument("--role-switch", choices=("reload", "live"), default="reload",
@@ -80,7 +84,8 @@ def build(args: argparse.Namespace) -> Controller:
     )
     policy = RatioPolicy(cooldown_s=args.ratio_cooldown_s, min_peak=args.ratio_min_peak,
                          e2e_rise=args.ratio_e2e_rise, share_delta=args.ratio_share_delta,
-                         compute_busy=None if args.no_ratio_compute else args.ratio_compute_busy)
+                         compute_busy=None if args.no_ratio_compute else args.ratio_compute_busy,
+                         remember_s=args.ratio_remember_s)
     ratio = RatioLoop(policy, args.drain_timeout_s)
 
     def scrape() -> list[str]:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pdserve.scheduler.controller.ratio_loop import Candidate, RatioLoop
@@ -305,3 +307,48 @@ def test_owned_needs_every_instance_measured_on_units_of_its_own() -> None:
     same = {"prefill_0": frozenset({"h/cpu0"}), "decode_0": frozenset({"h/cpu0", "h/cpu1"})}
     assert not ComputeView(roles, same, {"h/cpu0": 0.5, "h/cpu1": 0.5}).owned()
     assert not ComputeView().owned()
+
+
+def _at(now: float, n_p: int, n_d: int, rate: float, e2e_s: float,
+        mix: tuple[float, float] = (900.0, 4.0)) -> ScenarioSignal:
+    """A window whose slot rule asks for a prefill at 2P2D and a decode at 3P1D
+    (the back-and-forth E3 with owned compute showed)."""
+    prefill, decode = ((RoleCapacity(4, 0.9 * 8 / rate), RoleCapacity(4, 0.3 * 8 / rate))
+                       if n_p == 2 else
+                       (RoleCapacity(4, 0.25 * 12 / rate), RoleCapacity(4, 0.75 * 4 / rate)))
+    return ScenarioSignal(now=now, n_prefill=n_p, n_decode=n_d, arrival_rate=rate,
+                          prefill=prefill, decode=decode, e2e_s=e2e_s,
+                          prompt_tokens=mix[0], output_tokens=mix[1])
+
+
+def test_no_switch_back_to_a_ratio_that_did_worse_with_this_mix() -> None:
+    policy = RatioPolicy(cooldown_s=4.0, min_peak=0.7, e2e_rise=10.0)
+    controller = RatioController(policy)
+    first = controller.decide(_at(100.0, 2, 2, rate=51.0, e2e_s=0.31))
+    assert first.action == "add_prefill"
+    # 3P1D serves more (57 req/s, E2E 0.28 s): the slot rule asks for 2P2D again,
+    # which measured worse 8 s ago with this mix: refused.
+    back = controller.decide(_at(108.0, 3, 1, rate=57.0, e2e_s=0.28))
+    assert back.action == "none"
+    assert back.reason.startswith("2P2D did worse with this mix 8 s ago")
+    assert "balance rule" in back.reason  # what the prediction asked for
+    # 3P1D doing worse than 2P2D did: back it goes.
+    worse = RatioController(policy)
+    worse.decide(_at(100.0, 2, 2, rate=51.0, e2e_s=0.31))
+    assert worse.decide(_at(108.0, 3, 1, rate=45.0, e2e_s=0.36)).action == "add_decode"
+    # What 2P2D did is forgotten when the mix changes, and after remember_s.
+    later = RatioController(policy)
+    later.decide(_at(100.0, 2, 2, rate=51.0, e2e_s=0.31))
+    assert later.decide(_at(230.0, 3, 1, rate=57.0, e2e_s=0.28)).action == "add_decode"
+    shifted = RatioController(policy)
+    shifted.decide(_at(100.0, 2, 2, rate=51.0, e2e_s=0.31))
+    assert shifted.decide(_at(104.0, 3, 1, rate=57.0, e2e_s=0.28,
+                              mix=(16.0, 160.0))).action == "none"  # a window of two mixes
+    assert shifted.decide(_at(108.0, 3, 1, rate=57.0, e2e_s=0.28,
+                              mix=(16.0, 160.0))).action == "add_decode"
+    # Off: predictions alone.
+    off = RatioController(replace(policy, remember_s=0.0))
+    off.decide(_at(100.0, 2, 2, rate=51.0, e2e_s=0.31))
+    assert off.decide(_at(108.0, 3, 1, rate=57.0, e2e_s=0.28)).action == "add_decode"
+    with pytest.raises(ValueError, match="remember_s"):
+        RatioPolicy(remember_s=-1.0)
