@@ -44,6 +44,12 @@ utilisation is its slots' times the share of it its compute confirms
 (``RatioController._utilisation``). Slots can be held by waiting rather than
 work (a decode slot is reserved before the prefill), and a stage whose slots
 are full while its compute idles is not what limits throughput.
+
+Predictions keep each stage's time per request as measured at the current
+ratio; where that time moves with the ratio they can point back and forth. So
+the controller remembers how each ratio did with the current request mix
+(``RatioController._score``) and does not switch back to one that did worse
+within ``remember_s``: measured outcomes overrule the model.
 """
 
 from __future__ import annotations
