@@ -48,7 +48,7 @@ are full while its compute idles is not what limits throughput.
 Predictions keep each stage's time per request as measured at the current
 ratio; where that time moves with the ratio they can point back and forth. So
 the controller remembers how each ratio did with the current request mix
-(``RatioController._score``) and does not switch back to one that did worse
+(``RatioController._score``) and does not switch back to one that did no better
 within ``remember_s``: measured outcomes overrule the model.
 """
 
@@ -99,8 +99,9 @@ class RatioPolicy:
     # gives it no other unit (with room) is refused. None: count slots only.
     compute_busy: float | None = 0.85
     # A ratio measured in the last ``remember_s`` seconds with the same request mix
-    # is not switched back to while it did worse than the ratio now (requests/s per
-    # second of E2E: ``RatioController._score``); 0: predictions alone decide.
+    # is not switched back to unless it did better than the ratio now by more than
+    # ``tolerance`` (requests/s per second of E2E: ``RatioController._score``);
+    # 0: predictions alone decide.
     remember_s: float = 120.0
 
     def __post_init__(self) -> None:
@@ -352,20 +353,23 @@ class RatioController:
     def _did_worse(self, signal: ScenarioSignal, decision: RatioDecision,
                    score: float | None) -> str | None:
         """Why the switch goes back to a ratio that measured worse with this mix
-        lately (None: it may). The rule's predictions keep each stage's time per
-        request as measured at the current ratio; where that time moves with the
-        ratio they can point back and forth (E3 with owned compute: 2P2D -> 3P1D ->
-        2P2D... every window). What a ratio did beats what it was predicted to do."""
+        lately, or better by no more than ``tolerance`` (None: it may). Scores of
+        one ratio move ~1.5x between 4 s windows on a shared machine; without the
+        margin one slow window sent E3 back to the ratio it had left. The rule's
+        predictions keep each stage's time per request as measured at the current
+        ratio; where that time moves with the ratio they can point back and forth
+        (E3 with owned compute: 2P2D -> 3P1D -> 2P2D... every window). What a ratio
+        did beats what it was predicted to do."""
         if score is None or not self.policy.remember_s:
             return None
         then = self._measured.get((decision.n_prefill, decision.n_decode))
         if then is None or signal.now - then[0] > self.policy.remember_s:
             return None
-        if then[1] >= score:
-            return None
-        return (f"{decision.n_prefill}P{decision.n_decode}D did worse with this mix "
+        if then[1] >= score * (1 + self.policy.tolerance):
+            return None  # it did better by more than the noise between windows
+        return (f"{decision.n_prefill}P{decision.n_decode}D did no better with this mix "
                 f"{signal.now - then[0]:.0f} s ago ({then[1]:.3g} vs {score:.3g} requests/s "
-                f"per s of E2E now; {decision.reason})")
+                f"per s of E2E now, {self.policy.tolerance:.0%} margin; {decision.reason})")
 
     def _online(self, signal: ScenarioSignal) -> RatioDecision | None:
         if signal.e2e_s is None or signal.ttft_share is None:

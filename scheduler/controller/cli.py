@@ -52,9 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "share busy is saturated: no switch that gives it no other core "
                              "with room (default %(default)s)")
     parser.add_argument("--ratio-remember-s", type=float, default=RatioPolicy.remember_s,
-                        help="do not switch back to a ratio that did worse with the same "
-                             "request mix within this many seconds (requests/s per second of "
-                             "E2E); 0: the rule's predictions alone decide")
+                        help="do not switch back within this many seconds to a ratio that did "
+                             "no better (by the tolerance) with the same request mix "
+                             "(requests/s per second of E2E); 0: the rule's predictions alone "
+                             "decide")
     parser.add_argument("--no-ratio-compute", action="store_true",
                         help="count slots only, as if every instance owned its compute")
     parser.add_argument("--role-switch", choices=("reload", "live"), default="reload",
