@@ -225,8 +225,8 @@ class RatioController:
         self._baseline_share: float | None = None
         self._baseline_mix: tuple[float | None, float | None] = (None, None)
         self._last_mix: tuple[float | None, float | None] = (None, None)
-        # (n_prefill, n_decode) -> (when, score) measured with the current mix
-        self._measured: dict[tuple[int, int], tuple[float, float]] = {}
+        # (n_prefill, n_decode) -> [(when, score)] of its windows with the current mix
+        self._measured: dict[tuple[int, int], list[tuple[float, float]]] = {}
 
     def decide(self, signal: ScenarioSignal) -> RatioDecision:
         n_p, n_d = signal.n_prefill, signal.n_decode
@@ -241,7 +241,7 @@ class RatioController:
             return RatioDecision("none", n_p, n_d, "cooling down after the last change")
         score = self._score(signal)
         if score is not None:
-            self._measured[(n_p, n_d)] = (signal.now, score)
+            self._measured.setdefault((n_p, n_d), []).append((signal.now, score))
         decision = self._online(signal) or self._balance(signal)
         if decision.action != "none" and (why := self._no_compute(signal, decision)):
             decision = RatioDecision("none", n_p, n_d, why)
@@ -350,26 +350,40 @@ class RatioController:
             return None
         return signal.arrival_rate / signal.e2e_s
 
+    def _mean_score(self, ratio: tuple[int, int], now: float) -> tuple[float, int] | None:
+        """Mean score of ``ratio``'s windows within ``remember_s`` (older ones are
+        dropped), and how many; None: none."""
+        recent = [(t, v) for t, v in self._measured.get(ratio, ())
+                  if now - t <= self.policy.remember_s]
+        if not recent:
+            self._measured.pop(ratio, None)
+            return None
+        self._measured[ratio] = recent
+        return sum(v for _, v in recent) / len(recent), len(recent)
+
     def _did_worse(self, signal: ScenarioSignal, decision: RatioDecision,
                    score: float | None) -> str | None:
-        """Why the switch goes back to a ratio that measured worse with this mix
-        lately, or better by no more than ``tolerance`` (None: it may). Scores of
-        one ratio move ~1.5x between 4 s windows on a shared machine; without the
-        margin one slow window sent E3 back to the ratio it had left. The rule's
+        """Why the switch goes back to a ratio that did worse with this mix lately,
+        or better by no more than ``tolerance`` (None: it may). The rule's
         predictions keep each stage's time per request as measured at the current
         ratio; where that time moves with the ratio they can point back and forth
         (E3 with owned compute: 2P2D -> 3P1D -> 2P2D... every window). What a ratio
-        did beats what it was predicted to do."""
+        did beats what it was predicted to do. Both sides are the mean over their
+        windows: one ratio's score moves ~1.5x between 4 s windows on a shared
+        machine, and the last window before leaving a ratio is a slow one (that is
+        why it was left), so single windows sent E3 back and forth."""
         if score is None or not self.policy.remember_s:
             return None
-        then = self._measured.get((decision.n_prefill, decision.n_decode))
-        if then is None or signal.now - then[0] > self.policy.remember_s:
+        then = self._mean_score((decision.n_prefill, decision.n_decode), signal.now)
+        now = self._mean_score((signal.n_prefill, signal.n_decode), signal.now)
+        if then is None or now is None:
             return None
-        if then[1] >= score * (1 + self.policy.tolerance):
+        if then[0] >= now[0] * (1 + self.policy.tolerance):
             return None  # it did better by more than the noise between windows
         return (f"{decision.n_prefill}P{decision.n_decode}D did no better with this mix "
-                f"{signal.now - then[0]:.0f} s ago ({then[1]:.3g} vs {score:.3g} requests/s "
-                f"per s of E2E now, {self.policy.tolerance:.0%} margin; {decision.reason})")
+                f"lately ({then[0]:.3g} requests/s per s of E2E over {then[1]} windows vs "
+                f"{now[0]:.3g} over {now[1]} at {signal.n_prefill}P{signal.n_decode}D, "
+                f"{self.policy.tolerance:.0%} margin; {decision.reason})")
 
     def _online(self, signal: ScenarioSignal) -> RatioDecision | None:
         if signal.e2e_s is None or signal.ttft_share is None:

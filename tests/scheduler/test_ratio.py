@@ -330,7 +330,7 @@ def test_no_switch_back_to_a_ratio_that_did_worse_with_this_mix() -> None:
     # which measured worse 8 s ago with this mix: refused.
     back = controller.decide(_at(108.0, 3, 1, rate=57.0, e2e_s=0.28))
     assert back.action == "none"
-    assert back.reason.startswith("2P2D did no better with this mix 8 s ago")
+    assert back.reason.startswith("2P2D did no better with this mix lately (164 requests/s")
     assert "balance rule" in back.reason  # what the prediction asked for
     # 3P1D doing worse than 2P2D did: back it goes.
     worse = RatioController(policy)
@@ -351,6 +351,22 @@ def test_no_switch_back_to_a_ratio_that_did_worse_with_this_mix() -> None:
                               mix=(16.0, 160.0))).action == "none"  # a window of two mixes
     assert shifted.decide(_at(108.0, 3, 1, rate=57.0, e2e_s=0.28,
                               mix=(16.0, 160.0))).action == "add_decode"
+    # Means over each ratio's windows, not the last one: one slow window at 3P1D
+    # does not send it back, and the slow window it left on does not bar a return.
+    steady = RatioController(replace(policy, cooldown_s=0.0))
+    steady.decide(_at(100.0, 2, 2, rate=51.0, e2e_s=0.31))  # 164.5
+    for t, e2e in ((104.0, 0.22), (108.0, 0.21)):  # 3P1D: 232, 243
+        assert steady.decide(_at(t, 3, 1, rate=51.0, e2e_s=e2e)).action == "none"
+    slow = steady.decide(_at(112.0, 3, 1, rate=51.0, e2e_s=0.39))  # 131: mean 202
+    assert slow.action == "none" and "over 3 windows" in slow.reason
+    left = RatioController(replace(policy, cooldown_s=0.0))
+    left.decide(_at(100.0, 2, 2, rate=51.0, e2e_s=0.31))  # 164.5, asks for 3P1D
+    for t, e2e in ((104.0, 0.2), (108.0, 0.2)):  # 3P1D: 255, 255
+        left.decide(_at(t, 3, 1, rate=51.0, e2e_s=e2e))
+    left.decide(_at(112.0, 3, 1, rate=45.0, e2e_s=0.38))  # a slow 118; 3P1D's mean 209
+    left.changed(112.0)  # (a switch to 2P2D made elsewhere, e.g. by an operator)
+    back = left.decide(_at(120.0, 2, 2, rate=40.0, e2e_s=0.4))  # 2P2D now 100: mean 132
+    assert back.action == "add_prefill", back.reason  # 209 >= 132 x 1.15
     # Off: predictions alone.
     off = RatioController(replace(policy, remember_s=0.0))
     off.decide(_at(100.0, 2, 2, rate=51.0, e2e_s=0.31))
