@@ -330,7 +330,8 @@ def test_no_switch_back_to_a_ratio_that_did_worse_with_this_mix() -> None:
     # which measured worse 8 s ago with this mix: refused.
     back = controller.decide(_at(108.0, 3, 1, rate=57.0, e2e_s=0.28))
     assert back.action == "none"
-    assert back.reason.startswith("2P2D did no better with this mix lately (164 requests/s")
+    assert back.reason.startswith("2P2D did no better with this mix lately (165 requests/s per s "
+                                  "of E2E over 1 windows vs 204 over 1 at 3P1D, 15% margin")
     assert "balance rule" in back.reason  # what the prediction asked for
     # 3P1D doing worse than 2P2D did: back it goes.
     worse = RatioController(policy)
@@ -358,7 +359,7 @@ def test_no_switch_back_to_a_ratio_that_did_worse_with_this_mix() -> None:
     for t, e2e in ((104.0, 0.22), (108.0, 0.21)):  # 3P1D: 232, 243
         assert steady.decide(_at(t, 3, 1, rate=51.0, e2e_s=e2e)).action == "none"
     slow = steady.decide(_at(112.0, 3, 1, rate=51.0, e2e_s=0.39))  # 131: mean 202
-    assert slow.action == "none" and "over 3 windows" in slow.reason
+    assert slow.action == "none" and "vs 202 over 3 at 3P1D" in slow.reason
     left = RatioController(replace(policy, cooldown_s=0.0))
     left.decide(_at(100.0, 2, 2, rate=51.0, e2e_s=0.31))  # 164.5, asks for 3P1D
     for t, e2e in ((104.0, 0.2), (108.0, 0.2)):  # 3P1D: 255, 255
