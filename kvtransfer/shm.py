@@ -135,7 +135,7 @@ def sweep_stale_segments() -> list[str]:
     removed = []
     for name in os.listdir(SHM_DIR):
         match = re.match(r"^pdkv-(\d+)-[0-9a-f]+$", name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(SHM_DIR, name))
@@ -143,7 +143,8 @@ def sweep_stale_segments() -> list[str]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

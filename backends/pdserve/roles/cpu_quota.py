@@ -37,6 +37,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdserve.kvtransfer.shm import pid_alive
+
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -173,7 +175,7 @@ def sweep_stale(parent: Path) -> list[Path]:
         return removed
     for entry in entries:
         m = re.fullmatch(rf"{PREFIX}(\d+)-.+", entry.name)
-        if m is None or not entry.is_dir() or _alive(int(m.group(1))):
+        if m is None or not entry.is_dir() or pid_alive(int(m.group(1))):
             continue
         if _read(entry / "cgroup.procs").strip():
             continue
@@ -192,13 +194,3 @@ def sweep_quota_cgroups(root: Path = CGROUP_ROOT) -> list[Path]:
         return sweep_stale(find_hierarchy(root).current)
     except CpuQuotaError:
         return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
