@@ -29,7 +29,8 @@ compute as an accelerator instance owns its device: its one unit is
 ``"<host>/quota-<instance>"``, busy = its process's CPU ticks, total = the
 ticks its quota allows (quota cores x elapsed time). A donor then always
 brings a unit the stage does not run on, and the check never refuses its
-switch: with owned compute, slots are throughput, as the ratio rule assumes.
+switch; instead the ratio rule caps each stage's slot utilisation by its units'
+busy share (``ratio.py``, ``ComputeView.owned``).
 
 Each instance also reports its own process's CPU ticks (``InstanceLoad.own_ticks``:
 utime + stime from ``/proc/self/stat``, the same clock ticks). A donor's units are

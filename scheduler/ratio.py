@@ -245,7 +245,7 @@ class RatioController:
         decision = self._online(signal) or self._balance(signal)
         if decision.action != "none" and (why := self._no_compute(signal, decision)):
             decision = RatioDecision("none", n_p, n_d, why)
-        if decision.action != "none" and (why := self._did_worse(signal, decision, score)):
+        if decision.action != "none" and (why := self._did_no_better(signal, decision, score)):
             decision = RatioDecision("none", n_p, n_d, why)
         if decision.action != "none":
             self.changed(signal.now)
@@ -361,7 +361,7 @@ class RatioController:
         self._measured[ratio] = recent
         return sum(v for _, v in recent) / len(recent), len(recent)
 
-    def _did_worse(self, signal: ScenarioSignal, decision: RatioDecision,
+    def _did_no_better(self, signal: ScenarioSignal, decision: RatioDecision,
                    score: float | None) -> str | None:
         """Why the switch goes back to a ratio that did worse with this mix lately,
         or better by no more than ``tolerance`` (None: it may). The rule's
