@@ -8,6 +8,7 @@ import os
 import queue
 import re
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -69,8 +70,11 @@ def _inputs(text: str | None, ids: list[int] | None, stream: bool,
 
 
 def generate_many(url: str, requests: list[dict[str, Any]], *, stream: bool = True,
-                  timeout_s: float = 120.0) -> list[Result]:
-    """Send every request on one gRPC stream at once; collect each until FINAL."""
+                  timeout_s: float = 120.0, stop: threading.Event | None = None) -> list[Result]:
+    """Send every request on one gRPC stream at once; collect each until FINAL.
+    ``timeout_s`` bounds the wait for each next response. Once ``stop`` is set the
+    stream is closed with its requests cancelled, and what has come back is returned
+    (unfinished requests have no finish_reason)."""
     client = grpcclient.InferenceServerClient(url)
     events: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client.start_stream(callback=lambda result, error: events.put((result, error)))
@@ -83,8 +87,15 @@ def generate_many(url: str, requests: list[dict[str, Any]], *, stream: bool = Tr
                 request_id=str(i), enable_empty_final_response=True,
             )
         pending = len(requests)
-        while pending:
-            result, error = events.get(timeout=timeout_s)
+        last = time.monotonic()
+        while pending and not (stop is not None and stop.is_set()):
+            try:
+                result, error = events.get(timeout=0.1)
+            except queue.Empty:
+                if time.monotonic() - last > timeout_s:
+                    raise
+                continue
+            last = time.monotonic()
             if error is not None:
                 # Errors carry no request id in the callback: give it to a request
                 # that has had no response yet (requests fail before their first

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from pdserve.errors import InvalidArgument, Unavailable
+from pdserve.errors import Cancelled, InvalidArgument, Unavailable
 from pdserve.roles.contracts import TokenChunk
 from pdserve.roles.token_receiver import ChannelServer, InstanceLost
 from pdserve.roles.token_sender import ChannelHub
 from pdserve.roles.token_wire import (
+    FRAME,
     ChannelError,
     Entry,
     decode_hello,
@@ -177,6 +181,7 @@ async def _router_gone() -> None:
     with pytest.raises(Unavailable):
         hub.sink(srv.address, "r2")
     assert not Path(srv.address[len("unix:"):]).parent.exists()
+    hub.close()
 
 
 @FAMILIES
@@ -276,3 +281,87 @@ async def _held_until_release(server: ChannelServer) -> None:
 
 def test_held_stream_delivers_in_order_on_release() -> None:
     _with_server("unix", _held_until_release)
+
+
+def _read_frames(sock: socket.socket) -> list[bytes]:
+    """Every frame body the peer sends until EOF."""
+    data = b""
+    while chunk := sock.recv(1 << 16):
+        data += chunk
+    frames, i = [], 0
+    while i < len(data):
+        (n,) = FRAME.unpack_from(data, i)
+        frames.append(data[i + FRAME.size:i + FRAME.size + n])
+        i += FRAME.size + n
+    assert i == len(data)
+    return frames
+
+
+def test_flush_without_wait_returns_while_the_router_reads_nothing(tmp_path: Path) -> None:
+    """An abort flushes without waiting: with the router's socket full and the batch
+    thread's flush stuck behind it, the abort goes on at once, and its final entry
+    follows the stuck frame once the router reads again. close() ends the writer."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = tmp_path / "router.sock"
+    listener.bind(str(path))
+    listener.listen(1)
+    hub = ChannelHub("decode_0", SECRET)
+    hub.connect(f"unix:{path}")
+    conn, _ = listener.accept()  # and read nothing yet
+    try:
+        big, small = (hub.sink(f"unix:{path}", rid) for rid in ("big", "small"))
+        big.chunk(TokenChunk(token_ids=tuple(range(1 << 20))), final=False)  # ~4 MB
+        step = threading.Thread(target=hub.flush)  # the batch thread's flush: waits
+        step.start()
+        step.join(timeout=0.5)
+        assert step.is_alive(), "the socket should be full: the stepping flush waits"
+        small.chunk(TokenChunk(finish_reason="abort"), final=True)
+        t0 = time.monotonic()
+        hub.flush(wait=False)
+        assert time.monotonic() - t0 < 0.2
+        assert step.is_alive()
+        reader = threading.Thread(target=lambda: frames.extend(_read_frames(conn)))
+        frames: list[bytes] = []
+        reader.start()
+        step.join(timeout=10)
+        assert not step.is_alive()
+        hub.flush()  # written by now or with this: either way before close
+        writer = hub._thread
+        assert writer is not None and writer.is_alive()
+        hub.close()
+        reader.join(timeout=10)
+        assert decode_hello(frames[0]) == ("decode_0", hub.incarnation)
+        entries = [e for f in frames[1:] for e in decode_step(f)]
+        assert [(e.request_id, len(e.token_ids), e.finish_reason) for e in entries] == [
+            ("big", 1 << 20, ""), ("small", 0, "abort")]
+        assert not writer.is_alive()
+    finally:
+        hub.close()
+        conn.close()
+        listener.close()
+
+
+async def _ended_stream_drops_what_follows(server: ChannelServer) -> None:
+    hub = ChannelHub("decode_0", SECRET)
+    await _in_thread(hub.connect, server.address)
+    got: list[tuple[int, ...]] = []
+    stream = server.open("r1", got.append)
+    await server.bind(stream, "decode_0", hub.incarnation)
+    sink = hub.sink(server.address, "r1")
+    sink.chunk(TokenChunk(token_ids=(1,)), final=False)
+    hub.flush()
+    await asyncio.sleep(0.1)
+    server.end("r1", Cancelled("r1 was cancelled by the client"))
+    server.end("nobody", Cancelled("no stream: nothing happens"))
+    sink.chunk(TokenChunk(token_ids=(2,), finish_reason="length"), final=True)
+    hub.flush()
+    with pytest.raises(Cancelled):
+        await asyncio.wait_for(stream.done, 5)
+    await asyncio.sleep(0.1)
+    assert got == [(1,)]
+    server.close_stream(stream)
+    hub.close()
+
+
+def test_a_stream_ended_on_cancel_passes_nothing_more_on() -> None:
+    _with_server("unix", _ended_stream_drops_what_follows)

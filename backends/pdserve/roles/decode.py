@@ -83,7 +83,8 @@ class DecodeRole:
         # Held from taking a reservation out of _pending until its sequence is in the
         # batch (or failed), and by abort: an abort racing a start on landing either
         # finds the reservation or finds the sequence running, never neither.
-        # Re-entrant: a flush under it may find a broken channel and abort (on_broken).
+        # Re-entrant, though flushes no longer abort on the caller's thread (a broken
+        # channel's on_broken runs on the hub's writer thread).
         self._starting = threading.RLock()
         self._pending: dict[str, _Pending] = {}
         self._stop = threading.Event()
@@ -137,7 +138,7 @@ class DecodeRole:
         except BaseException as exc:
             self.receiver.cancel(call.request_id)
             pending.sink.fail(exc)
-            self.hub.flush()
+            self.hub.flush(wait=False)
             raise
         with self._starting:
             self._start(call, pending)
@@ -173,7 +174,7 @@ class DecodeRole:
         except BaseException as exc:
             self.receiver.cancel(call.request_id)
             pending.sink.fail(exc)
-            self.hub.flush()
+            self.hub.flush(wait=False)
             raise
         try:
             seq = self.engine.new_sequence(call.request_id, list(pending.call.prompt_ids),
@@ -189,7 +190,7 @@ class DecodeRole:
         except BaseException as exc:
             self.arena.free(extent)
             pending.sink.fail(exc)
-            self.hub.flush()
+            self.hub.flush(wait=False)
             raise
         self.metrics.prompt_tokens.increment(len(pending.call.prompt_ids))
 
@@ -200,7 +201,7 @@ class DecodeRole:
             if pending is not None:
                 self.receiver.cancel(request_id)
                 pending.sink.chunk(TokenChunk(finish_reason="abort"), final=True)
-                self.hub.flush()
+                self.hub.flush(wait=False)
             else:
                 self.worker.abort(request_id)
         self._update_kv()
@@ -221,7 +222,7 @@ class DecodeRole:
                 self.receiver.cancel(rid)
                 pending.sink.fail(Unavailable(f"KV reservation for {rid!r} was never committed"))
             if dead:
-                self.hub.flush()
+                self.hub.flush(wait=False)
                 self._update_kv()
 
     def _publish(self, generated: int) -> None:

@@ -154,7 +154,9 @@ class RouterRole:
         metrics = self.scenario_metrics[req.scenario]
         metrics.offered.increment(1)
         metrics.prompt_tokens.increment(len(req.prompt_ids))
-        state: dict[str, str] = {}  # "abort_target": instance to abort on cancel
+        # "abort_target": instance to abort on cancel; "stream": the id of the token
+        # stream now open for it; "cancelled": set once the client is gone.
+        state: dict[str, str] = {}
         watcher = asyncio.create_task(self._watch_cancel(request, req, state))
         self._num_requests += 1
         self.metrics.requests_in_flight.set(self._num_requests)
@@ -185,6 +187,7 @@ class RouterRole:
         call = GenerateCall(req.request_id, req.prompt_ids, req.sampling,
                             channel=await self._address())
         stream = self.channel.open(req.request_id, emitter.tokens)
+        state["stream"] = req.request_id
         self.view.started(target)
         try:
             accepted = Accepted.from_bytes(
@@ -245,6 +248,7 @@ class RouterRole:
         # Held until the prefill's first token went out: the decode may start
         # streaming as soon as the KV lands (decode_start: on_landing).
         stream = self.channel.open(req.request_id, emitter.tokens, hold=True)
+        state["stream"] = req.request_id  # a resumed part's id ("<id>~<n>")
         self.view.started(decode, self.layout.extent_bytes(len(req.prompt_ids), req.max_tokens))
         step = "reserve"
         epoch = self.view.epoch(decode)
@@ -400,9 +404,15 @@ class RouterRole:
         while not request.is_cancelled():
             await asyncio.sleep(CANCEL_POLL_S)
         state["cancelled"] = "1"
+        # End its token stream here at once: tokens still coming for it are dropped,
+        # not sent to a client that is gone, and the request lets go of the router
+        # as soon as its instance has the abort (or ABORT_TIMEOUT_S).
+        stream_id = state.get("stream", req.request_id)
+        self.channel.end(stream_id, Cancelled(f"request {req.request_id} was cancelled "
+                                              f"by the client"))
         target = state.get("abort_target")
         if target is not None:
-            await self._abort(target, req.request_id)
+            await self._abort(target, stream_id)
 
     def _prefills(self, scenario: str, decode: str) -> list[InstanceLoad]:
         """The scenario's prefills that can hand KV to ``decode`` (same weights)."""

@@ -72,6 +72,8 @@ class TokenStream:
     held: list[list[Entry]] | None = None
 
     def deliver(self, entries: list[Entry]) -> None:
+        if self.done.done():  # ended (finished, failed, cancelled): nothing more to pass on
+            return
         if self.held is not None:
             self.held.append(entries)
             return
@@ -81,8 +83,6 @@ class TokenStream:
         if ids:
             self.on_tokens(tuple(ids))
         last = entries[-1]
-        if self.done.done():
-            return
         if last.error is not None:
             self.done.set_exception(last.error)
         elif last.finish_reason:
@@ -207,6 +207,13 @@ class ChannelServer:
             if source is peer:
                 stream.deliver(entries)
         stream.early.clear()
+
+    def end(self, request_id: str, exc: BaseException) -> None:
+        """Fail the open stream of ``request_id`` (if any) with ``exc``: its waiter
+        wakes now and whatever still arrives for it is dropped."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.fail(exc)
 
     def close_stream(self, stream: TokenStream) -> None:
         if self._streams.get(stream.request_id) is stream:

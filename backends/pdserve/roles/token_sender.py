@@ -6,11 +6,15 @@
     ...                                                   # worker calls sink.chunk()
     hub.flush()                                           # once per batcher step
 
-Sinks only queue entries; ``flush`` writes ONE frame per router with everything
-queued since the last flush (the batch thread calls it after each step). A
-write that fails (router gone) drops that router's connection and hands the
-request ids still streaming to it to ``on_broken``, which aborts them, so
-their KV is freed.
+Sinks only queue; ``flush`` hands what was queued since the last flush to the
+hub's writer thread, which writes ONE frame per router. The batch thread's
+``flush()`` waits until its frame is written: a router that reads slowly slows
+the steps (backpressure), no queue grows. Everything else (an abort, a
+reservation's expiry, a failed start) calls ``flush(wait=False)`` and goes on:
+an abort must free its KV and answer at once, not wait behind a full socket.
+A write that fails (router gone, or reading nothing for ``SEND_TIMEOUT_S``)
+drops that router's connection and hands the request ids still streaming to it
+to ``on_broken``, which aborts them, so their KV is freed.
 """
 
 from __future__ import annotations
@@ -52,10 +56,16 @@ class ChannelHub:
         self.incarnation = os.urandom(16)  # tells the router this stub from a restarted one
         self._secret = secret
         self._on_broken = on_broken
-        self._lock = threading.Lock()  # guards _writers and each writer's queue/live
-        self._send_lock = threading.Lock()  # one frame on the wire at a time
+        self._lock = threading.Lock()  # guards _writers, each writer's queue/live, tickets
+        self._cond = threading.Condition(self._lock)
         self._connect_lock = threading.Lock()
         self._writers: dict[str, _Writer] = {}
+        # Flush tickets: ``_asked`` counts flush() calls, ``_sent`` the last one whose
+        # entries the writer thread has written (or found nothing to write for).
+        self._asked = 0
+        self._sent = 0
+        self._closing = False
+        self._thread: threading.Thread | None = None  # started with the first connection
 
     # -- connections -------------------------------------------------------------------
     def is_connected(self, address: str) -> bool:
@@ -86,6 +96,7 @@ class ChannelHub:
                                   f"{exc}") from None
             with self._lock:
                 self._writers[address] = _Writer(address, sock)
+            self._start_writer()
 
     def _dial(self, address: str) -> socket.socket:
         family, target = parse_address(address)
@@ -127,19 +138,53 @@ class ChannelHub:
             if entry.is_final:
                 writer.live.discard(entry.request_id)
 
-    def flush(self) -> None:
-        """Write each router's queued entries as one frame (called once per step)."""
+    def flush(self, wait: bool = True) -> None:
+        """Have every router's queued entries written, as one frame per router.
+
+        ``wait``: return once they are (or their connection was dropped). Only the
+        batch thread should wait; on the writer thread itself (``on_broken``) it
+        never does."""
         with self._lock:
-            batches = [(w, w.queued) for w in self._writers.values() if w.queued]
-            for w, _ in batches:
-                w.queued = []
-        for writer, entries in batches:
-            try:
-                with self._send_lock:
+            self._asked += 1
+            ticket = self._asked
+            self._cond.notify_all()
+            if not wait or self._thread is None or threading.current_thread() is self._thread:
+                return
+            while self._sent < ticket and not self._closing and self._thread.is_alive():
+                self._cond.wait(timeout=1.0)
+
+    def _start_writer(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._closing:
+                self._thread = threading.Thread(target=self._write_loop,
+                                                name=f"{self.name}-tokens", daemon=True)
+                self._thread.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._sent >= self._asked and not self._closing:
+                    self._cond.wait()
+                if self._sent >= self._asked:  # closing, and everything asked is written
+                    return
+                ticket = self._asked
+                batches = [(w, w.queued) for w in self._writers.values() if w.queued]
+                for w, _ in batches:
+                    w.queued = []
+            for writer, entries in batches:
+                try:
                     writer.sock.sendall(encode_step(entries))
-            except OSError as exc:
-                log.warning("%s: token channel to %s failed: %s", self.name, writer.address, exc)
-                self._drop(writer)
+                except OSError as exc:
+                    log.warning("%s: token channel to %s failed: %s", self.name,
+                                writer.address, exc)
+                    self._drop(writer)
+                except Exception:  # a bug: that channel's streams end, the thread lives
+                    log.exception("%s: token channel to %s: frame not written", self.name,
+                                  writer.address)
+                    self._drop(writer)
+            with self._lock:
+                self._sent = ticket
+                self._cond.notify_all()
 
     def _drop(self, writer: _Writer) -> None:
         with self._lock:
@@ -159,8 +204,15 @@ class ChannelHub:
             return len(self._writers)
 
     def close(self) -> None:
-        """Flush what is queued, then close every connection (the routers see EOF)."""
-        self.flush()
+        """Write what is queued, stop the writer thread, then close every
+        connection (the routers see EOF)."""
+        with self._lock:
+            self._asked += 1
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=SEND_TIMEOUT_S + 5)
         with self._lock:
             writers = list(self._writers.values())
             self._writers.clear()
@@ -187,6 +239,3 @@ class ChannelSink:
             f"{self._hub.name}: {type(exc).__name__}: {exc}")
         self._hub._queue(self._writer, Entry(self.request_id, error=error))
 
-    def send_now(self) -> None:
-        """Flush outside a batcher step (abort, reservation expiry)."""
-        self._hub.flush()
