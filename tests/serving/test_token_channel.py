@@ -365,3 +365,16 @@ async def _ended_stream_drops_what_follows(server: ChannelServer) -> None:
 
 def test_a_stream_ended_on_cancel_passes_nothing_more_on() -> None:
     _with_server("unix", _ended_stream_drops_what_follows)
+
+
+async def _no_connection_after_close(server: ChannelServer) -> None:
+    hub = ChannelHub("decode_0", SECRET)
+    await hub.ensure(server.address)
+    hub.close()
+    with pytest.raises(Unavailable, match="shutting down"):
+        await hub.ensure(server.address)  # a request that raced the release
+    assert hub.num_channels == 0
+
+
+def test_a_closed_hub_opens_no_connection() -> None:
+    _with_server("unix", _no_connection_after_close)

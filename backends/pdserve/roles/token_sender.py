@@ -95,7 +95,12 @@ class ChannelHub:
                 raise Unavailable(f"{self.name}: token channel to {address} failed: "
                                   f"{exc}") from None
             with self._lock:
-                self._writers[address] = _Writer(address, sock)
+                closing = self._closing
+                if not closing:
+                    self._writers[address] = _Writer(address, sock)
+            if closing:  # a request that raced the instance's release
+                sock.close()
+                raise Unavailable(f"{self.name} is shutting down: no token channel to {address}")
             self._start_writer()
 
     def _dial(self, address: str) -> socket.socket:
