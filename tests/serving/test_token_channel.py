@@ -378,3 +378,46 @@ async def _no_connection_after_close(server: ChannelServer) -> None:
 
 def test_a_closed_hub_opens_no_connection() -> None:
     _with_server("unix", _no_connection_after_close)
+
+
+async def _broken_channel_hook_fails() -> None:
+    """An on_broken that raises (a bug) must not stop the writer thread: the other
+    router's streams go on."""
+    gone, kept = ChannelServer("router_a", SECRET), ChannelServer("router_b", SECRET)
+    await gone.start()
+    await kept.start()
+    calls: list[list[str]] = []
+
+    def on_broken(ids: list[str]) -> None:
+        calls.append(ids)
+        raise RuntimeError("bug in on_broken")
+
+    hub = ChannelHub("decode_0", SECRET, on_broken=on_broken)
+    try:
+        await _in_thread(hub.connect, gone.address)
+        await _in_thread(hub.connect, kept.address)
+        doomed = hub.sink(gone.address, "r0")
+        got: list[tuple[int, ...]] = []
+        stream = kept.open("r1", got.append)
+        await kept.bind(stream, "decode_0", hub.incarnation)
+        alive = hub.sink(kept.address, "r1")
+        await gone.close()
+        for _ in range(50):  # the first write after the peer closed may still succeed
+            doomed.chunk(TokenChunk(token_ids=(1,)), final=False)
+            await _in_thread(hub.flush)
+            if calls:
+                break
+            await asyncio.sleep(0.02)
+        assert calls == [["r0"]]
+        alive.chunk(TokenChunk(token_ids=(4,), finish_reason="length"), final=True)
+        await _in_thread(hub.flush)
+        assert await asyncio.wait_for(stream.done, 5) == ("length", -1)
+        assert got == [(4,)]
+        kept.close_stream(stream)
+    finally:
+        hub.close()
+        await kept.close()
+
+
+def test_a_failing_broken_channel_hook_does_not_stop_the_writer() -> None:
+    asyncio.run(_broken_channel_hook_fails())

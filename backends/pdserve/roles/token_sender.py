@@ -201,7 +201,11 @@ class ChannelHub:
         with contextlib.suppress(OSError):
             writer.sock.close()
         if orphans and self._on_broken is not None:
-            self._on_broken(orphans)
+            try:
+                self._on_broken(orphans)
+            except Exception:  # the writer thread must live on for the other routers
+                log.exception("%s: aborting the streams of a broken token channel failed",
+                              self.name)
 
     @property
     def num_channels(self) -> int:
