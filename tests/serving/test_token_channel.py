@@ -15,8 +15,8 @@ import pytest
 
 from pdserve.errors import Cancelled, InvalidArgument, Unavailable
 from pdserve.roles.contracts import TokenChunk
-from pdserve.roles.token_receiver import ChannelServer, InstanceLost
-from pdserve.roles.token_sender import ChannelHub
+from pdserve.roles.token_receiver import ChannelServer, InstanceLost, TokenStream
+from pdserve.roles.token_sender import ChannelHub, ChannelSink
 from pdserve.roles.token_wire import (
     FRAME,
     ChannelError,
@@ -101,13 +101,20 @@ async def _tokens_flow_and_finish(server: ChannelServer) -> None:
         assert stat.S_IMODE(os.stat(sock_dir).st_mode) == 0o700
 
 
-async def _router_behind_gets_one_coalesced_delivery(server: ChannelServer) -> None:
+async def _bound_stream(server: ChannelServer) -> tuple[ChannelHub, TokenStream,
+                                                         list[tuple[int, ...]], ChannelSink]:
+    """A hub connected to ``server`` and request "r1" streaming on it: (hub, the
+    router's stream, what it delivered, the instance's sink)."""
     hub = ChannelHub("decode_0", SECRET)
     await _in_thread(hub.connect, server.address)
     got: list[tuple[int, ...]] = []
     stream = server.open("r1", got.append)
     await server.bind(stream, "decode_0", hub.incarnation)
-    sink = hub.sink(server.address, "r1")
+    return hub, stream, got, hub.sink(server.address, "r1")
+
+
+async def _router_behind_gets_one_coalesced_delivery(server: ChannelServer) -> None:
+    hub, stream, got, sink = await _bound_stream(server)
     for t in range(10):  # ten steps written while the loop is not reading
         sink.chunk(TokenChunk(token_ids=(t,)), final=False)
         hub.flush()
@@ -342,12 +349,7 @@ def test_flush_without_wait_returns_while_the_router_reads_nothing(tmp_path: Pat
 
 
 async def _ended_stream_drops_what_follows(server: ChannelServer) -> None:
-    hub = ChannelHub("decode_0", SECRET)
-    await _in_thread(hub.connect, server.address)
-    got: list[tuple[int, ...]] = []
-    stream = server.open("r1", got.append)
-    await server.bind(stream, "decode_0", hub.incarnation)
-    sink = hub.sink(server.address, "r1")
+    hub, stream, got, sink = await _bound_stream(server)
     sink.chunk(TokenChunk(token_ids=(1,)), final=False)
     hub.flush()
     await asyncio.sleep(0.1)
