@@ -398,9 +398,15 @@ class Controller:
                 continue
             if not self.ratio.ready(switch, all(h.is_idle for h in hs), now):
                 continue
-            if self.options.role_switch == "live" and self._switch_in_place(switch):
-                self.ratio.switched(scenario, now, in_place=True)
-                continue
+            if self.options.role_switch == "live":
+                outcome = self._switch_in_place(switch)
+                if outcome == "switched":
+                    self.ratio.switched(scenario, now, in_place=True)
+                    continue
+                if outcome == "busy" and not self.ratio.timed_out(switch, now):
+                    # Requests routed to it before the routers heard of the drain:
+                    # let them finish and try again next tick, still in place.
+                    continue
             entry = self.repo.switch_role(switch.name, switch.to_role, reason=switch.reason)
             self.metrics.edits.labels("switch_role").inc()
             for h in hs:
@@ -408,26 +414,46 @@ class Controller:
             self._lift_drain(switch.name)
             self.ratio.switched(scenario)
 
-    def _switch_in_place(self, switch: PendingSwitch) -> bool:
-        """``set_role`` on every server; False (fall back to a reload through the
-        repository, which makes every server agree) when any refuses or fails."""
+    def _switch_in_place(self, switch: PendingSwitch) -> Literal["switched", "busy", "failed"]:
+        """``set_role`` on every server (a server that switched already answers at
+        once). "busy": one refused because requests are still in flight there (a
+        heartbeat right after the refusal says so), so the caller waits for the
+        drain; "failed": one refused or failed otherwise, and the caller falls
+        back to a reload through the repository, which makes every server agree."""
         for server in self.options.servers:
             try:
                 result = self.probe_client.set_role(server, switch.name, switch.to_role)
             except Exception as exc:  # a client bug must not stop the loop
                 result = ProbeResult(ok=False, error=f"set_role raised {exc!r}")
             if not result.ok or result.load is None or result.load.role != switch.to_role:
+                busy = self._in_flight_now(server, switch.name)
+                if busy:
+                    log.info("ratio: %s on %s still has %d in flight; switching it to %s "
+                             "once they finish", switch.name, server, busy, switch.to_role)
+                    return "busy"
                 log.warning("ratio: %s on %s did not switch to %s in place (%s); reloading "
                             "it through the repository", switch.name, server, switch.to_role,
                             result.error or "answered in another role")
-                return False
+                return "failed"
             self.health[(server, switch.name)].last_load = result.load
         entry = self.entries[switch.name]
         self._acting[switch.name] = (switch.to_role, entry.generation)
         self.entries[switch.name] = entry.with_role(switch.to_role)
         self.metrics.edits.labels("switch_role_in_place").inc()
         log.info("ratio: %s serves %s (switched in place)", switch.name, switch.to_role)
-        return True
+        return "switched"
+
+    def _in_flight_now(self, server: str, name: str) -> int:
+        """Requests in flight on one instance as a heartbeat says now (0 when it
+        does not answer); the heartbeat also refreshes the drain's idle check."""
+        try:
+            result = self.probe_client.probe(server, name)
+        except Exception:  # a client bug must not stop the loop
+            return 0
+        if not result.ok or result.load is None:
+            return 0
+        self.health[(server, name)].last_load = result.load
+        return result.load.in_flight
 
     def _abandon_switch(self, scenario: str, why: str) -> None:
         switch = self.ratio.pending.get(scenario)

@@ -103,7 +103,11 @@ class RatioLoop:
 
     def ready(self, switch: PendingSwitch, idle: bool, now: float) -> bool:
         """Switch once the donor is idle, or when draining took too long."""
-        return idle or now - switch.started >= self.drain_timeout_s
+        return idle or self.timed_out(switch, now)
+
+    def timed_out(self, switch: PendingSwitch, now: float) -> bool:
+        """Draining has taken ``drain_timeout_s``: switch whatever is in flight."""
+        return now - switch.started >= self.drain_timeout_s
 
     def switched(self, scenario: str, now: float = 0.0, in_place: bool = False) -> None:
         """The repository edit is made (the switch lasts until the instance serves),

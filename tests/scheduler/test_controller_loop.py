@@ -333,6 +333,50 @@ def test_live_switch_refused_falls_back_to_a_reload(tmp_path: Path) -> None:
         assert read_state(tmp_path / "state.json").instances["decode_1"].acting_role == ""
 
 
+def test_live_switch_waits_for_requests_that_landed_during_the_drain(tmp_path: Path) -> None:
+    """CI: the heartbeat said idle, but two requests routed before the routers heard
+    of the drain were in flight when set_role came; the instance refused and the
+    controller reloaded it through the repository. It waits for them instead."""
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live",
+                     drain_timeout_s=30.0)
+    try:
+        c.tick(0.0)
+        triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=0, decode_2=12)
+        triton.land_at_switch["decode_1"] = 2
+        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
+        c.tick(10.0)  # idle by its heartbeat: set_role, refused while 2 are in flight
+        assert triton.acting == {} and c.repo.edits == []
+        assert states(c)["decode_1"] == "draining"
+        c.tick(12.0)  # still busy: still waiting, nothing edited
+        assert triton.acting == {} and c.repo.edits == []
+        triton.in_flight["decode_1"] = 0  # they finished
+        c.tick(14.0)
+        assert triton.acting == {"decode_1": "prefill"}
+        assert c.repo.edits == [] and c.repo.entry("decode_1").role == "decode"
+    finally:
+        c.close()
+
+
+def test_live_switch_busy_past_the_drain_timeout_reloads(tmp_path: Path) -> None:
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live",
+                     drain_timeout_s=5.0)
+    try:
+        c.tick(0.0)
+        triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=0, decode_2=12)
+        triton.land_at_switch["decode_1"] = 2
+        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
+        c.tick(10.0)
+        assert c.repo.edits == []
+        c.tick(16.0)  # drained for 6 s > 5 s, still busy: through the repository
+        assert triton.acting == {}
+        assert [e.kind for e in c.repo.edits] == ["switch_role"]
+        assert c.repo.entry("decode_1").role == "prefill"
+    finally:
+        c.close()
+
+
 def test_restart_in_place_ends_the_acting_role(tmp_path: Path) -> None:
     """A stub Triton restarts comes back in its home role: the controller follows."""
     with switched_in_place(tmp_path) as (c, triton):
