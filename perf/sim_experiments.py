@@ -1,6 +1,9 @@
 """The seed's trends, reproduced with the simulator (H100 estimate profile).
 
-    python -m perf.sim_experiments forwarding|ratio|transfer|disagg|all
+    python -m perf.sim_experiments forwarding|ratio|transfer|disagg|all [--profile P]
+
+``--profile``: another profile (default perf/sim_profiles/h100_llama3_8b.yaml);
+its outputs are named after it (sim_transfer_<profile file stem>.json, .png).
 
 Each experiment writes perf/out/sim_<name>.json, perf/sim_<name>.png and
 prints a markdown table. Loads are multiples of the deployment's capacity as
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -23,14 +27,24 @@ from pdserve.scheduler.forwarding import ForwardingPolicy
 from pdserve.scheduler.ratio import RatioPolicy
 from pdserve.scheduler.sim.cluster import Cluster
 from pdserve.scheduler.sim.config import ScenarioSpec, SimConfig
+from pdserve.scheduler.sim.profile import Profile, load_profile
 from pdserve.scheduler.sim.workload import DayNight, ScenarioLoad
-from perf.sim_common import ROOT, binned, capacity_rps, h100, lengths, save, split
+from perf.sim_common import H100, ROOT, binned, capacity_rps, lengths, save, split
 
 N = 8  # instances per deployment (CPU time of the simulator bounds it: see RESULTS)
+_profile_path = H100
+
+
+def _profile() -> Profile:
+    return load_profile(_profile_path)
+
+
+def _suffix() -> str:
+    return "" if _profile_path == H100 else f"_{_profile_path.stem}"
 
 
 def _run(cfg: SimConfig) -> tuple[Cluster, Summary]:
-    c = Cluster(cfg, h100())
+    c = Cluster(cfg, _profile())
     c.run()
     return c, c.outcomes.summary(cfg.slo)
 
@@ -45,11 +59,11 @@ def _ms(s: Summary, field: str, q: str) -> float:
 
 
 def _png(name: str) -> str:
-    return str(ROOT / "perf" / f"sim_{name}.png")
+    return str(ROOT / "perf" / f"sim_{name}{_suffix()}.png")
 
 
 def forwarding() -> str:
-    p = h100()
+    p = _profile()
     mean_in, mean_out = 1024, 128
     n_p, n_d = split(p, N, mean_in, mean_out)
     cap = capacity_rps(p, N, mean_in, mean_out)
@@ -79,14 +93,14 @@ def forwarding() -> str:
     plt.grid(alpha=0.3)
     plt.tight_layout()
     plt.savefig(_png("forwarding"), dpi=100)
-    save("sim_forwarding", {"loads": loads, "capacity_rps": cap, "attainment": series})
+    save(f"sim_forwarding{_suffix()}", {"loads": loads, "capacity_rps": cap, "attainment": series})
     head = ("| load | admission | TTFT<=1s attainment | TTFT p50 ms | TTFT p90 ms | goodput req/s "
             "| ended early |\n|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows)
 
 
 def ratio() -> str:
-    p = h100()
+    p = _profile()
     day_in, day_out, night_in, night_out = 512, 512, 4096, 64
     n_p, n_d = split(p, N, day_in, day_out)
     day_rate = 0.75 * capacity_rps(p, N, day_in, day_out)
@@ -128,14 +142,14 @@ def ratio() -> str:
     ax1.set_title(f"Dynamic vs static P/D ratio, {N} instances, day/night cycle")
     fig.tight_layout()
     fig.savefig(_png("ratio"), dpi=100)
-    save("sim_ratio", {"curves": curves, "splits": splits})
+    save(f"sim_ratio{_suffix()}", {"curves": curves, "splits": splits})
     head = ("| ratio | SLO attainment | day | night | goodput req/s | switches |\n"
             "|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows)
 
 
 def transfer() -> str:
-    p = h100()
+    p = _profile()
     mean_in, mean_out = 4096, 128
     n_p, n_d = split(p, N, mean_in, mean_out)
     cap = capacity_rps(p, N, mean_in, mean_out)
@@ -167,7 +181,7 @@ def transfer() -> str:
     plt.grid(alpha=0.3)
     plt.tight_layout()
     plt.savefig(_png("transfer"), dpi=100)
-    save("sim_transfer", {"loads": loads, "ttft_p90_ms": series,
+    save(f"sim_transfer{_suffix()}", {"loads": loads, "ttft_p90_ms": series,
                           "transfer_s": {"block_free": t_free, "block_fixed": t_fixed}})
     head = (f"One {mean_in}-token prompt's KV: block-free {1e3 * t_free:.1f} ms, block-fixed "
             f"{1e3 * t_fixed:.1f} ms (profile).\n\n| mode | load | TTFT p50 ms | TTFT p90 ms | "
@@ -176,7 +190,7 @@ def transfer() -> str:
 
 
 def disagg() -> str:
-    p = h100()
+    p = _profile()
     mean_in, mean_out = 1024, 256
     n_p, n_d = split(p, N, mean_in, mean_out)
     cap = capacity_rps(p, N, mean_in, mean_out)
@@ -206,7 +220,7 @@ def disagg() -> str:
     plt.grid(alpha=0.3)
     plt.tight_layout()
     plt.savefig(_png("disagg"), dpi=100)
-    save("sim_disagg", {"loads": loads, "capacity_rps": cap, "goodput": series})
+    save(f"sim_disagg{_suffix()}", {"loads": loads, "capacity_rps": cap, "goodput": series})
     head = ("| load | deployment | SLO attainment | TTFT att. | TPOT att. | ITL p90 ms | "
             "goodput req/s |\n|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows)
@@ -218,7 +232,10 @@ EXPERIMENTS = {"forwarding": forwarding, "ratio": ratio, "transfer": transfer, "
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("which", choices=[*EXPERIMENTS, "all"])
+    ap.add_argument("--profile", type=Path, default=H100, help="instance profile YAML/JSON")
     args = ap.parse_args(argv)
+    global _profile_path
+    _profile_path = args.profile.resolve()
     names: Any = list(EXPERIMENTS) if args.which == "all" else [args.which]
     for name in names:
         print(f"### {name}\n\n{EXPERIMENTS[name]()}\n", flush=True)

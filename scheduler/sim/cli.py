@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prof = sub.add_parser("profile", help="fit a profile from perf/engine.py + kv_transfer.py")
     prof.add_argument("--engine", action="append", default=[], help="perf/engine.py --json")
     prof.add_argument("--kv", required=True, help="perf/kv_transfer.py results JSON")
-    prof.add_argument("--transport", default="shm", choices=("shm", "tcp", "mooncake"))
+    prof.add_argument("--transport", default="shm",
+                      help="the result's transport: shm, tcp, mooncake (perf/kv_transfer.py) "
+                           "or cuda_d2d (perf/gpu_profile.py)")
     prof.add_argument("--kv-capacity-tokens", type=int, default=65536)
     prof.add_argument("--name", default="fitted-cpu")
     prof.add_argument("-o", "--output", required=True, help="profile file (.yaml or .json)")
