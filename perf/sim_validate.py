@@ -30,6 +30,14 @@ never from the points themselves:
     replayed (closed loop, the same concurrency and duration) and request_s is
     the value (bisection) at which its simulated TPOT p50 (E2) or TTFT p50 (E1,
     where an unpinned router barely moves the TPOT) is the measured one.
+  - E2 only: the router's CPU work per on-demand prefill attempt, accepted or
+    rejected (``HostCores.attempt_s``), from the overload run E2 takes on the
+    on-demand deployment before its points (open loop at 4x the capacity, a load
+    that is not a point, requests of another seed): replayed open loop, attempt_s
+    is the value (bisection) at which its simulated TPOT p50 is the measured one.
+    Under overload the router retries prefills for every waiting request (back-off
+    2-50 ms), on the decode's core; without it the simulated TPOT stayed flat
+    while the measured one rose with the offered load.
 The deployment's cores (``cpu_cores`` of its instances and router) are declared
 as a ``HostCores``: every core is shared by processor sharing. The load points
 are then predictions.
@@ -172,15 +180,37 @@ def fit_router_request_s(profile: Profile, scenario: ScenarioSpec, specs: list[R
     """``request_s`` at which the replayed closed-loop run's ``target`` figure is
     the measured one (it grows with the router's work; bisection)."""
     assert scenario.host is not None
+    host = scenario.host
 
     def run(request_s: float) -> dict[str, Any]:
-        sc = replace(scenario, host=replace(scenario.host, request_s=request_s))
+        sc = replace(scenario, host=replace(host, request_s=request_s))
         return simulate_closed_loop(profile, sc, specs, concurrency, duration_s, **dict(kw))
 
-    lo, hi = 0.0, 0.5
+    return _bisect(run, measured_ms, target, hi=0.5)
+
+
+def fit_router_attempt_s(profile: Profile, scenario: ScenarioSpec, specs: list[RequestSpec],
+                         measured_ms: float, **kw: Any) -> tuple[float, dict[str, Any]]:
+    """``attempt_s`` (router CPU per on-demand prefill attempt) at which the replayed
+    open-loop overload run's TPOT p50 is the measured one (bisection)."""
+    assert scenario.host is not None
+    host = scenario.host
+
+    def run(attempt_s: float) -> dict[str, Any]:
+        sc = replace(scenario, host=replace(host, attempt_s=attempt_s))
+        return simulate_specs(profile, sc, specs, admission="on_demand", **dict(kw))
+
+    return _bisect(run, measured_ms, "tpot_p50_ms", hi=0.01)
+
+
+def _bisect(run: Any, measured_ms: float, target: str, hi: float
+            ) -> tuple[float, dict[str, Any]]:
+    """The smallest work in [0, hi] whose run's ``target`` (rising with the work)
+    reaches ``measured_ms``; 0 when the run without any is already there."""
+    lo = 0.0
     if (run(lo).get(target) or 0.0) >= measured_ms:
         return 0.0, run(0.0)
-    for _ in range(20):  # 0.5 s / 2**20: well below a microsecond
+    for _ in range(20):  # hi / 2**20: well below a microsecond
         mid = (lo + hi) / 2
         if (run(mid).get(target) or 0.0) < measured_ms:
             lo = mid
@@ -286,6 +316,20 @@ def validate_e2(doc: dict[str, Any], profile: Profile) -> dict[str, Any]:
     calib["router_request_ms"] = 1000 * request_s
     for k in ("req_per_s", "ttft_p50_ms", "tpot_p50_ms", "tpot_p90_ms"):
         calib[f"capacity_replay_{k}"] = float(cap.get(k) or 0.0)
+    overload = measured.get("overload_run")
+    if overload is not None and overload["bench"].get("tpot_p50_ms"):
+        # The router's CPU per on-demand prefill attempt, from the overload run E2
+        # takes on the on-demand deployment before its points (E2 runs before
+        # 2026-12-06 12:00 UTC have none: 0).
+        over_specs = e2.requests(cfg, float(overload["rate"]), int(overload["offered"]),
+                                 seed=int(overload["seed"]))
+        attempt_s, over = fit_router_attempt_s(
+            prof, sc, over_specs, float(overload["bench"]["tpot_p50_ms"]),
+            ttft_budget_s=float(doc["ttft_budget_s"]), transfer_mode=mode)
+        sc = replace(sc, host=replace(sc.host, attempt_s=attempt_s))
+        calib["router_attempt_ms"] = 1000 * attempt_s
+        calib["overload_replay_tpot_p50_ms"] = float(over.get("tpot_p50_ms") or 0.0)
+        calib["overload_measured_tpot_p50_ms"] = float(overload["bench"]["tpot_p50_ms"])
     check = simulate_specs(prof, sc, one_at_a_time(unloaded), ttft_budget_s=lq_budget,
                            transfer_mode=mode, admission="local_queue")
     calib["unloaded_check_ttft_p50_ms"] = check["ttft_p50_ms"]

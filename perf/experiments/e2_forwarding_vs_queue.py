@@ -72,6 +72,12 @@ class E2Config:
     min_budget_s: float = 0.05
     warmup_requests: int = 12
     unloaded_requests: int = 20
+    # Taken on the on-demand deployment before its points, for the simulator's
+    # validation only (perf/sim_validate.py fits the router's CPU per prefill
+    # attempt to it): open loop at this multiple of the capacity, a load that is
+    # not one of the points, with requests of another seed.
+    overload_load: float = 4.0
+    overload_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.loads or min(self.loads) <= 0:
@@ -91,7 +97,8 @@ class E2Config:
 FULL = E2Config(model="small", prompt_len=64, output_len=4, prefill_slots=1, queue_cap=256,
                 loads=(1.0, 2.0, 3.0, 5.0), point_s=15.0, capacity_s=12.0, ttft_slo_ms=1200.0)
 QUICK = replace(FULL, loads=(1.0, 5.0), point_s=6.0, capacity_s=5.0, warmup_requests=8,
-                unloaded_requests=8)
+                unloaded_requests=8, overload_s=3.0)
+OVERLOAD_SEED = 96
 
 
 def ttft_budget(cfg: E2Config, service_s: float) -> tuple[float, bool]:
@@ -223,6 +230,21 @@ def measure(server: Any, cfg: E2Config) -> dict[str, Any]:
             "capacity_run": common.summary_row(cap.summary())}
 
 
+def overload_run(server: Any, cfg: E2Config, capacity: float) -> dict[str, Any]:
+    """On-demand at ``overload_load`` x capacity for ``overload_s``: the router retries
+    prefills for a backlog it cannot serve (what the simulator's ``attempt_s`` is
+    fitted to; not a point of the experiment)."""
+    rate = cfg.overload_load * capacity
+    specs = requests(cfg, rate, max(4, round(rate * cfg.overload_s)), seed=OVERLOAD_SEED)
+    run_ = common.drive(server, specs, label="overload", max_duration_s=cfg.overload_s * 4 + 30,
+                        request_timeout_s=60)
+    row: dict[str, Any] = {"load": cfg.overload_load, "rate": rate, "offered": len(specs),
+                           "seed": OVERLOAD_SEED, "bench": common.summary_row(run_.summary())}
+    print(f"overload calibration {cfg.overload_load:g}x ({rate:.1f} req/s): TPOT p50 "
+          f"{common.fmt(row['bench']['tpot_p50_ms'])} ms", flush=True)
+    return row
+
+
 def sweep(server: Any, cfg: E2Config, capacity: float, slo: Slo, label: str
           ) -> list[dict[str, Any]]:
     points = []
@@ -271,6 +293,7 @@ def run(cfg: E2Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     with common.deployed(doc["spec_on_demand"], out / "on_demand",
                          adjust=adjust(cfg)) as server, common.client_on({1}):
         doc["warmup_on_demand"] = warmup(server, cfg, "on_demand")
+        doc["measured"]["overload_run"] = overload_run(server, cfg, capacity)
         # Same offered rates: multiples of the capacity measured on the baseline.
         doc["points"] += sweep(server, cfg, capacity, slo, "on_demand")
     doc["machine_after"] = common.machine()

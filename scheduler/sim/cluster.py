@@ -91,6 +91,7 @@ class ScenarioState:
         self.win_occupancy: list[float] = []
         self.host: Host | None = None  # spec.host declared: its cores, shared
         self.request_s = spec.host.request_s if spec.host is not None else 0.0  # router, a prompt
+        self.attempt_s = spec.host.attempt_s if spec.host is not None else 0.0  # router, a try
 
 
 class Cluster:
@@ -324,6 +325,9 @@ class Cluster:
         # A refusal costs one round trip in reality; here it is instant (the
         # back-off between sweeps dominates), and the accepted attempt's round
         # trip is added to the first token (``_first_token``).
+        sc: ScenarioState = inst.state
+        if sc.host is not None:
+            sc.host.router_job(sc.attempt_s)  # the try's CPU, accepted or not
         if not inst.alive:
             raise Unavailable(f"{name}: instance not answering")
         if inst.pf_in_flight >= self._pf_slots or (

@@ -1,4 +1,5 @@
-"""perf.sim_validate on E1: the router's CPU work is fitted to E1's busy run, not its points.
+"""perf.sim_validate: the router's CPU work is fitted to the runs each experiment takes
+before its points (E1's busy run, E2's capacity and overload runs), not to the points.
 
 The "measurements" here are the simulator's own runs with a known router cost,
 so the calibration must find that cost again from the busy run alone.
@@ -6,7 +7,7 @@ so the calibration must find that cost again from the busy run alone.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from pdserve.scheduler.sim.profile import load_profile
 from perf import sim_validate as sv
 from perf.experiments import common
 from perf.experiments import e1_disagg_vs_agg as e1
+from perf.experiments import e2_forwarding_vs_queue as e2
 
 PROFILE = Path(__file__).resolve().parents[2] / "perf/sim_profiles/cpu_small_fitted_2026-12-02.yaml"
 TRUE_REQUEST_S = 0.030
@@ -64,3 +66,54 @@ def test_e1_router_work_is_fitted_to_the_busy_run(with_busy: bool) -> None:
         else:  # an E1 run without a busy run: nothing to fit, no router work
             assert "router_request_ms" not in calib
     assert not with_busy or e1.busy_specs(cfg, common.AZURE_CONV)[0].arrival_s is None
+
+
+TRUE_ATTEMPT_S = 0.0004
+
+
+def _e2_doc(cfg: e2.E2Config, with_overload: bool) -> dict[str, Any]:
+    """An E2 JSON whose figures the simulator itself made with the attempt cost above
+    (and no other serving overhead, so that every other calibration finds 0)."""
+    profile = load_profile(PROFILE)
+    spec = e2.spec(cfg, "local_queue", cfg.ttft_slo_ms / 1000)
+    prof = sv._limits(profile, spec, decode_batch=e2.DECODE_BATCH)
+    sc = ScenarioSpec("default", 2, 1, host=sv.host_cores(spec))
+    lq = {"ttft_budget_s": cfg.ttft_slo_ms / 1000, "transfer_mode": "block_free",
+          "admission": "local_queue"}
+    # validate_e2 scales the prefill to the measured service time: make the scale 1.
+    service = 2 * (prof.prefill.prompt_time(cfg.prompt_len)
+                   + profile.transfer_time("block_free", cfg.prompt_len))
+    unloaded = sv.simulate_specs(
+        prof, sc, sv.one_at_a_time(e2.requests(cfg, None, cfg.unloaded_requests, seed=98)), **lq)
+    cap = sv.simulate_closed_loop(prof, sc, e2.requests(cfg, None, 100_000, seed=97),
+                                  2 * cfg.total_slots, cfg.capacity_s, **lq)
+    budget = 0.5
+    measured: dict[str, Any] = {"unloaded": unloaded, "service_s": service,
+                                "capacity_req_per_s": cap["req_per_s"], "capacity_run": cap}
+    if with_overload:
+        rate = cfg.overload_load * cap["req_per_s"]
+        specs = e2.requests(cfg, rate, round(rate * cfg.overload_s), seed=e2.OVERLOAD_SEED)
+        costly = ScenarioSpec("default", 2, 1,
+                              host=replace(sv.host_cores(spec), attempt_s=TRUE_ATTEMPT_S))
+        over = sv.simulate_specs(prof, costly, specs, ttft_budget_s=budget,
+                                 transfer_mode="block_free", admission="on_demand")
+        measured["overload_run"] = {"load": cfg.overload_load, "rate": rate,
+                                    "offered": len(specs), "seed": e2.OVERLOAD_SEED,
+                                    "bench": over}
+    return {"config": {**asdict(cfg), "loads": list(cfg.loads)}, "spec_local_queue": spec,
+            "measured": measured, "ttft_budget_s": budget, "points": []}
+
+
+@pytest.mark.parametrize("with_overload", [True, False])
+def test_e2_attempt_work_is_fitted_to_the_overload_run(with_overload: bool) -> None:
+    cfg = replace(e2.FULL, loads=(1.0,), capacity_s=6.0, overload_s=6.0)
+    doc = _e2_doc(cfg, with_overload)
+    calib = sv.validate_e2(doc, load_profile(PROFILE))["calibration"]
+    assert calib["router_request_ms"] == 0.0  # the capacity run had no router work
+    if with_overload:
+        # The overload run's TPOT moves with the router's retries: the fit finds them.
+        assert calib["router_attempt_ms"] == pytest.approx(1000 * TRUE_ATTEMPT_S, rel=0.35)
+        assert calib["overload_replay_tpot_p50_ms"] == pytest.approx(
+            calib["overload_measured_tpot_p50_ms"], rel=0.02)
+    else:  # an E2 run from before the overload run: nothing to fit, no attempt work
+        assert "router_attempt_ms" not in calib
