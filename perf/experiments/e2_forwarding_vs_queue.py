@@ -303,6 +303,17 @@ def run(cfg: E2Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     return doc
 
 
+def _overload_note(measured: dict[str, Any]) -> str:
+    over = measured.get("overload_run")
+    if over is None:
+        return ""
+    tpot = over["bench"].get("tpot_p50_ms")
+    return (f"  \nBefore its points the on-demand deployment ran {over['offered']} requests at "
+            f"{over['load']:g}x ({over['rate']:.1f} req/s; not a point: it is what "
+            f"`perf/sim_validate.py` fits the router's work per prefill attempt to): TPOT p50 "
+            f"{common.fmt(tpot)} ms.")
+
+
 def plot(doc: dict[str, Any], path: Path) -> Path:
     import matplotlib
 
@@ -365,7 +376,8 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         + (f" (clamped to the minimum {1000 * cfg['min_budget_s']:.0f} ms: the SLO leaves no "
            "room on this machine now)" if doc.get("ttft_budget_clamped") else "")
         + "; a started prefill is never cut at the budget. The local-queue router waits up "
-        "to the SLO for decode room and never refuses a prompt for lack of a prefill slot.",
+        "to the SLO for decode room and never refuses a prompt for lack of a prefill slot."
+        + _overload_note(ms),
         "",
         "Attainment = requests whose first token came within the SLO, over: all offered "
         "(ended early = miss), admitted (ended early left out; failed after admission = miss; "

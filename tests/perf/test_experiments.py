@@ -223,6 +223,10 @@ def test_e2_quick(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "e2.json").read_text())
     assert doc["measured"]["capacity_req_per_s"] > 0
     assert 0 < doc["ttft_budget_s"] < e2.QUICK.ttft_slo_ms / 1000
+    # The overload run the simulator's validation fits the router's retries to.
+    over = doc["measured"]["overload_run"]
+    assert over["load"] == e2.QUICK.overload_load and over["seed"] == e2.OVERLOAD_SEED
+    assert over["offered"] >= 4 and over["bench"]["ok"] > 0 and over["bench"]["tpot_p50_ms"] > 0
     on_demand = [p for p in doc["points"] if p["admission"] == "on_demand"]
     assert [p["load"] for p in on_demand] == list(e2.QUICK.loads)
     for p in on_demand:
