@@ -288,14 +288,18 @@ def test_no_second_switch_while_the_first_reloads(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def switched_in_place(tmp_path: Path, refuse: bool = False) -> Iterator[tuple[Controller,
-                                                                              FakeTriton]]:
+def switched_in_place(tmp_path: Path, refuse: bool = False, landing: int = 0,
+                      drain_timeout_s: float = 30.0) -> Iterator[tuple[Controller, FakeTriton]]:
     """1P3D under prompt-heavy traffic: decode_1 (idle) is drained and switched to
-    prefill in the decision's tick (-> 2P2D); ``refuse``: it refuses in place."""
+    prefill in the decision's tick (-> 2P2D); ``refuse``: it refuses in place;
+    ``landing``: that many requests reach it just as set_role comes."""
     traffic = Traffic()
-    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live")
+    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live",
+                     drain_timeout_s=drain_timeout_s)
     if refuse:
         triton.refuse_switch.add("decode_1")
+    if landing:
+        triton.land_at_switch["decode_1"] = landing
     try:
         c.tick(0.0)
         triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=0, decode_2=12)
@@ -337,15 +341,8 @@ def test_live_switch_waits_for_requests_that_landed_during_the_drain(tmp_path: P
     """CI: the heartbeat said idle, but two requests routed before the routers heard
     of the drain were in flight when set_role came; the instance refused and the
     controller reloaded it through the repository. It waits for them instead."""
-    traffic = Traffic()
-    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live",
-                     drain_timeout_s=30.0)
-    try:
-        c.tick(0.0)
-        triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=0, decode_2=12)
-        triton.land_at_switch["decode_1"] = 2
-        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
-        c.tick(10.0)  # idle by its heartbeat: set_role, refused while 2 are in flight
+    with switched_in_place(tmp_path, landing=2) as (c, triton):
+        # idle by its heartbeat at the decision: set_role, refused while 2 are in flight
         assert triton.acting == {} and c.repo.edits == []
         assert states(c)["decode_1"] == "draining"
         c.tick(12.0)  # still busy: still waiting, nothing edited
@@ -354,27 +351,15 @@ def test_live_switch_waits_for_requests_that_landed_during_the_drain(tmp_path: P
         c.tick(14.0)
         assert triton.acting == {"decode_1": "prefill"}
         assert c.repo.edits == [] and c.repo.entry("decode_1").role == "decode"
-    finally:
-        c.close()
 
 
 def test_live_switch_busy_past_the_drain_timeout_reloads(tmp_path: Path) -> None:
-    traffic = Traffic()
-    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live",
-                     drain_timeout_s=5.0)
-    try:
-        c.tick(0.0)
-        triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=0, decode_2=12)
-        triton.land_at_switch["decode_1"] = 2
-        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
-        c.tick(10.0)
+    with switched_in_place(tmp_path, landing=2, drain_timeout_s=5.0) as (c, triton):
         assert c.repo.edits == []
         c.tick(16.0)  # drained for 6 s > 5 s, still busy: through the repository
         assert triton.acting == {}
         assert [e.kind for e in c.repo.edits] == ["switch_role"]
         assert c.repo.entry("decode_1").role == "prefill"
-    finally:
-        c.close()
 
 
 def test_restart_in_place_ends_the_acting_role(tmp_path: Path) -> None:
