@@ -93,7 +93,8 @@ def generate_many(url: str, requests: list[dict[str, Any]], *, stream: bool = Tr
                 result, error = events.get(timeout=0.1)
             except queue.Empty:
                 if time.monotonic() - last > timeout_s:
-                    raise
+                    raise TimeoutError(f"no response for {timeout_s:.0f} s with {pending} of "
+                                       f"{len(requests)} requests unfinished") from None
                 continue
             last = time.monotonic()
             if error is not None:

@@ -169,6 +169,7 @@ class Load:
     def __init__(self, c: Cluster, max_tokens: int, width: int = 4) -> None:
         self.c, self.max_tokens, self.width = c, max_tokens, width
         self.results: list[tuple[list[int], Result]] = []
+        self.broken: str | None = None  # a round that never ended (no response for 120 s)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -177,9 +178,13 @@ class Load:
         while not self.stop.is_set():
             prompts = [PROMPTS[(i + k) % len(PROMPTS)] for k in range(self.width)]
             i += self.width
-            res = generate_many(self.c.server.options.grpc_url, [
-                {"ids": p, "sampling": {"max_tokens": self.max_tokens, "ignore_eos": True}}
-                for p in prompts], timeout_s=120)
+            try:
+                res = generate_many(self.c.server.options.grpc_url, [
+                    {"ids": p, "sampling": {"max_tokens": self.max_tokens, "ignore_eos": True}}
+                    for p in prompts], timeout_s=120)
+            except Exception as exc:  # a lost request, or the server died under the round
+                self.broken = f"round of {len(prompts)} from request {i - self.width}: {exc!r}"
+                return
             self.results.extend(zip(prompts, res, strict=True))
 
     def __enter__(self) -> Load:
@@ -192,6 +197,7 @@ class Load:
         assert not self.thread.is_alive(), "the load thread hung"
 
     def check_all_correct(self) -> None:
+        assert self.broken is None, self.broken
         assert self.results
         failed = [r.error for _, r in self.results if r.error is not None]
         assert not failed, f"{len(failed)} of {len(self.results)} failed: {failed[:3]}"
