@@ -240,8 +240,8 @@ class RatioController:
         if signal.now - self._last_change < self.policy.cooldown_s:
             return RatioDecision("none", n_p, n_d, "cooling down after the last change")
         score = self._score(signal)
-        if score is not None:
-            self._measured.setdefault((n_p, n_d), []).append((signal.now, score))
+        if score is not None and self.policy.remember_s:
+            self._remember((n_p, n_d), signal.now, score)
         decision = self._online(signal) or self._balance(signal)
         if decision.action != "none" and (why := self._no_compute(signal, decision)):
             decision = RatioDecision("none", n_p, n_d, why)
@@ -350,6 +350,16 @@ class RatioController:
             return None
         return signal.arrival_rate / signal.e2e_s
 
+    def _remember(self, ratio: tuple[int, int], now: float, score: float) -> None:
+        """Add a window's score; those older than ``remember_s`` go (a ratio held for
+        days under one mix keeps only its recent windows)."""
+        windows = self._measured.setdefault(ratio, [])
+        windows.append((now, score))
+        stale = 0
+        while stale < len(windows) and now - windows[stale][0] > self.policy.remember_s:
+            stale += 1
+        del windows[:stale]
+
     def _mean_score(self, ratio: tuple[int, int], now: float) -> tuple[float, int] | None:
         """Mean score of ``ratio``'s windows within ``remember_s`` (older ones are
         dropped), and how many; None: none."""
@@ -362,7 +372,7 @@ class RatioController:
         return sum(v for _, v in recent) / len(recent), len(recent)
 
     def _did_no_better(self, signal: ScenarioSignal, decision: RatioDecision,
-                   score: float | None) -> str | None:
+                       score: float | None) -> str | None:
         """Why the switch goes back to a ratio that did worse with this mix lately,
         or better by no more than ``tolerance`` (None: it may). The rule's
         predictions keep each stage's time per request as measured at the current

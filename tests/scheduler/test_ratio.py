@@ -374,3 +374,16 @@ def test_no_switch_back_to_a_ratio_that_did_worse_with_this_mix() -> None:
     assert off.decide(_at(108.0, 3, 1, rate=57.0, e2e_s=0.28)).action == "add_decode"
     with pytest.raises(ValueError, match="remember_s"):
         RatioPolicy(remember_s=-1.0)
+
+
+def test_memory_of_a_ratio_held_for_long_keeps_only_remember_s() -> None:
+    """A controller at one ratio under one mix for hours: its windows older than
+    remember_s are dropped as new ones come, not kept forever."""
+    policy = RatioPolicy(cooldown_s=0.0, remember_s=120.0)
+    controller = RatioController(policy)
+    for k in range(3000):  # 3.3 hours of 4 s windows, balanced: no decision
+        decision = controller.decide(signal(100.0 + 4 * k, 1, 4, rate=6.0, e2e_s=1.0))
+        assert decision.action == "none" and "balanced" in decision.reason
+    windows = controller._measured[(1, 4)]
+    assert len(windows) == 31  # 120 s of 4 s windows, both ends kept
+    assert windows[0][0] == 100.0 + 4 * 2999 - 120.0
