@@ -48,7 +48,7 @@ import torch
 from pdserve.engine import LLMEngine, ModelConfig, SamplingParams, generate
 from pdserve.engine.config import PRESETS
 from pdserve.engine.tokenizer_loader import load_tokenizer_and_config
-from pdserve.engine.weights import expected_shapes
+from pdserve.engine.weights import random_state_dict
 from pdserve.kvtransfer.arena import Arena
 from pdserve.kvtransfer.layout import torch_dtype
 
@@ -76,27 +76,11 @@ def timed(device: torch.device, fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def random_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype,
-                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """perf/engine.py's random_state_dict scales, drawn on the device (8B on the
-    host in float32 would take 32 GB and minutes)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    state = {}
-    for name, shape in expected_shapes(config).items():
-        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-        if "layernorm" in name or name == "model.norm.weight":
-            t = 1.0 + 0.1 * t
-        elif name != "model.embed_tokens.weight":
-            t /= shape[-1] ** 0.5
-        state[name] = t.to(dtype)
-    return state
-
-
 def build_engine(geometry: str, device: torch.device, dtype: str,
                  kv_bytes: int) -> LLMEngine:
     tokenizer, _ = load_tokenizer_and_config("small")
     config = GEOMETRIES[geometry]
-    state = random_weights(config, device, torch_dtype(dtype))
+    state = random_state_dict(config, 0, device=device, dtype=torch_dtype(dtype))
     arena = Arena(buffer=torch.empty(kv_bytes, dtype=torch.uint8, device=device))
     return LLMEngine(config, state, tokenizer, dtype=dtype, device=device, arena=arena)
 

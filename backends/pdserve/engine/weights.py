@@ -45,26 +45,30 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+def random_state_dict(config: ModelConfig, seed: int, *, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Seeded float32 weights that give varied, non-degenerate greedy output.
 
     Linear layers use 1/sqrt(fan_in) scale (not HF's 0.02) so every layer
     changes the residual stream and next-token logits have unit spread, and
     the norms get a little noise; with 0.02 everywhere the model collapses to
     near-uniform logits and repeats one token.
+
+    ``device``: draw them there (another generator: other values than the CPU's
+    for the same seed; for an 8B model on a GPU, which the host would fill in
+    minutes); ``dtype``: cast each tensor as it is drawn.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for name, shape in expected_shapes(config).items():
+        t = torch.randn(shape, generator=gen, device=device)
         if "layernorm" in name or name == "model.norm.weight":
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            t = 1.0 + 0.1 * t
         elif name.endswith(".bias"):
-            t = 0.02 * torch.randn(shape, generator=gen)
-        elif name == "model.embed_tokens.weight":
-            t = torch.randn(shape, generator=gen)
-        else:
-            t = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
-        state[name] = t
+            t = 0.02 * t
+        elif name != "model.embed_tokens.weight":
+            t = t / shape[-1] ** 0.5
+        state[name] = t if dtype is None else t.to(dtype)
     return state
 
 
