@@ -9,9 +9,12 @@ serving). Files written in DIR, in the shapes ``pdserve sim profile`` reads:
 - ``engine_<i>.json``: perf/engine.py's fields (``prefill_batch``,
   ``prefill_len``, ``prefill_tok_s``, ``decode_prompt_len``, ``decode_steps``,
   ``decode_step_ms``), one file per (prefill length, decode context) pair, from
-  pdserve's own engine (LLMEngine: eager PyTorch, attention per sequence) with
-  random weights of the chosen geometry. Median decode step over all timed
-  steps; best of the prefill repeats.
+  pdserve's own engine (LLMEngine: eager PyTorch, decode attention batched
+  by one gather a layer, engine/decode_batch.py) with random weights of the
+  chosen geometry. Median decode step over all timed
+  steps; best of the prefill repeats. ``decode_step_ms_per_sequence_attention``:
+  the same steps with attention one sequence at a time (the engine's path
+  before the batched gather), for the ratio (``--no-per-sequence`` skips it).
 - ``kv_d2d.json``: perf/kv_transfer.py's shape under transport ``cuda_d2d``:
   one request's KV ([L, 2, T, Hkv, D], as the prefill's arena holds it) copied
   device-to-device into another arena on the same GPU, median of the repeats:
@@ -244,11 +247,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for i, (plen, dlen) in enumerate(zip(args.prefill_lens, args.decode_prompt_lens,
                                          strict=True)):
         t_pf = bench_prefill(engine, args.prefill_batch, plen, args.repeats)
-        step_ms, best_ms = {}, {}
+        step_ms, best_ms, per_seq_ms = {}, {}, {}
         for b in args.decode_batches:
             steps = bench_decode(engine, b, dlen, args.decode_steps, args.repeats)
             step_ms[str(b)] = 1e3 * statistics.median(steps)
             best_ms[str(b)] = 1e3 * min(steps)
+            if args.per_sequence and b > 1:
+                # The same steps with attention run one sequence at a time
+                # (the engine's path before the batched gather): their ratio.
+                engine.model.decode_batching = "never"
+                try:
+                    slow = bench_decode(engine, b, dlen, args.decode_steps, args.repeats)
+                finally:
+                    engine.model.decode_batching = "auto"
+                per_seq_ms[str(b)] = 1e3 * statistics.median(slow)
         doc = {"preset": f"{args.geometry} (random weights)", "dtype": args.dtype,
                "params": config.num_params, "weight_bytes": engine.model.weight_bytes,
                "prefill_batch": args.prefill_batch, "prefill_len": plen,
@@ -256,14 +268,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "prefill_s": t_pf,
                "decode_prompt_len": dlen, "decode_steps": args.decode_steps,
                "decode_step_ms": step_ms, "best_step_ms": best_ms,
+               "decode_step_ms_per_sequence_attention": per_seq_ms,
                "decode_tok_s": {b: int(b) / (ms / 1e3) for b, ms in step_ms.items()},
                "machine": {"cpu": name, **machine},
                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         (args.out / f"engine_{i}.json").write_text(json.dumps(doc, indent=2))
         summary["engines"].append({k: doc[k] for k in ("prefill_len", "prefill_s",
                                                        "decode_prompt_len", "decode_step_ms")})
-        print(f"engine prefill {plen}: {t_pf * 1e3:.1f} ms; decode at {dlen}: {step_ms}",
-              flush=True)
+        print(f"engine prefill {plen}: {t_pf * 1e3:.1f} ms; decode at {dlen}: {step_ms} "
+              f"(attention per sequence: {per_seq_ms})", flush=True)
     assert engine.arena.bytes_in_use == 0
     summary["seconds"] = time.perf_counter() - t_start
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -288,6 +301,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-lengths", type=_ints, default=[128, 512, 2048, 8192])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--no-per-sequence", dest="per_sequence", action="store_false",
+                   help="skip the decode steps with attention one sequence at a time")
     args = p.parse_args(argv)
     if len(args.prefill_lens) != len(args.decode_prompt_lens):
         p.error("--prefill-lens and --decode-prompt-lens pair up: give as many of each")

@@ -32,6 +32,7 @@ def test_files_fit_a_profile(tmp_path: Path) -> None:
     doc = json.loads(engines[1].read_text())
     assert doc["prefill_len"] == 96 and doc["decode_prompt_len"] == 64
     assert set(doc["decode_step_ms"]) == {"1", "3"}
+    assert set(doc["decode_step_ms_per_sequence_attention"]) == {"3"}
     profile = fit_profile([str(p) for p in engines], str(out / "kv_d2d.json"),
                           transport="cuda_d2d")
     assert profile.num_layers == layers

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
 from pdserve.engine.attention import decode_attention, prefill_attention
 from pdserve.engine.config import ModelConfig
+from pdserve.engine.decode_batch import DecodeBatch
 from pdserve.engine.linear import Linear
 from pdserve.engine.rope import RotaryCache, apply_rotary
+
+GATHER_BYTES = 256 << 20  # K+V one batched decode attention gathers for a layer, at most
+CPU_GATHER_MAX_BYTES = 256 << 10  # K+V of a sequence's layer up to which a CPU batches
 
 
 @dataclass
@@ -32,17 +37,22 @@ class AttnItem:
     is_decode: bool
 
     def __post_init__(self) -> None:
-        if not self.is_decode:
-            return
-        # Views a decode token needs in every layer, made once per step (all
-        # views into the arena, nothing copied).
-        assert self.gen_kv is not None and self.num_tokens == 1
-        slot = self.start - self.prompt_kv.shape[2]  # generation slot of this token
+        assert not self.is_decode or (self.gen_kv is not None and self.num_tokens == 1)
+
+    @property
+    def slot(self) -> int:
+        """Generation slot of a decode token (where its K/V go)."""
+        return self.start - self.prompt_kv.shape[2]
+
+    @cached_property
+    def decode_views(self) -> tuple[torch.Tensor, ...]:
+        """(k_prompt, v_prompt, k_gen, v_gen, kv_slot) of every layer, for the
+        per-sequence decode attention: views into the arena, nothing copied.
+        The first four are [L, 1, Hkv, T, D]; kv_slot [L, 2, Hkv, D]."""
+        assert self.gen_kv is not None
         prompt = self.prompt_kv.transpose(2, 3).unsqueeze(2)  # [L, 2, 1, Hkv, Tp, D]
-        gen = self.gen_kv[:, :, : slot + 1].transpose(2, 3).unsqueeze(2)  # [L, 2, 1, Hkv, n, D]
-        self.k_prompt, self.v_prompt = prompt[:, 0], prompt[:, 1]
-        self.k_gen, self.v_gen = gen[:, 0], gen[:, 1]
-        self.kv_slot = self.gen_kv[:, :, slot]  # [L, 2, Hkv, D]: where this token's K/V go
+        gen = self.gen_kv[:, :, : self.slot + 1].transpose(2, 3).unsqueeze(2)
+        return prompt[:, 0], prompt[:, 1], gen[:, 0], gen[:, 1], self.gen_kv[:, :, self.slot]
 
     @property
     def num_tokens(self) -> int:
@@ -93,6 +103,7 @@ class LlamaModel:
             ))
         self.rotary = RotaryCache(config, device, dtype)
         self.scale = config.head_dim**-0.5
+        self.decode_batching = "auto"  # "auto", "always" or "never"
 
     @property
     def weight_bytes(self) -> int:
@@ -118,6 +129,9 @@ class LlamaModel:
         x = self.embed[input_ids]  # [N, hidden]
         cos, sin = self.rotary.lookup(positions)  # [N, 1, D]
         attn_out = torch.empty(x.shape[0], c.q_size, device=x.device, dtype=x.dtype)  # [N, H D]
+        batches = self._decode_batches(items)
+        if batches:
+            items = [it for it in items if not it.is_decode]
         for layer, lw in enumerate(self.layers):
             h = self._rms_norm(x, lw.input_norm)
             qkv = lw.qkv(h)  # [N, (H + 2 Hkv) D]
@@ -127,6 +141,8 @@ class LlamaModel:
             v = qkv[:, c.q_size + c.kv_size :].view(-1, h_kv, d)  # [N, Hkv, D]
             for it in items:
                 self._attend(layer, it, q, k, v, attn_out)
+            for batch, rows in batches:
+                batch.attend(layer, q[rows], k[rows], v[rows], self.scale, attn_out[rows])
             if on_layer_done is not None:
                 on_layer_done(layer)
             x = x + lw.o(attn_out)
@@ -136,16 +152,63 @@ class LlamaModel:
         h = self._rms_norm(x[logit_rows], self.norm)  # [B, hidden]
         return self.lm_head(h).float()  # [B, V]
 
+    def _decode_batches(self, items: list[AttnItem]) -> list[tuple[DecodeBatch, slice]]:
+        """The step's decode tokens as ``DecodeBatch``es over consecutive rows, each
+        gathering at most ``GATHER_BYTES`` a layer; [] to attend per sequence."""
+        decodes = [it for it in items if it.is_decode]
+        if not decodes or not self._batch_decodes(decodes):
+            return []
+        if decodes[-1].rows.stop - decodes[0].rows.start != len(decodes):
+            return []  # the engine packs decode tokens last, one row each
+        row_bytes = 2 * self.config.kv_size * self.dtype.itemsize  # K and V of a token
+        groups: list[list[AttnItem]] = [[]]
+        longest = 0
+        for it in decodes:
+            longest = max(longest, it.start + 1)
+            if groups[-1] and (len(groups[-1]) + 1) * longest * row_bytes > GATHER_BYTES:
+                groups.append([])
+                longest = it.start + 1
+            groups[-1].append(it)
+        return [(self._decode_batch(g), slice(g[0].rows.start, g[-1].rows.stop))
+                for g in groups]
+
+    def _decode_batch(self, group: list[AttnItem]) -> DecodeBatch:
+        gens = [it.gen_kv for it in group if it.gen_kv is not None]
+        assert len(gens) == len(group)
+        return DecodeBatch(
+            group[0].prompt_kv,
+            prompt_offsets=[int(it.prompt_kv.storage_offset()) for it in group],
+            prompt_tokens=[int(it.prompt_kv.shape[2]) for it in group],
+            gen_offsets=[int(g.storage_offset()) for g in gens],
+            gen_slots=[int(g.shape[2]) for g in gens],
+            slots=[it.slot for it in group],
+            num_kv_heads=self.config.num_kv_heads, head_dim=self.config.head_dim)
+
+    def _batch_decodes(self, decodes: list[AttnItem]) -> bool:
+        """Whether one gather beats per-sequence kernels for these decode tokens."""
+        if self.decode_batching != "auto":
+            return self.decode_batching == "always"
+        if self.device.type != "cpu":
+            return True  # a kernel launch costs more than copying any one sequence's KV
+        if len(decodes) < 2:
+            return False
+        # On a CPU the per-sequence kernels cost ~50-100 us a sequence and
+        # layer; the gather copies the K/V once more (~10 GB/s a core).
+        # Measured break-even (decode_batch.py): ~256 KiB of K+V a sequence's layer.
+        mean_tokens = sum(it.start + 1 for it in decodes) / len(decodes)
+        return mean_tokens * 2 * self.config.kv_size * self.dtype.itemsize <= CPU_GATHER_MAX_BYTES
+
     def _attend(self, layer: int, it: AttnItem, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, out: torch.Tensor) -> None:
         r = it.rows
         if it.is_decode:
             row = r.start
-            slot = it.kv_slot[layer]  # [2, Hkv, D]
+            k_prompt, v_prompt, k_gen, v_gen, kv_slot = it.decode_views
+            slot = kv_slot[layer]  # [2, Hkv, D]
             slot[0] = k[row]
             slot[1] = v[row]
-            decode_attention(q[row], it.k_prompt[layer], it.v_prompt[layer], it.k_gen[layer],
-                             it.v_gen[layer], self.scale, out[row])
+            decode_attention(q[row], k_prompt[layer], v_prompt[layer], k_gen[layer],
+                             v_gen[layer], self.scale, out[row])
         else:
             end = it.start + it.num_tokens
             kv = it.prompt_kv[layer]  # [2, Tp, Hkv, D]
