@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pdserve.engine.model as model_mod
-from pdserve.engine import ContinuousBatcher, LLMEngine, SamplingParams
+from pdserve.engine import ContinuousBatcher, LLMEngine, SamplingParams, generate
 from pdserve.engine.decode_batch import DecodeBatch
 from pdserve.kvtransfer.layout import KVLayout
 from tests.engine.test_attention import _naive
@@ -94,10 +94,11 @@ def test_a_batch_over_the_gather_cap_is_split_and_gives_the_same_tokens(
     sizes: list[int] = []
     real = batched.model._decode_batches
 
-    def spy(items: list[model_mod.AttnItem]) -> list[tuple[DecodeBatch, slice]]:
-        out = real(items)
-        sizes.extend(b.batch for b, _ in out)
-        return out
+    def spy(items: list[model_mod.AttnItem]) -> tuple[list[tuple[DecodeBatch, object]],
+                                                      list[model_mod.AttnItem]]:
+        batches, rest = real(items)
+        sizes.extend(b.batch for b, _ in batches)
+        return batches, rest  # type: ignore[return-value]
 
     # ~2 sequences of ~40 tokens: tiny's K+V of a token and layer is 256 bytes
     monkeypatch.setattr(model_mod, "GATHER_BYTES", 2 * 40 * 256)
@@ -116,14 +117,52 @@ def test_auto_batches_on_a_cpu_only_short_contexts_of_several_sequences() -> Non
                                    torch.empty(L, 2, n, HKV, D), True)
                 for i, n in enumerate(lengths)]
 
+    def lengths(chosen: list[model_mod.AttnItem]) -> list[int]:
+        return [it.start + 1 for it in chosen]
+
     cap = model_mod.CPU_GATHER_MAX_BYTES // 256  # tokens
-    assert m._batch_decodes(items(100, 200))
-    assert not m._batch_decodes(items(100))  # one sequence: nothing to batch
-    assert not m._batch_decodes(items(cap + 50, cap + 50))  # the copy costs more
+    assert lengths(m._batchable(items(100, 200))) == [100, 200]
+    assert m._batchable(items(100)) == []  # one sequence: nothing to batch
+    assert m._batchable(items(cap + 50, cap + 50)) == []  # the copy costs more
+    # The long one attends on its own; the short ones still batch.
+    assert lengths(m._batchable(items(100, cap + 50, 200))) == [100, 200]
     m.decode_batching = "always"
-    assert m._batch_decodes(items(cap + 50))
+    assert lengths(m._batchable(items(cap + 50))) == [cap + 50]
     m.decode_batching = "never"
-    assert not m._batch_decodes(items(100, 200))
+    assert m._batchable(items(100, 200)) == []
     m.decode_batching = "auto"
     m.device = torch.device("meta")  # any accelerator: launches cost more than the copy
-    assert m._batch_decodes(items(cap + 50))
+    assert lengths(m._batchable(items(cap + 50, 7))) == [cap + 50, 7]
+
+
+def test_mixed_lengths_batch_the_short_in_length_order_and_keep_the_tokens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sequences of very different contexts in one step: on a CPU the long
+    ones attend per sequence and the short ones batch, in order of length
+    (their rows are then not consecutive); tokens as with no batching."""
+    per_sequence, auto = LLMEngine.load("tiny"), LLMEngine.load("tiny")
+    per_sequence.model.decode_batching = "never"
+    monkeypatch.setattr(model_mod, "CPU_GATHER_MAX_BYTES", 100 * 256)  # 100 tokens
+    lengths = [40, 200, 9, 70, 150, 25]
+    prompts = [[256] + [(5 * i + j) % 250 + 1 for j in range(n - 1)]
+               for i, n in enumerate(lengths)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    seen: list[tuple[list[int], object]] = []
+    real = auto.model._decode_batches
+
+    def spy(items: list[model_mod.AttnItem]) -> tuple[list[tuple[DecodeBatch, object]],
+                                                      list[model_mod.AttnItem]]:
+        batches, rest = real(items)
+        seen.extend(([it.start for it in rest if it.is_decode], rows) for _, rows in batches)
+        return batches, rest  # type: ignore[return-value]
+
+    monkeypatch.setattr(auto.model, "_decode_batches", spy)
+    want = generate(per_sequence, prompts, params)
+    assert generate(auto, prompts, params) == want
+    full = [(rest, rows) for rest, rows in seen
+            if isinstance(rows, torch.Tensor) and rows.numel() == 4]
+    assert full, seen
+    rest, rows = full[0]
+    assert isinstance(rows, torch.Tensor)
+    assert rows.tolist() == [2, 5, 0, 3]  # 9, 25, 40 and 70 tokens: length order
+    assert sorted(rest) == [150, 200]  # the two long ones, per sequence (first step)

@@ -36,9 +36,12 @@ perf/RESULTS.md):
     small, 256 tokens (512 KiB)     0.9x     1.1x      0.6x
     small, 900 tokens (1.8 MiB)     0.9x     0.8x      0.3x
 
-so a CPU batches from 2 sequences up to 256 KiB a sequence's layer; any
-other device always batches (there a launch costs more than any one
+so a CPU batches the sequences up to 256 KiB a sequence's layer (when there
+are 2 or more; the longer ones of the same step attend per sequence); any
+other device batches them all (there a launch costs more than any one
 sequence's copy: pdserve's per-sequence path took 7 ms a sequence on an H100).
+The engine orders a batch by length and splits it where the padded gather
+would pass 256 MiB a layer, so a long context pads only the long ones.
 """
 
 from __future__ import annotations

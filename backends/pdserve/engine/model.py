@@ -129,9 +129,7 @@ class LlamaModel:
         x = self.embed[input_ids]  # [N, hidden]
         cos, sin = self.rotary.lookup(positions)  # [N, 1, D]
         attn_out = torch.empty(x.shape[0], c.q_size, device=x.device, dtype=x.dtype)  # [N, H D]
-        batches = self._decode_batches(items)
-        if batches:
-            items = [it for it in items if not it.is_decode]
+        batches, items = self._decode_batches(items)
         for layer, lw in enumerate(self.layers):
             h = self._rms_norm(x, lw.input_norm)
             qkv = lw.qkv(h)  # [N, (H + 2 Hkv) D]
@@ -142,7 +140,13 @@ class LlamaModel:
             for it in items:
                 self._attend(layer, it, q, k, v, attn_out)
             for batch, rows in batches:
-                batch.attend(layer, q[rows], k[rows], v[rows], self.scale, attn_out[rows])
+                if isinstance(rows, slice):
+                    batch.attend(layer, q[rows], k[rows], v[rows], self.scale, attn_out[rows])
+                else:
+                    res = attn_out.new_empty(rows.numel(), c.q_size)
+                    batch.attend(layer, q.index_select(0, rows), k.index_select(0, rows),
+                                 v.index_select(0, rows), self.scale, res)
+                    attn_out.index_copy_(0, rows, res)
             if on_layer_done is not None:
                 on_layer_done(layer)
             x = x + lw.o(attn_out)
@@ -152,25 +156,33 @@ class LlamaModel:
         h = self._rms_norm(x[logit_rows], self.norm)  # [B, hidden]
         return self.lm_head(h).float()  # [B, V]
 
-    def _decode_batches(self, items: list[AttnItem]) -> list[tuple[DecodeBatch, slice]]:
-        """The step's decode tokens as ``DecodeBatch``es over consecutive rows, each
-        gathering at most ``GATHER_BYTES`` a layer; [] to attend per sequence."""
-        decodes = [it for it in items if it.is_decode]
-        if not decodes or not self._batch_decodes(decodes):
-            return []
-        if decodes[-1].rows.stop - decodes[0].rows.start != len(decodes):
-            return []  # the engine packs decode tokens last, one row each
+    def _decode_batches(self, items: list[AttnItem]
+                        ) -> tuple[list[tuple[DecodeBatch, slice | torch.Tensor]], list[AttnItem]]:
+        """The decode tokens to attend batched, as ``DecodeBatch``es with their
+        packed rows, and the items left to attend one by one. Batched tokens go
+        in order of length, grouped so one gather (padded to the group's
+        longest) holds at most ``GATHER_BYTES`` a layer: a long context pads only
+        the long ones."""
+        chosen = self._batchable([it for it in items if it.is_decode])
+        if not chosen:
+            return [], items
+        chosen.sort(key=lambda it: it.start)
         row_bytes = 2 * self.config.kv_size * self.dtype.itemsize  # K and V of a token
         groups: list[list[AttnItem]] = [[]]
-        longest = 0
-        for it in decodes:
-            longest = max(longest, it.start + 1)
-            if groups[-1] and (len(groups[-1]) + 1) * longest * row_bytes > GATHER_BYTES:
+        for it in chosen:  # ascending length: the newcomer is the group's longest
+            if groups[-1] and (len(groups[-1]) + 1) * (it.start + 1) * row_bytes > GATHER_BYTES:
                 groups.append([])
-                longest = it.start + 1
             groups[-1].append(it)
-        return [(self._decode_batch(g), slice(g[0].rows.start, g[-1].rows.stop))
-                for g in groups]
+        batched = {id(it) for it in chosen}
+        return ([(self._decode_batch(g), self._rows(g)) for g in groups],
+                [it for it in items if id(it) not in batched])
+
+    def _rows(self, group: list[AttnItem]) -> slice | torch.Tensor:
+        """The group's packed rows: a slice where they are consecutive (no copy)."""
+        rows = [it.rows.start for it in group]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def _decode_batch(self, group: list[AttnItem]) -> DecodeBatch:
         gens = [it.gen_kv for it in group if it.gen_kv is not None]
@@ -184,19 +196,18 @@ class LlamaModel:
             slots=[it.slot for it in group],
             num_kv_heads=self.config.num_kv_heads, head_dim=self.config.head_dim)
 
-    def _batch_decodes(self, decodes: list[AttnItem]) -> bool:
-        """Whether one gather beats per-sequence kernels for these decode tokens."""
+    def _batchable(self, decodes: list[AttnItem]) -> list[AttnItem]:
+        """The decode tokens for which one gather beats kernels per sequence."""
         if self.decode_batching != "auto":
-            return self.decode_batching == "always"
+            return list(decodes) if self.decode_batching == "always" else []
         if self.device.type != "cpu":
-            return True  # a kernel launch costs more than copying any one sequence's KV
-        if len(decodes) < 2:
-            return False
+            return list(decodes)  # a kernel launch costs more than copying any one KV
         # On a CPU the per-sequence kernels cost ~50-100 us a sequence and
-        # layer; the gather copies the K/V once more (~10 GB/s a core).
+        # layer; the gather copies the K/V once more (~5-10 GB/s a core).
         # Measured break-even (decode_batch.py): ~256 KiB of K+V a sequence's layer.
-        mean_tokens = sum(it.start + 1 for it in decodes) / len(decodes)
-        return mean_tokens * 2 * self.config.kv_size * self.dtype.itemsize <= CPU_GATHER_MAX_BYTES
+        per_token = 2 * self.config.kv_size * self.dtype.itemsize
+        short = [it for it in decodes if (it.start + 1) * per_token <= CPU_GATHER_MAX_BYTES]
+        return short if len(short) >= 2 else []
 
     def _attend(self, layer: int, it: AttnItem, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, out: torch.Tensor) -> None:
