@@ -252,8 +252,15 @@ class Controller:
     def _apply_external_drains(self, now: float) -> None:
         """Drains by others (``pdserve upgrade``) come in through the state file."""
         drains = read_state(self.options.state_path).draining
-        self._drains = dict(drains)
         ours = {p.name for p in self.ratio.pending.values()}
+        for name in sorted(n for n, d in drains.items() if d.owner == OWNER and n not in ours):
+            # Ours but no switch of ours pending: left by a controller that
+            # stopped during a drain (this one restarted); nobody else lifts it.
+            log.warning("lifting the drain of %s left by an earlier controller (%s)", name,
+                        drains[name].reason)
+            self._lift_drain(name)
+        drains = {n: d for n, d in drains.items() if d.owner != OWNER or n in ours}
+        self._drains = dict(drains)
         for (_, name), h in self.health.items():
             if name in drains and h.state in ("healthy", "suspect", "loading"):
                 h.begin_draining(now)
@@ -398,6 +405,13 @@ class Controller:
                 continue
             if not self.ratio.ready(switch, all(h.is_idle for h in hs), now):
                 continue
+            role = self.entries[switch.name].role
+            if not any(c.routable and c.role == role and c.name != switch.name
+                       for c in self.candidates(scenario)):
+                # Decided with another routable one of its role, which failed or
+                # left routing during the drain: never below 1P/1D.
+                self._abandon_switch(scenario, f"it is the last routable {role} now")
+                continue
             if self.options.role_switch == "live":
                 outcome = self._switch_in_place(switch)
                 if outcome == "switched":
@@ -407,7 +421,13 @@ class Controller:
                     # Requests routed to it before the routers heard of the drain:
                     # let them finish and try again next tick, still in place.
                     continue
-            entry = self.repo.switch_role(switch.name, switch.to_role, reason=switch.reason)
+            if self.repo.entry(switch.name).role == switch.to_role:
+                # Switched in place before (it acts in another role now): a reload
+                # brings back its repository role, which is the one wanted.
+                entry = self.repo.reload(switch.name, reason=f"back to {switch.to_role}: "
+                                                             f"{switch.reason}")
+            else:
+                entry = self.repo.switch_role(switch.name, switch.to_role, reason=switch.reason)
             self.metrics.edits.labels("switch_role").inc()
             for h in hs:
                 h.begin_loading(entry.generation, now)

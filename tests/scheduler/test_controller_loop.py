@@ -502,3 +502,84 @@ def test_a_donors_own_cpu_is_not_counted_against_the_core_it_brings(
                 {"scenario": "default", "action": "none", "reason": "compute_saturated"}) == 1
     finally:
         c.close()
+
+
+def test_a_switch_back_home_that_is_refused_in_place_reloads_it(tmp_path: Path) -> None:
+    """decode_1 serves prefill in place; the traffic turns output-heavy and it is
+    the one to go back to decode, but it refuses in place. The fallback reload
+    cannot write role decode (the repository has it already): it reloads the
+    model, whose stub then serves its home role. It wedged every tick before
+    ("decode_1 already has role 'decode'")."""
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live")
+    try:
+        c.tick(0.0)
+        triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=0, decode_2=12)
+        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
+        c.tick(10.0)
+        c.tick(11.0)
+        c.tick(12.0)
+        assert triton.acting == {"decode_1": "prefill"}
+        triton.in_flight.update(prefill_0=3, decode_1=0, decode_0=32, decode_2=32)
+        triton.refuse_switch.add("decode_1")
+        for t in (22.0, 32.0):
+            traffic.add(50, ttft_s=0.05, tpot_s=0.05, out_tokens=200)
+            c.tick(t)
+        assert [(e.kind, e.model) for e in c.repo.edits] == [("reload", "decode_1")]
+        assert c.repo.entry("decode_1").role == "decode"
+        triton.poll()
+        for t in (34.0, 36.0):
+            c.tick(t)
+        assert states(c)["decode_1"] == "healthy" and c.acting_role("decode_1") == ""
+        assert c.state.ratios["default"] == {"prefill": 1, "decode": 3}
+        assert read_state(tmp_path / "state.json").updated_at == 36.0  # published every tick
+    finally:
+        c.close()
+
+
+def test_a_switch_whose_role_lost_its_other_instance_during_the_drain_is_abandoned(
+        tmp_path: Path) -> None:
+    """2P2D, output-heavy: prefill_0 drains to become a decode; prefill_1 dies
+    meanwhile. Switching prefill_0 would leave no prefill: the switch is
+    abandoned and prefill_0 serves as a prefill again."""
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=2, decode=2, traffic=traffic)
+    try:
+        c.tick(0.0)
+        triton.in_flight.update(prefill_0=1, prefill_1=2, decode_0=32, decode_1=32)
+        traffic.add(50, ttft_s=0.05, tpot_s=0.05, out_tokens=200)
+        c.tick(10.0)
+        assert {k: v.name for k, v in c.ratio.pending.items()} == {"default": "prefill_0"}
+        triton.kill("prefill_1")
+        c.tick(12.0)
+        c.tick(14.0)
+        triton.in_flight["prefill_0"] = 0  # idle: the switch would happen now
+        c.tick(16.0)
+        assert ("switch_role", "prefill_0") not in [(e.kind, e.model) for e in c.repo.edits]
+        assert c.repo.entry("prefill_0").role == "prefill" and not c.ratio.pending
+        assert "prefill_0" not in read_state(tmp_path / "state.json").draining
+        c.tick(18.0)
+        assert states(c)["prefill_0"] == "healthy"
+        assert c.state.ratios["default"]["prefill"] >= 1
+    finally:
+        c.close()
+
+
+def test_a_drain_left_by_a_stopped_controller_is_lifted_by_the_next(tmp_path: Path) -> None:
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic)
+    c.tick(0.0)
+    triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=4, decode_2=8)
+    traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
+    c.tick(10.0)
+    assert "decode_1" in read_state(tmp_path / "state.json").draining
+    c.close()  # stopped during the drain (SIGTERM, a crash)
+    successor = Controller(c.repo, triton, c.options, ratio=RatioLoop(RatioPolicy(), 30.0))
+    try:
+        successor.tick(100.0)
+        st = read_state(tmp_path / "state.json")
+        assert st.draining == {} and st.is_routable("decode_1")
+        successor.tick(102.0)
+        assert states(successor)["decode_1"] == "healthy"
+    finally:
+        successor.close()
