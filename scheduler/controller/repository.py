@@ -303,11 +303,20 @@ class Repository:
             try:
                 exchange_dirs(staged, live)
             except OSError as exc:
-                if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                                     errno.EXDEV):
                     raise
-                # No RENAME_EXCHANGE on this filesystem: replacing the one changed
-                # file is still atomic (rename of a complete file).
-                os.replace(staged / "config.pbtxt", live / "config.pbtxt")
+                # No RENAME_EXCHANGE on this filesystem, or the staging directory is
+                # on another one (the repository is a mount point, as in a
+                # container's -v DIR:/models): replacing the one changed file is
+                # still atomic, from a complete copy in the model's own directory.
+                part = live / f".config.pbtxt.{uuid.uuid4().hex[:8]}"
+                try:
+                    shutil.copyfile(staged / "config.pbtxt", part)
+                    _fsync_file(part)
+                    os.replace(part, live / "config.pbtxt")
+                finally:
+                    part.unlink(missing_ok=True)
         finally:
             shutil.rmtree(staged, ignore_errors=True)  # the old copy after an exchange
 
@@ -356,3 +365,8 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             with contextlib.suppress(OSError), open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

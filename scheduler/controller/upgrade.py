@@ -120,6 +120,14 @@ class RollingUpgrade:
                 report.failed, report.error = name, f"{name} is not an instance in the repository"
                 return report
             if entry.model == model and self._loaded(name, entry.generation):
+                # Current; a re-run after a failed check finds the instance it left
+                # drained loaded now: its check has passed, back into routing.
+                drain = read_state(self.options.state_path).draining.get(name)
+                if drain is not None and drain.owner == OWNER:
+                    log.info("%s is loaded on %s now: lifting the drain an earlier run left",
+                             name, model)
+                    update_state(self.options.state_path,
+                                 lambda s, name=name: without_drain(s, name, OWNER))
                 report.skipped.append(name)
                 continue
             error = self._upgrade_one(name, model, acting.get(name, ""))

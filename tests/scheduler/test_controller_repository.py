@@ -126,3 +126,27 @@ def test_edits_are_atomic_for_a_concurrent_reader(tmp_path: Path) -> None:
     assert seen_bad == []
     assert repo.entry("decode_0").generation == 40 and repo.entry("prefill_0").generation == 40
     assert [p.name for p in repo.staging.iterdir()] == ["lock"]
+
+
+def test_edits_work_when_the_staging_directory_is_on_another_filesystem(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repository that is a mount point (docker -v DIR:/models) has its staging
+    directory beside it on another filesystem: the exchange fails with EXDEV.
+    Every edit failed so (no failed instance was ever replaced); the one changed
+    file now goes in through a copy in the model's own directory."""
+    import errno
+
+    from pdserve.scheduler.controller import repository as repo_mod
+
+    def cross_device(a: Path, b: Path) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(repo_mod, "exchange_dirs", cross_device)
+    repo = make_repo(tmp_path)
+    repo.switch_role("decode_1", "prefill", reason="test")
+    repo.reload("prefill_0", reason="test")
+    assert repo.entry("decode_1").role == "prefill" and repo.entry("decode_1").generation == 1
+    assert repo.entry("prefill_0").generation == 1
+    for name in ("decode_1", "prefill_0"):
+        assert sorted(p.name for p in (repo.root / name).iterdir()) == ["1", "config.pbtxt"]
+    assert list(repo.staging.glob("*.*")) == []  # staged copies cleaned up

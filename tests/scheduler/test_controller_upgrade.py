@@ -120,3 +120,23 @@ def test_upgrade_keeps_the_roles_switched_in_place(tmp_path: Path) -> None:
     assert upgrade.repo.entry("decode_1").role == "prefill"
     assert upgrade.repo.entry("decode_0").role == "decode"
     assert triton.acting == {}  # every stub reloaded, each in the role it served
+
+
+def test_a_rerun_after_a_failed_check_puts_the_instance_back_and_goes_on(
+        tmp_path: Path) -> None:
+    """The check failed (say loading took longer than --check-timeout-s) and left
+    prefill_0 drained; it loaded later. The re-run skips it as current: it must
+    lift that drain before draining the next one (it left prefill_0 drained for
+    good and then drained prefill_1 too: no prefill routable)."""
+    upgrade, triton, _ = make(tmp_path)
+    triton.broken.add("prefill_0")
+    first = upgrade.run("tiny-v2")
+    assert not first.ok and first.failed == "prefill_0"
+    assert set(read_state(tmp_path / "state.json").draining) == {"prefill_0"}
+    triton.broken.discard("prefill_0")
+    triton.max_drained = 0
+    again = upgrade.run("tiny-v2")
+    assert again.ok and again.skipped == ["prefill_0"]
+    assert again.upgraded == ["decode_0", "prefill_1", "decode_1"]
+    assert read_state(tmp_path / "state.json").draining == {}
+    assert triton.max_drained == 1

@@ -29,6 +29,7 @@ class Emitter:
     finish_reason: str = ""
     _text: list[str] = field(default_factory=list)
     _ids: list[int] = field(default_factory=list)
+    _part_start: int = 0  # characters of text before the part being generated now
 
     def __post_init__(self) -> None:
         self._detok = IncrementalDetokenizer(self.tokenizer)
@@ -46,8 +47,14 @@ class Emitter:
         else:
             self._text.append(text)
 
+    def begin_part(self) -> None:
+        """A resumed request's next part starts: the text length a decode reports
+        at a stop string counts from here (it sees the earlier tokens as prompt)."""
+        self._part_start = sum(len(t) for t in self._text)
+
     def finish(self, reason: str, text_len: int = -1) -> None:
-        """Last response, with FINAL; ``text_len`` >= 0 cuts the text at a stop string."""
+        """Last response, with FINAL; ``text_len`` >= 0 cuts the text at a stop string
+        (counted from the start of the current part)."""
         self.finish_reason = reason
         tail = self._detok.flush()
         if self.request.stream:
@@ -55,7 +62,7 @@ class Emitter:
             return
         text = "".join(self._text) + tail
         if text_len >= 0:
-            text = text[:text_len]
+            text = text[:self._part_start + text_len]
         if not self.request.exclude_input_in_output:
             text = self.request.prompt_text + text
         self.send(_outputs(text, self._ids, reason), True)

@@ -109,6 +109,12 @@ class DecodeLost(_LostUnderRequest):
     """The decode serving a request failed; the request may resume elsewhere."""
 
 
+class NoPrefillFeeds(PrefillLost):
+    """No routable prefill serves the chosen decode's weights any more (an upgrade
+    drained the last one after the decode was chosen): start over on a decode
+    that one can feed."""
+
+
 def is_instance_dead(exc: BaseException) -> bool:
     return isinstance(exc, InstanceLost) or (
         isinstance(exc, Unavailable) and not isinstance(exc, PrefillRejected)
@@ -210,7 +216,7 @@ class RouterRole:
         """The disaggregated path; a lost decode resumes the request on another one."""
         part = req
         deadline = time.monotonic() + self.cfg.ttft_budget_s
-        resume = prefill_losses = 0
+        resume = prefill_losses = parts = 0
         while True:
             try:
                 await self._disaggregated(part, emitter, state, deadline)
@@ -223,6 +229,10 @@ class RouterRole:
                         f"request could not start prefill within its TTFT budget (ended "
                         f"early rather than answered late): prefill instance {lost}") from None
                 log.warning("request %s: prefill %s; starting over", req.request_id, lost)
+                # A new id: the aborted reservation's stragglers (an ABORT on the
+                # token channel, a write from the lost prefill) name the old one.
+                parts += 1
+                part = resumed(req, emitter.token_ids, parts)
             except DecodeLost as lost:
                 if is_instance_dead(lost.cause):
                     self.view.record_failure(lost.instance, str(lost.cause))
@@ -233,12 +243,15 @@ class RouterRole:
                         or len(done) >= req.max_tokens):
                     raise lost.cause from None
                 resume += 1
+                parts += 1
                 self.num_resumes += 1
                 self.scenario_metrics[req.scenario].resumed.increment(1)
                 log.warning("request %s: %s; resuming after %d tokens", req.request_id, lost,
                             len(done))
-                part = resumed(req, done, resume)
-                deadline = time.monotonic() + self.cfg.ttft_budget_s
+                emitter.begin_part()
+                part = resumed(req, done, parts)
+                if done:  # a new first token of the rest; before any, the same budget
+                    deadline = time.monotonic() + self.cfg.ttft_budget_s
 
     async def _disaggregated(self, req: ClientRequest, emitter: Emitter,
                              state: dict[str, str], deadline: float) -> None:
@@ -258,7 +271,12 @@ class RouterRole:
             # again while calls made to the dead one never complete: once bound,
             # the stream's own channel tells, and before that the heartbeat's
             # stub incarnation (or a failure seen since the reserve was sent).
-            return (stream.done.done() or self._decode_failed(decode)
+            # (A stream that ended well is no loss: the decode, started when the
+            # KV landed, may finish a short answer before its commit is answered.)
+            ended_badly = stream.done.done() and (
+                stream.done.cancelled() or stream.done.exception() is not None
+                or stream.done.result()[0] == "abort")
+            return (ended_badly or self._decode_failed(decode)
                     or self.view.is_gone_since(decode, epoch))
 
         try:
@@ -366,7 +384,14 @@ class RouterRole:
             # makes no attempt that would notice the cancel.
             if "cancelled" in state:
                 raise Cancelled(f"request {req.request_id} was cancelled by the client")
-            return rank_prefills(self._prefills(req.scenario, decode))
+            loads = self._prefills(req.scenario, decode)
+            if not any(load.is_routable for load in loads):
+                model, served = self.view.model(decode), self._served_models(req.scenario)
+                if model and served and model not in served:
+                    raise NoPrefillFeeds(decode, Unavailable(
+                        f"no routable prefill serves {decode}'s weights ({model}); routable "
+                        f"prefills serve {sorted(served)}"))
+            return rank_prefills(loads)
 
         result = await forward_on_demand(
             ranked, attempt, self.policy, deadline=deadline,
