@@ -257,6 +257,7 @@ class ControlReceiver(KVReceiver):
             request_id, fingerprint = str(meta["request_id"]), meta["fingerprint"]
             layout = KVLayout(**meta["layout"])
             mode, checksum = meta["mode"], meta["checksum"]
+            extent_offset = int(meta["extent_offset"])
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgument(f"malformed BEGIN: {exc}") from None
         if fingerprint != self.model_fingerprint:
@@ -268,7 +269,7 @@ class ControlReceiver(KVReceiver):
             raise InvalidArgument(f"KV layout mismatch: sender {layout}, receiver {self.layout}")
         if mode not in MODES or checksum != self.config.checksum:
             raise InvalidArgument(f"mode {mode!r} / checksum {checksum!r} not accepted here")
-        return self.reservations.begin_write(request_id)
+        return self.reservations.begin_write(request_id, extent_offset)
 
     def _drain(self, conn: wire.Connection) -> None:
         """Drop what a refused sender pipelined behind its BEGIN, up to END/ABORT."""

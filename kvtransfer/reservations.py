@@ -105,9 +105,16 @@ class ReservationTable:
         return self.fail(request_id, "cancelled")
 
     # -- writer side (connection threads) ---------------------------------------
-    def begin_write(self, request_id: str) -> Reservation:
+    def begin_write(self, request_id: str, extent_offset: int | None = None) -> Reservation:
+        """The writer enters. ``extent_offset``: where its handle says the extent
+        is; a handle of an earlier reservation under the same id (freed, the
+        space reused) names another place and is refused, the reservation kept."""
         with self._lock:
             res = self._get_locked(request_id)
+            if extent_offset is not None and extent_offset != res.extent.offset:
+                raise TransferError(
+                    f"handle for {request_id!r} names extent offset {extent_offset}; its "
+                    f"reservation is at {res.extent.offset} (a handle of an earlier one)")
             if res.state != "reserved":
                 raise TransferError(f"reservation {request_id!r} is {res.state}, not writable")
             res.state, res.writers = "receiving", 1

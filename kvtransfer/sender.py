@@ -128,6 +128,9 @@ class ControlSender(KVSender):
             "layout": {"num_layers": handle.num_layers, "num_kv_heads": handle.num_kv_heads,
                        "head_dim": handle.head_dim, "dtype": handle.dtype},
             "mode": mode, "checksum": handle.checksum,
+            # Which reservation this handle is for: one made again under the same id
+            # has its own extent, and a stale handle must not write into the old one.
+            "extent_offset": handle.extent_offset,
         }
         conn = self._checkout(handle.endpoint) or self._connect(handle.endpoint)
         try:

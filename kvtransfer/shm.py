@@ -214,23 +214,36 @@ class ShmSender(ControlSender):
         with self._seg_lock:
             segment = self._segments.get(name)
             if segment is None:
+                # A new segment: a decode started (or restarted, or switched roles)
+                # with a new arena. Mappings of segments their owners unlinked
+                # since are dropped, or they would keep every page the old arena
+                # touched (a copy in progress keeps its own view until it ends).
+                for old in [n for n in self._segments
+                            if not os.path.exists(os.path.join(SHM_DIR, n))]:
+                    self._segments.pop(old).close()
                 segment = self._segments[name] = ShmSegment.attach(name)
             return segment
 
     def _put(self, stream: ControlStream, offset: int, flat: torch.Tensor, ack: bool) -> None:
         dst = self._segment(stream.handle.data_endpoint).tensor
         nbytes = flat.numel()
-        if not stream.hasher.enabled:
-            dst[offset : offset + nbytes].copy_(flat)
-            self._note(stream, offset, nbytes, ack)
+        if nbytes == 0:
+            self._note(stream, offset, 0, ack)
             return
-        src = wire.as_memoryview(flat)
+        hashing = stream.hasher.enabled
+        src = wire.as_memoryview(flat) if hashing else None
         noted = 0
         for start in range(0, nbytes, wire.CHUNK_BYTES):
+            if start:
+                # The receiver frees the extent when the reservation fails (cancel,
+                # TTL, its timeout) and says so with ERR: stop within a chunk,
+                # not at the end of a span (a layer, or the whole prompt).
+                stream.conn.poll_error()
             end = min(start + wire.CHUNK_BYTES, nbytes)
             dst[offset + start : offset + end].copy_(flat[start:end])
-            stream.hasher.update(src[start:end])  # the source chunk is still in cache
-            if end - noted >= NOTE_BYTES or end == nbytes:
+            if src is not None:
+                stream.hasher.update(src[start:end])  # the source chunk is still in cache
+            if end == nbytes or (hashing and end - noted >= NOTE_BYTES):
                 self._note(stream, offset + noted, end - noted, ack and end == nbytes)
                 noted = end
 

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from pdserve.errors import InvalidArgument, OutOfKVSpace, TransferError
 from pdserve.kvtransfer import KVLayout, make_sender, wire
@@ -27,7 +28,7 @@ def raw_begin(pair: Pair, handle: KVHandle, secret: bytes = helpers.SECRET) -> w
     conn.send_frame(wire.BEGIN, meta={
         "request_id": handle.request_id, "fingerprint": handle.model_fingerprint,
         "layout": dataclasses.asdict(handle.layout), "mode": "whole",
-        "checksum": handle.checksum})
+        "checksum": handle.checksum, "extent_offset": handle.extent_offset})
     return conn
 
 
@@ -329,3 +330,80 @@ def test_other_protocol_version_fails_at_connect(tcp_pair: Pair) -> None:
         thread.join()
         assert time.monotonic() - start < 2
     assert tcp_pair.receiver.cancel("r")
+
+
+def test_a_handle_of_an_earlier_reservation_under_the_same_id_is_refused(pair: Pair) -> None:
+    """X is reserved, cancelled; Y gets X's space; X is reserved again elsewhere.
+    The sender still holding X's first handle must not write into Y's KV (it
+    was granted: the receiver knew only the id)."""
+    first = pair.receiver.reserve("X", 16, 4)
+    assert pair.receiver.cancel("X")
+    other = pair.receiver.reserve("Y", 16, 4)
+    assert other.extent_offset == first.extent_offset  # the space is reused
+    kv_y = helpers.random_kv(pair.layout, 16, seed=1)
+    pair.sender.send(other, kv_y, "whole")
+    pair.receiver.wait("Y", timeout_s=5)
+    again = pair.receiver.reserve("X", 16, 4)
+    assert again.extent_offset != first.extent_offset
+    with pytest.raises(TransferError, match="earlier one"):
+        pair.sender.send(first, helpers.random_kv(pair.layout, 16, seed=2), "whole")
+    extent_y = pair.receiver.claim("Y")
+    assert torch.equal(pair.layout.view(pair.arena.buffer, extent_y.offset, 16), kv_y)
+    kv_x = helpers.random_kv(pair.layout, 16, seed=3)
+    pair.sender.send(again, kv_x, "whole")  # its own handle still works
+    extent_x = pair.receiver.claim("X")
+    assert torch.equal(pair.layout.view(pair.arena.buffer, extent_x.offset, 16), kv_x)
+    pair.arena.free(extent_x)
+    pair.arena.free(extent_y)
+    helpers.assert_released(pair.arena)
+
+
+def test_shm_sender_stops_within_a_chunk_once_the_receiver_says_err() -> None:
+    """A one-sided write has no receiver thread to stop it: the receiver frees the
+    extent of a failed reservation and says ERR, and the sender must stop
+    copying at the next chunk (it copied the rest of the span first)."""
+    from types import SimpleNamespace
+
+    sender = ShmSender.__new__(ShmSender)  # _put needs only the segment and the stream
+    dst = torch.zeros(6 * wire.CHUNK_BYTES, dtype=torch.uint8)
+    sender._segment = lambda name: SimpleNamespace(tensor=dst)  # type: ignore[method-assign]
+    polls: list[int] = []
+
+    def poll_error() -> None:
+        polls.append(1)
+        if len(polls) == 2:
+            raise wire.Refused("receiver aborted: reservation expired")
+
+    notes: list[int] = []
+    conn = SimpleNamespace(poll_error=poll_error,
+                           send_frame=lambda kind, **kw: notes.append(kind))
+    stream = SimpleNamespace(handle=SimpleNamespace(data_endpoint="seg"),
+                             hasher=SimpleNamespace(enabled=False), conn=conn)
+    with pytest.raises(wire.Refused, match="expired"):
+        sender._put(stream, 0, torch.ones(5 * wire.CHUNK_BYTES, dtype=torch.uint8), False)
+    assert int(dst.sum()) == 2 * wire.CHUNK_BYTES  # two chunks, then it stopped
+    assert notes == []  # nothing announced for a write that did not finish
+
+
+def test_shm_sender_drops_mappings_of_segments_their_owners_unlinked() -> None:
+    """Each decode incarnation (restart, role switch) has a new segment; a prefill
+    kept every old one mapped, so its pages never went back to the system."""
+    from pdserve.kvtransfer.shm import ShmSegment
+
+    sender = ShmSender(helpers.LAYOUT, helpers.fingerprint(), helpers.config())
+    old, new = ShmSegment.create(1 << 20), ShmSegment.create(1 << 20)
+    try:
+        sender._segment(old.name)
+        sender._segment(new.name)
+        assert set(sender._segments) == {old.name, new.name}  # both owners alive
+        old.close()  # that decode released its arena (unlinked)
+        third = ShmSegment.create(1 << 20)
+        try:
+            sender._segment(third.name)
+            assert set(sender._segments) == {new.name, third.name}
+        finally:
+            third.close()
+    finally:
+        sender.close()
+        old.close()
+        new.close()
