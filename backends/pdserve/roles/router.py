@@ -28,7 +28,10 @@ Failures: a prefill that answers with an error is skipped and
 Triton 2.51 restarts a killed stub in place, and a call made to the old one is
 never answered) is given up as soon as that is seen; its KV write into the
 decode extent may have begun, so the reservation is aborted and the request
-starts over (new reservation, same TTFT deadline). A decode that dies (token
+starts over (new reservation under a new part id "<id>~<n>", so nothing late
+for the old one can reach it; same TTFT deadline). So does a request whose
+decode no routable prefill can feed any more (a rolling upgrade drained the
+last prefill on its weights after the decode was chosen). A decode that dies (token
 channel EOF, failed call) is marked unroutable here at once, and each request it held
 is RESUMED: prompt + the tokens already streamed are prefilled again and a new
 decode continues, so the client's stream goes on with no duplicate or missing
