@@ -135,6 +135,9 @@ def as_memoryview(flat: torch.Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
+KEEPALIVE_IDLE_S = 30  # silence before TCP keepalive probes (10 s apart, 3 of them)
+
+
 def tune_socket(sock: socket.socket) -> None:
     """Options every KV socket uses (the benchmark's raw-socket limit uses them too).
 
@@ -142,8 +145,18 @@ def tune_socket(sock: socket.socket) -> None:
     are left to the kernel's autotuning: fixed SO_SNDBUF/SO_RCVBUF of 1 or 4 MiB
     (which switch autotuning off) were no faster over loopback (2.1-2.2 vs
     2.2-2.5 GB/s for 32 MiB, same minutes, perf/RESULTS.md).
+
+    Keepalive: a receiver waits on idle pooled connections without a time
+    limit; a peer whose host died or was cut off never closes its end, and the
+    half-open connection would hold a receiver thread and a connection slot for
+    good. Probes after KEEPALIVE_IDLE_S of silence find it within a minute.
     """
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", 10),
+                          ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):  # Linux; elsewhere the system's defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def _mac(secret: bytes, role: bytes, nonce_r: bytes, nonce_s: bytes) -> bytes:

@@ -407,3 +407,20 @@ def test_shm_sender_drops_mappings_of_segments_their_owners_unlinked() -> None:
         sender.close()
         old.close()
         new.close()
+
+
+def test_kv_connections_probe_a_silent_peer(tcp_pair: Pair) -> None:
+    """A receiver waits on pooled connections without a time limit: one whose
+    peer's host died would hold its thread and slot for good without keepalive."""
+    handle = tcp_pair.receiver.reserve("k", 16, 4)
+    tcp_pair.sender.send(handle, helpers.random_kv(tcp_pair.layout, 16), "whole")
+    tcp_pair.receiver.wait("k", timeout_s=5)
+    tcp_pair.arena.free(tcp_pair.receiver.claim("k"))
+    with tcp_pair.receiver._conn_lock:
+        socks = [conn.sock for conn, _ in tcp_pair.receiver._conns.values()]
+    assert socks  # the sender's pooled connection, idle on the receiver now
+    for sock in socks:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == \
+                wire.KEEPALIVE_IDLE_S
