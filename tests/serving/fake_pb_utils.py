@@ -9,7 +9,10 @@ responses are plain records (tests pass their own responder to a role).
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import types
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -76,3 +79,23 @@ def module() -> types.ModuleType:
                         ("TRITONSERVER_RESPONSE_COMPLETE_FINAL", 1)):
         setattr(mod, name, value)
     return mod
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """This fake as ``triton_python_backend_utils`` while the block runs; the
+    ``pdserve.roles`` modules imported against it are dropped afterwards, so no
+    other test sees them or the fake."""
+    before = set(sys.modules)
+    saved = sys.modules.get("triton_python_backend_utils")
+    sys.modules["triton_python_backend_utils"] = module()
+    try:
+        yield
+    finally:
+        for name in set(sys.modules) - before:
+            if name.startswith("pdserve.roles") or name == "triton_python_backend_utils":
+                del sys.modules[name]
+        if saved is not None:
+            sys.modules["triton_python_backend_utils"] = saved
+        else:
+            sys.modules.pop("triton_python_backend_utils", None)

@@ -14,7 +14,6 @@ inside a Triton stub; ``fake_pb_utils`` stands in for the parts a decode uses
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -34,10 +33,7 @@ PROMPT = (3, 14, 15, 92, 65, 35)
 def mods() -> Iterator[dict[str, Any]]:
     """The decode role's modules, imported against the fake Triton utils and
     dropped again afterwards (no other test sees the fake)."""
-    before = set(sys.modules)
-    saved = sys.modules.get("triton_python_backend_utils")
-    sys.modules["triton_python_backend_utils"] = fake_pb_utils.module()
-    try:
+    with fake_pb_utils.installed():
         from pdserve.kvtransfer import KVHandle
         from pdserve.kvtransfer.factory import make_sender
         from pdserve.roles import contracts
@@ -48,14 +44,6 @@ def mods() -> Iterator[dict[str, Any]]:
         yield {"KVHandle": KVHandle, "make_sender": make_sender, "c": contracts,
                "DecodeRole": DecodeRole, "transfer_config": transfer_config,
                "ChannelServer": ChannelServer, "InstanceConfig": InstanceConfig}
-    finally:
-        for name in set(sys.modules) - before:
-            if name.startswith("pdserve.roles") or name == "triton_python_backend_utils":
-                del sys.modules[name]
-        if saved is not None:
-            sys.modules["triton_python_backend_utils"] = saved
-        else:
-            sys.modules.pop("triton_python_backend_utils", None)
 
 
 class _Out:

@@ -9,7 +9,6 @@ TTFT deadlines the parts get, without a Triton server.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -28,20 +27,9 @@ PROMPT = (72, 105, 33)
 @pytest.fixture(scope="module")
 def router() -> Iterator[Any]:
     """pdserve.roles.router imported against the fake Triton utils (dropped after)."""
-    before = set(sys.modules)
-    saved = sys.modules.get("triton_python_backend_utils")
-    sys.modules["triton_python_backend_utils"] = fake_pb_utils.module()
-    try:
+    with fake_pb_utils.installed():
         from pdserve.roles import router as mod
         yield mod
-    finally:
-        for name in set(sys.modules) - before:
-            if name.startswith("pdserve.roles") or name == "triton_python_backend_utils":
-                del sys.modules[name]
-        if saved is not None:
-            sys.modules["triton_python_backend_utils"] = saved
-        else:
-            sys.modules.pop("triton_python_backend_utils", None)
 
 
 def _request(router: Any, *, stream: bool = False, max_tokens: int = 8) -> Any:
