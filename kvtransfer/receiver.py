@@ -232,6 +232,8 @@ class ControlReceiver(KVReceiver):
             error = str(exc)
             with contextlib.suppress(PdserveError, OSError):
                 conn.send_frame(wire.ERR, meta={"message": error})
+            if self.data_frame == wire.NOTE:
+                self._await_sender_stop(conn)
             raise
         finally:
             self.reservations.end_write(res, result, error)
@@ -240,6 +242,21 @@ class ControlReceiver(KVReceiver):
         if xfer.notice is not None and self._hand_over(res.request_id, xfer.notice):
             done["taken"] = True
         conn.send_frame(wire.DONE, meta=done)
+
+    def _await_sender_stop(self, conn: wire.Connection) -> None:
+        """One-sided transports: the sender writes into the extent itself, so it is
+        freed only once the sender has stopped. A sender that reads our ERR stops
+        between two chunks and drops the connection (``ControlStream._failing``);
+        wait for that (or its ABORT), up to the I/O timeout (a hung sender copies
+        nothing)."""
+        deadline = time.monotonic() + self.config.io_timeout_s
+        with contextlib.suppress(PdserveError, OSError):
+            while conn.readable_within(max(0.0, deadline - time.monotonic())):
+                header, _ = conn.recv_frame()  # NOTEs of spans it finished meanwhile
+                if header.kind == wire.ABORT:
+                    return
+            log.warning("KV sender did not stop within %.0fs of our ERR; freeing its extent",
+                        self.config.io_timeout_s)
 
     def _hand_over(self, request_id: str, notice: str) -> bool:
         """Give a landed transfer's notice to the owner's hook: True if it took it."""

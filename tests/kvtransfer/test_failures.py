@@ -424,3 +424,26 @@ def test_kv_connections_probe_a_silent_peer(tcp_pair: Pair) -> None:
         if hasattr(socket, "TCP_KEEPIDLE"):
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == \
                 wire.KEEPALIVE_IDLE_S
+
+
+@pytest.mark.parametrize("kind", ONE_SIDED)
+def test_one_sided_extent_is_freed_only_once_the_sender_stopped(kind: str) -> None:
+    """A one-sided sender writes into the extent itself: after a cancel mid-
+    transfer the receiver says ERR and frees the extent once the sender has
+    dropped the connection (it stops between chunks), not at once while the
+    sender may still be copying into it."""
+    pair = open_pair(kind)
+    try:
+        handle = pair.receiver.reserve("r", 16, 4)
+        conn = raw_begin(pair, handle)
+        conn.expect(wire.GRANT)
+        assert pair.receiver.cancel("r")
+        conn.send_frame(wire.NOTE, offset=handle.extent_offset, meta={"nbytes": 64})
+        with pytest.raises(wire.Refused, match="stopped"):
+            conn.expect(wire.ACK)  # the answer is ERR
+        # Still connected: still the sender's to write into.
+        assert not helpers.wait_until(lambda: pair.arena.bytes_in_use == 0, 0.5)
+        conn.close()
+        assert helpers.wait_until(lambda: pair.arena.bytes_in_use == 0, 3)
+    finally:
+        close_pair(pair)
