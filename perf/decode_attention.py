@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from pdserve.engine import LLMEngine, SamplingParams
+from pdserve.engine.config import PRESETS
 from perf.engine import prompts
 
 MODES = ("never", "always", "auto")
@@ -33,8 +34,9 @@ MODES = ("never", "always", "auto")
 def measure(preset: str, contexts: list[int], batches: list[int], steps: int,
             rounds: int) -> list[dict[str, Any]]:
     new_tokens = rounds * len(MODES) * (steps + 1) + 1
-    engine = LLMEngine.load(preset, kv_capacity_bytes=2 * max(batches) * LLMEngine.load(
-        preset).config.kv_layout("float32").extent_bytes(max(contexts), new_tokens))
+    layout = PRESETS[preset].kv_layout("float32")
+    engine = LLMEngine.load(preset, kv_capacity_bytes=2 * max(batches) * layout.extent_bytes(
+        max(contexts), new_tokens))
     rows = []
     for ctx in contexts:
         for batch in batches:
