@@ -50,6 +50,17 @@ ratio; where that time moves with the ratio they can point back and forth. So
 the controller remembers how each ratio did with the current request mix
 (``RatioController._score``) and does not switch back to one that did no better
 within ``remember_s``: measured outcomes overrule the model.
+
+Traffic mixes come back (day and night): with ``recall_s`` the controller keeps
+what each ratio did with a mix for that long after the mix went away, and when
+the mix returns it moves, one switch per window, to the ratio that did best with
+it, without waiting for the balance rule to rediscover it from the slots one
+prediction at a time (E3, prompt-heavy traffic back after an output-heavy
+phase: 1P3D -> 3P1D took 19-32 s, two windows of prediction each). Only ratios
+not yet measured since the mix returned are recalled; once the target has
+windows of its own, the usual rules (and the memory above) take over. Scores
+compare windows at different loads, so the recall is for mixes that return at
+a similar load (a closed loop, or a similar rate); it is off by default.
 """
 
 from __future__ import annotations
@@ -103,6 +114,10 @@ class RatioPolicy:
     # ``tolerance`` (requests/s per second of E2E: ``RatioController._score``);
     # 0: predictions alone decide.
     remember_s: float = 120.0
+    # What each ratio did with a mix is kept this long after the mix went away;
+    # when the mix returns, the controller moves to the ratio that did best with
+    # it by more than ``tolerance`` (``RatioController._recall_step``). 0: off.
+    recall_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.tolerance < 1:
@@ -119,6 +134,8 @@ class RatioPolicy:
             raise ValueError("a scenario keeps at least one prefill and one decode")
         if self.remember_s < 0:
             raise ValueError(f"remember_s must be >= 0, got {self.remember_s}")
+        if self.recall_s < 0:
+            raise ValueError(f"recall_s must be >= 0, got {self.recall_s}")
         if self.compute_busy is not None and not 0 < self.compute_busy <= 1:
             raise ValueError(f"compute_busy must be in (0, 1] or None, got {self.compute_busy}")
 
@@ -227,25 +244,34 @@ class RatioController:
         self._last_mix: tuple[float | None, float | None] = (None, None)
         # (n_prefill, n_decode) -> [(when, score)] of its windows with the current mix
         self._measured: dict[tuple[int, int], list[tuple[float, float]]] = {}
+        self._measured_mix: tuple[float | None, float | None] = (None, None)
+        # Earlier mixes' ``_measured`` (``recall_s``), oldest first.
+        self._episodes: list[tuple[tuple[float | None, float | None],
+                                   dict[tuple[int, int], list[tuple[float, float]]]]] = []
 
     def decide(self, signal: ScenarioSignal) -> RatioDecision:
         n_p, n_d = signal.n_prefill, signal.n_decode
         mix = (signal.prompt_tokens, signal.output_tokens)
         before, self._last_mix = self._last_mix, mix
         if self._differs(before, mix):
-            self._measured.clear()  # what each ratio did was for the old mix
+            self._archive(signal.now)  # what each ratio did was for the old mix
             return RatioDecision("none", n_p, n_d,
                                  f"request mix changing ({_fmt_mix(before)} -> {_fmt_mix(mix)} "
                                  "tokens in/out): waiting for a window of one mix")
         if signal.now - self._last_change < self.policy.cooldown_s:
             return RatioDecision("none", n_p, n_d, "cooling down after the last change")
         score = self._score(signal)
-        if score is not None and self.policy.remember_s:
+        if score is not None and (self.policy.remember_s or self.policy.recall_s):
             self._remember((n_p, n_d), signal.now, score)
-        decision = self._online(signal) or self._balance(signal)
-        if decision.action != "none" and (why := self._no_compute(signal, decision)):
+            self._measured_mix = mix
+        recalled = self._recall_step(signal, score)
+        decision = recalled or self._online(signal) or self._balance(signal)
+        # A recalled ratio was measured doing better: the model's vetoes do not apply.
+        if recalled is None and decision.action != "none" \
+                and (why := self._no_compute(signal, decision)):
             decision = RatioDecision("none", n_p, n_d, why)
-        if decision.action != "none" and (why := self._did_no_better(signal, decision, score)):
+        if recalled is None and decision.action != "none" \
+                and (why := self._did_no_better(signal, decision, score)):
             decision = RatioDecision("none", n_p, n_d, why)
         if decision.action != "none":
             self.changed(signal.now)
@@ -351,25 +377,87 @@ class RatioController:
         return signal.arrival_rate / signal.e2e_s
 
     def _remember(self, ratio: tuple[int, int], now: float, score: float) -> None:
-        """Add a window's score; those older than ``remember_s`` go (a ratio held for
-        days under one mix keeps only its recent windows)."""
+        """Add a window's score; those older than the memory's horizon go (a ratio
+        held for days under one mix keeps only its recent windows)."""
         windows = self._measured.setdefault(ratio, [])
         windows.append((now, score))
+        keep = max(self.policy.remember_s, self.policy.recall_s)
         stale = 0
-        while stale < len(windows) and now - windows[stale][0] > self.policy.remember_s:
+        while stale < len(windows) and now - windows[stale][0] > keep:
             stale += 1
         del windows[:stale]
 
-    def _mean_score(self, ratio: tuple[int, int], now: float) -> tuple[float, int] | None:
-        """Mean score of ``ratio``'s windows within ``remember_s`` (older ones are
-        dropped), and how many; None: none."""
-        recent = [(t, v) for t, v in self._measured.get(ratio, ())
-                  if now - t <= self.policy.remember_s]
-        if not recent:
-            self._measured.pop(ratio, None)
+    MAX_EPISODES = 32  # mixes recalled at most (the oldest goes first)
+
+    def _archive(self, now: float) -> None:
+        """The mix changed: keep what each ratio did with the old one for
+        ``recall_s`` (merged into an earlier episode of the same mix, the newer
+        windows of a ratio replacing its older ones), then start afresh."""
+        measured, self._measured = self._measured, {}
+        if not self.policy.recall_s or not measured:
+            return
+        for mix, ratios in reversed(self._episodes):
+            if not self._differs(mix, self._measured_mix):
+                ratios.update(measured)
+                break
+        else:
+            self._episodes.append((self._measured_mix, measured))
+        horizon = now - self.policy.recall_s
+        for _, ratios in self._episodes:
+            for ratio in [r for r, w in ratios.items() if not w or w[-1][0] < horizon]:
+                del ratios[ratio]
+        self._episodes = [e for e in self._episodes if e[1]][-self.MAX_EPISODES:]
+
+    def _recalled(self, mix: tuple[float | None, float | None],
+                  now: float) -> dict[tuple[int, int], tuple[float, int, float]]:
+        """Ratio -> (mean score, windows, age of the newest s) from an earlier
+        episode of ``mix``, windows within ``recall_s``."""
+        for then, ratios in reversed(self._episodes):
+            if self._differs(then, mix):
+                continue
+            out = {}
+            for ratio, windows in ratios.items():
+                recent = [v for t, v in windows if now - t <= self.policy.recall_s]
+                if recent:
+                    out[ratio] = (sum(recent) / len(recent), len(recent), now - windows[-1][0])
+            return out
+        return {}
+
+    def _recall_step(self, signal: ScenarioSignal, score: float | None) -> RatioDecision | None:
+        """One switch toward the ratio that did best with this mix when it was last
+        seen, by more than ``tolerance`` over how the current ratio does now. Only
+        ratios with the same instance count and not measured since the mix
+        returned: those the usual rules judge from fresh windows."""
+        if not self.policy.recall_s or score is None:
             return None
-        self._measured[ratio] = recent
-        return sum(v for _, v in recent) / len(recent), len(recent)
+        n_p, n_d = signal.n_prefill, signal.n_decode
+        now_score = self._mean_score((n_p, n_d), signal.now)
+        if now_score is None:
+            return None
+        past = {r: v for r, v in self._recalled((signal.prompt_tokens, signal.output_tokens),
+                                                 signal.now).items()
+                if sum(r) == n_p + n_d and r not in self._measured
+                and r[0] >= self.policy.min_prefill and r[1] >= self.policy.min_decode}
+        if not past:
+            return None
+        target = max(past, key=lambda r: past[r][0])
+        mean, windows, age = past[target]
+        if mean < now_score[0] * (1 + self.policy.tolerance):
+            return None
+        action: Action = "add_prefill" if target[0] > n_p else "add_decode"
+        return _switch(action, n_p, n_d,
+                       f"recall: {target[0]}P{target[1]}D did {mean / now_score[0]:.2f}x better "
+                       f"with this mix {age:.0f} s ago ({mean:.3g} requests/s per s of E2E over "
+                       f"{windows} windows vs {now_score[0]:.3g} over {now_score[1]} at "
+                       f"{n_p}P{n_d}D now)")
+
+    def _mean_score(self, ratio: tuple[int, int], now: float) -> tuple[float, int] | None:
+        """Mean score of ``ratio``'s windows with this mix within ``remember_s``, and
+        how many; None: none."""
+        recent = [v for t, v in self._measured.get(ratio, ()) if now - t <= self.policy.remember_s]
+        if not recent:
+            return None
+        return sum(recent) / len(recent), len(recent)
 
     def _did_no_better(self, signal: ScenarioSignal, decision: RatioDecision,
                        score: float | None) -> str | None:

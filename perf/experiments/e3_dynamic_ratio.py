@@ -88,6 +88,9 @@ class E3Config:
     # "E2E up 1.44x with TTFT share up +0.06" in the middle of a phase)
     ratio_e2e_rise: float
     ratio_share_delta: float
+    # controller: keep what each ratio did with a mix this long after it went, and
+    # go to the best one when the mix returns (``RatioPolicy.recall_s``); 0: off
+    ratio_recall_s: float = 0.0
     warmup_requests: int = 16
     # one dynamic run per way of switching roles ("live": in place) and start ratio
     role_switches: tuple[str, ...] = ("live", "reload")
@@ -260,7 +263,8 @@ def controller_args(cfg: E3Config) -> list[str]:
             "--drain-timeout-s", f"{cfg.drain_timeout_s:g}",
             "--ratio-min-peak", f"{cfg.ratio_min_peak:g}",
             "--ratio-e2e-rise", f"{cfg.ratio_e2e_rise:g}",
-            "--ratio-share-delta", f"{cfg.ratio_share_delta:g}"]
+            "--ratio-share-delta", f"{cfg.ratio_share_delta:g}",
+            *(["--ratio-recall-s", f"{cfg.ratio_recall_s:g}"] if cfg.ratio_recall_s else [])]
 
 
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (.*)$")
@@ -509,6 +513,8 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         f"the busier stage is below {cfg.get('ratio_min_peak', 0):g} busy; online trigger "
         f"on E2E up {cfg.get('ratio_e2e_rise', 1.25):g}x with the TTFT share moving by "
         f"{cfg.get('ratio_share_delta', 0.05):g}; "
+        + (f"a mix that returns within {cfg['ratio_recall_s']:g} s goes to the ratio that did "
+           "best with it (recall); " if cfg.get("ratio_recall_s") else "")
         + ("compute check: no switch that gives a stage whose cores are "
            f"{doc['compute_busy']:.0%} busy (heartbeat counters) no core with room; "
            if doc.get("compute_busy") else "slots only (no compute check); ")

@@ -31,8 +31,11 @@ from perf.experiments import e3_dynamic_ratio as e3
 NAME = "e3_owned"
 CPU_QUOTA = 0.4  # cores per instance: 1.6 of the 2 cores
 # Phases of 2 minutes; a cool-down of one ratio window (the window after a switch
-# already measures the new ratio), so crossing two switches costs ~4 s less.
-FULL = replace(e3.FULL, cpu_quota=CPU_QUOTA, phase_s=120.0, ratio_cooldown_s=4.0)
+# already measures the new ratio), so crossing two switches costs ~4 s less. The
+# third phase brings the first phase's mix back: the controller recalls which
+# ratio did best with it (``RatioPolicy.recall_s``).
+FULL = replace(e3.FULL, cpu_quota=CPU_QUOTA, phase_s=120.0, ratio_cooldown_s=4.0,
+               ratio_recall_s=600.0)
 QUICK = replace(e3.QUICK, cpu_quota=CPU_QUOTA)
 
 

@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "no better (by the tolerance) with the same request mix "
                              "(requests/s per second of E2E); 0: the rule's predictions alone "
                              "decide")
+    parser.add_argument("--ratio-recall-s", type=float, default=RatioPolicy.recall_s,
+                        help="keep what each ratio did with a request mix this long after the "
+                             "mix went away; when it returns, switch toward the ratio that did "
+                             "best with it (for mixes that return at a similar load, e.g. day "
+                             "and night); 0 (default): off")
     parser.add_argument("--no-ratio-compute", action="store_true",
                         help="count slots only, as if every instance owned its compute")
     parser.add_argument("--role-switch", choices=("reload", "live"), default="reload",
@@ -86,7 +91,7 @@ def build(args: argparse.Namespace) -> Controller:
     policy = RatioPolicy(cooldown_s=args.ratio_cooldown_s, min_peak=args.ratio_min_peak,
                          e2e_rise=args.ratio_e2e_rise, share_delta=args.ratio_share_delta,
                          compute_busy=None if args.no_ratio_compute else args.ratio_compute_busy,
-                         remember_s=args.ratio_remember_s)
+                         remember_s=args.ratio_remember_s, recall_s=args.ratio_recall_s)
     ratio = RatioLoop(policy, args.drain_timeout_s)
 
     def scrape() -> list[str]:

@@ -387,3 +387,80 @@ def test_memory_of_a_ratio_held_for_long_keeps_only_remember_s() -> None:
     windows = controller._measured[(1, 4)]
     assert len(windows) == 31  # 120 s of 4 s windows, both ends kept
     assert windows[0][0] == 100.0 + 4 * 2999 - 120.0
+
+
+PROMPTS, OUTPUTS = (900.0, 4.0), (16.0, 160.0)
+
+
+def _window(now: float, n_p: int, n_d: int, rate: float, e2e_s: float,
+            mix: tuple[float, float]) -> ScenarioSignal:
+    """A window the balance rule leaves alone (no stage near ``min_peak``)."""
+    return signal(now, n_p, n_d, rate, e2e_s=e2e_s, prompt_tokens=mix[0], output_tokens=mix[1])
+
+
+def _day_then_night(controller: RatioController) -> None:
+    """Prompt-heavy traffic measured at 1P3D (score 2) and 3P1D (score 12), then
+    output-heavy traffic at 1P3D."""
+    for now, n_p, rate, e2e in ((0.0, 1, 2.0, 1.0), (4.0, 3, 6.0, 0.5), (8.0, 3, 6.0, 0.5)):
+        assert controller.decide(_window(now, n_p, 4 - n_p, rate, e2e, PROMPTS)).action == "none"
+    assert "mix changing" in controller.decide(_window(12.0, 3, 1, 1.0, 2.0, OUTPUTS)).reason
+    for now in (16.0, 20.0):
+        assert controller.decide(_window(now, 1, 3, 2.0, 1.0, OUTPUTS)).action == "none"
+
+
+def test_a_returning_mix_goes_to_the_ratio_that_did_best_with_it() -> None:
+    policy = RatioPolicy(cooldown_s=0.0, min_peak=5.0, e2e_rise=100.0, recall_s=600.0)
+    controller = RatioController(policy)
+    _day_then_night(controller)
+    assert "mix changing" in controller.decide(_window(24.0, 1, 3, 2.0, 1.0, PROMPTS)).reason
+    first = controller.decide(_window(28.0, 1, 3, 2.0, 1.0, PROMPTS))
+    assert (first.action, first.n_prefill, first.n_decode) == ("add_prefill", 2, 2)
+    assert first.reason.startswith("recall: 3P1D did 6.00x better with this mix 20 s ago "
+                                   "(12 requests/s per s of E2E over 2 windows vs 2 over 1 at "
+                                   "1P3D now)"), first.reason
+    # 2P2D measured now; 3P1D not yet since the mix came back: on toward it.
+    second = controller.decide(_window(32.0, 2, 2, 4.0, 0.8, PROMPTS))
+    assert (second.action, second.n_prefill) == ("add_prefill", 3), second.reason
+    # There: 3P1D has windows of its own now, the usual rules decide.
+    assert controller.decide(_window(36.0, 3, 1, 6.0, 0.5, PROMPTS)).action == "none"
+    # Slower now than it was: fresh windows rule, no recall back to it.
+    assert controller.decide(_window(40.0, 3, 1, 1.0, 2.0, PROMPTS)).action == "none"
+
+
+@pytest.mark.parametrize("case", ["off", "forgotten", "within tolerance", "other count"])
+def test_no_recall_when_off_stale_not_better_or_another_instance_count(case: str) -> None:
+    policy = RatioPolicy(cooldown_s=0.0, min_peak=5.0, e2e_rise=100.0,
+                         recall_s=0.0 if case == "off" else 600.0)
+    controller = RatioController(policy)
+    _day_then_night(controller)
+    later = 700.0 if case == "forgotten" else 24.0
+    n_p, n_d, rate = (1, 3, 2.0) if case != "other count" else (1, 4, 2.0)
+    e2e = 0.19 if case == "within tolerance" else 1.0  # 10.5: 3P1D's 12 is 14 % better
+    controller.decide(_window(later, n_p, n_d, rate, e2e, PROMPTS))
+    decision = controller.decide(_window(later + 4.0, n_p, n_d, rate, e2e, PROMPTS))
+    assert decision.action == "none", decision.reason
+
+
+def test_recall_keeps_the_newest_windows_of_each_mix_and_a_bounded_history() -> None:
+    policy = RatioPolicy(cooldown_s=0.0, min_peak=5.0, e2e_rise=100.0, recall_s=600.0)
+    controller = RatioController(policy)
+    _day_then_night(controller)
+    # The prompt-heavy traffic comes back and 3P1D now does worse than 2P2D.
+    controller.decide(_window(24.0, 2, 2, 2.0, 1.0, PROMPTS))  # mix changing
+    for now in (28.0, 32.0):
+        controller.decide(_window(now, 2, 2, 8.0, 0.5, PROMPTS))  # 16
+    controller.changed(36.0)
+    controller.decide(_window(36.0, 3, 1, 4.0, 1.0, PROMPTS))  # 4
+    controller.decide(_window(40.0, 1, 3, 2.0, 1.0, OUTPUTS))  # mix changing
+    controller.decide(_window(44.0, 1, 3, 2.0, 1.0, PROMPTS))  # and back again
+    back = controller.decide(_window(48.0, 1, 3, 2.0, 1.0, PROMPTS))
+    assert (back.action, back.n_prefill) == ("add_prefill", 2)
+    assert back.reason.startswith("recall: 2P2D did 8.00x better"), back.reason
+    # Many distinct mixes: only the newest MAX_EPISODES are kept.
+    for k in range(RatioController.MAX_EPISODES + 10):
+        mix = (100.0 * 2 ** k, 4.0)
+        controller.decide(_window(100.0 + 8 * k, 2, 2, 2.0, 1.0, mix))
+        controller.decide(_window(104.0 + 8 * k, 2, 2, 2.0, 1.0, mix))
+    assert len(controller._episodes) == RatioController.MAX_EPISODES
+    with pytest.raises(ValueError, match="recall_s"):
+        RatioPolicy(recall_s=-1.0)
