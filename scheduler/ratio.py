@@ -61,6 +61,15 @@ not yet measured since the mix returned are recalled; once the target has
 windows of its own, the usual rules (and the memory above) take over. Scores
 compare windows at different loads, so the recall is for mixes that return at
 a similar load (a closed loop, or a similar rate); it is off by default.
+
+The model can also under-promise: with owned compute it predicted 9 % for the
+switch 2P2D -> 3P1D that measured 46 % better (E3, prompt-heavy), so the
+tolerance held 2P2D for 40 s. With ``explore_gain`` a predicted cut above it
+but within the tolerance tries the neighbour ratio when it has not been
+measured with this mix, once the current ratio has two windows of its own; after
+two windows there the two means decide, and the controller goes back if the
+neighbour did worse (``RatioController._explore_verdict``). A ratio tried keeps
+its windows for ``remember_s``, so it is not tried again until they expire.
 """
 
 from __future__ import annotations
@@ -118,6 +127,10 @@ class RatioPolicy:
     # when the mix returns, the controller moves to the ratio that did best with
     # it by more than ``tolerance`` (``RatioController._recall_step``). 0: off.
     recall_s: float = 0.0
+    # A switch the model predicts to cut the peak by more than this but no more
+    # than ``tolerance`` is tried when its ratio has no windows with this mix, and
+    # undone if it measures worse (``RatioController._explore_verdict``). 0: off.
+    explore_gain: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.tolerance < 1:
@@ -136,6 +149,9 @@ class RatioPolicy:
             raise ValueError(f"remember_s must be >= 0, got {self.remember_s}")
         if self.recall_s < 0:
             raise ValueError(f"recall_s must be >= 0, got {self.recall_s}")
+        if not 0 <= self.explore_gain <= self.tolerance:
+            raise ValueError(f"explore_gain must be in [0, tolerance={self.tolerance}], got "
+                             f"{self.explore_gain}")
         if self.compute_busy is not None and not 0 < self.compute_busy <= 1:
             raise ValueError(f"compute_busy must be in (0, 1] or None, got {self.compute_busy}")
 
@@ -248,6 +264,8 @@ class RatioController:
         # Earlier mixes' ``_measured`` (``recall_s``), oldest first.
         self._episodes: list[tuple[tuple[float | None, float | None],
                                    dict[tuple[int, int], list[tuple[float, float]]]]] = []
+        # (from, to) of a switch made to measure ``to`` (``explore_gain``), until judged
+        self._explored: tuple[tuple[int, int], tuple[int, int]] | None = None
 
     def decide(self, signal: ScenarioSignal) -> RatioDecision:
         n_p, n_d = signal.n_prefill, signal.n_decode
@@ -255,6 +273,7 @@ class RatioController:
         before, self._last_mix = self._last_mix, mix
         if self._differs(before, mix):
             self._archive(signal.now)  # what each ratio did was for the old mix
+            self._explored = None
             return RatioDecision("none", n_p, n_d,
                                  f"request mix changing ({_fmt_mix(before)} -> {_fmt_mix(mix)} "
                                  "tokens in/out): waiting for a window of one mix")
@@ -264,15 +283,18 @@ class RatioController:
         if score is not None and (self.policy.remember_s or self.policy.recall_s):
             self._remember((n_p, n_d), signal.now, score)
             self._measured_mix = mix
-        recalled = self._recall_step(signal, score)
-        decision = recalled or self._online(signal) or self._balance(signal)
-        # A recalled ratio was measured doing better: the model's vetoes do not apply.
-        if recalled is None and decision.action != "none" \
+        measured = self._explore_verdict(signal) or self._recall_step(signal, score)
+        decision = measured or self._online(signal) or self._balance(signal)
+        # A ratio measured doing better (recalled, or the origin of an exploration that
+        # did worse): the model's vetoes do not apply.
+        if measured is None and decision.action != "none" \
                 and (why := self._no_compute(signal, decision)):
             decision = RatioDecision("none", n_p, n_d, why)
-        if recalled is None and decision.action != "none" \
+        if measured is None and decision.action != "none" \
                 and (why := self._did_no_better(signal, decision, score)):
             decision = RatioDecision("none", n_p, n_d, why)
+        if decision.action != "none" and decision.reason.startswith("explore:"):
+            self._explored = ((n_p, n_d), (decision.n_prefill, decision.n_decode))
         if decision.action != "none":
             self.changed(signal.now)
         return decision
@@ -334,6 +356,10 @@ class RatioController:
             return RatioDecision("none", n_p, n_d,
                                  f"balanced: prefill {u_p:.2f}, decode {u_d:.2f}{of}")
         gain = (peak - max(moved)) / peak
+        if gain <= self.policy.tolerance and (why := self._explorable(signal, action, gain)):
+            return _switch(action, n_p, n_d,
+                           f"explore: {why}; prefill {u_p:.2f} vs decode {u_d:.2f} utilised"
+                           f"{of}, the model predicts a {gain:.0%} cut of the peak")
         if gain <= self.policy.tolerance:
             return RatioDecision(
                 "none",
@@ -349,6 +375,45 @@ class RatioController:
             f"balance rule: prefill {u_p:.2f} vs decode {u_d:.2f} "
             f"utilised{of}; a switch cuts the peak by {gain:.0%}",
         )
+
+    def _explorable(self, signal: ScenarioSignal, action: Action, gain: float) -> str | None:
+        """Why the switch within the tolerance is worth trying (None: it is not): the
+        model predicts more than ``explore_gain``, the ratio it leads to has no
+        windows with this mix, and the current ratio has two."""
+        if not self.policy.explore_gain or not self.policy.remember_s \
+                or gain <= self.policy.explore_gain or self._explored is not None:
+            return None
+        n_p, n_d = signal.n_prefill, signal.n_decode
+        target = _switch(action, n_p, n_d, "")
+        here = self._mean_score((n_p, n_d), signal.now)
+        if here is None or here[1] < 2 \
+                or self._mean_score((target.n_prefill, target.n_decode), signal.now):
+            return None
+        return (f"{target.n_prefill}P{target.n_decode}D not measured with this mix, "
+                f"{n_p}P{n_d}D over {here[1]} windows")
+
+    def _explore_verdict(self, signal: ScenarioSignal) -> RatioDecision | None:
+        """Two windows after an exploring switch: back to where it came from if the
+        ratio tried did worse (means over each one's windows), else keep it."""
+        if self._explored is None:
+            return None
+        origin, tried = self._explored
+        n_p, n_d = signal.n_prefill, signal.n_decode
+        if (n_p, n_d) != tried:
+            self._explored = None  # moved on by other means
+            return None
+        there = self._mean_score(tried, signal.now)
+        if there is None or there[1] < 2:
+            return None
+        self._explored = None
+        back = self._mean_score(origin, signal.now)
+        if back is None or back[0] <= there[0]:
+            return None
+        action: Action = "add_prefill" if origin[0] > n_p else "add_decode"
+        return _switch(action, n_p, n_d,
+                       f"explored {n_p}P{n_d}D did worse than {origin[0]}P{origin[1]}D with "
+                       f"this mix ({there[0]:.3g} requests/s per s of E2E over {there[1]} "
+                       f"windows vs {back[0]:.3g} over {back[1]}): back")
 
     def _no_compute(self, signal: ScenarioSignal, decision: RatioDecision) -> str | None:
         """Why the switch adds no compute to a saturated stage (None: it may)."""

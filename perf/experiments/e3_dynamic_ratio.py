@@ -91,6 +91,9 @@ class E3Config:
     # controller: keep what each ratio did with a mix this long after it went, and
     # go to the best one when the mix returns (``RatioPolicy.recall_s``); 0: off
     ratio_recall_s: float = 0.0
+    # controller: try a switch the model predicts to gain more than this but within
+    # the tolerance, where its ratio is unmeasured (``RatioPolicy.explore_gain``); 0: off
+    ratio_explore_gain: float = 0.0
     warmup_requests: int = 16
     # one dynamic run per way of switching roles ("live": in place) and start ratio
     role_switches: tuple[str, ...] = ("live", "reload")
@@ -264,7 +267,9 @@ def controller_args(cfg: E3Config) -> list[str]:
             "--ratio-min-peak", f"{cfg.ratio_min_peak:g}",
             "--ratio-e2e-rise", f"{cfg.ratio_e2e_rise:g}",
             "--ratio-share-delta", f"{cfg.ratio_share_delta:g}",
-            *(["--ratio-recall-s", f"{cfg.ratio_recall_s:g}"] if cfg.ratio_recall_s else [])]
+            *(["--ratio-recall-s", f"{cfg.ratio_recall_s:g}"] if cfg.ratio_recall_s else []),
+            *(["--ratio-explore-gain", f"{cfg.ratio_explore_gain:g}"]
+              if cfg.ratio_explore_gain else [])]
 
 
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (.*)$")
@@ -515,6 +520,9 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         f"{cfg.get('ratio_share_delta', 0.05):g}; "
         + (f"a mix that returns within {cfg['ratio_recall_s']:g} s goes to the ratio that did "
            "best with it (recall); " if cfg.get("ratio_recall_s") else "")
+        + (f"a switch predicted to gain over {cfg['ratio_explore_gain']:.0%} but within the "
+           "tolerance is tried where its ratio was not measured with the mix, and undone if it "
+           "measures worse (explore); " if cfg.get("ratio_explore_gain") else "")
         + ("compute check: no switch that gives a stage whose cores are "
            f"{doc['compute_busy']:.0%} busy (heartbeat counters) no core with room; "
            if doc.get("compute_busy") else "slots only (no compute check); ")

@@ -61,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "mix went away; when it returns, switch toward the ratio that did "
                              "best with it (for mixes that return at a similar load, e.g. day "
                              "and night); 0 (default): off")
+    parser.add_argument("--ratio-explore-gain", type=float, default=RatioPolicy.explore_gain,
+                        help="try a switch the model predicts to cut the busier stage's "
+                             "utilisation by more than this but within the tolerance, when its "
+                             "ratio has not been measured with the current mix, and undo it if "
+                             "it measures worse; 0 (default): off")
     parser.add_argument("--no-ratio-compute", action="store_true",
                         help="count slots only, as if every instance owned its compute")
     parser.add_argument("--role-switch", choices=("reload", "live"), default="reload",
@@ -91,7 +96,8 @@ def build(args: argparse.Namespace) -> Controller:
     policy = RatioPolicy(cooldown_s=args.ratio_cooldown_s, min_peak=args.ratio_min_peak,
                          e2e_rise=args.ratio_e2e_rise, share_delta=args.ratio_share_delta,
                          compute_busy=None if args.no_ratio_compute else args.ratio_compute_busy,
-                         remember_s=args.ratio_remember_s, recall_s=args.ratio_recall_s)
+                         remember_s=args.ratio_remember_s, recall_s=args.ratio_recall_s,
+                         explore_gain=args.ratio_explore_gain)
     ratio = RatioLoop(policy, args.drain_timeout_s)
 
     def scrape() -> list[str]:

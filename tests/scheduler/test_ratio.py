@@ -464,3 +464,61 @@ def test_recall_keeps_the_newest_windows_of_each_mix_and_a_bounded_history() -> 
     assert len(controller._episodes) == RatioController.MAX_EPISODES
     with pytest.raises(ValueError, match="recall_s"):
         RatioPolicy(recall_s=-1.0)
+
+
+def _skewed(now: float, n_p: int, n_d: int, e2e_s: float) -> ScenarioSignal:
+    """8 requests/s on prefills of 4.6 and decodes of 10 requests/s each: at 2P2D
+    prefill 0.87 vs decode 0.40, and 3P1D predicted to cut the peak by 8 % only."""
+    return ScenarioSignal(now=now, n_prefill=n_p, n_decode=n_d, arrival_rate=8.0,
+                          prefill=RoleCapacity(4, 4 / 4.6), decode=RoleCapacity(4, 0.4),
+                          e2e_s=e2e_s, prompt_tokens=900.0, output_tokens=4.0)
+
+
+EXPLORE = RatioPolicy(cooldown_s=5.0, e2e_rise=100.0, explore_gain=0.05)
+
+
+def test_a_switch_within_the_tolerance_is_tried_when_its_ratio_was_not_measured() -> None:
+    controller = RatioController(EXPLORE)
+    assert "within tolerance" in controller.decide(_skewed(0.0, 2, 2, 1.0)).reason  # 1 window
+    tried = controller.decide(_skewed(4.0, 2, 2, 1.0))
+    assert (tried.action, tried.n_prefill) == ("add_prefill", 3)
+    assert tried.reason == ("explore: 3P1D not measured with this mix, 2P2D over 2 windows; "
+                            "prefill 0.87 vs decode 0.40 utilised, the model predicts a 8% cut "
+                            "of the peak")
+    assert "cooling down" in controller.decide(_skewed(8.0, 3, 1, 0.7)).reason
+    assert controller.decide(_skewed(12.0, 3, 1, 0.7)).action == "none"
+    # Two windows there, both better than 2P2D's: it stays.
+    assert controller.decide(_skewed(16.0, 3, 1, 0.7)).action == "none"
+    assert controller._explored is None
+
+
+def test_a_tried_ratio_that_did_worse_is_left_and_not_tried_again() -> None:
+    controller = RatioController(EXPLORE)
+    controller.decide(_skewed(0.0, 2, 2, 1.0))
+    assert controller.decide(_skewed(4.0, 2, 2, 1.0)).action == "add_prefill"
+    controller.decide(_skewed(8.0, 3, 1, 1.2))  # cooling down
+    assert controller.decide(_skewed(12.0, 3, 1, 1.2)).action == "none"  # one window
+    back = controller.decide(_skewed(16.0, 3, 1, 1.1))
+    assert (back.action, back.n_prefill) == ("add_decode", 2)
+    assert back.reason == ("explored 3P1D did worse than 2P2D with this mix (6.97 requests/s "
+                           "per s of E2E over 2 windows vs 8 over 2): back")
+    controller.decide(_skewed(20.0, 2, 2, 1.0))  # cooling down
+    again = controller.decide(_skewed(24.0, 2, 2, 1.0))
+    assert again.action == "none" and "within tolerance" in again.reason
+    # Once what 3P1D did is forgotten (remember_s), it is tried again.
+    t = 24.0
+    while controller.decide(_skewed(t, 2, 2, 1.0)).action == "none":
+        t += 4.0
+    assert t == 140.0  # the first window after 3P1D's last one (16 s) is 120 s old
+
+
+def test_no_exploration_when_off_below_explore_gain_or_not_settled() -> None:
+    off = RatioController(replace(EXPLORE, explore_gain=0.0))
+    assert all(off.decide(_skewed(t, 2, 2, 1.0)).action == "none" for t in (0.0, 4.0, 8.0))
+    high = RatioController(replace(EXPLORE, explore_gain=0.1))  # 8 % predicted
+    assert all(high.decide(_skewed(t, 2, 2, 1.0)).action == "none" for t in (0.0, 4.0, 8.0))
+    forgetful = RatioController(replace(EXPLORE, remember_s=0.0))  # nothing to judge with
+    assert all(forgetful.decide(_skewed(t, 2, 2, 1.0)).action == "none"
+               for t in (0.0, 4.0, 8.0))
+    with pytest.raises(ValueError, match="explore_gain"):
+        RatioPolicy(explore_gain=0.2)  # above the tolerance: not "within" it
