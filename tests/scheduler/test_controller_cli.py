@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from pdserve.scheduler.controller import cli
+from pdserve.scheduler.controller.metrics import reason_kind
+from pdserve.scheduler.ratio import RatioController, RatioPolicy, RoleCapacity, ScenarioSignal
 
 
 def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
@@ -35,3 +37,24 @@ def test_bad_ratio_options_are_refused_with_a_message(
         message: str) -> None:
     assert cli.run(_args(tmp_path, flag, value)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_every_kind_of_ratio_decision_has_its_own_metric_label() -> None:
+    """The decisions counter's reason label: bounded, and one per kind of rule (the
+    memory's refusal quotes the balance rule it overruled, and must not count as it)."""
+    def at(now: float, n_p: int, e2e: float, mix: float = 900.0) -> ScenarioSignal:
+        return ScenarioSignal(now=now, n_prefill=n_p, n_decode=4 - n_p, arrival_rate=8.0,
+                              prefill=RoleCapacity(4, 4 / 4.6), decode=RoleCapacity(4, 0.4),
+                              e2e_s=e2e, prompt_tokens=mix, output_tokens=4.0)
+
+    controller = RatioController(RatioPolicy(cooldown_s=5.0, e2e_rise=100.0, explore_gain=0.05,
+                                             recall_s=600.0))
+    reasons = [controller.decide(s).reason for s in (
+        at(0.0, 2, 1.0), at(4.0, 2, 1.0), at(8.0, 3, 1.2), at(12.0, 3, 1.2), at(16.0, 3, 1.2),
+        at(24.0, 2, 1.0), at(28.0, 2, 1.0, mix=16.0))]
+    kinds = [reason_kind(r) for r in reasons]
+    assert kinds == ["tolerance", "explore", "cooldown", "tolerance", "explore_back",
+                     "tolerance", "mix_change"], reasons
+    assert reason_kind("2P2D did no better with this mix lately (...; balance rule: ...)") \
+        == "memory"
+    assert reason_kind("recall: 3P1D did 2.31x better with this mix 250 s ago (...)") == "recall"
