@@ -325,6 +325,48 @@ def test_e3_static_passes_are_compared_as_their_mean(tmp_path: Path) -> None:
         replace(e3.FULL, static_passes=0)
 
 
+def test_e3_reaction_times_from_the_switches_and_a_near_miss_shown_unrounded() -> None:
+    """How long each dynamic run took to reach each phase's best static ratio (or
+    one within 5 % of it) for good; a switch counts when its instance serves."""
+    from dataclasses import asdict
+
+    def row(d: str, i: int, r: float, started: float | None = None) -> dict[str, object]:
+        out: dict[str, object] = {
+            "deployment": d, "phase": "p", "index": i, "mix": ["900/4", "16/160"][i],
+            "req_per_s": r, "out_tok_per_s": 1.0, "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0,
+            "tpot_p50_ms": 1.0, "slo_attainment": 1.0}
+        return out if started is None else dict(out, started_at=started)
+
+    rows = [row("1P3D", 0, 2.0), row("2P2D", 0, 4.0), row("3P1D", 0, 6.0),
+            row("1P3D", 1, 5.0), row("2P2D", 1, 4.9), row("3P1D", 1, 1.0),
+            row("dynamic from 1P3D", 0, 5.37, 1000.0), row("dynamic from 1P3D", 1, 4.0, 1060.0),
+            row("dynamic", 0, 3.0, 2000.0), row("dynamic", 1, 4.0, 2060.0)]
+    switches = [  # from 1P3D: 3P1D at 1012 (the second switch serving); then 2P2D at 1065
+        {"run": "dynamic from 1P3D", "to_role": "prefill", "switched_at": 1005.0,
+         "healthy_at": 1006.0},
+        {"run": "dynamic from 1P3D", "to_role": "prefill", "healthy_at": 1012.0},
+        {"run": "dynamic from 1P3D", "to_role": "decode", "healthy_at": 1065.0},
+        # from 2P2D: 3P1D, left again, back; never served as a decode in phase 1
+        {"run": "dynamic", "to_role": "prefill", "healthy_at": 2010.0},
+        {"run": "dynamic", "to_role": "decode", "healthy_at": 2020.0},
+        {"run": "dynamic", "to_role": "prefill", "healthy_at": 2030.0},
+        {"run": "dynamic", "to_role": "decode", "drain_at": 2070.0}]
+    for sw in switches:  # as switch_costs gives them
+        sw.setdefault("drain_at", sw.get("switched_at", sw.get("healthy_at", 0.0)) - 1.0)
+        sw.update(instance="decode_0", reason="r")
+    machine = {"cpu": "x", "usable_cores": 2, "load_average": [1, 1, 1], "date_utc": "now"}
+    doc = json.loads(json.dumps({
+        "config": dict(asdict(e3.QUICK), phase_s=60.0), "slo": {"ttft_ms": 1.0, "tpot_ms": 1.0},
+        "rows": rows, "machine": machine, "machine_after": machine, "dynamic_blockers": [],
+        "controller_edits": [], "switches": switches}))
+    assert e3.reaction(doc) == [
+        "- dynamic from 1P3D: phase 0 (3P1D): 12.0 s; phase 1 (1P3D or 2P2D): 5.0 s",
+        "- dynamic: phase 0 (3P1D): 30.0 s; phase 1 (1P3D or 2P2D): not reached"]
+    doc["verdict"] = e3.verdict(doc)
+    assert "89.5% of best (goal >= 90%: NOT met)" in doc["verdict"][0]  # 5.37 / 6
+    assert "- dynamic: phase 0 (3P1D): 30.0 s" in e3.markdown(doc, None)
+
+
 def _e1_row(good: int | None, requests: int, goodput: float, attainment: float,
             deadline: int = 0) -> dict[str, object]:
     row: dict[str, object] = {"requests": requests, "goodput": goodput,
