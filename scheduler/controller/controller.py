@@ -370,7 +370,7 @@ class Controller:
             hs = self._healths(name)
             in_flight = sum(h.last_load.in_flight for h in hs if h.last_load is not None)
             routable = all(h.is_routable for h in hs) and name not in self._drains
-            out.append(Candidate(name, entry.role, routable, in_flight))
+            out.append(Candidate(name, entry.role, routable, in_flight, entry.model))
         return out
 
     def _start_switch(self, switch: PendingSwitch, now: float) -> None:

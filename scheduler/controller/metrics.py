@@ -22,6 +22,7 @@ REASON_KINDS = ("cooldown", "balanced", "tolerance", "balance_rule", "online",
 def reason_kind(reason: str) -> str:
     """Map a RatioDecision's free-text reason onto a bounded label value."""
     table = (("compute saturated", "compute_saturated"), ("did no better", "memory"),
+             ("stranding", "mixed_weights"),
              ("recall:", "recall"), ("explored ", "explore_back"), ("explore:", "explore"),
              ("mix changing", "mix_change"), ("no stage saturated", "not_saturated"),
              ("cooling down", "cooldown"), ("within tolerance", "tolerance"),

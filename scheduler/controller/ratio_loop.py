@@ -17,6 +17,12 @@ below ``min_prefill`` / ``min_decode`` routable instances: the donor must be
 routable and the counts are of routable instances. Where the window measured
 the instances' compute, a donor that brings the stage a compute unit it lacks
 goes first (``ComputeView.adds``).
+
+A prefill hands KV only to a decode of the same weights, so during a rolling
+upgrade (old and new weights side by side) a donor that is the last routable
+instance of its role on its weights, while routable ones of the other role run
+those weights, is passed over: switching it would strand them (the router
+could use them for nothing). When every donor would, the switch waits.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class Candidate:
     role: str
     routable: bool
     in_flight: int
+    model: str = ""  # the weights it runs ("" where one model serves all)
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,12 @@ class RatioLoop:
         if not donors or remaining < minimum:
             return RatioDecision("none", n_p, n_d,
                                  f"no {from_role} can go without breaking the minimum"), None
+        donors = [c for c in donors if not strands(c, candidates)]
+        if not donors:
+            return RatioDecision("none", n_p, n_d,
+                                 f"no {from_role} can go without stranding the {to_role}s of "
+                                 f"its weights (mixed weights: an upgrade in progress?); "
+                                 f"{decision.reason}"), None
         switch = PendingSwitch(scenario, donors[0].name, to_role, signal.now, decision.reason)
         self.pending[scenario] = switch
         return decision, switch
@@ -122,3 +135,12 @@ class RatioLoop:
         controller = self._controllers.get(scenario)
         if now is not None and controller is not None:
             controller.changed(now)
+
+
+def strands(donor: Candidate, candidates: Sequence[Candidate]) -> bool:
+    """``donor`` is the last routable instance of its role on its weights while
+    routable instances of the other role run them: they could serve nothing."""
+    same = [c for c in candidates if c.routable and c.model == donor.model]
+    return (not any(c.role == donor.role and c.name != donor.name for c in same)
+            and any(c.role != donor.role for c in same))
+

@@ -583,3 +583,34 @@ def test_a_drain_left_by_a_stopped_controller_is_lifted_by_the_next(tmp_path: Pa
         assert states(successor)["decode_1"] == "healthy"
     finally:
         successor.close()
+
+
+def test_mid_upgrade_the_ratio_loop_strands_no_weights(tmp_path: Path) -> None:
+    """prefill_0 and decode_0 rolled onto new weights, prefill_1 and decode_1 still
+    on the old: output-heavy traffic asks for a decode, but each prefill is the last
+    of its weights, so no prefill is drained and every pair keeps serving. With a
+    third prefill on the old weights, an old one goes."""
+    for extra in (0, 1):
+        traffic = Traffic()
+        c, triton = make(tmp_path / str(extra), prefill=2 + extra, decode=2, traffic=traffic)
+        try:
+            for name in ("prefill_0", "decode_0"):
+                c.repo.set_model(name, "tiny-v2", reason="upgrade")
+            triton.poll()
+            c.tick(0.0)
+            triton.in_flight.update(decode_0=32, decode_1=32)
+            traffic.add(60, ttft_s=0.5, tpot_s=0.01, out_tokens=151)
+            c.tick(10.0)
+            draining = read_state(tmp_path / str(extra) / "state.json").draining
+            if extra:
+                # prefill_0, the least busy by name, is the new weights' last prefill
+                assert c.repo.entry("prefill_0").role == "prefill"
+                assert c.repo.entry("prefill_1").role == "decode"  # idle: switched at once
+                continue
+            assert set(states(c).values()) == {"healthy"} and not draining
+            assert c.repo.entry("prefill_0").role == c.repo.entry("prefill_1").role == "prefill"
+            assert c.metrics.registry.get_sample_value(
+                "pdserve_controller_ratio_decisions_total",
+                {"scenario": "default", "action": "none", "reason": "mixed_weights"}) == 1
+        finally:
+            c.close()

@@ -522,3 +522,32 @@ def test_no_exploration_when_off_below_explore_gain_or_not_settled() -> None:
                for t in (0.0, 4.0, 8.0))
     with pytest.raises(ValueError, match="explore_gain"):
         RatioPolicy(explore_gain=0.2)  # above the tolerance: not "within" it
+
+
+def test_mid_upgrade_no_donor_strands_the_other_role_on_its_weights() -> None:
+    """A rolling upgrade half done: prefill_0 + decode_0 on new weights, prefill_1
+    + decode_1 on old. Prompt-heavy traffic asks for a prefill, but either decode
+    is the last of its weights: switching it would leave that weights' prefill
+    nothing to hand KV to. With a third decode on old weights, that one goes."""
+    sig = ScenarioSignal(now=100.0, n_prefill=2, n_decode=2, arrival_rate=1.6,
+                         prefill=RoleCapacity(1, 1.0), decode=RoleCapacity(16, 4.0))
+    assert RatioController().decide(sig).action == "add_prefill"  # prefill 0.8, decode 0.1
+    half = [Candidate("prefill_0", "prefill", True, 0, "new"),
+            Candidate("prefill_1", "prefill", True, 0, "old"),
+            Candidate("decode_0", "decode", True, 0, "new"),
+            Candidate("decode_1", "decode", True, 0, "old")]
+    decision, switch = RatioLoop(RatioPolicy()).decide("default", sig, half)
+    assert switch is None and decision.action == "none"
+    assert decision.reason.startswith("no decode can go without stranding the prefills of its "
+                                      "weights (mixed weights: an upgrade in progress?); "
+                                      "balance rule:"), decision.reason
+    three = [*half[:2], Candidate("decode_0", "decode", True, 0, "new"),
+             Candidate("decode_1", "decode", True, 5, "old"),
+             Candidate("decode_2", "decode", True, 1, "old")]
+    sig3 = replace(sig, n_decode=3)
+    _, switch = RatioLoop(RatioPolicy()).decide("default", sig3, three)
+    assert switch is not None and switch.name == "decode_2"  # old keeps decode_1
+    # One model (the usual case): the least busy donor, as before.
+    same = [replace(c, model="") for c in half]
+    _, switch = RatioLoop(RatioPolicy()).decide("default", sig, same)
+    assert switch is not None and switch.name == "decode_0"
