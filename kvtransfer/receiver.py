@@ -95,6 +95,7 @@ class ControlReceiver(KVReceiver):
         self._conn_lock = threading.Lock()
         self._conns: dict[int, tuple[wire.Connection, threading.Thread]] = {}
         self.num_auth_failures = 0
+        self.num_stuck_senders = 0  # one-sided senders that did not stop after our ERR
         try:
             self._listener = socket.create_server((config.host, config.port))
         except OSError as exc:
@@ -246,17 +247,25 @@ class ControlReceiver(KVReceiver):
     def _await_sender_stop(self, conn: wire.Connection) -> None:
         """One-sided transports: the sender writes into the extent itself, so it is
         freed only once the sender has stopped. A sender that reads our ERR stops
-        between two chunks and drops the connection (``ControlStream._failing``);
-        wait for that (or its ABORT), up to the I/O timeout (a hung sender copies
-        nothing)."""
-        deadline = time.monotonic() + self.config.io_timeout_s
+        between two chunks and drops the connection (``ControlStream._failing``), or
+        sends ABORT; wait for that. A sender that does not within the I/O timeout
+        (hung inside one copy) keeps its extent reserved until it does, or until
+        this receiver closes: a leaked extent is recoverable, KV written into one
+        given to another request is not."""
+        warned = False
         with contextlib.suppress(PdserveError, OSError):
-            while conn.readable_within(max(0.0, deadline - time.monotonic())):
+            while not self._stop.is_set():
+                if not conn.readable_within(self.config.io_timeout_s):
+                    if not warned:
+                        warned = True
+                        self.num_stuck_senders += 1
+                        log.warning("KV sender did not stop within %.0fs of our ERR; its "
+                                    "extent stays reserved until it does",
+                                    self.config.io_timeout_s)
+                    continue
                 header, _ = conn.recv_frame()  # NOTEs of spans it finished meanwhile
                 if header.kind == wire.ABORT:
                     return
-            log.warning("KV sender did not stop within %.0fs of our ERR; freeing its extent",
-                        self.config.io_timeout_s)
 
     def _hand_over(self, request_id: str, notice: str) -> bool:
         """Give a landed transfer's notice to the owner's hook: True if it took it."""

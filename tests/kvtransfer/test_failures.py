@@ -427,6 +427,29 @@ def test_kv_connections_probe_a_silent_peer(tcp_pair: Pair) -> None:
 
 
 @pytest.mark.parametrize("kind", ONE_SIDED)
+def test_a_sender_hung_past_the_io_timeout_keeps_its_extent_until_it_stops(kind: str) -> None:
+    """A one-sided sender that neither stops nor drops the connection within the
+    I/O timeout after our ERR (hung inside one copy) may still write into the
+    extent: it stays reserved (counted, logged) until the sender goes, and only
+    then is freed. Before, it was freed after the timeout, for another request."""
+    pair = open_pair(kind, io_timeout_s=0.3)
+    try:
+        handle = pair.receiver.reserve("r", 16, 4)
+        conn = raw_begin(pair, handle)
+        conn.expect(wire.GRANT)
+        assert pair.receiver.cancel("r")
+        conn.send_frame(wire.NOTE, offset=handle.extent_offset, meta={"nbytes": 64})
+        with pytest.raises(wire.Refused, match="stopped"):
+            conn.expect(wire.ACK)  # the answer is ERR
+        assert helpers.wait_until(lambda: pair.receiver.num_stuck_senders == 1, 3)
+        assert not helpers.wait_until(lambda: pair.arena.bytes_in_use == 0, 1.0)  # > 3 timeouts
+        conn.close()
+        assert helpers.wait_until(lambda: pair.arena.bytes_in_use == 0, 3)
+    finally:
+        close_pair(pair)
+
+
+@pytest.mark.parametrize("kind", ONE_SIDED)
 def test_one_sided_extent_is_freed_only_once_the_sender_stopped(kind: str) -> None:
     """A one-sided sender writes into the extent itself: after a cancel mid-
     transfer the receiver says ERR and frees the extent once the sender has
