@@ -27,6 +27,7 @@ could use them for nothing). When every donor would, the switch waits.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -104,7 +105,8 @@ class RatioLoop:
         if not donors or remaining < minimum:
             return RatioDecision("none", n_p, n_d,
                                  f"no {from_role} can go without breaking the minimum"), None
-        donors = [c for c in donors if not strands(c, candidates)]
+        on = Counter((c.model, c.role) for c in candidates if c.routable)
+        donors = [c for c in donors if not strands(c, on)]
         if not donors:
             return RatioDecision("none", n_p, n_d,
                                  f"no {from_role} can go without stranding the {to_role}s of "
@@ -137,10 +139,9 @@ class RatioLoop:
             controller.changed(now)
 
 
-def strands(donor: Candidate, candidates: Sequence[Candidate]) -> bool:
+def strands(donor: Candidate, on: Counter[tuple[str, str]]) -> bool:
     """``donor`` is the last routable instance of its role on its weights while
-    routable instances of the other role run them: they could serve nothing."""
-    same = [c for c in candidates if c.routable and c.model == donor.model]
-    return (not any(c.role == donor.role and c.name != donor.name for c in same)
-            and any(c.role != donor.role for c in same))
-
+    routable instances of another role run them: they could serve nothing.
+    ``on``: routable instances per (weights, role)."""
+    return on[(donor.model, donor.role)] == 1 and any(
+        n for (model, role), n in on.items() if model == donor.model and role != donor.role)
