@@ -15,22 +15,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from pdserve.scheduler.controller.health import STATES
 
-REASON_KINDS = ("cooldown", "balanced", "tolerance", "balance_rule", "online",
-                "no_traffic", "no_signal", "min_instances", "busy", "other")
+# A RatioDecision's reason text -> its label; the first needle found wins (the
+# memory's refusal and the stranding one quote the balance rule they overrule).
+_REASONS = (("compute saturated", "compute_saturated"), ("did no better", "memory"),
+            ("stranding", "mixed_weights"),
+            ("recall:", "recall"), ("explored ", "explore_back"), ("explore:", "explore"),
+            ("mix changing", "mix_change"), ("no stage saturated", "not_saturated"),
+            ("cooling down", "cooldown"), ("within tolerance", "tolerance"),
+            ("balance rule", "balance_rule"), ("balanced", "balanced"),
+            ("E2E up", "online"), ("no traffic", "no_traffic"),
+            ("no signal", "no_signal"), ("minimum", "min_instances"),
+            ("in progress", "busy"))
+REASON_KINDS = (*(kind for _, kind in _REASONS), "other")
 
 
 def reason_kind(reason: str) -> str:
     """Map a RatioDecision's free-text reason onto a bounded label value."""
-    table = (("compute saturated", "compute_saturated"), ("did no better", "memory"),
-             ("stranding", "mixed_weights"),
-             ("recall:", "recall"), ("explored ", "explore_back"), ("explore:", "explore"),
-             ("mix changing", "mix_change"), ("no stage saturated", "not_saturated"),
-             ("cooling down", "cooldown"), ("within tolerance", "tolerance"),
-             ("balance rule", "balance_rule"), ("balanced", "balanced"),
-             ("E2E up", "online"), ("no traffic", "no_traffic"),
-             ("no signal", "no_signal"), ("minimum", "min_instances"),
-             ("in progress", "busy"))
-    for needle, kind in table:
+    for needle, kind in _REASONS:
         if needle in reason:
             return kind
     return "other"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pdserve.scheduler.controller import cli
-from pdserve.scheduler.controller.metrics import reason_kind
+from pdserve.scheduler.controller.metrics import REASON_KINDS, reason_kind
 from pdserve.scheduler.ratio import RatioController, RatioPolicy, RoleCapacity, ScenarioSignal
 
 
@@ -58,3 +58,4 @@ def test_every_kind_of_ratio_decision_has_its_own_metric_label() -> None:
     assert reason_kind("2P2D did no better with this mix lately (...; balance rule: ...)") \
         == "memory"
     assert reason_kind("recall: 3P1D did 2.31x better with this mix 250 s ago (...)") == "recall"
+    assert set(kinds) <= set(REASON_KINDS) and len(set(REASON_KINDS)) == len(REASON_KINDS)
