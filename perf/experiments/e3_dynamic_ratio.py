@@ -448,10 +448,9 @@ def start_ratio(label: str) -> str:
 
 def reaction(doc: dict[str, Any]) -> list[str]:
     """Per dynamic run and phase: how long after the phase began the run served at
-    the phase's best static ratio (or one within 5 % of it) for good (from the
-    controller's switches, each
-    counted from when its instance serves in the new role). Unlike throughput this
-    does not move with the shared machine's load."""
+    the phase's best static ratio (or one within 5 % of it) for good, from the
+    controller's switches, each counted from when its instance serves in the new
+    role. Unlike throughput this does not move with the shared machine's load."""
     phase_s = doc["config"]["phase_s"]
     best: dict[int, list[str]] = {}  # the best static ratio, and any within 5 % of it
     for i in range(len(doc["config"]["phases"])):
