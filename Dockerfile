@@ -49,5 +49,10 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=120s \
     CMD curl -fsS localhost:8000/v2/health/ready || exit 1
 
 # Poll mode: the controller and operators change the deployment by editing /models.
+# The Python backend's pool of each instance must exceed the router's BLS calls at
+# once (stream_threads 512) by 16, and the router is told its size
+# (backends/pdserve/server/config.py, POOL_ENV).
+ENV PDSERVE_POOL_THREADS=528
 CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=poll", \
-     "--repository-poll-secs=5", "--log-info=true"]
+     "--repository-poll-secs=5", "--log-info=true", \
+     "--backend-config=python,thread-pool-size=528"]

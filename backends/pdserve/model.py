@@ -40,7 +40,11 @@ from pdserve.scheduler.controller.protocol import (  # noqa: E402
     ControlCall,
     answer_health,
 )
-from pdserve.server.config import InstanceConfig, parse_parameters  # noqa: E402
+from pdserve.server.config import (  # noqa: E402
+    InstanceConfig,
+    parse_parameters,
+    pool_threads,
+)
 
 EXECUTE_HOLD_S = 0.02
 
@@ -49,7 +53,7 @@ def _build_role(cfg: InstanceConfig, repository: Path) -> Any:
     if cfg.role == "router":
         from pdserve.roles.router import RouterRole
 
-        return RouterRole(cfg, repository)
+        return RouterRole(cfg, repository, pool_threads=pool_threads())
     if cfg.role == "prefill":
         from pdserve.roles.prefill import PrefillRole
 

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from pdserve.server.config import (
+    POOL_ENV,
+    POOL_RESERVE,
+    TRITON_POOL_DEFAULT,
     InstanceConfig,
     Route,
+    bls_threads,
     parse_cpu_cores,
     parse_parameters,
+    pool_threads,
     to_parameters,
 )
+from pdserve.server.launcher import ServerOptions, TritonServer
 from pdserve.server.repo import build, instances_from_spec, write_repository
 
 SPEC = Path(__file__).parent / "specs" / "tiny_pd.yaml"
@@ -133,3 +140,30 @@ def test_bad_specs(spec: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         instances_from_spec(spec)
 
+
+
+def test_pool_threads_from_the_launcher_else_tritons_default() -> None:
+    assert pool_threads({}) == TRITON_POOL_DEFAULT == 32
+    assert pool_threads({POOL_ENV: "528"}) == 528
+    for bad in ("many", "16", "-1"):
+        with pytest.raises(ValueError, match=POOL_ENV):
+            pool_threads({POOL_ENV: bad})
+
+
+def test_a_router_keeps_its_bls_calls_below_the_pool() -> None:
+    assert bls_threads(512, 528) == 512
+    assert bls_threads(512, TRITON_POOL_DEFAULT) == TRITON_POOL_DEFAULT - POOL_RESERVE
+    assert bls_threads(8, 528) == 8
+    assert bls_threads(512, POOL_RESERVE + 1) == 1
+
+
+def test_launcher_sizes_the_python_backend_pool_and_tells_the_stubs(tmp_path: Path) -> None:
+    options = ServerOptions(repository=tmp_path)
+    assert options.pool_threads == 512 + POOL_RESERVE  # the default stream_threads fit
+    command = TritonServer(replace(options, pool_threads=100)).command(tmp_path)
+    # Python-based backends read the "python" entry's pool size, not their own.
+    assert "--backend-config=python,thread-pool-size=100" in command
+    env = TritonServer(replace(options, pool_threads=100)).environment(tmp_path)
+    assert pool_threads(env) == 100  # what the router stub reads
+    with pytest.raises(ValueError, match="pool_threads"):
+        ServerOptions(repository=tmp_path, pool_threads=POOL_RESERVE)

@@ -81,7 +81,7 @@ from pdserve.scheduler.forwarding import (
     shortest_queue,
 )
 from pdserve.scheduler.instance import InstanceLoad, Role
-from pdserve.server.config import InstanceConfig
+from pdserve.server.config import POOL_ENV, InstanceConfig, bls_threads
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,10 @@ def is_instance_dead(exc: BaseException) -> bool:
 
 
 class RouterRole:
-    def __init__(self, cfg: InstanceConfig, repository: Path | None = None) -> None:
+    def __init__(self, cfg: InstanceConfig, repository: Path | None = None,
+                 pool_threads: int | None = None) -> None:
+        """``pool_threads``: the Python backend's thread pool of this model instance
+        (``server.config.POOL_ENV``); None: not under Triton, no such cap."""
         self.cfg = cfg
         tokenizer, config = load_tokenizer_and_config(cfg.model)
         self.tokenizer = tokenizer
@@ -134,7 +137,15 @@ class RouterRole:
                              max_tokens_limit=cfg.max_tokens_limit,
                              vocab_size=config.vocab_size,
                              scenarios=tuple(cfg.routes))
-        self.pool = DaemonExecutor(cfg.stream_threads, name=f"{cfg.name}-bls")
+        threads = (cfg.stream_threads if pool_threads is None
+                   else bls_threads(cfg.stream_threads, pool_threads))
+        if threads < cfg.stream_threads:
+            log.warning(
+                "%s: at most %d BLS calls at once, not stream_threads=%d: the Python backend "
+                "pool has %d threads (%s; raise it with pdserve serve --pool-threads, or "
+                "tritonserver --backend-config=python,thread-pool-size=N and %s=N)",
+                cfg.name, threads, cfg.stream_threads, pool_threads, POOL_ENV, POOL_ENV)
+        self.pool = DaemonExecutor(threads, name=f"{cfg.name}-bls")
         self.client = InstanceClient(self.pool)
         self.policy = ForwardingPolicy(ttft_budget_s=cfg.ttft_budget_s)
         self.prefill_bound = PrefillCallBound()

@@ -4,7 +4,7 @@ The launcher assembles a backend directory in a temp dir::
 
     <tmp>/backends/
       python/   libtriton_python.so, the backend utils module, the stub
-      pdserve/  model.py (symlink to this package's model.py)
+      pdserve/  model.py (a copy of this package's model.py)
 
 and starts ``tritonserver`` in poll mode, bound to loopback unless told
 otherwise, in its own process group so every stub it forks goes down with it.
@@ -60,10 +60,13 @@ from typing import Protocol
 from pdserve.errors import Unavailable
 from pdserve.kvtransfer.shm import sweep_stale_segments
 from pdserve.roles.cpu_quota import sweep_quota_cgroups
+from pdserve.server.config import POOL_ENV, POOL_RESERVE, InstanceConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # backends/pdserve
 RUNTIME_DIR_ENV = "PDSERVE_RUNTIME_DIR"  # where stubs keep sockets (removed on stop)
 SHM_DIR = Path("/dev/shm")
+# A router's default stream_threads of BLS calls at once, and the reserve for its sends.
+DEFAULT_POOL_THREADS = InstanceConfig(name="x", role="prefill").stream_threads + POOL_RESERVE
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,14 @@ class ServerOptions:
     log_verbose: int = 0
     log_file: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The Python backend's thread pool of each model instance (config.POOL_ENV): a
+    # router makes at most this many minus POOL_RESERVE BLS calls at once.
+    pool_threads: int = DEFAULT_POOL_THREADS
 
     def __post_init__(self) -> None:
+        if self.pool_threads <= POOL_RESERVE:
+            raise ValueError(f"pool_threads must be above {POOL_RESERVE}, "
+                             f"got {self.pool_threads}")
         for name in ("http_port", "grpc_port", "metrics_port"):
             port = getattr(self, name)
             if not 0 < port < 65536:
@@ -201,7 +210,15 @@ class TritonServer:
             # "python" for the plain Python backend, "pdserve" for ours built on it
             *(f"--backend-config={b},shm-region-prefix-name={self.shm_prefix}"
               for b in ("python", "pdserve")),
+            # Python-based backends take the "python" entry's pool size (a
+            # "pdserve" entry is not read for it; checked on 2.51's log).
+            f"--backend-config=python,thread-pool-size={o.pool_threads}",
         ]
+
+    def environment(self, runtime_dir: Path) -> dict[str, str]:
+        """tritonserver's (and so its stubs') environment."""
+        return server_env({RUNTIME_DIR_ENV: str(runtime_dir),
+                           POOL_ENV: str(self.options.pool_threads), **self.options.extra_env})
 
     def start(self) -> TritonServer:
         if not Path(self.options.repository).is_dir():
@@ -217,7 +234,7 @@ class TritonServer:
         self._log = out
         self.process = subprocess.Popen(
             self.command(backend_dir),
-            env=server_env({RUNTIME_DIR_ENV: str(runtime_dir), **self.options.extra_env}),
+            env=self.environment(runtime_dir),
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,  # own process group: stubs die with it
@@ -448,20 +465,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "many times within --restart-window (0: exit instead)")
     parser.add_argument("--restart-window", type=float, default=RestartPolicy.window_s,
                         help="seconds over which --max-restarts counts")
+    parser.add_argument("--pool-threads", type=int, default=DEFAULT_POOL_THREADS,
+                        help="the Python backend's thread pool of each model instance; a "
+                             f"router makes at most this many minus {POOL_RESERVE} BLS "
+                             f"calls at once (default {DEFAULT_POOL_THREADS})")
 
 
 def run(args: argparse.Namespace) -> int:
-    options = ServerOptions(
-        repository=args.repository,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        poll_secs=args.poll_secs,
-        ready_timeout_s=args.ready_timeout,
-        log_verbose=args.log_verbose,
-    )
     try:
+        options = ServerOptions(
+            repository=args.repository,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            poll_secs=args.poll_secs,
+            ready_timeout_s=args.ready_timeout,
+            log_verbose=args.log_verbose,
+            pool_threads=args.pool_threads,
+        )
         policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
     except ValueError as e:
         print(f"pdserve serve: {e}", file=sys.stderr)
