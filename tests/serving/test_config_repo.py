@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from pdserve.server import launcher
 from pdserve.server.config import (
     POOL_ENV,
     POOL_RESERVE,
@@ -167,3 +169,12 @@ def test_launcher_sizes_the_python_backend_pool_and_tells_the_stubs(tmp_path: Pa
     assert pool_threads(env) == 100  # what the router stub reads
     with pytest.raises(ValueError, match="pool_threads"):
         ServerOptions(repository=tmp_path, pool_threads=POOL_RESERVE)
+
+
+def test_serve_refuses_a_pool_without_room_for_sends(capsys: pytest.CaptureFixture[str],
+                                                     tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    args = parser.parse_args(["--repository", str(tmp_path), "--pool-threads", "8"])
+    assert launcher.run(args) == 2
+    assert "pool_threads must be above 16" in capsys.readouterr().err

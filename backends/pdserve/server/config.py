@@ -49,7 +49,7 @@ RELOAD_ONLY_KEYS = frozenset({"generation"})
 # keeps its calls at once ``POOL_RESERVE`` below it (``bls_threads``).
 POOL_ENV = "PDSERVE_POOL_THREADS"
 TRITON_POOL_DEFAULT = 32
-POOL_RESERVE = 16  # pool threads kept for response sends and cancellation checks
+POOL_RESERVE = 16  # pool threads kept free for the router's response sends
 
 
 def parse_cpu_cores(spec: str) -> tuple[int, ...]:
