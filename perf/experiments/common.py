@@ -154,6 +154,17 @@ def request_rows(records: Sequence[RequestRecord]) -> list[list[Any]]:
              [round(t - r.send_s, 4) for t in r.response_s], r.status] for r in records]
 
 
+def probe(server: TritonServer, specs: Sequence[RequestSpec], scenario: str | None = None
+          ) -> list[list[Any]] | None:
+    """``specs`` one at a time, right before a load point: per request (``request_rows``)
+    how fast the machine served the unloaded run's requests then (None: no specs)."""
+    if not specs:
+        return None
+    run_ = drive(server, specs, label="probe",
+                 scenario=scenario, concurrency=1)
+    return request_rows(run_.records)
+
+
 def out_dir(name: str, quick: bool) -> Path:
     path = OUT_ROOT / (f"{name}_quick" if quick else name)
     path.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,14 @@ class E1Config:
     # At least this many requests per point: at 0.5 req/s, 40 s of arrivals are 20
     # requests, and one slow request moves the point's attainment by 5 %.
     min_requests: int = 2
+    # Before each point, on its deployment: the unloaded run's first requests again,
+    # one at a time (the machine's speed then, against the unloaded run's; the
+    # simulator's validation scales its engine by it). 0: not run.
+    probe_requests: int = 4
 
     def __post_init__(self) -> None:
+        if not 0 <= self.probe_requests <= self.unloaded_requests:
+            raise ValueError("probe_requests must be in 0..unloaded_requests")
         if not self.rates or min(self.rates) <= 0:
             raise ValueError(f"rates must be positive, got {self.rates}")
         if self.point_s <= 0 or self.unloaded_requests < 2 or self.min_requests < 2:
@@ -132,10 +138,12 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
         base, _ = trace_at(cfg, 1.0, trace)
         base = [replace(s, arrival_s=None) for s in base[: cfg.unloaded_requests + 2]]
         unloaded: dict[str, dict[str, Any]] = {}
+        doc["unloaded_requests"] = {}
         for label, scenario in DEPLOYMENTS.items():
             common.drive(server, base[:2], label="warmup", scenario=scenario, concurrency=1)
             run_ = common.drive(server, base[2:], label=label, scenario=scenario, concurrency=1)
             unloaded[label] = common.summary_row(run_.summary())
+            doc["unloaded_requests"][label] = common.request_rows(run_.records)
             print(f"unloaded {label}: {unloaded[label]}", flush=True)
         slo = slos(unloaded)
         doc["unloaded"] = unloaded
@@ -148,6 +156,7 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
             # machine's load does not always favour the same one.
             order = list(DEPLOYMENTS.items())
             for label, scenario in order if i % 2 == 0 else order[::-1]:
+                probe = common.probe(server, base[2: 2 + cfg.probe_requests], scenario)
                 run_ = common.drive(server, specs, label=label, scenario=scenario,
                                     max_duration_s=len(specs) / rate * 3 + 30,
                                     request_timeout_s=120)
@@ -156,6 +165,8 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
                     "offered_requests": len(specs), "wall_s": run_.wall_s,
                     "load": common.summary_row(run_.summary()),
                     "requests": common.request_rows(run_.records)}
+                if probe is not None:
+                    point["probe"] = probe
                 for key, s in slo.items():
                     point[key] = common.summary_row(run_.summary(s))
                 points.append(point)

@@ -78,8 +78,13 @@ class E2Config:
     # not one of the points, with requests of another seed.
     overload_load: float = 4.0
     overload_s: float = 10.0
+    # Before each point: the unloaded run's first requests again, one at a time (the
+    # machine's speed then; the simulator's validation scales its engine by it).
+    probe_requests: int = 4
 
     def __post_init__(self) -> None:
+        if not 0 <= self.probe_requests <= self.unloaded_requests:
+            raise ValueError("probe_requests must be in 0..unloaded_requests")
         if not self.loads or min(self.loads) <= 0:
             raise ValueError(f"loads must be positive, got {self.loads}")
         if self.budget_margin < 1:
@@ -153,6 +158,11 @@ def requests(cfg: E2Config, rate: float | None, count: int, seed: int) -> list[R
     return list(itertools.islice(it, count))
 
 
+def unloaded_specs(cfg: E2Config) -> list[RequestSpec]:
+    """The unloaded run's requests (and, first ones, each point's probe)."""
+    return requests(cfg, None, cfg.unloaded_requests, seed=98)
+
+
 def ended_early(record: RequestRecord) -> bool:
     """Refused by early intervention (UNAVAILABLE), as opposed to failing once admitted."""
     return record.error_kind == "UNAVAILABLE" or EARLY_END_TEXT in (record.error_message or "")
@@ -211,7 +221,7 @@ def warmup(server: Any, cfg: E2Config, label: str, limit_s: float = 120.0) -> di
 
 def measure(server: Any, cfg: E2Config) -> dict[str, Any]:
     """Unloaded TTFT, closed-loop capacity and the service time of a prompt under load."""
-    unloaded = common.drive(server, requests(cfg, None, cfg.unloaded_requests, seed=98),
+    unloaded = common.drive(server, unloaded_specs(cfg),
                             label="unloaded", concurrency=1)
     cap = common.drive(server, requests(cfg, None, 100_000, seed=97), label="capacity",
                        concurrency=2 * cfg.total_slots, max_duration_s=cfg.capacity_s)
@@ -224,6 +234,7 @@ def measure(server: Any, cfg: E2Config) -> dict[str, Any]:
     span = max(r.end_s for r in done) - min(r.send_s for r in cap.records)
     capacity = len(done) / span
     return {"unloaded": common.summary_row(unloaded.summary()),
+            "unloaded_requests": common.request_rows(unloaded.records),
             "capacity_req_per_s": capacity,
             # Little's law on the prefill stage, every slot busy: S = slots / C.
             "service_s": cfg.total_slots / capacity,
@@ -251,11 +262,14 @@ def sweep(server: Any, cfg: E2Config, capacity: float, slo: Slo, label: str
     for i, load in enumerate(cfg.loads):
         rate = load * capacity
         specs = requests(cfg, rate, max(4, round(rate * cfg.point_s)), seed=i)
+        probe = common.probe(server, unloaded_specs(cfg)[: cfg.probe_requests])
         run_ = common.drive(server, specs, label=label, max_duration_s=cfg.point_s * 4 + 30,
                             request_timeout_s=60)
         point = {"admission": label, "load": load, "rate": rate, "offered": len(specs),
                  "wall_s": run_.wall_s, **attainment(run_.records, slo),
                  "bench": common.summary_row(run_.summary(slo))}
+        if probe is not None:
+            point["probe"] = probe
         points.append(point)
         print(f"{label} {load}x ({rate:.1f} req/s): all {common.pct(point['attainment_all'])} "
               f"admitted {common.pct(point['attainment_admitted'])} "
