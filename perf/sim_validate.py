@@ -38,6 +38,12 @@ never from the points themselves:
     Under overload the router retries prefills for every waiting request (back-off
     2-50 ms), on the decode's core; without it the simulated TPOT stayed flat
     while the measured one rose with the offered load.
+Drift: the shared machine's speed moves 10-30 % within minutes (E2's on-demand
+1x point measured TPOT p50 34.1 ms in its run and 25.7 ms ten minutes later). Runs
+that take a probe before each point (the unloaded run's first requests again, one
+at a time: ``probe`` in the point) have each point simulated on the engine scaled
+by the probe against the unloaded run, request by request (median ratio; prefill
+by TTFT, decode step by TPOT; ``--no-drift`` to compare without).
 The deployment's cores (``cpu_cores`` of its instances and router) are declared
 as a ``HostCores``: every core is shared by processor sharing. The load points
 are then predictions.
@@ -57,7 +63,7 @@ from pdserve.bench.records import RequestSpec
 from pdserve.scheduler.forwarding import ForwardingPolicy
 from pdserve.scheduler.sim.cluster import Cluster
 from pdserve.scheduler.sim.config import HostCores, ScenarioSpec, SimConfig
-from pdserve.scheduler.sim.profile import Profile, load_profile
+from pdserve.scheduler.sim.profile import DecodeModel, PrefillModel, Profile, load_profile
 from perf.sim_common import save
 
 # (label, summary_row key): the figures the issue asks to match within 10 %
@@ -65,6 +71,7 @@ FIELDS = (("TTFT p50 ms", "ttft_p50_ms"), ("TTFT p90 ms", "ttft_p90_ms"),
           ("TPOT p50 ms", "tpot_p50_ms"), ("TPOT p90 ms", "tpot_p90_ms"),
           ("throughput req/s", "req_per_s"), ("throughput out tok/s", "out_tok_per_s"))
 UNLOADED_GAP_S = 30.0  # one request at a time: arrivals this far apart
+DRIFT_CAP = 2.0  # a probe ratio beyond this is a broken probe, not the machine
 
 
 def simulate_specs(profile: Profile, scenario: ScenarioSpec, specs: list[RequestSpec], *,
@@ -228,7 +235,8 @@ def _errors(sim: dict[str, Any], meas: dict[str, Any]) -> dict[str, float | None
 
 
 # -- E1 ------------------------------------------------------------------------
-def validate_e1(doc: dict[str, Any], profile: Profile) -> dict[str, Any]:
+def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = True
+                ) -> dict[str, Any]:
     from perf.experiments import e1_disagg_vs_agg as e1
 
     raw = dict(doc["config"])
@@ -271,16 +279,19 @@ def validate_e1(doc: dict[str, Any], profile: Profile) -> dict[str, Any]:
     for p in doc["points"]:
         specs, _ = e1.trace_at(cfg, float(p["rate"]), trace)
         label = p["deployment"]
-        sim = simulate_specs(calibrated[label], scenarios[label], specs, ttft_budget_s=budget,
-                             transfer_mode=mode)
+        speed = drift(p.get("probe"), (doc.get("unloaded_requests") or {}).get(label)) \
+            if use_drift else None
+        sim = simulate_specs(drifted(calibrated[label], speed), scenarios[label], specs,
+                             ttft_budget_s=budget, transfer_mode=mode)
         points.append({"experiment": "E1", "point": f"{label} {p['rate']:g} req/s",
-                       "simulated": sim, "measured": p["load"],
+                       "simulated": sim, "measured": p["load"], "drift": speed,
                        "relative_error": _errors(sim, p["load"])})
     return {"calibration": calib, "points": points}
 
 
 # -- E2 ------------------------------------------------------------------------
-def validate_e2(doc: dict[str, Any], profile: Profile) -> dict[str, Any]:
+def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = True
+                ) -> dict[str, Any]:
     from perf.experiments import e2_forwarding_vs_queue as e2
 
     raw = dict(doc["config"])
@@ -298,9 +309,7 @@ def validate_e2(doc: dict[str, Any], profile: Profile) -> dict[str, Any]:
     alone = service / 2 - profile.transfer_time(mode, cfg.prompt_len)
     engine = prof.prefill.prompt_time(cfg.prompt_len)
     scale = max(alone, 1e-4) / engine
-    prof = replace(prof, prefill=replace(prof.prefill, fixed_s=prof.prefill.fixed_s * scale,
-                                         per_token_s=prof.prefill.per_token_s * scale,
-                                         per_token2_s=prof.prefill.per_token2_s * scale))
+    prof = replace(prof, prefill=_scaled_prefill(prof.prefill, scale))
     unloaded = e2.requests(cfg, None, cfg.unloaded_requests, seed=98)
     lq_budget = float(spec["limits"].get("ttft_budget_s", cfg.ttft_slo_ms / 1000))
     prof, calib = calibrate(prof, sc, unloaded, measured["unloaded"], ttft_budget_s=lq_budget,
@@ -341,12 +350,64 @@ def validate_e2(doc: dict[str, Any], profile: Profile) -> dict[str, Any]:
         specs = e2.requests(cfg, float(p["rate"]), int(p["offered"]), seed=i)
         on_demand = p["admission"] == "on_demand"
         budget = float(doc["ttft_budget_s"]) if on_demand else lq_budget
-        sim = simulate_specs(prof, sc, specs, ttft_budget_s=budget, transfer_mode=mode,
-                             admission=p["admission"], slo=slo)
+        speed = drift(p.get("probe"), measured.get("unloaded_requests")) if use_drift else None
+        sim = simulate_specs(drifted(prof, speed), sc, specs, ttft_budget_s=budget,
+                             transfer_mode=mode, admission=p["admission"], slo=slo)
         points.append({"experiment": "E2", "point": f"{p['admission']} {p['load']:g}x",
-                       "simulated": sim, "measured": p["bench"],
+                       "simulated": sim, "measured": p["bench"], "drift": speed,
                        "relative_error": _errors(sim, p["bench"])})
     return {"calibration": calib, "points": points}
+
+
+def _ttft_tpot(row: list[Any]) -> tuple[float | None, float | None]:
+    """TTFT and TPOT (s) of one ``common.request_rows`` row; None where it has none."""
+    times, status = row[3], row[4]
+    if status != "ok" or not times:
+        return None, None
+    tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+    return times[0], tpot
+
+
+def drift(probe: list[list[Any]] | None, unloaded: list[list[Any]] | None
+          ) -> dict[str, float] | None:
+    """How much slower (> 1) the machine served the same requests right before a
+    point than in the unloaded run: the median per-request ratio of TTFT and of
+    TPOT, each clamped to [1/DRIFT_CAP, DRIFT_CAP]; None: no probe to tell."""
+    if not probe or not unloaded:
+        return None
+    ratios: dict[str, list[float]] = {"ttft": [], "tpot": []}
+    for a, b in zip(probe, unloaded, strict=False):  # the same requests, in order
+        if a[0] != b[0] or a[1] != b[1]:
+            raise ValueError(f"probe and unloaded run differ: {a[:2]} vs {b[:2]}")
+        for key, x, y in zip(("ttft", "tpot"), _ttft_tpot(a), _ttft_tpot(b), strict=True):
+            if x and y:
+                ratios[key].append(x / y)
+    out = {k: min(max(_median(v), 1 / DRIFT_CAP), DRIFT_CAP) for k, v in ratios.items() if v}
+    return out or None
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def drifted(profile: Profile, k: dict[str, float] | None) -> Profile:
+    """``profile`` with its engine times scaled by a point's drift (prefill by the
+    TTFT ratio, the decode step by the TPOT ratio)."""
+    if not k:
+        return profile
+    return replace(profile, prefill=_scaled_prefill(profile.prefill, k.get("ttft", 1.0)),
+                   decode=_scaled_decode(profile.decode, k.get("tpot", 1.0)))
+
+
+def _scaled_decode(d: DecodeModel, k: float) -> DecodeModel:
+    return replace(d, fixed_s=d.fixed_s * k, per_seq_s=d.per_seq_s * k,
+                   per_ctx_token_s=d.per_ctx_token_s * k)
+
+
+def _scaled_prefill(p: PrefillModel, k: float) -> PrefillModel:
+    return replace(p, fixed_s=p.fixed_s * k, per_token_s=p.per_token_s * k,
+                   per_token2_s=p.per_token2_s * k)
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -385,17 +446,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e1", type=Path, help="perf/experiments/e1_disagg_vs_agg output e1.json")
     ap.add_argument("--e2", type=Path, help="perf/experiments/e2_forwarding_vs_queue e2.json")
     ap.add_argument("--json", default="sim_validate", help="perf/out/<name>.json")
+    ap.add_argument("--no-drift", action="store_true",
+                    help="ignore the points' probes (the machine's speed right before each)")
     args = ap.parse_args(argv)
     if not args.e1 and not args.e2:
         ap.error("give --e1 and/or --e2")
     profile = load_profile(args.profile)
     results = []
     if args.e1:
-        results.append(validate_e1(json.loads(args.e1.read_text()), profile))
+        results.append(validate_e1(json.loads(args.e1.read_text()), profile,
+                                   use_drift=not args.no_drift))
     if args.e2:
-        results.append(validate_e2(json.loads(args.e2.read_text()), profile))
+        results.append(validate_e2(json.loads(args.e2.read_text()), profile,
+                                   use_drift=not args.no_drift))
     ok, n = within(results)
     doc = {"profile": args.profile, "e1": str(args.e1), "e2": str(args.e2),
+           "drift": not args.no_drift,
            "within_10pct": [ok, n], "results": results}
     path = save(args.json, doc)
     for r in results:

@@ -117,3 +117,32 @@ def test_e2_attempt_work_is_fitted_to_the_overload_run(with_overload: bool) -> N
             calib["overload_measured_tpot_p50_ms"], rel=0.02)
     else:  # an E2 run from before the overload run: nothing to fit, no attempt work
         assert "router_attempt_ms" not in calib
+
+
+def _row(prompt: int, out: int, ttft: float, tpot: float, status: str = "ok") -> list[Any]:
+    times = [round(ttft + i * tpot, 6) for i in range(out)]
+    return [prompt, out, 0.0, times if status == "ok" else [], status]
+
+
+def test_drift_is_the_median_per_request_ratio_of_the_same_requests() -> None:
+    unloaded = [_row(64, 4, 0.150, 0.025), _row(96, 8, 0.200, 0.030), _row(32, 4, 0.100, 0.020)]
+    assert sv.drift(unloaded, unloaded) == {"ttft": 1.0, "tpot": 1.0}
+    slower = [_row(64, 4, 0.180, 0.030), _row(96, 8, 0.300, 0.033), _row(32, 4, 0.110, 0.020)]
+    k = sv.drift(slower, unloaded)
+    assert k is not None
+    assert k["ttft"] == pytest.approx(1.2) and k["tpot"] == pytest.approx(1.1)
+    # A failed probe request is left out; a wild one is capped.
+    failed = [_row(64, 4, 0, 0, status="error"), _row(96, 8, 2.0, 0.030), _row(32, 4, 9, 0.02)]
+    k = sv.drift(failed, unloaded)
+    assert k is not None and k["ttft"] == sv.DRIFT_CAP
+    assert sv.drift(None, unloaded) is None and sv.drift(slower, None) is None
+    with pytest.raises(ValueError, match="differ"):
+        sv.drift([_row(65, 4, 0.15, 0.025)], unloaded)
+
+
+def test_drifted_profile_scales_prefill_by_ttft_and_decode_by_tpot() -> None:
+    prof = load_profile(PROFILE)
+    out = sv.drifted(prof, {"ttft": 1.5, "tpot": 0.8})
+    assert out.prefill.prompt_time(100) == pytest.approx(1.5 * prof.prefill.prompt_time(100))
+    assert out.decode.step_time(4, 400) == pytest.approx(0.8 * prof.decode.step_time(4, 400))
+    assert sv.drifted(prof, None) is prof
