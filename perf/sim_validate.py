@@ -312,7 +312,7 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False
     engine = prof.prefill.prompt_time(cfg.prompt_len)
     scale = max(alone, 1e-4) / engine
     prof = replace(prof, prefill=_scaled_prefill(prof.prefill, scale))
-    unloaded = e2.requests(cfg, None, cfg.unloaded_requests, seed=98)
+    unloaded = e2.unloaded_specs(cfg)
     lq_budget = float(spec["limits"].get("ttft_budget_s", cfg.ttft_slo_ms / 1000))
     prof, calib = calibrate(prof, sc, unloaded, measured["unloaded"], ttft_budget_s=lq_budget,
                             transfer_mode=mode, admission="local_queue")

@@ -160,8 +160,7 @@ def probe(server: TritonServer, specs: Sequence[RequestSpec], scenario: str | No
     how fast the machine served the unloaded run's requests then (None: no specs)."""
     if not specs:
         return None
-    run_ = drive(server, specs, label="probe",
-                 scenario=scenario, concurrency=1)
+    run_ = drive(server, specs, label="probe", scenario=scenario, concurrency=1)
     return request_rows(run_.records)
 
 

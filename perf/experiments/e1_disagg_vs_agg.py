@@ -52,8 +52,8 @@ class E1Config:
     # requests, and one slow request moves the point's attainment by 5 %.
     min_requests: int = 2
     # Before each point, on its deployment: the unloaded run's first requests again,
-    # one at a time (the machine's speed then, against the unloaded run's; the
-    # simulator's validation scales its engine by it). 0: not run.
+    # one at a time (the machine's speed then, against the unloaded run's;
+    # perf/sim_validate.py --drift scales its engine by it). 0: not run.
     probe_requests: int = 4
 
     def __post_init__(self) -> None:

@@ -79,7 +79,7 @@ class E2Config:
     overload_load: float = 4.0
     overload_s: float = 10.0
     # Before each point: the unloaded run's first requests again, one at a time (the
-    # machine's speed then; the simulator's validation scales its engine by it).
+    # machine's speed then; perf/sim_validate.py --drift scales its engine by it).
     probe_requests: int = 4
 
     def __post_init__(self) -> None:
