@@ -83,11 +83,11 @@ def test_response_sends_do_not_wait_for_calls_queued_at_a_prefill(server: Triton
     """128 prefill calls wait at the default scenario's prefill (4x Triton's default
     pool of 32); meanwhile a request of the "side" scenario runs on instances
     nobody else uses. Its first token must come about as fast as when it runs
-    alone, and its tokens a decode step apart, not in bunches.
+    alone, not after dozens of the burst's prefills.
 
     Measured with the old pool (32 threads, the router's calls not kept below it):
-    first token 481 ms (alone: 28 ms), 66 % of its token gaps under 0.5 ms, median
-    0.0 ms; with the pool sized: 22 ms (alone 23 ms), 23 %, median 2.6 ms."""
+    first token after 401-519 ms (alone: 25-30 ms); with the pool sized: 18-27 ms
+    (alone 31-36 ms)."""
     url = server.options.grpc_url
     burst_out: list[Result] = []
 
@@ -108,7 +108,9 @@ def test_response_sends_do_not_wait_for_calls_queued_at_a_prefill(server: Triton
     thread = threading.Thread(target=burst)
     thread.start()
     try:
-        time.sleep(0.3)  # the burst is queued at the default prefill by now
+        # The burst is in by now (the router took in its 128 requests) and about
+        # 80 of its prefill calls still wait: a span of 1.7-2.1 s here.
+        time.sleep(0.8)
         side, ttft = side_request()
     finally:
         thread.join(timeout=180)
@@ -126,6 +128,6 @@ def test_response_sends_do_not_wait_for_calls_queued_at_a_prefill(server: Triton
     # It ran while the burst was still queued, or this proves nothing.
     assert side.token_times[-1] < firsts[-1], "the burst drained before the side request ended"
     # Starved, its first send waited for dozens of the burst's prefills to answer.
+    # (Its token gaps are no test: the router's loop, busy taking in the burst,
+    # also bunches them now and then, pool or not: 0.0 ms median in one suite run.)
     assert ttft < max(10 * per_prefill, 3 * ttft_alone)
-    # ... and its later tokens went out in bunches whenever a prefill answered.
-    assert gap(side) > 0.3 * gap(alone)
