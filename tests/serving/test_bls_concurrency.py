@@ -13,14 +13,13 @@ The Python backend runs a stub's BLS calls AND its response sends on one thread
 pool per model instance (32 threads unless ``thread-pool-size`` is set), and a
 waiting decoupled call holds one. With more calls waiting than the pool has
 threads, each response the router sends waited for some prefill to answer: a
-request decoding on ANOTHER scenario's instances streamed one token per
-prefill of the burst. The launcher sizes the pool (``ServerOptions.pool_threads``)
-and the router keeps its calls below it.
+request served by ANOTHER scenario's instances got its first token only after
+dozens of the burst's prefills. The launcher sizes the pool
+(``ServerOptions.pool_threads``) and the router keeps its calls below it.
 """
 
 from __future__ import annotations
 
-import itertools
 import statistics
 import threading
 import time
@@ -104,7 +103,7 @@ def test_response_sends_do_not_wait_for_calls_queued_at_a_prefill(server: Triton
         assert r.error is None and len(r.token_times) == 48, r.error
         return r, r.token_times[0] - sent
 
-    alone, ttft_alone = side_request()
+    _, ttft_alone = side_request()
     thread = threading.Thread(target=burst)
     thread.start()
     try:
@@ -118,13 +117,8 @@ def test_response_sends_do_not_wait_for_calls_queued_at_a_prefill(server: Triton
     assert all(r.error is None for r in burst_out), [r.error for r in burst_out if r.error][:2]
     firsts = sorted(r.token_times[0] for r in burst_out)
     per_prefill = (firsts[-1] - firsts[0]) / (len(firsts) - 1)
-
-    def gap(r: Result) -> float:
-        return statistics.median(b - a for a, b in itertools.pairwise(r.token_times))
-
     print(f"\nburst: a prefill answered every {per_prefill * 1000:.1f} ms; the side request: "
-          f"first token after {ttft * 1000:.0f} ms (alone {ttft_alone * 1000:.0f} ms), token "
-          f"gap median {gap(side) * 1000:.1f} ms (alone {gap(alone) * 1000:.1f} ms)")
+          f"first token after {ttft * 1000:.0f} ms (alone {ttft_alone * 1000:.0f} ms)")
     # It ran while the burst was still queued, or this proves nothing.
     assert side.token_times[-1] < firsts[-1], "the burst drained before the side request ended"
     # Starved, its first send waited for dozens of the burst's prefills to answer.
