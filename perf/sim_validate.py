@@ -2,7 +2,8 @@
 
     python -m perf.sim_validate --profile perf/sim_profiles/cpu_small_fitted.yaml \\
         --e1 perf/out/e1_disagg_vs_agg/e1.json \\
-        --e2 perf/out/e2_forwarding_vs_queue/e2.json --json sim_validate
+        --e2 perf/out/e2_forwarding_vs_queue/e2.json --json sim_validate \\
+        [--repeat-e1 OTHER_E1.json ... --repeat-e2 OTHER_E2.json ...]
 
 Each measured point is simulated with the same deployment (instances, slots,
 batch sizes, KV capacity, transfer mode, prefills pinned together), the same
@@ -46,6 +47,13 @@ point simulated on the engine scaled by the probe against the unloaded run,
 request by request (median ratio; prefill by TTFT, decode step by TPOT). Measured
 on the 2026-12-06 18:00 runs: 64 of 96 figures within 10 % with it, 69 without:
 four requests catch a transient, not the speed over a point. Kept as an option.
+Repeated runs (``--repeat-e1``/``--repeat-e2``: other live runs of the same
+experiment): the live system is compared with itself (each figure of a repeat
+against the validated run's, the same error formula), the simulated figures
+with the mean of all the runs, and a run made of the runs' means (``mean_run``:
+calibration measurements and points averaged) is validated as well. On this
+shared machine 70-73 % of the live figures repeat within 10 % from one run to
+the next (2026-12-06), which bounds how close a model of one run can be.
 The deployment's cores (``cpu_cores`` of its instances and router) are declared
 as a ``HostCores``: every core is shared by processor sharing. The load points
 are then predictions.
@@ -285,7 +293,7 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False
             if use_drift else None
         sim = simulate_specs(drifted(calibrated[label], speed), scenarios[label], specs,
                              ttft_budget_s=budget, transfer_mode=mode)
-        points.append({"experiment": "E1", "point": f"{label} {p['rate']:g} req/s",
+        points.append({"experiment": "E1", "point": point_label("E1", p),
                        "simulated": sim, "measured": p["load"], "drift": speed,
                        "relative_error": _errors(sim, p["load"])})
     return {"calibration": calib, "points": points}
@@ -355,10 +363,136 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False
         speed = drift(p.get("probe"), measured.get("unloaded_requests")) if use_drift else None
         sim = simulate_specs(drifted(prof, speed), sc, specs, ttft_budget_s=budget,
                              transfer_mode=mode, admission=p["admission"], slo=slo)
-        points.append({"experiment": "E2", "point": f"{p['admission']} {p['load']:g}x",
+        points.append({"experiment": "E2", "point": point_label("E2", p),
                        "simulated": sim, "measured": p["bench"], "drift": speed,
                        "relative_error": _errors(sim, p["bench"])})
     return {"calibration": calib, "points": points}
+
+
+# -- repeated live runs ----------------------------------------------------------
+def point_label(experiment: str, p: dict[str, Any]) -> str:
+    """A point's name, the same in every run of its experiment."""
+    if experiment == "E1":
+        return f"{p['deployment']} {p['rate']:g} req/s"
+    return f"{p['admission']} {p['load']:g}x"
+
+
+def measured_points(experiment: str, doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Point name -> the measured ``summary_row`` of one live run."""
+    key = "load" if experiment == "E1" else "bench"
+    return {point_label(experiment, p): p[key] for p in doc["points"]}
+
+
+def live_spread(results: list[dict[str, Any]],
+                repeats: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The live system against itself: each figure of the validated run against
+    the same figure of other live runs of the same experiment (``repeats``:
+    experiment -> their JSON documents), and the simulated figure against the
+    mean of all the runs. A figure that moves more than 10 % from one live run
+    to the next bounds how close any model of a single run can be.
+
+    Returns ``live_within_10pct`` [k, n] (every repeat's figure against the
+    validated run's, the simulator's error formula), ``vs_mean_within_10pct``
+    [k, n] (simulated against the mean of the runs, over the points every run
+    has) and per point the runs' figures and both errors.
+    """
+    points, live_errs, mean_errs = [], [], []
+    for res in results:
+        for p in res["points"]:
+            others = [measured_points(p["experiment"], d).get(p["point"])
+                      for d in repeats.get(p["experiment"], [])]
+            runs = [p["measured"]] + [o for o in others if o is not None]
+            if len(runs) < 2:
+                continue
+            rerun = [_errors(o, p["measured"]) for o in runs[1:]]
+            mean = {key: _mean([r.get(key) for r in runs]) for _, key in FIELDS}
+            vs_mean = _errors(p["simulated"], mean)
+            live_errs += [v for e in rerun for v in e.values() if v is not None]
+            mean_errs += [v for v in vs_mean.values() if v is not None]
+            points.append({"experiment": p["experiment"], "point": p["point"],
+                           "runs": len(runs), "rerun_error": rerun, "mean": mean,
+                           "sim_vs_mean_error": vs_mean})
+    return {"live_within_10pct": _count(live_errs), "vs_mean_within_10pct": _count(mean_errs),
+            "points": points}
+
+
+def mean_run(experiment: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run made of several live runs of an experiment: the first run's
+    document with every measured figure the validation reads (the calibration
+    runs' and the points' ``summary_row`` figures, E2's service time) replaced by
+    its mean over the runs. Points only some runs have are dropped; settings
+    (rates, request counts, seeds, budgets) stay the first run's. Validating it
+    calibrates on the mean and compares with the mean, so one run's transient
+    (a slow minute during its 10 s overload run) no longer moves every point."""
+    import copy
+
+    out = copy.deepcopy(docs[0])
+    if experiment == "E1":
+        for label in out["unloaded"]:
+            out["unloaded"][label] = _mean_row([d["unloaded"][label] for d in docs])
+        for label in out.get("busy") or {}:
+            busy = [b for d in docs if (b := (d.get("busy") or {}).get(label)) is not None]
+            if len(busy) == len(docs):
+                out["busy"][label]["load"] = _mean_row([b["load"] for b in busy])
+    else:
+        ms = [d["measured"] for d in docs]
+        m = out["measured"]
+        m["unloaded"] = _mean_row([x["unloaded"] for x in ms])
+        m["capacity_run"] = _mean_row([x["capacity_run"] for x in ms])
+        m["service_s"] = sum(float(x["service_s"]) for x in ms) / len(ms)
+        over = [o for x in ms if (o := x.get("overload_run")) is not None]
+        if len(over) == len(ms):
+            m["overload_run"]["bench"] = _mean_row([o["bench"] for o in over])
+    key = "load" if experiment == "E1" else "bench"
+    runs = [measured_points(experiment, d) for d in docs]
+    points = []
+    for p in out["points"]:
+        rows = [row for r in runs if (row := r.get(point_label(experiment, p))) is not None]
+        if len(rows) == len(runs):
+            points.append({**p, key: _mean_row(rows)})
+    out["points"] = points
+    out["mean_of_runs"] = len(docs)
+    return out
+
+
+def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Numeric figures averaged (None where a run has none); the rest (error
+    counts by kind) the first row's."""
+    out = dict(rows[0])
+    for k, v in rows[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = _mean([r.get(k) for r in rows])
+    return out
+
+
+def _mean(values: list[Any]) -> float | None:
+    if any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def _count(errs: list[float], tol: float = 0.10) -> list[int]:
+    return [sum(1 for v in errs if abs(v) <= tol), len(errs)]
+
+
+def spread_markdown(spread: dict[str, Any]) -> str:
+    """Per point and figure: the live reruns' errors against the validated run,
+    then the simulated figure's error against the mean of the runs."""
+    head = "| experiment | point | runs | " + " | ".join(
+        f"{label}: reruns / sim vs mean" for label, _ in FIELDS) + " |"
+    lines = [head, "|" + "---|" * (len(FIELDS) + 3)]
+    for p in spread["points"]:
+        cells = []
+        for _, key in FIELDS:
+            rerun = ", ".join(_pct(e.get(key)) for e in p["rerun_error"])
+            cells.append(f"{rerun} / {_pct(p['sim_vs_mean_error'].get(key))}")
+        lines.append(f"| {p['experiment']} | {p['point']} | {p['runs']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.0%}"
 
 
 def _ttft_tpot(row: list[Any]) -> tuple[float | None, float | None]:
@@ -422,7 +556,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
             cells = []
             for _, key in FIELDS:
                 sv, mv, ev = s.get(key), m.get(key), e.get(key)
-                cells.append(f"{_f(sv)} / {_f(mv)} ({'n/a' if ev is None else f'{ev:+.0%}'})")
+                cells.append(f"{_f(sv)} / {_f(mv)} ({_pct(ev)})")
             n_s, n_m = (sum((row.get("errors") or {}).values()) for row in (s, m))
             errs = f"{n_s} / {n_m}"
             lines.append(f"| {p['experiment']} | {p['point']} | " + " | ".join(cells)
@@ -451,9 +585,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drift", action="store_true",
                     help="scale each point's engine by its probe (the machine's speed right "
                          "before it) against the unloaded run")
+    ap.add_argument("--repeat-e1", type=Path, nargs="+", default=[], metavar="JSON",
+                    help="other live E1 runs of the same points: report how far the live "
+                         "figures move from run to run, and the simulated ones against "
+                         "the mean of the runs")
+    ap.add_argument("--repeat-e2", type=Path, nargs="+", default=[], metavar="JSON",
+                    help="the same for E2")
     args = ap.parse_args(argv)
     if not args.e1 and not args.e2:
         ap.error("give --e1 and/or --e2")
+    if (args.repeat_e1 and not args.e1) or (args.repeat_e2 and not args.e2):
+        ap.error("--repeat-e1/--repeat-e2 repeat a run given with --e1/--e2")
     profile = load_profile(args.profile)
     results = []
     if args.e1:
@@ -466,10 +608,35 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"profile": args.profile, "e1": str(args.e1), "e2": str(args.e2),
            "drift": args.drift,
            "within_10pct": [ok, n], "results": results}
+    repeats = {"E1": [json.loads(f.read_text()) for f in args.repeat_e1],
+               "E2": [json.loads(f.read_text()) for f in args.repeat_e2]}
+    spread = live_spread(results, repeats) if args.repeat_e1 or args.repeat_e2 else None
+    pooled: list[dict[str, Any]] = []
+    if spread is not None:
+        if args.repeat_e1:
+            pooled.append(validate_e1(mean_run("E1", [json.loads(args.e1.read_text())]
+                                               + repeats["E1"]), profile))
+        if args.repeat_e2:
+            pooled.append(validate_e2(mean_run("E2", [json.loads(args.e2.read_text())]
+                                               + repeats["E2"]), profile))
+        doc["repeat"] = {"e1": [str(f) for f in args.repeat_e1],
+                         "e2": [str(f) for f in args.repeat_e2], **spread,
+                         "mean_run_within_10pct": list(within(pooled)), "mean_run": pooled}
     path = save(args.json, doc)
     for r in results:
         print(json.dumps(r["calibration"]))
     print(markdown(results))
+    if spread is not None:
+        print(spread_markdown(spread))
+        (lk, ln), (mk, mn) = spread["live_within_10pct"], spread["vs_mean_within_10pct"]
+        print(f"live reruns against this run: {lk} of {ln} figures within 10 %; "
+              f"simulated against the mean of the runs: {mk} of {mn}")
+        print("calibrated on the mean of the runs and compared with it:")
+        for r in pooled:
+            print(json.dumps(r["calibration"]))
+        print(markdown(pooled))
+        pk, pn = within(pooled)
+        print(f"mean of the runs (calibration and points): {pk} of {pn} within 10 %")
     print(f"{ok} of {n} compared figures within 10 %; JSON: {path}")
     return 0
 

@@ -146,3 +146,90 @@ def test_drifted_profile_scales_prefill_by_ttft_and_decode_by_tpot() -> None:
     assert out.prefill.prompt_time(100) == pytest.approx(1.5 * prof.prefill.prompt_time(100))
     assert out.decode.step_time(4, 400) == pytest.approx(0.8 * prof.decode.step_time(4, 400))
     assert sv.drifted(prof, None) is prof
+
+
+def _summary(ttft: float, tpot: float, req_s: float = 1.0) -> dict[str, Any]:
+    return {"ttft_p50_ms": ttft, "ttft_p90_ms": 2 * ttft, "tpot_p50_ms": tpot,
+            "tpot_p90_ms": None, "req_per_s": req_s, "out_tok_per_s": 10 * req_s}
+
+
+def test_live_spread_compares_reruns_and_the_simulator_against_their_mean() -> None:
+    # The validated run: two E1 points; the repeat has one of them (and one it lacks).
+    results = [{"points": [
+        {"experiment": "E1", "point": "disagg 1 req/s", "simulated": _summary(115, 30),
+         "measured": _summary(100, 30)},
+        {"experiment": "E1", "point": "agg 1 req/s", "simulated": _summary(100, 30),
+         "measured": _summary(100, 30)}]}]
+    repeat = {"points": [
+        {"deployment": "disagg", "rate": 1.0, "load": _summary(130, 30, req_s=1.05)},
+        {"deployment": "disagg", "rate": 3.0, "load": _summary(500, 50)}]}
+    out = sv.live_spread(results, {"E1": [repeat]})
+    assert [p["point"] for p in out["points"]] == ["disagg 1 req/s"]  # only points both have
+    p = out["points"][0]
+    assert p["runs"] == 2
+    err = p["rerun_error"][0]
+    assert err["ttft_p50_ms"] == pytest.approx(0.30) and err["ttft_p90_ms"] == pytest.approx(0.30)
+    assert err["tpot_p50_ms"] == 0.0 and err["tpot_p90_ms"] is None  # no figure: not counted
+    assert err["req_per_s"] == pytest.approx(0.05)
+    # live: 5 figures compared, the two TTFTs move 30 % from run to run
+    assert out["live_within_10pct"] == [3, 5]
+    # the mean TTFT p50 is 115 ms: the simulated 115 hits it (-> within), which
+    # against the validated run alone (100 ms) it would not (+15 %)
+    assert p["mean"]["ttft_p50_ms"] == pytest.approx(115)
+    assert p["sim_vs_mean_error"]["ttft_p50_ms"] == pytest.approx(0.0)
+    assert p["sim_vs_mean_error"]["ttft_p90_ms"] == pytest.approx(0.0)
+    assert p["sim_vs_mean_error"]["req_per_s"] == pytest.approx(1 / 1.025 - 1)
+    assert out["vs_mean_within_10pct"] == [5, 5]
+    table = sv.spread_markdown(out)
+    assert "| E1 | disagg 1 req/s | 2 | +30% / +0% |" in table
+
+
+def test_e2_points_are_named_alike_in_every_run() -> None:
+    doc = {"points": [{"admission": "on_demand", "load": 5.0, "bench": _summary(1, 1)},
+                      {"admission": "local_queue", "load": 1.0, "bench": _summary(2, 2)}]}
+    assert list(sv.measured_points("E2", doc)) == ["on_demand 5x", "local_queue 1x"]
+    assert sv.point_label("E1", {"deployment": "agg", "rate": 0.5}) == "agg 0.5 req/s"
+
+
+def test_repeat_without_the_run_it_repeats_is_a_usage_error(tmp_path: Path) -> None:
+    f = tmp_path / "e1.json"
+    f.write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        sv.main(["--profile", str(PROFILE), "--e2", str(f), "--repeat-e1", str(f)])
+    assert exc.value.code == 2
+
+
+def test_mean_run_averages_every_measured_figure_the_validation_reads() -> None:
+    def e1_doc(k: float, rates: tuple[float, ...]) -> dict[str, Any]:
+        return {"config": {"rates": list(rates)},
+                "unloaded": {"disagg": {**_summary(100 * k, 20 * k), "errors": {"X": 1}}},
+                "busy": {"disagg": {"concurrency": 2, "load": _summary(150 * k, 30 * k)}},
+                "points": [{"deployment": "disagg", "rate": r, "load": _summary(200 * k, 40)}
+                           for r in rates]}
+    runs = [e1_doc(1.0, (1.0, 2.0)), e1_doc(2.0, (1.0,)), e1_doc(3.0, (1.0, 2.0))]
+    out = sv.mean_run("E1", runs)
+    assert out["unloaded"]["disagg"]["ttft_p50_ms"] == pytest.approx(200)
+    assert out["unloaded"]["disagg"]["errors"] == {"X": 1}  # not a figure: the first run's
+    assert out["busy"]["disagg"]["load"]["tpot_p50_ms"] == pytest.approx(60)
+    assert out["busy"]["disagg"]["concurrency"] == 2
+    assert [p["rate"] for p in out["points"]] == [1.0]  # 2 req/s: not in every run
+    assert out["points"][0]["load"]["ttft_p50_ms"] == pytest.approx(400)
+    assert out["points"][0]["load"]["tpot_p90_ms"] is None
+    assert out["mean_of_runs"] == 3
+    assert runs[0]["unloaded"]["disagg"]["ttft_p50_ms"] == 100  # the inputs are untouched
+
+    def e2_doc(k: float) -> dict[str, Any]:
+        return {"measured": {"unloaded": _summary(150 * k, 20), "service_s": 0.3 * k,
+                             "capacity_run": _summary(500, 25 * k, req_s=7 * k),
+                             "overload_run": {"rate": 28.0, "offered": 280, "seed": 5,
+                                              "bench": _summary(400, 40 * k)}},
+                "points": [{"admission": "on_demand", "load": 1.0, "rate": 7.0 * k,
+                            "bench": _summary(300 * k, 30)}]}
+    out2 = sv.mean_run("E2", [e2_doc(1.0), e2_doc(3.0)])
+    m = out2["measured"]
+    assert m["service_s"] == pytest.approx(0.6)
+    assert m["capacity_run"]["req_per_s"] == pytest.approx(14)
+    assert m["overload_run"]["bench"]["tpot_p50_ms"] == pytest.approx(80)
+    assert m["overload_run"]["offered"] == 280 and m["overload_run"]["rate"] == 28.0
+    assert out2["points"][0]["bench"]["ttft_p50_ms"] == pytest.approx(600)
+    assert out2["points"][0]["rate"] == 7.0  # a setting: the first run's
