@@ -42,7 +42,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,11 @@ class E3Config:
     # dynamic runs, and compared as the mean (a drift of the machine's load over the
     # run then weighs on both sides alike)
     static_passes: int = 1
+    # static passes between the dynamic runs (static, dynamic, static, dynamic, ...,
+    # static: static_passes = dynamic runs + 1), and each dynamic run also judged
+    # against the passes right before and after it, minutes away rather than a
+    # whole run: the shared machine's speed moves 10-40 % within a run
+    interleave: bool = False
     # cores of CPU time each instance owns (``cpu_quota``, a cgroup per instance), as
     # an NPU instance owns its device: a ratio then moves compute, not only slots
     # (``e3_owned``); None: the instances share the two cores as they come
@@ -122,6 +127,11 @@ class E3Config:
                              f"got {self.role_switches}")
         if self.static_passes < 1:
             raise ValueError(f"static_passes must be >= 1, got {self.static_passes}")
+        runs = len(self.role_switches) * len(self.starts)
+        if self.interleave and (self.dynamic_first or self.static_passes != runs + 1):
+            raise ValueError(f"interleave needs static_passes = dynamic runs + 1 = {runs + 1} "
+                             f"and static first, got static_passes={self.static_passes}, "
+                             f"dynamic_first={self.dynamic_first}")
         for start in self.starts:
             n_p, n_d = parse_ratio(start)
             if n_p + n_d != 4:
@@ -340,7 +350,13 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     doc["dynamic_blockers"] = blockers
     doc["controller_edits"], doc["switches"] = [], []
     passes = list(range(cfg.static_passes))
-    if cfg.dynamic_first:
+    if cfg.interleave:  # static, then per dynamic run: that run, a static pass
+        run_static(cfg, doc, out, slo, 0)
+        for k, one in enumerate(dynamic_runs(cfg, doc), start=1):
+            run_dynamic(cfg, doc, out, slo, [one], bracket=(k - 1, k))
+            run_static(cfg, doc, out, slo, k)
+        passes = []
+    elif cfg.dynamic_first:
         run_dynamic(cfg, doc, out, slo)
     else:  # static, dynamic, then the other static passes
         run_static(cfg, doc, out, slo, passes.pop(0))
@@ -366,14 +382,17 @@ def run_static(cfg: E3Config, doc: dict[str, Any], out: Path, slo: Slo, k: int =
                 cfg.static_phase_s)]
 
 
-def static_means(doc: dict[str, Any], phase_index: int) -> dict[str, dict[str, Any]]:
-    """Static deployment -> mean req/s and SLO attainment over its passes, for the
-    mix of phase ``phase_index`` (one entry per pass under "passes")."""
+def static_means(doc: dict[str, Any], phase_index: int,
+                 passes: Sequence[int] | None = None) -> dict[str, dict[str, Any]]:
+    """Static deployment -> mean req/s and SLO attainment over its passes (or only
+    over ``passes``), for the mix of phase ``phase_index`` (one entry per pass
+    under "passes")."""
     phase = doc["config"]["phases"][phase_index]
     acc: dict[str, list[dict[str, Any]]] = {}
     for r in doc["rows"]:
         if not is_dynamic(r["deployment"]) and r.get("mix", mix(phase)) == mix(phase) \
-                and ("mix" in r or r["index"] == phase_index):
+                and ("mix" in r or r["index"] == phase_index) \
+                and (passes is None or r.get("pass") in passes):
             acc.setdefault(r["deployment"], []).append(r)
     return {d: {"req_per_s": sum(r["req_per_s"] for r in rs) / len(rs),
                 "slo_attainment": sum(r["slo_attainment"] or 0 for r in rs) / len(rs),
@@ -381,17 +400,28 @@ def static_means(doc: dict[str, Any], phase_index: int) -> dict[str, dict[str, A
             for d, rs in acc.items()}
 
 
-def run_dynamic(cfg: E3Config, doc: dict[str, Any], out: Path, slo: Slo) -> None:
-    runs = [] if doc["dynamic_blockers"] else list(itertools.product(cfg.role_switches, cfg.starts))
-    for role_switch, start in runs:
+def dynamic_runs(cfg: E3Config, doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(role switch, start ratio) of each dynamic run; none where a blocker stops them."""
+    return [] if doc["dynamic_blockers"] else list(itertools.product(cfg.role_switches,
+                                                                      cfg.starts))
+
+
+def run_dynamic(cfg: E3Config, doc: dict[str, Any], out: Path, slo: Slo,
+                runs: list[tuple[str, str]] | None = None,
+                bracket: tuple[int, int] | None = None) -> None:
+    """The dynamic runs (all, or ``runs``); ``bracket``: the static passes right
+    before and after them, noted on their rows for the verdict."""
+    for role_switch, start in dynamic_runs(cfg, doc) if runs is None else runs:
         label = dynamic_label(role_switch, start)
         workdir = out / label.replace(" ", "_")
         # Poll every second so a role switch the controller writes is loaded soon.
         with common.deployed(spec(cfg, *parse_ratio(start)), workdir, poll_secs=1) as server:
             warmup(server, cfg)
             with controller(server, cfg, workdir, role_switch) as edits:
-                doc["rows"] += run_phases(server, cfg, label, slo,
-                                          list(enumerate(cfg.phases)), cfg.phase_s)
+                rows = run_phases(server, cfg, label, slo, list(enumerate(cfg.phases)),
+                                  cfg.phase_s)
+                doc["rows"] += [r if bracket is None else dict(r, bracket=list(bracket))
+                                for r in rows]
                 doc["controller_edits"] += (edits.read_text().splitlines()
                                             if edits.exists() else [])
         log_text = (workdir / "controller.log").read_text() \
@@ -437,8 +467,28 @@ def verdict(doc: dict[str, Any]) -> list[str]:
             if "settled_req_per_s" in row:
                 line += (f"; second half of the phase {row['settled_req_per_s']:.2f} req/s = "
                          f"{100 * row['settled_req_per_s'] / static[best]:.0f}% of best")
+            if "bracket" in row:
+                line += _bracketed(doc, i, row)
         lines.append(line)
     return lines
+
+
+def _bracketed(doc: dict[str, Any], phase_index: int, row: dict[str, Any]) -> str:
+    """A dynamic phase against the static passes right before and after its run."""
+    a, b = row["bracket"]
+    near = {d: m["req_per_s"] for d, m in static_means(doc, phase_index, (a, b)).items()}
+    if not near:
+        return ""
+    best, worst = max(near, key=near.__getitem__), min(near, key=near.__getitem__)
+    d = row["req_per_s"]
+    vs_worst, vs_best = d / near[worst], d / near[best]
+    spread = near[best] / near[worst]
+    goal_worst = ("met" if vs_worst >= 1.6 else "NOT met") if spread >= 1.6 else (
+        f"impossible here: best/worst is only {spread:.2f}x")
+    return (f" [against the static passes right before and after this run ({a + 1} and "
+            f"{b + 1}): best {best} {near[best]:.2f}, worst {worst} {near[worst]:.2f} req/s; "
+            f"{vs_worst:.2f}x worst (goal >= 1.6x: {goal_worst}), {_pct(vs_best)} of best "
+            f"(goal >= 90%: {'met' if vs_best >= 0.9 else 'NOT met'})]")
 
 
 def start_ratio(label: str) -> str:
@@ -555,8 +605,11 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         f"{' / '.join(cfg.get('starts', ['2P2D']))} (one run each); each static ratio: "
         f"{static_s:.0f} s per distinct mix (a static deployment has nothing that changes "
         "between phases of one mix)"
-        + (f", measured {cfg['static_passes']} times (before and after the dynamic runs) and "
-           "compared as the mean" if cfg.get("static_passes", 1) > 1 else "")
+        + (f", measured {cfg['static_passes']} times (before, between and after the dynamic "
+           "runs) and compared as the mean; each dynamic run is also compared with the two "
+           "passes right before and after it (in brackets below)" if cfg.get("interleave")
+           else f", measured {cfg['static_passes']} times (before and after the dynamic runs) "
+           "and compared as the mean" if cfg.get("static_passes", 1) > 1 else "")
         + ". Every deployment is warmed up (each mix, unmeasured) "
         f"first. {cfg['slots']} slots per instance (prefill slots / decode batch); instances "
         "alternate over the 2 cores; router unpinned"
@@ -639,6 +692,8 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
                   "of decision once):", ""]
         lines += [f"- {d['run']}, {d['ratio']}: {d['reason']}" for d in said]
     order = ("first, before the three static servers" if cfg.get("dynamic_first")
+             else "each between two passes of the three static servers"
+             if cfg.get("interleave")
              else "between the two passes of the three static servers"
              if cfg.get("static_passes", 1) > 1 else "last, after the three static servers")
     lines += ["", f"Caveats: the dynamic runs go {order}, so they "

@@ -36,8 +36,13 @@ CPU_QUOTA = 0.4  # cores per instance: 1.6 of the 2 cores
 # ratio did best with it (``RatioPolicy.recall_s``). Where the model predicts a
 # small gain, the ratio is tried (``RatioPolicy.explore_gain``): with owned compute
 # it predicted 9 % for 2P2D -> 3P1D, which measured 46 % better.
+# Static passes between the dynamic runs (static, from 1P3D, static, from 2P2D,
+# static), each dynamic run also judged against the passes right before and
+# after it: the machine's speed moved 10-40 % between a run's first and last
+# static pass (RESULTS.md, "How far do the static ratios repeat?").
 FULL = replace(e3.FULL, cpu_quota=CPU_QUOTA, phase_s=120.0, ratio_cooldown_s=4.0,
-               ratio_recall_s=600.0, ratio_explore_gain=0.05)
+               ratio_recall_s=600.0, ratio_explore_gain=0.05, static_passes=3,
+               interleave=True)
 QUICK = replace(e3.QUICK, cpu_quota=CPU_QUOTA)
 
 

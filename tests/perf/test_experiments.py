@@ -325,6 +325,63 @@ def test_e3_static_passes_are_compared_as_their_mean(tmp_path: Path) -> None:
         replace(e3.FULL, static_passes=0)
 
 
+def test_e3_interleaved_runs_are_also_judged_against_their_adjacent_passes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import asdict
+
+    cfg = replace(e3.QUICK, starts=("1P3D", "2P2D"), static_passes=3, interleave=True)
+    # The order of a run: static, from 1P3D, static, from 2P2D, static.
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(e3, "run_static", lambda c, d, o, s, k=0: calls.append(("static", k)))
+    monkeypatch.setattr(e3, "run_dynamic", lambda c, d, o, s, runs=None, bracket=None:
+                        calls.append(("dynamic", tuple(runs or ()), bracket)))
+    monkeypatch.setattr(e3, "plot", lambda doc, path: path)
+    monkeypatch.setattr(e3, "dynamic_blockers", lambda: [])
+    e3.run(cfg, quick=True, out=tmp_path)
+    assert calls == [("static", 0), ("dynamic", (("live", "1P3D"),), (0, 1)), ("static", 1),
+                     ("dynamic", (("live", "2P2D"),), (1, 2)), ("static", 2)]
+
+    def row(d: str, r: float, k: int | None = None, bracket: list[int] | None = None
+            ) -> dict[str, object]:
+        out: dict[str, object] = {
+            "deployment": d, "phase": "p", "index": 0, "mix": "900/4", "req_per_s": r,
+            "out_tok_per_s": 1.0, "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0,
+            "tpot_p50_ms": 1.0, "slo_attainment": 0.5}
+        if k is not None:
+            out["pass"] = k
+        if bracket is not None:
+            out["bracket"] = bracket
+        return out
+
+    # The machine slows through the run: 2P2D 6.0, 5.0, then 3.0 req/s.
+    rows = [row("1P3D", 2.0, 0), row("2P2D", 6.0, 0),
+            row("dynamic from 1P3D", 5.4, bracket=[0, 1]),
+            row("1P3D", 2.0, 1), row("2P2D", 5.0, 1),
+            row("dynamic", 3.6, bracket=[1, 2]),
+            row("1P3D", 1.0, 2), row("2P2D", 3.0, 2)]
+    machine = {"cpu": "x", "usable_cores": 2, "load_average": [1, 1, 1], "date_utc": "now"}
+    doc = json.loads(json.dumps({
+        "config": asdict(cfg), "slo": {"ttft_ms": 1.0, "tpot_ms": 1.0}, "rows": rows,
+        "machine": machine, "machine_after": machine, "dynamic_blockers": [],
+        "controller_edits": []}))
+    doc["config"]["phases"] = doc["config"]["phases"][:1]
+    assert e3.static_means(doc, 0, (1, 2))["2P2D"]["req_per_s"] == pytest.approx(4.0)
+    doc["verdict"] = e3.verdict(doc)
+    (line,) = doc["verdict"]
+    # Against the mean of all 3 passes (2P2D 4.67): the later run misses ...
+    assert "dynamic 3.60 req/s = 2.16x worst (goal >= 1.6x: met), 77% of best" in line
+    # ... against the passes around it (2P2D 4.0, 1P3D 1.5) it is judged on its own minutes.
+    assert ("[against the static passes right before and after this run (2 and 3): best 2P2D "
+            "4.00, worst 1P3D 1.50 req/s; 2.40x worst (goal >= 1.6x: met), 90% of best "
+            "(goal >= 90%: met)]") in line
+    assert "(1 and 2): best 2P2D 5.50, worst 1P3D 2.00 req/s; 2.70x worst" in line
+    assert "before, between and after the dynamic runs" in e3.markdown(doc, None)
+    with pytest.raises(ValueError, match="interleave needs static_passes = dynamic runs"):
+        replace(cfg, static_passes=2)
+    with pytest.raises(ValueError, match="interleave"):
+        replace(cfg, dynamic_first=True)
+
+
 def test_e3_reaction_times_from_the_switches_and_a_near_miss_shown_unrounded() -> None:
     """How long each dynamic run took to reach each phase's best static ratio (or
     one within 5 % of it) for good; a switch counts when its instance serves."""
