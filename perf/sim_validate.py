@@ -610,6 +610,14 @@ def main(argv: list[str] | None = None) -> int:
            "within_10pct": [ok, n], "results": results}
     repeats = {"E1": [json.loads(f.read_text()) for f in args.repeat_e1],
                "E2": [json.loads(f.read_text()) for f in args.repeat_e2]}
+    for exp, path in (("E1", args.e1), ("E2", args.e2)):
+        if repeats[exp]:
+            name = json.loads(path.read_text()).get("experiment")
+            for f, other in zip(getattr(args, f"repeat_{exp.lower()}"), repeats[exp],
+                                strict=True):
+                if other.get("experiment") != name:
+                    ap.error(f"{f} is a run of {other.get('experiment')!r}, not of {name!r} "
+                             f"like {path}")
     spread = live_spread(results, repeats) if args.repeat_e1 or args.repeat_e2 else None
     pooled: list[dict[str, Any]] = []
     if spread is not None:

@@ -352,10 +352,11 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     passes = list(range(cfg.static_passes))
     if cfg.interleave:  # static, then per dynamic run: that run, a static pass
         run_static(cfg, doc, out, slo, 0)
-        for k, one in enumerate(dynamic_runs(cfg, doc), start=1):
+        runs = dynamic_runs(cfg, doc)
+        for k, one in enumerate(runs, start=1):
             run_dynamic(cfg, doc, out, slo, [one], bracket=(k - 1, k))
             run_static(cfg, doc, out, slo, k)
-        passes = []
+        passes = passes[len(runs) + 1:]  # blocked dynamic runs: the passes still run
     elif cfg.dynamic_first:
         run_dynamic(cfg, doc, out, slo)
     else:  # static, dynamic, then the other static passes

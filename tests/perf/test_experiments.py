@@ -340,6 +340,11 @@ def test_e3_interleaved_runs_are_also_judged_against_their_adjacent_passes(
     e3.run(cfg, quick=True, out=tmp_path)
     assert calls == [("static", 0), ("dynamic", (("live", "1P3D"),), (0, 1)), ("static", 1),
                      ("dynamic", (("live", "2P2D"),), (1, 2)), ("static", 2)]
+    # With the dynamic runs blocked, all the static passes the config names still run.
+    calls.clear()
+    monkeypatch.setattr(e3, "dynamic_blockers", lambda: ["no cgroup"])
+    e3.run(cfg, quick=True, out=tmp_path)
+    assert calls == [("static", 0), ("static", 1), ("static", 2)]
 
     def row(d: str, r: float, k: int | None = None, bracket: list[int] | None = None
             ) -> dict[str, object]:

@@ -7,6 +7,7 @@ so the calibration must find that cost again from the busy run alone.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,20 @@ def test_repeat_without_the_run_it_repeats_is_a_usage_error(tmp_path: Path) -> N
     with pytest.raises(SystemExit) as exc:
         sv.main(["--profile", str(PROFILE), "--e2", str(f), "--repeat-e1", str(f)])
     assert exc.value.code == 2
+
+
+def test_a_repeat_of_another_experiment_is_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    e1_doc = _doc(replace(e1.FULL, rates=(1.0,), point_s=5.0), with_busy=False)
+    e1_doc["experiment"] = e1.NAME
+    a, b = tmp_path / "e1.json", tmp_path / "e2.json"
+    a.write_text(json.dumps(e1_doc))
+    b.write_text(json.dumps({"experiment": e2.NAME}))
+    with pytest.raises(SystemExit) as exc:
+        sv.main(["--profile", str(PROFILE), "--e1", str(a), "--repeat-e1", str(b),
+                 "--json", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert f"is a run of '{e2.NAME}', not of '{e1.NAME}'" in capsys.readouterr().err
 
 
 def test_mean_run_averages_every_measured_figure_the_validation_reads() -> None:
