@@ -62,6 +62,7 @@ are then predictions.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 from dataclasses import replace
@@ -424,8 +425,6 @@ def mean_run(experiment: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
     (rates, request counts, seeds, budgets) stay the first run's. Validating it
     calibrates on the mean and compares with the mean, so one run's transient
     (a slow minute during its 10 s overload run) no longer moves every point."""
-    import copy
-
     out = copy.deepcopy(docs[0])
     if experiment == "E1":
         for label in out["unloaded"]:
@@ -596,40 +595,34 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --e1 and/or --e2")
     if (args.repeat_e1 and not args.e1) or (args.repeat_e2 and not args.e2):
         ap.error("--repeat-e1/--repeat-e2 repeat a run given with --e1/--e2")
+    # Every run read once, and repeats checked before any (slow) validation.
+    runs = {"E1": json.loads(args.e1.read_text()) if args.e1 else None,
+            "E2": json.loads(args.e2.read_text()) if args.e2 else None}
+    repeats = {"E1": [json.loads(f.read_text()) for f in args.repeat_e1],
+               "E2": [json.loads(f.read_text()) for f in args.repeat_e2]}
+    for exp, path, files in (("E1", args.e1, args.repeat_e1), ("E2", args.e2, args.repeat_e2)):
+        name = (runs[exp] or {}).get("experiment")
+        for f, other in zip(files, repeats[exp], strict=True):
+            if other.get("experiment") != name:
+                ap.error(f"{f} is a run of {other.get('experiment')!r}, not of {name!r} "
+                         f"like {path}")
+    validate = {"E1": validate_e1, "E2": validate_e2}
     profile = load_profile(args.profile)
-    results = []
-    if args.e1:
-        results.append(validate_e1(json.loads(args.e1.read_text()), profile,
-                                   use_drift=args.drift))
-    if args.e2:
-        results.append(validate_e2(json.loads(args.e2.read_text()), profile,
-                                   use_drift=args.drift))
+    results = [validate[exp](run, profile, use_drift=args.drift)
+               for exp, run in runs.items() if run is not None]
     ok, n = within(results)
     doc = {"profile": args.profile, "e1": str(args.e1), "e2": str(args.e2),
            "drift": args.drift,
            "within_10pct": [ok, n], "results": results}
-    repeats = {"E1": [json.loads(f.read_text()) for f in args.repeat_e1],
-               "E2": [json.loads(f.read_text()) for f in args.repeat_e2]}
-    for exp, path in (("E1", args.e1), ("E2", args.e2)):
-        if repeats[exp]:
-            name = json.loads(path.read_text()).get("experiment")
-            for f, other in zip(getattr(args, f"repeat_{exp.lower()}"), repeats[exp],
-                                strict=True):
-                if other.get("experiment") != name:
-                    ap.error(f"{f} is a run of {other.get('experiment')!r}, not of {name!r} "
-                             f"like {path}")
     spread = live_spread(results, repeats) if args.repeat_e1 or args.repeat_e2 else None
-    pooled: list[dict[str, Any]] = []
+    # validated on a run made of the runs' means: calibration and points averaged
+    pooled = [validate[exp](mean_run(exp, [run] + repeats[exp]), profile)
+              for exp, run in runs.items() if run is not None and repeats[exp]]
+    pk, pn = within(pooled)
     if spread is not None:
-        if args.repeat_e1:
-            pooled.append(validate_e1(mean_run("E1", [json.loads(args.e1.read_text())]
-                                               + repeats["E1"]), profile))
-        if args.repeat_e2:
-            pooled.append(validate_e2(mean_run("E2", [json.loads(args.e2.read_text())]
-                                               + repeats["E2"]), profile))
         doc["repeat"] = {"e1": [str(f) for f in args.repeat_e1],
                          "e2": [str(f) for f in args.repeat_e2], **spread,
-                         "mean_run_within_10pct": list(within(pooled)), "mean_run": pooled}
+                         "mean_run_within_10pct": [pk, pn], "mean_run": pooled}
     path = save(args.json, doc)
     for r in results:
         print(json.dumps(r["calibration"]))
@@ -643,7 +636,6 @@ def main(argv: list[str] | None = None) -> int:
         for r in pooled:
             print(json.dumps(r["calibration"]))
         print(markdown(pooled))
-        pk, pn = within(pooled)
         print(f"mean of the runs (calibration and points): {pk} of {pn} within 10 %")
     print(f"{ok} of {n} compared figures within 10 %; JSON: {path}")
     return 0
