@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from pdserve.bench.metrics import Slo, Summary, summarize
 from pdserve.bench.records import RequestRecord, RequestSpec
 from pdserve.bench.runner import LoadConfig, RunResult, run_load
 from pdserve.server.config import InstanceConfig
-from pdserve.server.launcher import ServerOptions, TritonServer, free_port
+from pdserve.server.launcher import ServerOptions, TritonServer, describe_exit, free_port
 from pdserve.server.repo import instances_from_spec, write_repository
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +93,33 @@ def client_on(cores: set[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+class ServerDied(RuntimeError):
+    """tritonserver exited while an experiment drove it: what came back is the
+    dead server's errors, not the deployment's figures."""
+
+
+# Lines of a tritonserver log that say why it aborted (gRPC core, C++, signal).
+_FATAL = re.compile(r"ASSERTION FAILED|terminate called|Signal \(\d+\) received")
+
+
+def check_alive(server: TritonServer, during: str) -> None:
+    """Raise ``ServerDied`` if ``server``'s tritonserver is not running, with the
+    log's last fatal lines (Triton 2.51 aborts on upstream races: a gRPC stream
+    cancelled as its response completes, a stub dying with an IPC lock held)."""
+    proc = server.process
+    returncode = None if proc is None else proc.poll()
+    if proc is not None and returncode is None:
+        return
+    why = ""
+    log = server.options.log_file
+    if log is not None and log.exists():
+        fatal = [ln.strip() for ln in log.read_text(errors="replace").splitlines()
+                 if _FATAL.search(ln)]
+        if fatal:
+            why = ": " + " / ".join(fatal[-2:])
+    raise ServerDied(f"tritonserver {describe_exit(returncode)} during {during}{why}")
+
+
 @dataclass(frozen=True)
 class LoadRun:
     """One measured point: what was sent and what came back."""
@@ -108,7 +136,11 @@ def drive(server: TritonServer, specs: Sequence[RequestSpec], *, label: str,
           scenario: str | None = None, concurrency: int | None = None,
           max_duration_s: float | None = None, request_timeout_s: float = 120.0,
           seed: int = 0) -> LoadRun:
-    """Send ``specs`` (open loop on their arrival times, or closed loop at ``concurrency``)."""
+    """Send ``specs`` (open loop on their arrival times, or closed loop at ``concurrency``).
+
+    Raises ``ServerDied`` when tritonserver is not running before or after the load:
+    a run against a dead server is errors, not a measurement."""
+    check_alive(server, f"{label} (before the load)")
     config = LoadConfig(mode="concurrency" if concurrency else "trace",
                         concurrency=concurrency or 1, max_duration_s=max_duration_s)
     from pdserve.bench.workload import PromptIds
@@ -122,6 +154,7 @@ def drive(server: TritonServer, specs: Sequence[RequestSpec], *, label: str,
             return await run_load(specs, config, client.send)
 
     result = asyncio.run(go())
+    check_alive(server, label)
     return LoadRun(label, result.records, result.wall_s)
 
 
@@ -235,7 +268,11 @@ def main(argv: list[str] | None, *, key: str, name: str, description: str, quick
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
-    doc = rerender(args.from_json, plot) if args.from_json else run(args)
+    try:
+        doc = rerender(args.from_json, plot) if args.from_json else run(args)
+    except ServerDied as exc:
+        print(f"{name}: {exc}; nothing recorded", file=sys.stderr)
+        return 1
     return publish(doc, key, name, markdown, quick=args.quick, no_results=args.no_results)
 
 

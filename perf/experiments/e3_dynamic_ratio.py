@@ -39,10 +39,11 @@ import datetime as dt
 import itertools
 import json
 import re
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ from pdserve.server import config as server_config
 from pdserve.server.config import InstanceConfig
 from pdserve.server.launcher import TritonServer, free_port
 from pdserve.server.repo import config_pbtxt
-from perf.experiments import common
+from perf.experiments import common, host_speed
 
 NAME = "e3_dynamic_ratio"
 STATIC = ((1, 3), (2, 2), (3, 1))  # (prefill, decode)
@@ -349,6 +350,43 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     blockers = dynamic_blockers()
     doc["dynamic_blockers"] = blockers
     doc["controller_edits"], doc["switches"] = [], []
+    with host_speed.HostSpeed(out / "host_speed.jsonl") as gauge:
+        measure_all(cfg, doc, out, slo)
+        annotate_host_speed(doc, gauge.samples())
+    doc["machine_after"] = common.machine()
+    doc["wall_s"] = time.monotonic() - began
+    doc["verdict"] = verdict(doc)
+    common.write_json(out / "e3.json", doc)
+    doc["png"] = str(plot(doc, out / "e3.png"))
+    return doc
+
+
+SERVER_TRIES = 2  # a deployment whose tritonserver died is measured again, once
+
+
+def on_a_live_server(doc: dict[str, Any], what: str, workdir: Path,
+                     measure: Callable[[Path], None]) -> None:
+    """``measure(workdir)`` (it deploys, measures and adds its rows to ``doc`` only
+    when it finished), again on a fresh server in ``<workdir>_retry<n>`` when the
+    tritonserver died under it (``common.ServerDied``: Triton 2.51 aborts on
+    upstream races; E3 at 22:10 UTC on 2026-12-06 lost one this way, a gRPC
+    "ASSERTION FAILED: prior > 0"). Each death is kept in ``doc["server_deaths"]``
+    and said in the results; a second death in a row ends the experiment."""
+    for attempt in range(SERVER_TRIES):
+        try:
+            measure(workdir if attempt == 0 else workdir.with_name(
+                f"{workdir.name}_retry{attempt}"))
+            return
+        except common.ServerDied as exc:
+            doc.setdefault("server_deaths", []).append(
+                {"what": what, "attempt": attempt + 1, "at": time.time(), "error": str(exc)})
+            if attempt + 1 == SERVER_TRIES:
+                raise
+            print(f"{what}: {exc}; measured again on a fresh server", flush=True)
+
+
+def measure_all(cfg: E3Config, doc: dict[str, Any], out: Path, slo: Slo) -> None:
+    """The static passes and the dynamic runs, in the configured order."""
     passes = list(range(cfg.static_passes))
     if cfg.interleave:  # static, then per dynamic run: that run, a static pass
         run_static(cfg, doc, out, slo, 0)
@@ -364,23 +402,41 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
         run_dynamic(cfg, doc, out, slo)
     for k in passes:
         run_static(cfg, doc, out, slo, k)
-    doc["machine_after"] = common.machine()
-    doc["wall_s"] = time.monotonic() - began
-    doc["verdict"] = verdict(doc)
-    common.write_json(out / "e3.json", doc)
-    doc["png"] = str(plot(doc, out / "e3.png"))
-    return doc
+
+
+def annotate_host_speed(doc: dict[str, Any], samples: list[tuple[float, float]]) -> None:
+    """Each measured row gets how slow the host ran during it (``host_speed.py``):
+    ``host_slowdown`` = the gauge's median cost in the row / its cost unslowed
+    (1.00: as fast as the host gets; 1.6: its cores ran the fixed work 1.6x
+    slower). Rows without samples in their window get none."""
+    ref = host_speed.reference_ms(samples)
+    doc["host_speed"] = {"reference_ms": ref, "samples": len(samples),
+                         "median_ms": statistics.median(ms for _, ms in samples)
+                         if samples else None}
+    if ref is None:
+        return
+    for row in doc["rows"]:
+        if "started_at" not in row:
+            continue
+        cost = host_speed.window_cost(samples, row["started_at"],
+                                      row["started_at"] + row["seconds"])
+        if cost is not None:
+            row["host_slowdown"] = round(cost / ref, 3)
 
 
 def run_static(cfg: E3Config, doc: dict[str, Any], out: Path, slo: Slo, k: int = 0) -> None:
     index = {mix(p): i for i, p in reversed(list(enumerate(cfg.phases)))}
     for n_p, n_d in STATIC:
         label = f"{n_p}P{n_d}D"
-        with common.deployed(spec(cfg, n_p, n_d), out / f"{label}_pass{k}") as server:
-            warmup(server, cfg)
-            doc["rows"] += [dict(r, **{"pass": k}) for r in run_phases(
-                server, cfg, label, slo, [(index[mix(p)], p) for p in cfg.mixes()],
-                cfg.static_phase_s)]
+
+        def measure(workdir: Path, n_p: int = n_p, n_d: int = n_d, label: str = label) -> None:
+            with common.deployed(spec(cfg, n_p, n_d), workdir) as server:
+                warmup(server, cfg)
+                rows = run_phases(server, cfg, label, slo,
+                                  [(index[mix(p)], p) for p in cfg.mixes()], cfg.static_phase_s)
+            doc["rows"] += [dict(r, **{"pass": k}) for r in rows]
+
+        on_a_live_server(doc, f"{label} (pass {k + 1})", out / f"{label}_pass{k}", measure)
 
 
 def static_means(doc: dict[str, Any], phase_index: int,
@@ -414,22 +470,27 @@ def run_dynamic(cfg: E3Config, doc: dict[str, Any], out: Path, slo: Slo,
     before and after them, noted on their rows for the verdict."""
     for role_switch, start in dynamic_runs(cfg, doc) if runs is None else runs:
         label = dynamic_label(role_switch, start)
-        workdir = out / label.replace(" ", "_")
-        # Poll every second so a role switch the controller writes is loaded soon.
-        with common.deployed(spec(cfg, *parse_ratio(start)), workdir, poll_secs=1) as server:
-            warmup(server, cfg)
-            with controller(server, cfg, workdir, role_switch) as edits:
-                rows = run_phases(server, cfg, label, slo, list(enumerate(cfg.phases)),
-                                  cfg.phase_s)
-                doc["rows"] += [r if bracket is None else dict(r, bracket=list(bracket))
-                                for r in rows]
-                doc["controller_edits"] += (edits.read_text().splitlines()
-                                            if edits.exists() else [])
-        log_text = (workdir / "controller.log").read_text() \
-            if (workdir / "controller.log").exists() else ""
-        doc["switches"] += [dict(sw, run=label) for sw in switch_costs(log_text)]
-        doc.setdefault("decisions", []).extend(
-            dict(d, run=label) for d in decisions(log_text))
+
+        def measure(workdir: Path, role_switch: str = role_switch, start: str = start,
+                    label: str = label) -> None:
+            # Poll every second so a role switch the controller writes is loaded soon.
+            with common.deployed(spec(cfg, *parse_ratio(start)), workdir,
+                                 poll_secs=1) as server:
+                warmup(server, cfg)
+                with controller(server, cfg, workdir, role_switch) as edits:
+                    rows = run_phases(server, cfg, label, slo, list(enumerate(cfg.phases)),
+                                      cfg.phase_s)
+                    edited = edits.read_text().splitlines() if edits.exists() else []
+            doc["rows"] += [r if bracket is None else dict(r, bracket=list(bracket))
+                            for r in rows]
+            doc["controller_edits"] += edited
+            log_text = (workdir / "controller.log").read_text() \
+                if (workdir / "controller.log").exists() else ""
+            doc["switches"] += [dict(sw, run=label) for sw in switch_costs(log_text)]
+            doc.setdefault("decisions", []).extend(
+                dict(d, run=label) for d in decisions(log_text))
+
+        on_a_live_server(doc, label, out / label.replace(" ", "_"), measure)
 
 
 def _pct(ratio: float) -> str:
@@ -587,6 +648,7 @@ def pass_note(row: dict[str, Any], passes: int) -> str:
 
 def markdown(doc: dict[str, Any], figure: str | None) -> str:
     cfg, m, slo = doc["config"], doc["machine"], doc["slo"]
+    gauge = doc.get("host_speed") if (doc.get("host_speed") or {}).get("reference_ms") else None
     phases = "; ".join(f"{p['name']} {p['input_len']} in / {p['output_len']} out"
                        for p in cfg["phases"])
     static_s = cfg.get("static_phase_s", cfg["phase_s"])
@@ -641,17 +703,25 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         "(attainment = requests meeting both / finished requests).",
         "",
         "| deployment | phase | req/s (whole phase) | req/s (second half) | out tok/s | "
-        "TTFT p50/p99 ms | TPOT p50 ms | attainment |",
-        "|---|---|---|---|---|---|---|---|",
+        "TTFT p50/p99 ms | TPOT p50 ms | attainment |" + (" host slowdown |" if gauge else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if gauge else ""),
     ]
     for r in doc["rows"]:
         settled = r.get("settled_req_per_s")
+        slow = r.get("host_slowdown")
         lines.append(
             f"| {r['deployment']}{pass_note(r, cfg.get('static_passes', 1))} | "
             f"{r['index']}: {r['phase']} | {r['req_per_s']:.2f} | "
             f"{common.fmt(settled, '.2f')} | {r['out_tok_per_s']:.0f} | "
             f"{common.fmt(r['ttft_p50_ms'])}/{common.fmt(r['ttft_p99_ms'])} | "
-            f"{common.fmt(r['tpot_p50_ms'])} | {common.pct(r['slo_attainment'])} |")
+            f"{common.fmt(r['tpot_p50_ms'])} | {common.pct(r['slo_attainment'])} |"
+            + ("" if not gauge else " – |" if slow is None else f" {slow:.2f}x |"))
+    if gauge:
+        lines += ["", "Host slowdown: how much slower than its fastest the host ran a fixed "
+                  "piece of CPU work during the row (median of one sample a second, thread CPU "
+                  "time, so the experiment's own load does not count; "
+                  f"`perf/experiments/host_speed.py`; unslowed {gauge['reference_ms']:.2f} ms, "
+                  f"{gauge['samples']} samples). Rows measured above ~1.2x met a slowed host."]
     lines += ["", "Goal: >= 1.6x the worst static ratio and >= 90% of the best, per phase, "
               "on whole-phase throughput (where best/worst < 1.6x, 1.6x worst is impossible "
               "and is said so):", *doc["verdict"]]
@@ -701,6 +771,12 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
               "meet whatever load the shared machine carries then (load average above); the "
               "whole-phase figure includes the controller's reaction (a ratio window, the "
               "drain, the switch) after each shift."]
+    deaths = doc.get("server_deaths", [])
+    if deaths:
+        lines += ["", f"tritonserver died {len(deaths)} time(s) during the run; each time the "
+                  "deployment was measured again on a fresh server and only that measurement "
+                  "counts:", ""]
+        lines += [f"- {d['what']}: {d['error']}" for d in deaths]
     if doc["dynamic_blockers"]:
         lines += ["", "**Dynamic (controller) run: blocked**, not measured:"]
         lines += [f"- {b}" for b in doc["dynamic_blockers"]]

@@ -8,8 +8,11 @@ command lines).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import pytest
 
 from pdserve.bench.metrics import Slo
 from pdserve.bench.records import RequestRecord
+from pdserve.server.launcher import ServerOptions
 from pdserve.server.repo import instances_from_spec
 from perf.experiments import common, e3_owned
 from perf.experiments import e1_disagg_vs_agg as e1
@@ -454,3 +458,148 @@ def test_e1_verdict_counts_requests_meeting_the_slo_not_goodput_jitter() -> None
     lines = e1.verdict({"config": {"rates": [0.5, 2.0, 3.0]}, "points": points})
     assert lines[0] == ("- TPOT-tight: disaggregation ahead on goodput (more requests meeting "
                         "the SLO) at rates ['2'], behind at ['3'] (as many elsewhere).")
+
+
+class _Proc:
+    def __init__(self, returncode: int | None) -> None:
+        self.returncode = returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+class _DeadServer:
+    """What ``common.check_alive`` reads of a ``TritonServer``."""
+
+    def __init__(self, returncode: int | None, log: Path) -> None:
+        self.process = _Proc(returncode)
+        self.options = ServerOptions(repository=log.parent, log_file=log)
+
+
+def test_a_dead_tritonserver_is_an_error_with_its_abort_line_not_a_measurement(
+        tmp_path: Path) -> None:
+    log = tmp_path / "tritonserver.log"
+    log.write_text("I1206 22:09:49 model loaded\n"
+                   "E1206 22:10:15.418903427   29198 sync.cc:105]   ASSERTION FAILED: prior > 0\n"
+                   "Signal (6) received.\n 0# 0x000055BF5019652D in tritonserver\n")
+    common.check_alive(_DeadServer(None, log), "p")  # running: nothing to say
+    dead = _DeadServer(-6, log)
+    with pytest.raises(common.ServerDied,
+                       match=r"was killed by SIGABRT during 3P1D: .*ASSERTION FAILED: prior > 0"
+                             r" / Signal \(6\) received"):
+        common.check_alive(dead, "3P1D")
+    # drive() checks before it connects: a dead server sends nothing.
+    with pytest.raises(common.ServerDied, match="exited with code 1 during x"):
+        common.drive(_DeadServer(1, tmp_path / "none.log"), [], label="x",  # type: ignore[arg-type]
+                     concurrency=1)
+
+
+def test_e3_measures_a_deployment_again_when_its_server_died(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    deployed: list[str] = []
+
+    @contextlib.contextmanager
+    def fake_deployed(spec: object, workdir: Path, **kw: object) -> Iterator[object]:
+        deployed.append(workdir.name)
+        yield object()
+
+    died = {"2P2D_pass0"}  # the first server of 2P2D dies under its phases
+
+    def fake_phases(server: object, cfg: e3.E3Config, label: str, slo: Slo,
+                    phases: list[tuple[int, e3.Phase]], seconds: float) -> list[dict[str, object]]:
+        if deployed[-1] in died:
+            raise common.ServerDied(f"tritonserver was killed by SIGABRT during {label}")
+        return [{"deployment": label, "index": i, "req_per_s": 1.0} for i, _ in phases]
+
+    monkeypatch.setattr(common, "deployed", fake_deployed)
+    monkeypatch.setattr(e3, "warmup", lambda server, cfg: None)
+    monkeypatch.setattr(e3, "run_phases", fake_phases)
+    doc: dict[str, object] = {"rows": []}
+    e3.run_static(e3.QUICK, doc, tmp_path, Slo(), 0)
+    assert deployed == ["1P3D_pass0", "2P2D_pass0", "2P2D_pass0_retry1", "3P1D_pass0"]
+    rows = doc["rows"]
+    assert isinstance(rows, list)
+    # Only the live server's rows count: one set per ratio, none from the dead one.
+    assert [r["deployment"] for r in rows].count("2P2D") == len(e3.QUICK.mixes())
+    deaths = doc["server_deaths"]
+    assert isinstance(deaths, list) and len(deaths) == 1
+    assert deaths[0]["what"] == "2P2D (pass 1)" and "SIGABRT" in deaths[0]["error"]
+    # It is said in the results section.
+    said = e3.markdown(dict(_minimal_doc(), server_deaths=deaths), None)
+    assert "tritonserver died 1 time(s)" in said and "- 2P2D (pass 1): tritonserver was" in said
+    # A second death in a row ends the experiment, with the error.
+    died.add("2P2D_pass0_retry1")
+    with pytest.raises(common.ServerDied):
+        e3.run_static(e3.QUICK, {"rows": []}, tmp_path, Slo(), 0)
+
+
+def _minimal_doc() -> dict[str, object]:
+    from dataclasses import asdict
+
+    machine = {"cpu": "x", "usable_cores": 2, "load_average": [1, 1, 1], "date_utc": "now"}
+    rows = [{"deployment": d, "phase": "p", "index": 0, "mix": "900/4", "req_per_s": r,
+             "out_tok_per_s": 1.0, "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0, "tpot_p50_ms": 1.0,
+             "slo_attainment": 1.0}
+            for d, r in (("1P3D", 2.0), ("2P2D", 4.0), ("3P1D", 1.0), ("dynamic", 3.8))]
+    doc = json.loads(json.dumps({
+        "config": asdict(e3.QUICK), "slo": {"ttft_ms": 1.0, "tpot_ms": 1.0}, "rows": rows,
+        "machine": machine, "machine_after": machine, "dynamic_blockers": [],
+        "controller_edits": []}))
+    doc["config"]["phases"] = doc["config"]["phases"][:1]
+    doc["verdict"] = e3.verdict(doc)
+    return dict(doc)
+
+
+def test_an_experiment_whose_server_died_twice_exits_1_and_records_nothing(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def run(args: object) -> dict[str, object]:
+        raise common.ServerDied("tritonserver was killed by SIGABRT during 3P1D")
+
+    code = common.main([], key="k", name="e9", description="d", quick_help="q", run=run,
+                       plot=lambda doc, path: path, markdown=lambda doc, fig: "never")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "e9: tritonserver was killed by SIGABRT during 3P1D; nothing recorded" in err
+
+
+def test_host_speed_gauge_samples_in_its_own_process_and_stops(tmp_path: Path) -> None:
+    from perf.experiments import host_speed
+
+    path = tmp_path / "gauge.jsonl"
+    with host_speed.HostSpeed(path, interval_s=0.1) as gauge:
+        proc = gauge._proc
+        assert proc is not None
+        deadline = time.monotonic() + 20
+        while len(gauge.samples()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        samples = gauge.samples()
+    assert proc.poll() is not None  # stopped with the block
+    assert len(samples) >= 3 and all(0 < ms < 1000 for _, ms in samples)
+    t0, t1 = samples[0][0], samples[-1][0]
+    assert gauge.cost_ms(t0, t1) == pytest.approx(
+        sorted(ms for _, ms in samples)[(len(samples) - 1) // 2], rel=0.5)
+    assert gauge.cost_ms(t1 + 10, t1 + 20) is None
+    with pytest.raises(ValueError, match="interval_s"):
+        host_speed.HostSpeed(path, interval_s=0)
+
+
+def test_host_slowdown_per_row_is_its_window_median_over_the_unslowed_cost() -> None:
+    from perf.experiments import host_speed
+
+    # 100 s of samples: 1.0 ms, except 40-60 s when the host ran the work at 1.5 ms.
+    samples = [(float(t), 1.5 if 40 <= t < 60 else 1.0) for t in range(100)]
+    assert host_speed.reference_ms(samples) == 1.0
+    assert host_speed.reference_ms([]) is None
+    doc = _minimal_doc()
+    rows = doc["rows"]
+    assert isinstance(rows, list)
+    rows[0].update(started_at=10.0, seconds=20.0)  # quiet host
+    rows[1].update(started_at=40.0, seconds=19.0)  # slowed
+    e3.annotate_host_speed(doc, samples)
+    assert rows[0]["host_slowdown"] == 1.0 and rows[1]["host_slowdown"] == 1.5
+    assert "host_slowdown" not in rows[2]  # no window: nothing claimed
+    text = e3.markdown(doc, None)
+    assert "| host slowdown |" in text and " 1.50x |" in text and " – |" in text
+    assert "unslowed 1.00 ms, 100 samples" in text
+    # Without the gauge (older runs) the table is as it was.
+    assert "host slowdown" not in e3.markdown(_minimal_doc(), None)
