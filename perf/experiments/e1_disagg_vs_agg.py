@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 from pdserve.bench.metrics import DEADLINE_KIND, Slo
 from pdserve.bench.records import RequestSpec
 from pdserve.bench.traces import TraceScaling, read_trace, trace_requests
-from perf.experiments import common
+from perf.experiments import common, host_speed
 
 NAME = "e1_disagg_vs_agg"
 DEPLOYMENTS = {"disagg": "default", "agg": "agg"}  # label -> scenario
@@ -133,7 +134,8 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
     doc: dict[str, Any] = {"experiment": NAME, "quick": quick, "config": cfg.__dict__,
                            "spec": spec(cfg), "trace": str(trace), "machine": common.machine()}
     points: list[dict[str, Any]] = []
-    with common.deployed(spec(cfg), out / "server") as server:
+    with host_speed.HostSpeed(out / "host_speed.jsonl") as gauge, \
+            common.deployed(spec(cfg), out / "server") as server:
         # Unloaded: the first requests of the trace, one at a time, after 2 warmups.
         base, _ = trace_at(cfg, 1.0, trace)
         base = [replace(s, arrival_s=None) for s in base[: cfg.unloaded_requests + 2]]
@@ -157,12 +159,14 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
             order = list(DEPLOYMENTS.items())
             for label, scenario in order if i % 2 == 0 else order[::-1]:
                 probe = common.probe(server, base[2: 2 + cfg.probe_requests], scenario)
+                started = time.time()
                 run_ = common.drive(server, specs, label=label, scenario=scenario,
                                     max_duration_s=len(specs) / rate * 3 + 30,
                                     request_timeout_s=120)
                 point: dict[str, Any] = {
                     "deployment": label, "rate": rate, "time_scale": time_scale,
-                    "offered_requests": len(specs), "wall_s": run_.wall_s,
+                    "offered_requests": len(specs), "started_at": started,
+                    "wall_s": run_.wall_s,
                     "load": common.summary_row(run_.summary()),
                     "requests": common.request_rows(run_.records)}
                 if probe is not None:
@@ -176,6 +180,7 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
                       f"{point['ttft_tight']['goodput']:.3f} att "
                       f"{point['ttft_tight']['slo_attainment']:.2f} | "
                       f"{point['load']}", flush=True)
+        doc["host_speed"] = host_speed.annotate(points, gauge.samples())
     doc["points"] = points
     doc["machine_after"] = common.machine()
     common.write_json(out / "e1.json", doc)
@@ -265,6 +270,7 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
               "also carry the router, the client and other engineers' jobs (load average "
               "above), so single points move by +-20% between runs; the trend across rates is "
               "the result, not any one cell."]
+    lines += host_speed.note(doc, doc["points"], lambda p: f"{p['deployment']} {p['rate']:g}")
     if figure:
         lines += ["", f"![E1]({figure})"]
     return "\n".join(lines)

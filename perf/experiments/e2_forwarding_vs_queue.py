@@ -45,7 +45,7 @@ from pdserve.bench.metrics import DEADLINE_KIND, Slo, meets_ttft
 from pdserve.bench.records import RequestRecord, RequestSpec
 from pdserve.bench.workload import LengthDistribution, iter_arrivals, iter_synthetic_requests
 from pdserve.server.config import InstanceConfig
-from perf.experiments import common
+from perf.experiments import common, host_speed
 
 NAME = "e2_forwarding_vs_queue"
 # The router's early-intervention error; its text, since in-stream errors carry no code.
@@ -263,10 +263,11 @@ def sweep(server: Any, cfg: E2Config, capacity: float, slo: Slo, label: str
         rate = load * capacity
         specs = requests(cfg, rate, max(4, round(rate * cfg.point_s)), seed=i)
         probe = common.probe(server, unloaded_specs(cfg)[: cfg.probe_requests])
+        started = time.time()
         run_ = common.drive(server, specs, label=label, max_duration_s=cfg.point_s * 4 + 30,
                             request_timeout_s=60)
         point = {"admission": label, "load": load, "rate": rate, "offered": len(specs),
-                 "wall_s": run_.wall_s, **attainment(run_.records, slo),
+                 "started_at": started, "wall_s": run_.wall_s, **attainment(run_.records, slo),
                  "bench": common.summary_row(run_.summary(slo))}
         if probe is not None:
             point["probe"] = probe
@@ -292,6 +293,19 @@ def run(cfg: E2Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     doc: dict[str, Any] = {"experiment": NAME, "quick": quick, "config": asdict(cfg),
                            "slo": slo.__dict__, "machine": common.machine(),
                            "spec_local_queue": baseline, "points": []}
+    with host_speed.HostSpeed(out / "host_speed.jsonl") as gauge:
+        measure_both(cfg, doc, out, slo)
+        doc["host_speed"] = host_speed.annotate(doc["points"], gauge.samples())
+    doc["machine_after"] = common.machine()
+    doc["wall_s"] = time.monotonic() - started
+    common.write_json(out / "e2.json", doc)
+    doc["png"] = str(plot(doc, out / "e2.png"))
+    return doc
+
+
+def measure_both(cfg: E2Config, doc: dict[str, Any], out: Path, slo: Slo) -> None:
+    """The local-queue baseline, then on-demand forwarding at the same offered rates."""
+    baseline = doc["spec_local_queue"]
     with common.deployed(baseline, out / "local_queue", adjust=adjust(cfg)) as server, \
             common.client_on({1}):
         doc["warmup_local_queue"] = warmup(server, cfg, "local_queue")
@@ -310,11 +324,6 @@ def run(cfg: E2Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
         doc["measured"]["overload_run"] = overload_run(server, cfg, capacity)
         # Same offered rates: multiples of the capacity measured on the baseline.
         doc["points"] += sweep(server, cfg, capacity, slo, "on_demand")
-    doc["machine_after"] = common.machine()
-    doc["wall_s"] = time.monotonic() - started
-    common.write_json(out / "e2.json", doc)
-    doc["png"] = str(plot(doc, out / "e2.png"))
-    return doc
 
 
 def _overload_note(measured: dict[str, Any]) -> str:
@@ -422,6 +431,7 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
     for p in doc["points"]:
         for kind, msg in p.get("error_samples", {}).items():
             lines.append(f"- {p['admission']} {p['load']:g}x {kind}: `{msg[:160]}`")
+    lines += host_speed.note(doc, doc["points"], lambda p: f"{p['admission']} {p['load']:g}x")
     if figure:
         lines += ["", f"![E2]({figure})"]
     return "\n".join(lines)

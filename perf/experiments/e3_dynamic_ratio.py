@@ -39,7 +39,6 @@ import datetime as dt
 import itertools
 import json
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -95,6 +94,9 @@ class E3Config:
     # controller: try a switch the model predicts to gain more than this but within
     # the tolerance, where its ratio is unmeasured (``RatioPolicy.explore_gain``); 0: off
     ratio_explore_gain: float = 0.0
+    # controller: compare ratios' remembered windows at a matching host speed (host
+    # costs within this share; ``RatioPolicy.host_match``); 0: off
+    ratio_host_match: float = 0.0
     warmup_requests: int = 16
     # one dynamic run per way of switching roles ("live": in place) and start ratio
     role_switches: tuple[str, ...] = ("live", "reload")
@@ -280,7 +282,9 @@ def controller_args(cfg: E3Config) -> list[str]:
             "--ratio-share-delta", f"{cfg.ratio_share_delta:g}",
             *(["--ratio-recall-s", f"{cfg.ratio_recall_s:g}"] if cfg.ratio_recall_s else []),
             *(["--ratio-explore-gain", f"{cfg.ratio_explore_gain:g}"]
-              if cfg.ratio_explore_gain else [])]
+              if cfg.ratio_explore_gain else []),
+            *(["--ratio-host-match", f"{cfg.ratio_host_match:g}"]
+              if cfg.ratio_host_match else [])]
 
 
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (.*)$")
@@ -352,7 +356,7 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     doc["controller_edits"], doc["switches"] = [], []
     with host_speed.HostSpeed(out / "host_speed.jsonl") as gauge:
         measure_all(cfg, doc, out, slo)
-        annotate_host_speed(doc, gauge.samples())
+        doc["host_speed"] = host_speed.annotate(doc["rows"], gauge.samples())
     doc["machine_after"] = common.machine()
     doc["wall_s"] = time.monotonic() - began
     doc["verdict"] = verdict(doc)
@@ -402,26 +406,6 @@ def measure_all(cfg: E3Config, doc: dict[str, Any], out: Path, slo: Slo) -> None
         run_dynamic(cfg, doc, out, slo)
     for k in passes:
         run_static(cfg, doc, out, slo, k)
-
-
-def annotate_host_speed(doc: dict[str, Any], samples: list[tuple[float, float]]) -> None:
-    """Each measured row gets how slow the host ran during it (``host_speed.py``):
-    ``host_slowdown`` = the gauge's median cost in the row / its cost unslowed
-    (1.00: as fast as the host gets; 1.6: its cores ran the fixed work 1.6x
-    slower). Rows without samples in their window get none."""
-    ref = host_speed.reference_ms(samples)
-    doc["host_speed"] = {"reference_ms": ref, "samples": len(samples),
-                         "median_ms": statistics.median(ms for _, ms in samples)
-                         if samples else None}
-    if ref is None:
-        return
-    for row in doc["rows"]:
-        if "started_at" not in row:
-            continue
-        cost = host_speed.window_cost(samples, row["started_at"],
-                                      row["started_at"] + row["seconds"])
-        if cost is not None:
-            row["host_slowdown"] = round(cost / ref, 3)
 
 
 def run_static(cfg: E3Config, doc: dict[str, Any], out: Path, slo: Slo, k: int = 0) -> None:
@@ -695,6 +679,9 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         + (f"a switch predicted to gain over {cfg['ratio_explore_gain']:.0%} but within the "
            "tolerance is tried where its ratio was not measured with the mix, and undone if it "
            "measures worse (explore); " if cfg.get("ratio_explore_gain") else "")
+        + ("what each ratio did is compared with another's over windows measured at a host "
+           f"speed within {cfg['ratio_host_match']:.0%} of each other (host match); "
+           if cfg.get("ratio_host_match") else "")
         + ("compute check: no switch that gives a stage whose cores are "
            f"{doc['compute_busy']:.0%} busy (heartbeat counters) no core with room; "
            if doc.get("compute_busy") else "slots only (no compute check); ")

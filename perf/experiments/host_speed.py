@@ -1,62 +1,32 @@
-"""How fast the host runs a fixed piece of CPU work, sampled all through an experiment.
+"""The host's speed through an experiment, per measured row (``pdserve.scheduler.host_speed``).
 
-On the shared machines these experiments run on, the same deployment measured
-minutes apart serves up to 46 % less (E3's static passes, RESULTS.md), and
-nothing pdserve counts says why: this VM's ``/proc/stat`` shows no steal time,
-and its load average is its own processes. This gauge measures the host itself.
-It times a fixed pure-Python loop in *thread CPU time*, which leaves out any
-wait for a core (the experiment's own load) but takes in a core running slower
-under it (another tenant on its sibling hyperthread, the host taking the
-vCPU away). Measured 2026-12-06 22:00-22:22 UTC: 0.84 ms normally, 1.2-1.4 ms
-in episodes of 20 s to several minutes, with this VM busy and with it idle
-alike; the E3 rows measured in those episodes were the slow ones.
-
-A sample is the fastest of three runs of the loop after one unmeasured run
-(the first after a sleep pays for cold caches), once per ``interval_s``.
-``HostSpeed`` runs the gauge in a process of its own (no GIL shared with the
-load generator it measures beside), writing one JSON line per sample, and
-always stops it::
+The same deployment measured minutes apart on these shared machines serves up
+to 46 % less, and the gauge in ``pdserve.scheduler.host_speed`` says when the
+host itself ran slower (a fixed piece of CPU work timed in thread CPU time).
+``HostSpeed`` runs that gauge in a process of its own beside the experiment (no
+GIL shared with the load generator), one JSON line a sample, and always stops
+it; ``annotate`` gives each measured row its ``host_slowdown`` and ``note``
+says them in the results. E1, E2 and E3 use it::
 
     with HostSpeed(path) as gauge:
         ...                                    # the experiment
         gauge.cost_ms(t0, t1)                  # median sample in [t0, t1] (wall clock)
-
-    python -m perf.experiments.host_speed --out FILE [--interval-s 1] [--duration-s N]
-
-``e3_dynamic_ratio`` runs it through every E3 run and gives each row its
-``host_slowdown``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-LOOP = 20_000  # iterations: ~0.85 ms on the AMD EPYC box when it is not slowed
+from pdserve.scheduler.host_speed import reference_ms, window_cost
 
-
-def work() -> int:
-    total = 0
-    for i in range(LOOP):
-        total += i * i % 7
-    return total
-
-
-def sample() -> float:
-    """Thread CPU milliseconds of the fixed work: the fastest of three warm runs."""
-    work()
-    best = float("inf")
-    for _ in range(3):
-        began = time.thread_time()
-        work()
-        best = min(best, time.thread_time() - began)
-    return 1e3 * best
+__all__ = ["HostSpeed", "annotate", "note", "reference_ms", "window_cost"]
 
 
 class HostSpeed:
@@ -72,9 +42,8 @@ class HostSpeed:
     def __enter__(self) -> HostSpeed:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
-        # This file as a script: it imports nothing of the repository.
         self._proc = subprocess.Popen(
-            [sys.executable, __file__, "--out", str(self.path),
+            [sys.executable, "-m", "pdserve.scheduler.host_speed", "--out", str(self.path),
              "--interval-s", str(self.interval_s)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self
@@ -111,35 +80,33 @@ class HostSpeed:
         return window_cost(self.samples(), t0, t1)
 
 
-def window_cost(samples: list[tuple[float, float]], t0: float, t1: float) -> float | None:
-    inside = [ms for at, ms in samples if t0 <= at <= t1]
-    return statistics.median(inside) if inside else None
+def annotate(rows: list[dict[str, Any]], samples: list[tuple[float, float]]) -> dict[str, Any]:
+    """Give each measured row (``started_at``, and ``seconds`` or ``wall_s``) how slow
+    the host ran during it: ``host_slowdown`` = the median sample in the row's
+    window / ``reference_ms`` (1.00: as fast as the host gets; 1.6: its cores ran
+    the fixed work 1.6x slower). Rows without samples in their window get none.
+    Returns what the run's document keeps of the gauge."""
+    ref = reference_ms(samples)
+    for row in rows:
+        length = row.get("seconds", row.get("wall_s"))
+        if ref is None or "started_at" not in row or length is None:
+            continue
+        cost = window_cost(samples, row["started_at"], row["started_at"] + length)
+        if cost is not None:
+            row["host_slowdown"] = round(cost / ref, 3)
+    return {"reference_ms": ref, "samples": len(samples),
+            "median_ms": statistics.median(ms for _, ms in samples) if samples else None}
 
 
-def reference_ms(samples: list[tuple[float, float]]) -> float | None:
-    """The host's unslowed cost: the 10th percentile of the samples (a slow episode
-    can last minutes, so not the median)."""
-    values = sorted(ms for _, ms in samples)
-    return values[len(values) // 10] if values else None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
-    parser.add_argument("--interval-s", type=float, default=1.0)
-    parser.add_argument("--duration-s", type=float, default=None,
-                        help="stop after this long (default: until terminated)")
-    args = parser.parse_args(argv)
-    if not args.interval_s > 0:
-        parser.error("--interval-s must be positive")
-    end = None if args.duration_s is None else time.monotonic() + args.duration_s
-    with open(args.out, "a") as out:
-        while end is None or time.monotonic() < end:
-            out.write(json.dumps({"at": round(time.time(), 3), "ms": round(sample(), 4)}) + "\n")
-            out.flush()
-            time.sleep(args.interval_s)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def note(doc: dict[str, Any], rows: list[dict[str, Any]], name: Callable[[dict[str, Any]], str]
+         ) -> list[str]:
+    """Markdown lines: the host's slowdown during each row (named by ``name``); none
+    for a run without the gauge."""
+    gauge = doc.get("host_speed") or {}
+    if not gauge.get("reference_ms"):
+        return []
+    each = ", ".join(f"{name(r)} {r['host_slowdown']:.2f}x" for r in rows if "host_slowdown" in r)
+    return ["", f"Host slowdown during each point (a fixed piece of CPU work timed once a "
+            f"second in thread CPU time against its fastest, {gauge['reference_ms']:.2f} ms; "
+            f"the run's own load does not count, a slowed host does; "
+            f"`perf/experiments/host_speed.py`): {each or 'no point had samples'}."]

@@ -595,7 +595,7 @@ def test_host_slowdown_per_row_is_its_window_median_over_the_unslowed_cost() -> 
     assert isinstance(rows, list)
     rows[0].update(started_at=10.0, seconds=20.0)  # quiet host
     rows[1].update(started_at=40.0, seconds=19.0)  # slowed
-    e3.annotate_host_speed(doc, samples)
+    doc["host_speed"] = host_speed.annotate(rows, samples)
     assert rows[0]["host_slowdown"] == 1.0 and rows[1]["host_slowdown"] == 1.5
     assert "host_slowdown" not in rows[2]  # no window: nothing claimed
     text = e3.markdown(doc, None)
@@ -603,3 +603,15 @@ def test_host_slowdown_per_row_is_its_window_median_over_the_unslowed_cost() -> 
     assert "unslowed 1.00 ms, 100 samples" in text
     # Without the gauge (older runs) the table is as it was.
     assert "host slowdown" not in e3.markdown(_minimal_doc(), None)
+
+
+def test_host_slowdown_note_names_each_point_and_is_absent_without_the_gauge() -> None:
+    from perf.experiments import host_speed
+
+    points = [{"deployment": "disagg", "rate": 0.5, "started_at": 0.0, "wall_s": 10.0},
+              {"deployment": "agg", "rate": 0.5, "started_at": 20.0, "wall_s": 10.0}]
+    samples = [(float(t), 2.0 if t >= 20 else 1.0) for t in range(40)]
+    doc: dict[str, object] = {"host_speed": host_speed.annotate(points, samples)}
+    lines = host_speed.note(doc, points, lambda p: f"{p['deployment']} {p['rate']:g}")
+    assert "disagg 0.5 1.00x, agg 0.5 2.00x." in lines[-1] and "1.00 ms" in lines[-1]
+    assert host_speed.note({}, points, str) == []

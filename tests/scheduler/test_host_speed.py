@@ -1,0 +1,49 @@
+"""The host-speed gauge: samples, window medians, the thread and the JSON-lines CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from pdserve.scheduler import host_speed
+
+
+def test_window_median_and_unslowed_reference() -> None:
+    samples = [(float(t), 1.5 if 40 <= t < 60 else 1.0) for t in range(100)]
+    assert host_speed.window_cost(samples, 40, 59) == 1.5
+    assert host_speed.window_cost(samples, 0, 99) == 1.0
+    assert host_speed.window_cost(samples, 200, 300) is None
+    assert host_speed.reference_ms(samples) == 1.0  # a long slow episode is not the reference
+    assert host_speed.reference_ms([]) is None
+
+
+def test_a_sample_is_thread_cpu_time_of_the_fixed_work() -> None:
+    ms = host_speed.sample()
+    assert 0.05 < ms < 100  # ~0.85 ms on the CI box; not wall time of anything else
+
+
+def test_gauge_thread_samples_on_the_callers_clock_and_stops() -> None:
+    ticks = iter(range(1000, 10_000))
+    gauge = host_speed.HostGauge(interval_s=0.01, clock=lambda: float(next(ticks)))
+    try:
+        deadline = time.monotonic() + 20
+        while len(gauge.samples()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        gauge.close()
+    samples = gauge.samples()
+    assert len(samples) >= 3 and samples[0][0] == 1000.0
+    assert not gauge._thread.is_alive()
+    assert gauge.cost_ms(1000, 1002) is not None
+    with pytest.raises(ValueError, match="interval_s"):
+        host_speed.HostGauge(interval_s=0)
+
+
+def test_cli_writes_json_lines_for_its_duration(tmp_path: Path) -> None:
+    out = tmp_path / "g.jsonl"
+    assert host_speed.main(["--out", str(out), "--interval-s", "0.05", "--duration-s", "0.3"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) >= 2 and all(rec["ms"] > 0 and rec["at"] > 1e9 for rec in lines)
