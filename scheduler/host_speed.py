@@ -12,7 +12,10 @@ normally, 1.2-1.4 ms in episodes of 20 s to several minutes, with the VM busy
 and idle alike.
 
 A sample is the fastest of three runs of the loop after one unmeasured run (the
-first after a sleep pays for cold caches). Used two ways:
+first after a sleep pays for cold caches), on each core of the process's
+affinity in turn, averaged: samples on one core could miss a slow episode of
+the other vCPU (E3's output-heavy rows lost 20 % between two passes whose
+one-core samples were alike; the cause of that is not known). Used two ways:
 - ``HostGauge``: a thread sampling once per interval, for the controller, whose
   ratio memory compares windows measured at a matching host speed
   (``RatioPolicy.host_match``);
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import threading
 import time
@@ -51,6 +55,25 @@ def sample() -> float:
         work()
         best = min(best, time.thread_time() - began)
     return 1e3 * best
+
+
+def sample_cores(cores: Iterable[int] | None = None) -> float:
+    """``sample`` on each core in turn (the calling thread pinned to it, its
+    affinity restored after), averaged: a slowdown of one core (a busy sibling
+    hyperthread under one vCPU) counts for its share of the machine. Where the
+    affinity cannot be set (not Linux) it is ``sample`` wherever the thread runs."""
+    if not hasattr(os, "sched_setaffinity"):
+        return sample()
+    before = os.sched_getaffinity(0)
+    wanted = sorted(before if cores is None else set(cores) & before) or sorted(before)
+    costs = []
+    try:
+        for core in wanted:
+            os.sched_setaffinity(0, {core})
+            costs.append(sample())
+    finally:
+        os.sched_setaffinity(0, before)
+    return sum(costs) / len(costs)
 
 
 def window_cost(samples: Iterable[tuple[float, float]], t0: float, t1: float) -> float | None:
@@ -84,7 +107,7 @@ class HostGauge:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            ms = sample()
+            ms = sample_cores()
             with self._lock:
                 self._samples.append((self.clock(), ms))
             self._stop.wait(self.interval_s)
@@ -113,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     end = None if args.duration_s is None else time.monotonic() + args.duration_s
     with open(args.out, "a") as out:
         while end is None or time.monotonic() < end:
-            out.write(json.dumps({"at": round(time.time(), 3), "ms": round(sample(), 4)}) + "\n")
+            out.write(json.dumps({"at": round(time.time(), 3),
+                                  "ms": round(sample_cores(), 4)}) + "\n")
             out.flush()
             time.sleep(args.interval_s)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -47,3 +48,12 @@ def test_cli_writes_json_lines_for_its_duration(tmp_path: Path) -> None:
     assert host_speed.main(["--out", str(out), "--interval-s", "0.05", "--duration-s", "0.3"]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) >= 2 and all(rec["ms"] > 0 and rec["at"] > 1e9 for rec in lines)
+
+
+def test_sample_cores_visits_each_core_and_restores_the_affinity() -> None:
+    before = os.sched_getaffinity(0)
+    assert 0.05 < host_speed.sample_cores() < 100
+    assert os.sched_getaffinity(0) == before
+    one = min(before)
+    assert 0.05 < host_speed.sample_cores({one, 10_000}) < 100  # cores not ours are skipped
+    assert os.sched_getaffinity(0) == before
