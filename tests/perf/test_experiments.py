@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -273,19 +274,8 @@ def test_e2_early_intervention_is_told_by_its_text() -> None:
 
 
 def test_e3_verdict_and_markdown_from_a_json_doc() -> None:
-    from dataclasses import asdict
-
-    rows = [{"deployment": d, "phase": "p", "index": 0, "mix": "900/4", "req_per_s": r,
-             "out_tok_per_s": 1.0, "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0, "tpot_p50_ms": 1.0,
-             "slo_attainment": 1.0}
-            for d, r in (("1P3D", 2.0), ("2P2D", 4.0), ("3P1D", 1.0), ("dynamic", 3.8))]
-    machine = {"cpu": "x", "usable_cores": 2, "load_average": [1, 1, 1], "date_utc": "now"}
-    doc = json.loads(json.dumps({
-        "config": asdict(e3.QUICK), "slo": {"ttft_ms": 1.0, "tpot_ms": 1.0}, "rows": rows,
-        "machine": machine, "machine_after": machine, "dynamic_blockers": [],
-        "controller_edits": []}))
-    doc["config"]["phases"] = doc["config"]["phases"][:1]
-    doc["verdict"] = e3.verdict(doc)
+    doc: dict[str, Any] = _minimal_doc()
+    rows = doc["rows"]
     assert "dynamic 3.80 req/s = 3.80x worst (goal >= 1.6x: met)" in doc["verdict"][0]
     assert "95% of best (goal >= 90%: met)" in doc["verdict"][0]
     assert "Role switches during the dynamic runs: 0 — none" in e3.markdown(doc, None)
@@ -490,7 +480,7 @@ def test_a_dead_tritonserver_is_an_error_with_its_abort_line_not_a_measurement(
         common.check_alive(dead, "3P1D")
     # drive() checks before it connects: a dead server sends nothing.
     with pytest.raises(common.ServerDied, match="exited with code 1 during x"):
-        common.drive(_DeadServer(1, tmp_path / "none.log"), [], label="x",  # type: ignore[arg-type]
+        common.drive(_DeadServer(1, tmp_path / "none.log"), [], label="x",
                      concurrency=1)
 
 
