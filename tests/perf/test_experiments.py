@@ -605,3 +605,25 @@ def test_host_slowdown_note_names_each_point_and_is_absent_without_the_gauge() -
     lines = host_speed.note(doc, points, lambda p: f"{p['deployment']} {p['rate']:g}")
     assert "disagg 0.5 1.00x, agg 0.5 2.00x." in lines[-1] and "1.00 ms" in lines[-1]
     assert host_speed.note({}, points, str) == []
+
+
+def test_dynamic_phases_are_also_compared_with_passes_at_a_matching_host_speed() -> None:
+    doc: dict[str, Any] = _minimal_doc()
+    rows = doc["rows"]
+    # Best 2P2D: 5.0 on a quiet host (1.0x), 3.0 while it ran slow (1.5x): mean 4.0.
+    rows[1].update({"req_per_s": 5.0, "pass": 0, "host_slowdown": 1.0})
+    rows.append(dict(rows[1], **{"req_per_s": 3.0, "pass": 1, "host_slowdown": 1.5}))
+    rows[2].update({"pass": 0, "host_slowdown": 1.6})  # worst 3P1D: only a slow pass
+    rows[3].update({"req_per_s": 4.6, "host_slowdown": 1.05})  # dynamic, quiet host
+    doc["verdict"] = e3.verdict(doc)
+    assert "115% of best (goal >= 90%: met)" in doc["verdict"][0]  # 4.6 / mean 4.0
+    lines = e3.host_matched(doc)
+    assert lines == ["- phase 0 (prompt-heavy), dynamic 4.60 req/s at host 1.05x: 92% of best "
+                     "2P2D (pass 1 5.00 at 1.00x); no pass of the worst ratio 3P1D at a "
+                     "matching host speed"]
+    rows.append(dict(rows[2], **{"pass": 1, "host_slowdown": 1.1, "req_per_s": 1.2}))
+    assert e3.host_matched(doc)[0].endswith("; 3.83x worst 3P1D (pass 2 1.20 at 1.10x)")
+    assert "at a host speed within 15% of the dynamic phase's" in e3.markdown(doc, None)
+    # Runs without the gauge: nothing to say, and the results say nothing.
+    assert e3.host_matched(_minimal_doc()) == []
+    assert "matching host speed" not in e3.markdown(_minimal_doc(), None)
