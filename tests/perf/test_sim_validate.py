@@ -248,3 +248,16 @@ def test_mean_run_averages_every_measured_figure_the_validation_reads() -> None:
     assert m["overload_run"]["offered"] == 280 and m["overload_run"]["rate"] == 28.0
     assert out2["points"][0]["bench"]["ttft_p50_ms"] == pytest.approx(600)
     assert out2["points"][0]["rate"] == 7.0  # a setting: the first run's
+
+
+def test_figures_are_also_counted_apart_for_points_on_a_slowed_host() -> None:
+    def point(err: float, host: float | None) -> dict[str, object]:
+        return {"experiment": "E2", "point": "p", "simulated": _summary(100, 30),
+                "measured": _summary(100, 30), "host_slowdown": host,
+                "relative_error": {"ttft_p50_ms": err, "req_per_s": 0.0}}
+
+    results = [{"points": [point(0.05, 1.0), point(0.30, 1.4), point(0.30, None)]}]
+    assert sv.by_host(results) == {"unslowed": [2, 2], "slowed": [1, 2]}
+    assert sv.within(results) == (4, 6)  # every point, gauged or not
+    assert sv.by_host([{"points": [point(0.0, None)]}]) is None  # runs without the gauge
+    assert "| E2 | p (host 1.40x) |" in sv.markdown(results)
