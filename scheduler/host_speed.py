@@ -14,14 +14,19 @@ and idle alike.
 A sample is the fastest of three runs of the loop after one unmeasured run (the
 first after a sleep pays for cold caches), on each core of the process's
 affinity in turn, averaged: samples on one core could miss a slow episode of
-the other vCPU (E3's output-heavy rows lost 20 % between two passes whose
-one-core samples were alike; the cause of that is not known). Used two ways:
-- ``HostGauge``: a thread sampling once per interval, for the controller, whose
-  ratio memory compares windows measured at a matching host speed
-  (``RatioPolicy.host_match``);
-- ``python -m pdserve.scheduler.host_speed --out FILE``: the same samples as
-  JSON lines from a process of its own, which the experiments run beside their
-  load generator (``perf/experiments/host_speed.py``).
+the other vCPU. ``python -m pdserve.scheduler.host_speed --out FILE`` writes
+one JSON line a sample from a process of its own, which the experiments run
+beside their load generator and read per measured row
+(``perf/experiments/host_speed.py``). It lives in the package so that a
+deployment's own tooling can run it too.
+
+What it is worth, measured (perf/RESULTS.md, E3 with owned compute, three
+gauged runs of 2026-12-06): it explains some of the spread between passes of
+the same static ratio in two runs and none of it in the third, so it is a
+covariate to report, not a correction to apply. A controller that compared its
+remembered ratio windows only at a matching host speed was tried in one E3 run
+and removed: the matched subsets were one or two windows, and one such
+comparison sent an exploration back on a 3 % difference.
 """
 
 from __future__ import annotations
@@ -30,10 +35,8 @@ import argparse
 import json
 import os
 import statistics
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 LOOP = 20_000  # iterations: ~0.85 ms on the AMD EPYC box when it is not slowed
@@ -87,41 +90,6 @@ def reference_ms(samples: Iterable[tuple[float, float]]) -> float | None:
     can last minutes, so not the median)."""
     values = sorted(ms for _, ms in samples)
     return values[len(values) // 10] if values else None
-
-
-class HostGauge:
-    """A daemon thread sampling every ``interval_s``; ``cost_ms(t0, t1)`` on the
-    ``clock`` the caller uses. Keeps the last ``keep`` samples; ``close`` stops it."""
-
-    def __init__(self, interval_s: float = 1.0, clock: Callable[[], float] = time.time,
-                 keep: int = 3600) -> None:
-        if not interval_s > 0:
-            raise ValueError(f"interval_s must be positive, got {interval_s}")
-        self.interval_s = interval_s
-        self.clock = clock
-        self._samples: deque[tuple[float, float]] = deque(maxlen=keep)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="host-gauge", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            ms = sample_cores()
-            with self._lock:
-                self._samples.append((self.clock(), ms))
-            self._stop.wait(self.interval_s)
-
-    def samples(self) -> list[tuple[float, float]]:
-        with self._lock:
-            return list(self._samples)
-
-    def cost_ms(self, t0: float, t1: float) -> float | None:
-        return window_cost(self.samples(), t0, t1)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,18 +70,6 @@ measured with this mix, once the current ratio has two windows of its own; after
 two windows there the two means decide, and the controller goes back if the
 neighbour did worse (``RatioController._explore_verdict``). A ratio tried keeps
 its windows for ``remember_s``, so it is not tried again until they expire.
-
-Scores from different times also carry the host's speed: on a shared host a
-ratio measured during a slow episode scores lower for that alone (E3, 16:36 UTC
-run: 3P1D kept after exploring scored 215 against 2P2D's 202, then the machine
-slowed, 3P1D's mean fell below 202 / 1.15 and the prediction sent it back to
-2P2D, whose only windows were from before the slowdown). Where each window
-carries the host's cost of a fixed piece of work (``ScenarioSignal.host_ms``,
-``host_speed.py``) and ``host_match`` is set, the memory compares two ratios
-over the windows each has at a host speed the other also had (costs within
-``host_match`` of each other), and over all their windows only where they
-share none. The recall compares with episodes of another time and is not
-matched.
 """
 
 from __future__ import annotations
@@ -92,7 +80,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Action = Literal["none", "add_prefill", "add_decode"]
-Window = tuple[float, float, float | None]  # (when, score, host ms) of one ratio window
 
 
 @dataclass(frozen=True)
@@ -144,10 +131,6 @@ class RatioPolicy:
     # than ``tolerance`` is tried when its ratio has no windows with this mix, and
     # undone if it measures worse (``RatioController._explore_verdict``). 0: off.
     explore_gain: float = 0.0
-    # The memory compares two ratios over their windows measured at a matching host
-    # speed: host costs (``ScenarioSignal.host_ms``) within this share of each
-    # other (``RatioController._compared``). 0: off, every window counts.
-    host_match: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.tolerance < 1:
@@ -169,8 +152,6 @@ class RatioPolicy:
         if not 0 <= self.explore_gain <= self.tolerance:
             raise ValueError(f"explore_gain must be in [0, tolerance={self.tolerance}], got "
                              f"{self.explore_gain}")
-        if not 0 <= self.host_match < 1:
-            raise ValueError(f"host_match must be in [0, 1), got {self.host_match}")
         if self.compute_busy is not None and not 0 < self.compute_busy <= 1:
             raise ValueError(f"compute_busy must be in (0, 1] or None, got {self.compute_busy}")
 
@@ -234,9 +215,6 @@ class ScenarioSignal:
     prompt_tokens: float | None = None  # mean prompt length of the window's requests
     output_tokens: float | None = None  # mean output length of the window's requests
     compute: ComputeView | None = None  # None: not measured, the rules count slots
-    # the host's cost of a fixed piece of CPU work over the window (``host_speed.py``):
-    # higher is a slower host; None: not measured
-    host_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -280,13 +258,12 @@ class RatioController:
         self._baseline_share: float | None = None
         self._baseline_mix: tuple[float | None, float | None] = (None, None)
         self._last_mix: tuple[float | None, float | None] = (None, None)
-        # (n_prefill, n_decode) -> [(when, score, host ms)] of its windows with the
-        # current mix
-        self._measured: dict[tuple[int, int], list[Window]] = {}
+        # (n_prefill, n_decode) -> [(when, score)] of its windows with the current mix
+        self._measured: dict[tuple[int, int], list[tuple[float, float]]] = {}
         self._measured_mix: tuple[float | None, float | None] = (None, None)
         # Earlier mixes' ``_measured`` (``recall_s``), oldest first.
         self._episodes: list[tuple[tuple[float | None, float | None],
-                                   dict[tuple[int, int], list[Window]]]] = []
+                                   dict[tuple[int, int], list[tuple[float, float]]]]] = []
         # (from, to) of a switch made to measure ``to`` (``explore_gain``), until judged
         self._explored: tuple[tuple[int, int], tuple[int, int]] | None = None
 
@@ -304,7 +281,7 @@ class RatioController:
             return RatioDecision("none", n_p, n_d, "cooling down after the last change")
         score = self._score(signal)
         if score is not None and (self.policy.remember_s or self.policy.recall_s):
-            self._remember((n_p, n_d), signal.now, score, signal.host_ms)
+            self._remember((n_p, n_d), signal.now, score)
             self._measured_mix = mix
         measured = self._explore_verdict(signal) or self._recall_step(signal, score)
         decision = measured or self._online(signal) or self._balance(signal)
@@ -425,21 +402,18 @@ class RatioController:
         if (n_p, n_d) != tried:
             self._explored = None  # moved on by other means
             return None
-        own = self._mean_score(tried, signal.now)
-        if own is None or own[1] < 2:
+        there = self._mean_score(tried, signal.now)
+        if there is None or there[1] < 2:
             return None
         self._explored = None
-        compared = self._compared(tried, origin, signal.now)
-        if compared is None:
-            return None
-        there, back, matched = compared
-        if back[0] <= there[0]:
+        back = self._mean_score(origin, signal.now)
+        if back is None or back[0] <= there[0]:
             return None
         action: Action = "add_prefill" if origin[0] > n_p else "add_decode"
         return _switch(action, n_p, n_d,
                        f"explored {n_p}P{n_d}D did worse than {origin[0]}P{origin[1]}D with "
                        f"this mix ({there[0]:.3g} requests/s per s of E2E over {there[1]} "
-                       f"windows vs {back[0]:.3g} over {back[1]}{_matched(matched)}): back")
+                       f"windows vs {back[0]:.3g} over {back[1]}): back")
 
     def _no_compute(self, signal: ScenarioSignal, decision: RatioDecision) -> str | None:
         """Why the switch adds no compute to a saturated stage (None: it may)."""
@@ -467,13 +441,11 @@ class RatioController:
             return None
         return signal.arrival_rate / signal.e2e_s
 
-    def _remember(self, ratio: tuple[int, int], now: float, score: float,
-                  host_ms: float | None = None) -> None:
-        """Add a window's score (and the host's cost then); those older than the
-        memory's horizon go (a ratio held for days under one mix keeps only its
-        recent windows)."""
+    def _remember(self, ratio: tuple[int, int], now: float, score: float) -> None:
+        """Add a window's score; those older than the memory's horizon go (a ratio
+        held for days under one mix keeps only its recent windows)."""
         windows = self._measured.setdefault(ratio, [])
-        windows.append((now, score, host_ms))
+        windows.append((now, score))
         keep = max(self.policy.remember_s, self.policy.recall_s)
         stale = 0
         while stale < len(windows) and now - windows[stale][0] > keep:
@@ -510,7 +482,7 @@ class RatioController:
                 continue
             out = {}
             for ratio, windows in ratios.items():
-                recent = [v for t, v, _ in windows if now - t <= self.policy.recall_s]
+                recent = [v for t, v in windows if now - t <= self.policy.recall_s]
                 if recent:
                     out[ratio] = (sum(recent) / len(recent), len(recent), now - windows[-1][0])
             return out
@@ -547,34 +519,10 @@ class RatioController:
     def _mean_score(self, ratio: tuple[int, int], now: float) -> tuple[float, int] | None:
         """Mean score of ``ratio``'s windows with this mix within ``remember_s``, and
         how many; None: none."""
-        recent = [v for t, v, _ in self._recent(ratio, now)]
+        recent = [v for t, v in self._measured.get(ratio, ()) if now - t <= self.policy.remember_s]
         if not recent:
             return None
         return sum(recent) / len(recent), len(recent)
-
-    def _recent(self, ratio: tuple[int, int], now: float) -> list[Window]:
-        return [w for w in self._measured.get(ratio, ()) if now - w[0] <= self.policy.remember_s]
-
-    def _compared(self, a: tuple[int, int], b: tuple[int, int], now: float
-                  ) -> tuple[tuple[float, int], tuple[float, int], bool] | None:
-        """Mean score and windows of ``a`` and of ``b`` within ``remember_s``, over
-        the windows of each taken at a host speed the other also had (costs within
-        ``host_match``; the flag says so), or over all of them where ``host_match``
-        is off or the two share no host speed. None: one has no windows."""
-        wa, wb = self._recent(a, now), self._recent(b, now)
-        if not wa or not wb:
-            return None
-        band = self.policy.host_match
-        if band:
-            def near(w: Window, others: list[Window]) -> bool:
-                return w[2] is not None and any(
-                    o[2] is not None and abs(w[2] - o[2]) <= band * min(w[2], o[2])
-                    for o in others)
-
-            ma, mb = [w for w in wa if near(w, wb)], [w for w in wb if near(w, wa)]
-            if ma and mb:
-                return _mean(ma), _mean(mb), True
-        return _mean(wa), _mean(wb), False
 
     def _did_no_better(self, signal: ScenarioSignal, decision: RatioDecision,
                        score: float | None) -> str | None:
@@ -589,17 +537,16 @@ class RatioController:
         why it was left), so single windows sent E3 back and forth."""
         if score is None or not self.policy.remember_s:
             return None
-        compared = self._compared((decision.n_prefill, decision.n_decode),
-                                  (signal.n_prefill, signal.n_decode), signal.now)
-        if compared is None:
+        then = self._mean_score((decision.n_prefill, decision.n_decode), signal.now)
+        now = self._mean_score((signal.n_prefill, signal.n_decode), signal.now)
+        if then is None or now is None:
             return None
-        then, now, matched = compared
         if then[0] >= now[0] * (1 + self.policy.tolerance):
             return None  # it did better by more than the noise between windows
         return (f"{decision.n_prefill}P{decision.n_decode}D did no better with this mix "
                 f"lately ({then[0]:.3g} requests/s per s of E2E over {then[1]} windows vs "
-                f"{now[0]:.3g} over {now[1]} at {signal.n_prefill}P{signal.n_decode}D"
-                f"{_matched(matched)}, {self.policy.tolerance:.0%} margin; {decision.reason})")
+                f"{now[0]:.3g} over {now[1]} at {signal.n_prefill}P{signal.n_decode}D, "
+                f"{self.policy.tolerance:.0%} margin; {decision.reason})")
 
     def _online(self, signal: ScenarioSignal) -> RatioDecision | None:
         if signal.e2e_s is None or signal.ttft_share is None:
@@ -646,14 +593,6 @@ class RatioController:
             if high > low * (1 + self.policy.mix_change):
                 return True
         return False
-
-
-def _mean(windows: list[Window]) -> tuple[float, int]:
-    return sum(w[1] for w in windows) / len(windows), len(windows)
-
-
-def _matched(matched: bool) -> str:
-    return ", windows at a matching host speed" if matched else ""
 
 
 def _fmt_mix(mix: tuple[float | None, float | None]) -> str:

@@ -94,9 +94,6 @@ class E3Config:
     # controller: try a switch the model predicts to gain more than this but within
     # the tolerance, where its ratio is unmeasured (``RatioPolicy.explore_gain``); 0: off
     ratio_explore_gain: float = 0.0
-    # controller: compare ratios' remembered windows at a matching host speed (host
-    # costs within this share; ``RatioPolicy.host_match``); 0: off
-    ratio_host_match: float = 0.0
     warmup_requests: int = 16
     # one dynamic run per way of switching roles ("live": in place) and start ratio
     role_switches: tuple[str, ...] = ("live", "reload")
@@ -282,9 +279,7 @@ def controller_args(cfg: E3Config) -> list[str]:
             "--ratio-share-delta", f"{cfg.ratio_share_delta:g}",
             *(["--ratio-recall-s", f"{cfg.ratio_recall_s:g}"] if cfg.ratio_recall_s else []),
             *(["--ratio-explore-gain", f"{cfg.ratio_explore_gain:g}"]
-              if cfg.ratio_explore_gain else []),
-            *(["--ratio-host-match", f"{cfg.ratio_host_match:g}"]
-              if cfg.ratio_host_match else [])]
+              if cfg.ratio_explore_gain else [])]
 
 
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (.*)$")
@@ -723,9 +718,6 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         + (f"a switch predicted to gain over {cfg['ratio_explore_gain']:.0%} but within the "
            "tolerance is tried where its ratio was not measured with the mix, and undone if it "
            "measures worse (explore); " if cfg.get("ratio_explore_gain") else "")
-        + ("what each ratio did is compared with another's over windows measured at a host "
-           f"speed within {cfg['ratio_host_match']:.0%} of each other (host match); "
-           if cfg.get("ratio_host_match") else "")
         + ("compute check: no switch that gives a stage whose cores are "
            f"{doc['compute_busy']:.0%} busy (heartbeat counters) no core with room; "
            if doc.get("compute_busy") else "slots only (no compute check); ")

@@ -40,11 +40,9 @@ CPU_QUOTA = 0.4  # cores per instance: 1.6 of the 2 cores
 # static), each dynamic run also judged against the passes right before and
 # after it: the machine's speed moved 10-40 % between a run's first and last
 # static pass (RESULTS.md, "How far do the static ratios repeat?").
-# The controller compares remembered windows at a matching host speed (the host's
-# slow episodes cost 10-20 % of throughput; ``RatioPolicy.host_match``).
 FULL = replace(e3.FULL, cpu_quota=CPU_QUOTA, phase_s=120.0, ratio_cooldown_s=4.0,
                ratio_recall_s=600.0, ratio_explore_gain=0.05, static_passes=3,
-               interleave=True, ratio_host_match=0.15)
+               interleave=True)
 QUICK = replace(e3.QUICK, cpu_quota=CPU_QUOTA)
 
 

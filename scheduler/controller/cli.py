@@ -26,7 +26,6 @@ from pdserve.scheduler.controller.metrics import ControllerMetrics
 from pdserve.scheduler.controller.ratio_loop import RatioLoop
 from pdserve.scheduler.controller.repository import Repository
 from pdserve.scheduler.controller.state import default_state_path
-from pdserve.scheduler.host_speed import HostGauge
 from pdserve.scheduler.ratio import RatioPolicy
 
 
@@ -67,11 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "utilisation by more than this but within the tolerance, when its "
                              "ratio has not been measured with the current mix, and undo it if "
                              "it measures worse; 0 (default): off")
-    parser.add_argument("--ratio-host-match", type=float, default=RatioPolicy.host_match,
-                        help="time a fixed piece of CPU work once a second (the host's "
-                             "speed) and compare two ratios' remembered windows only where "
-                             "both were measured at host costs within this share of each "
-                             "other (for shared hosts whose speed drifts); 0 (default): off")
     parser.add_argument("--no-ratio-compute", action="store_true",
                         help="count slots only, as if every instance owned its compute")
     parser.add_argument("--role-switch", choices=("reload", "live"), default="reload",
@@ -103,8 +97,7 @@ def build(args: argparse.Namespace) -> Controller:
                          e2e_rise=args.ratio_e2e_rise, share_delta=args.ratio_share_delta,
                          compute_busy=None if args.no_ratio_compute else args.ratio_compute_busy,
                          remember_s=args.ratio_remember_s, recall_s=args.ratio_recall_s,
-                         explore_gain=args.ratio_explore_gain,
-                         host_match=args.ratio_host_match)
+                         explore_gain=args.ratio_explore_gain)
     ratio = RatioLoop(policy, args.drain_timeout_s)
 
     def scrape() -> list[str]:
@@ -115,9 +108,6 @@ def build(args: argparse.Namespace) -> Controller:
         TritonProbeClient(health.probe_timeout_s),
         options, ratio=ratio, metrics=ControllerMetrics(),
         scrape=None if args.no_ratio else scrape,
-        # On the clock ``run`` ticks with (below).
-        host_gauge=HostGauge(clock=time.time) if policy.host_match and not args.no_ratio
-        else None,
     )
 
 

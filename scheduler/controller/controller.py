@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 from pdserve.scheduler.compute import busy_shares, merge_counters, own_shares
 from pdserve.scheduler.controller.health import (
@@ -58,14 +58,6 @@ from pdserve.scheduler.ratio import ComputeView
 log = logging.getLogger(__name__)
 OWNER = "controller"
 Key = tuple[str, str]  # (server, model)
-
-
-class HostCost(Protocol):
-    """What the controller needs of ``host_speed.HostGauge``."""
-
-    def cost_ms(self, t0: float, t1: float) -> float | None: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -103,7 +95,6 @@ class Controller:
         ratio: RatioLoop | None = None,
         metrics: ControllerMetrics | None = None,
         scrape: Callable[[], list[str]] | None = None,
-        host_gauge: HostCost | None = None,
     ) -> None:
         self.repo = repository
         self.probe_client = probe
@@ -111,9 +102,6 @@ class Controller:
         self.ratio = ratio or RatioLoop()
         self.metrics = metrics or ControllerMetrics()
         self.scrape = scrape  # /metrics pages of every server; None: no ratio loop
-        # The host's speed over each ratio window (``host_speed.HostGauge``, on the
-        # clock ``tick`` gets), for the ratio memory's ``host_match``; None: not measured.
-        self.host_gauge = host_gauge
         self.health: dict[Key, InstanceHealth] = {}
         self.entries: dict[str, ModelEntry] = {}
         self._last_totals: Totals | None = None
@@ -155,8 +143,6 @@ class Controller:
             stop.wait(self.options.health.probe_interval_s)
 
     def close(self) -> None:
-        if self.host_gauge is not None:
-            self.host_gauge.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.probe_client.close()
         self.metrics.close()
@@ -327,7 +313,6 @@ class Controller:
         self._last_compute, self._last_own = counters, own_now
         if prev is None:
             return
-        host_ms = self.host_gauge.cost_ms(prev.at, now) if self.host_gauge is not None else None
         for scenario in scenarios:
             cands = self.candidates(scenario)
             w = window(prev, totals, scenario)
@@ -335,8 +320,8 @@ class Controller:
             batch = {r: max((self.entries[c.name].max_batch_size for c in cands if c.role == r),
                             default=1) for r in ("prefill", "decode")}
             sig = scenario_signal(w, now, n_p, n_d, batch["prefill"], batch["decode"],
-                                  occupancy[scenario], self._compute_view(cands, busy, own),
-                                  host_ms) if w else None
+                                  occupancy[scenario], self._compute_view(cands, busy, own)) \
+                if w else None
             if sig is None or n_p + n_d == 0:
                 self.metrics.decision(scenario, "none", "no signal in the window")
                 continue

@@ -175,11 +175,9 @@ MIN_OCCUPANCY = 1e-3  # an idle stage still has a (tiny) positive T
 def scenario_signal(
     w: Window, now: float, n_prefill: int, n_decode: int, prefill_batch: int, decode_batch: int,
     prefill_occupancy: float | None = None, compute: ComputeView | None = None,
-    host_ms: float | None = None,
 ) -> ScenarioSignal | None:
     """``prefill_occupancy``: the measured busy share of the prefill slots, if any;
-    ``compute``: the instances' compute units and how busy they were, if measured;
-    ``host_ms``: the host's cost of a fixed piece of work over the window, if measured."""
+    ``compute``: the instances' compute units and how busy they were, if measured."""
     if w.ttft_s <= 0 or w.tpot_s <= 0:
         return None
     e2e = w.e2e_s
@@ -199,5 +197,4 @@ def scenario_signal(
         prompt_tokens=w.prompt_tokens,
         output_tokens=w.output_tokens,
         compute=compute,
-        host_ms=host_ms,
     )

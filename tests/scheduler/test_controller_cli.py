@@ -28,21 +28,7 @@ def test_ratio_options_reach_the_policy(tmp_path: Path) -> None:
     assert (default.recall_s, default.explore_gain) == (0.0, 0.0)  # off unless asked
 
 
-def test_host_match_runs_the_host_gauge_until_the_controller_closes(tmp_path: Path) -> None:
-    controller = cli.build(_args(tmp_path, "--ratio-host-match", "0.15"))
-    try:
-        assert controller.ratio.policy.host_match == 0.15
-        assert controller.host_gauge is not None
-    finally:
-        controller.close()
-    assert not controller.host_gauge._thread.is_alive()
-    plain = cli.build(_args(tmp_path))
-    plain.close()
-    assert plain.host_gauge is None  # off unless asked: no thread
-
-
 @pytest.mark.parametrize(("flag", "value", "message"), [
-    ("--ratio-host-match", "1", "host_match must be in [0, 1)"),
     ("--ratio-recall-s", "-1", "recall_s must be >= 0"),
     ("--ratio-explore-gain", "0.5", "explore_gain must be in [0, tolerance=0.15]"),
 ])

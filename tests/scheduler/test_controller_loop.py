@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -12,9 +12,9 @@ import pytest
 
 from pdserve.scheduler.controller.controller import Controller, ControllerOptions
 from pdserve.scheduler.controller.health import HealthPolicy
-from pdserve.scheduler.controller.ratio_loop import Candidate, PendingSwitch, RatioLoop
+from pdserve.scheduler.controller.ratio_loop import RatioLoop
 from pdserve.scheduler.controller.state import read_state
-from pdserve.scheduler.ratio import RatioDecision, RatioPolicy, ScenarioSignal
+from pdserve.scheduler.ratio import RatioPolicy
 from tests.scheduler.controller_fakes import FakeTriton, make_repo
 
 
@@ -614,43 +614,3 @@ def test_mid_upgrade_the_ratio_loop_strands_no_weights(tmp_path: Path) -> None:
                 {"scenario": "default", "action": "none", "reason": "mixed_weights"}) == 1
         finally:
             c.close()
-
-
-def test_each_ratio_window_carries_the_hosts_speed_over_it(tmp_path: Path) -> None:
-    """With a host gauge, every signal the ratio rule gets has the gauge's cost over
-    that window (the memory's ``host_match`` compares windows by it); the gauge
-    is closed with the controller."""
-    class Gauge:
-        def __init__(self) -> None:
-            self.asked: list[tuple[float, float]] = []
-            self.closed = False
-
-        def cost_ms(self, t0: float, t1: float) -> float | None:
-            self.asked.append((t0, t1))
-            return 1.25
-
-        def close(self) -> None:
-            self.closed = True
-
-    class Recording(RatioLoop):
-        def __init__(self) -> None:
-            super().__init__(RatioPolicy(cooldown_s=0.0, host_match=0.15))
-            self.signals: list[ScenarioSignal] = []
-
-        def decide(self, scenario: str, signal: ScenarioSignal,
-                   candidates: Sequence[Candidate]) -> tuple[RatioDecision, PendingSwitch | None]:
-            self.signals.append(signal)
-            return super().decide(scenario, signal, candidates)
-
-    traffic = Traffic()
-    c, _ = make(tmp_path, traffic=traffic)
-    gauge, loop = Gauge(), Recording()
-    c.host_gauge, c.ratio = gauge, loop
-    try:
-        c.tick(0.0)
-        traffic.add(20, ttft_s=0.2, tpot_s=0.01, out_tokens=11)
-        c.tick(10.0)
-    finally:
-        c.close()
-    assert [s.host_ms for s in loop.signals] == [1.25]
-    assert gauge.asked == [(0.0, 10.0)] and gauge.closed

@@ -551,39 +551,3 @@ def test_mid_upgrade_no_donor_strands_the_other_role_on_its_weights() -> None:
     same = [replace(c, model="") for c in half]
     _, switch = RatioLoop(RatioPolicy()).decide("default", sig, same)
     assert switch is not None and switch.name == "decode_0"
-
-
-def test_memory_compares_ratios_at_a_matching_host_speed() -> None:
-    """E3 16:36 UTC: 3P1D, kept after it beat 2P2D, scored low once the host slowed,
-    and the memory let the prediction send it back to 2P2D, whose only windows
-    were from before the slowdown. With ``host_match`` the two are compared over
-    windows taken at the same host speed."""
-    def replay(policy: RatioPolicy, host: bool) -> str:
-        c = RatioController(policy)
-
-        def at(t: float, n_p: int, n_d: int, rate: float, e2e: float, ms: float) -> ScenarioSignal:
-            return replace(_at(t, n_p, n_d, rate=rate, e2e_s=e2e), host_ms=ms if host else None)
-
-        assert c.decide(at(100.0, 2, 2, 51.0, 0.25, 0.85)).action == "add_prefill"  # 204
-        for t in (104.0, 108.0):  # 3P1D: 217, the prediction asks for 2P2D: refused
-            assert c.decide(at(t, 3, 1, 51.0, 0.235, 0.85)).action == "none"
-        decision = None
-        for t in (112.0, 116.0, 120.0, 124.0):  # the host slows: 3P1D scores 125
-            decision = c.decide(at(t, 3, 1, 40.0, 0.32, 1.35))
-            if decision.action != "none":
-                break
-        assert decision is not None
-        return decision.action if decision.action != "none" else decision.reason
-
-    base = RatioPolicy(cooldown_s=0.0, min_peak=0.7, e2e_rise=10.0)
-    # Every window counted: 3P1D's mean falls to 156 and 204 beats it by 15 %: back.
-    assert replay(base, host=True) == "add_decode"
-    matched = replace(base, host_match=0.15)
-    reason = replay(matched, host=True)
-    assert reason.startswith("2P2D did no better with this mix lately (204 requests/s per s of "
-                             "E2E over 1 windows vs 217 over 2 at 3P1D, windows at a matching "
-                             "host speed, 15% margin"), reason
-    # No host speed measured: as without the option.
-    assert replay(matched, host=False) == "add_decode"
-    with pytest.raises(ValueError, match="host_match"):
-        RatioPolicy(host_match=1.0)
