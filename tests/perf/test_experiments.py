@@ -209,6 +209,9 @@ def _leftover_processes(marker: str) -> list[str]:
 def test_e1_quick(tmp_path: Path) -> None:
     assert e1.main(["--quick", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "e1.json").read_text())
+    # The host gauge ran beside the run and its samples reached the rows.
+    assert doc["host_speed"]["samples"] > 0
+    assert any("host_slowdown" in p for p in doc["points"])
     assert {p["deployment"] for p in doc["points"]} == {"disagg", "agg"}
     assert len(doc["points"]) == 2 * len(e1.QUICK.rates)
     for p in doc["points"]:
@@ -228,6 +231,9 @@ def test_e1_quick(tmp_path: Path) -> None:
 def test_e2_quick(tmp_path: Path) -> None:
     assert e2.main(["--quick", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "e2.json").read_text())
+    # The host gauge ran beside the run and its samples reached the rows.
+    assert doc["host_speed"]["samples"] > 0
+    assert any("host_slowdown" in p for p in doc["points"])
     assert doc["measured"]["capacity_req_per_s"] > 0
     assert 0 < doc["ttft_budget_s"] < e2.QUICK.ttft_slo_ms / 1000
     # The overload run the simulator's validation fits the router's retries to.
@@ -252,6 +258,9 @@ def test_e2_quick(tmp_path: Path) -> None:
 def test_e3_quick(tmp_path: Path) -> None:
     assert e3.main(["--quick", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "e3.json").read_text())
+    # The host gauge ran beside the run and its samples reached the rows.
+    assert doc["host_speed"]["samples"] > 0
+    assert any("host_slowdown" in p for p in doc["rows"])
     static = {r["deployment"] for r in doc["rows"] if not e3.is_dynamic(r["deployment"])}
     assert static == {"1P3D", "2P2D", "3P1D"}
     assert all(r["ok"] > 0 for r in doc["rows"])
