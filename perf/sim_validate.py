@@ -582,8 +582,8 @@ HOST_SLOWED = 1.15  # a point measured while the host ran the fixed work this mu
 def by_host(results: list[dict[str, Any]]) -> dict[str, list[int]] | None:
     """Within 10 % apart for the points measured on an unslowed host and on a slowed
     one (``host_slowdown``, runs with the host gauge); None: no point has it. The
-    simulator's profile and calibration come from an unslowed machine, so its
-    misses on slowed points are the host's, not the model's."""
+    simulator's profile is one machine speed, so this shows whether its misses
+    gather on the points measured while the host ran slow."""
     gauged = [p for r in results for p in r["points"] if p.get("host_slowdown") is not None]
     if not gauged:
         return None

@@ -368,8 +368,8 @@ def on_a_live_server(doc: dict[str, Any], what: str, workdir: Path,
     """``measure(workdir)`` (it deploys, measures and adds its rows to ``doc`` only
     when it finished), again on a fresh server in ``<workdir>_retry<n>`` when the
     tritonserver died under it (``common.ServerDied``: Triton 2.51 aborts on
-    upstream races; E3 at 22:10 UTC on 2026-12-06 lost one this way, a gRPC
-    "ASSERTION FAILED: prior > 0"). Each death is kept in ``doc["server_deaths"]``
+    upstream races; the E3 run of 21:57 UTC on 2026-12-06 lost two deployments this
+    way, a gRPC "ASSERTION FAILED: prior > 0"). Each death is kept in ``doc["server_deaths"]``
     and said in the results; a second death in a row ends the experiment."""
     for attempt in range(SERVER_TRIES):
         try:
