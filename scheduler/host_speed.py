@@ -97,13 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     parser.add_argument("--interval-s", type=float, default=1.0)
     parser.add_argument("--duration-s", type=float, default=None,
-                        help="stop after this long (default: until terminated)")
+                        help="stop after this long (default: until terminated or the "
+                             "process that started it exits)")
     args = parser.parse_args(argv)
     if not args.interval_s > 0:
         parser.error("--interval-s must be positive")
     end = None if args.duration_s is None else time.monotonic() + args.duration_s
+    parent = os.getppid()  # gone (we were re-parented): stop, not sample forever
     with open(args.out, "a") as out:
-        while end is None or time.monotonic() < end:
+        while (end is None or time.monotonic() < end) and os.getppid() == parent:
             out.write(json.dumps({"at": round(time.time(), 3),
                                   "ms": round(sample_cores(), 4)}) + "\n")
             out.flush()

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from pdserve.scheduler import host_speed
@@ -37,3 +42,42 @@ def test_sample_cores_visits_each_core_and_restores_the_affinity() -> None:
     one = min(before)
     assert 0.05 < host_speed.sample_cores({one, 10_000}) < 100  # cores not ours are skipped
     assert os.sched_getaffinity(0) == before
+
+
+def test_the_gauge_process_stops_when_its_parent_dies(tmp_path: Path) -> None:
+    """An experiment killed with SIGKILL cannot stop its gauge: the gauge stops itself."""
+    out = tmp_path / "g.jsonl"
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import subprocess, sys, time\n"
+         f"p = subprocess.Popen([sys.executable, '-m', 'pdserve.scheduler.host_speed', "
+         f"'--out', {str(out)!r}, '--interval-s', '0.05'])\n"
+         "print(p.pid, flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    gauge = int(parent.stdout.readline())
+    try:
+        deadline = time.monotonic() + 20
+        while (not out.exists() or not out.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert out.read_text(), "the gauge never sampled"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(gauge) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(gauge)
+    finally:  # whatever happened, nothing of the test keeps running
+        parent.kill()
+        parent.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(gauge, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
