@@ -571,9 +571,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
 def within(results: list[dict[str, Any]], tol: float = 0.10,
            keep: Callable[[dict[str, Any]], bool] | None = None) -> tuple[int, int]:
     """Figures within ``tol`` and figures compared, over the points ``keep`` keeps."""
-    errs = [abs(v) for r in results for p in r["points"] if keep is None or keep(p)
+    errs = [v for r in results for p in r["points"] if keep is None or keep(p)
             for v in p["relative_error"].values() if v is not None]
-    return sum(1 for v in errs if v <= tol), len(errs)
+    ok, n = _count(errs, tol)
+    return ok, n
 
 
 HOST_SLOWED = 1.15  # a point measured while the host ran the fixed work this much slower
