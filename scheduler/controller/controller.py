@@ -441,16 +441,18 @@ class Controller:
         drain; "failed": one refused or failed otherwise, and the caller falls
         back to a reload through the repository, which makes every server agree."""
         for server in self.options.servers:
-            try:
-                result = self.probe_client.set_role(server, switch.name, switch.to_role)
-            except Exception as exc:  # a client bug must not stop the loop
-                result = ProbeResult(ok=False, error=f"set_role raised {exc!r}")
+            result = self._set_role(server, switch)
             if not result.ok or result.load is None or result.load.role != switch.to_role:
                 busy = self._in_flight_now(server, switch.name)
                 if busy:
                     log.info("ratio: %s on %s still has %d in flight; switching it to %s "
                              "once they finish", switch.name, server, busy, switch.to_role)
                     return "busy"
+                # Refused while requests were in flight that have finished since (CI:
+                # "has 2 requests in flight", then 0 by the heartbeat): ask once more
+                # before reloading it through the repository.
+                result = self._set_role(server, switch)
+            if not result.ok or result.load is None or result.load.role != switch.to_role:
                 log.warning("ratio: %s on %s did not switch to %s in place (%s); reloading "
                             "it through the repository", switch.name, server, switch.to_role,
                             result.error or "answered in another role")
@@ -462,6 +464,12 @@ class Controller:
         self.metrics.edits.labels("switch_role_in_place").inc()
         log.info("ratio: %s serves %s (switched in place)", switch.name, switch.to_role)
         return "switched"
+
+    def _set_role(self, server: str, switch: PendingSwitch) -> ProbeResult:
+        try:
+            return self.probe_client.set_role(server, switch.name, switch.to_role)
+        except Exception as exc:  # a client bug must not stop the loop
+            return ProbeResult(ok=False, error=f"set_role raised {exc!r}")
 
     def _in_flight_now(self, server: str, name: str) -> int:
         """Requests in flight on one instance as a heartbeat says now (0 when it

@@ -38,6 +38,9 @@ class FakeTriton:
         # model -> requests that land on it just as set_role comes (routed there
         # before the routers heard of its drain): it refuses as busy
         self.land_at_switch: dict[str, int] = {}
+        # model -> requests in flight when set_role comes that finish before the
+        # next heartbeat: it refuses as busy, and is idle right after
+        self.brief_at_switch: dict[str, int] = {}
         self.compute: dict[str, dict[str, list[int]]] = {}  # model -> its heartbeat counters
         self.own: dict[str, int] = {}  # model -> its process's own CPU ticks
         self.poll()
@@ -59,7 +62,8 @@ class FakeTriton:
     def set_role(self, server: str, model: str, role: str) -> ProbeResult:
         if model in self.land_at_switch:
             self.in_flight[model] = self.in_flight.get(model, 0) + self.land_at_switch.pop(model)
-        if model in self.refuse_switch or self.in_flight.get(model, 0):
+        if model in self.refuse_switch or self.in_flight.get(model, 0) \
+                or self.brief_at_switch.pop(model, 0):
             return ProbeResult(ok=False, error=f"{model} has requests in flight")
         self.acting[model] = role
         return self.probe(server, model)

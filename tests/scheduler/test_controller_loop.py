@@ -353,6 +353,25 @@ def test_live_switch_waits_for_requests_that_landed_during_the_drain(tmp_path: P
         assert c.repo.edits == [] and c.repo.entry("decode_1").role == "decode"
 
 
+def test_live_switch_refused_by_requests_gone_by_the_heartbeat_is_asked_again(
+        tmp_path: Path) -> None:
+    """CI (tests/serving/test_ratio_shift.py): set_role was refused with "has 2 requests
+    in flight", the heartbeat right after said 0, and the controller reloaded the
+    instance through the repository. It asks once more, in place."""
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live")
+    triton.brief_at_switch["decode_1"] = 2
+    try:
+        c.tick(0.0)
+        triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=0, decode_2=12)
+        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
+        c.tick(10.0)
+        assert triton.acting == {"decode_1": "prefill"}
+        assert c.repo.edits == [] and c.repo.entry("decode_1").role == "decode"
+    finally:
+        c.close()
+
+
 def test_live_switch_busy_past_the_drain_timeout_reloads(tmp_path: Path) -> None:
     with switched_in_place(tmp_path, landing=2, drain_timeout_s=5.0) as (c, triton):
         assert c.repo.edits == []
