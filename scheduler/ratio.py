@@ -39,11 +39,16 @@ cores: 1P3D no faster than 2P2D for output-heavy traffic). The loop then picks
 the donor that does bring compute (``ComputeView.adds``).
 
 Where each instance owns its compute (``ComputeView.owned``: a CPU quota each,
-or a core each) the compute also caps what the slots say: a stage's
-utilisation is its slots' times the share of it its compute confirms
-(``RatioController._utilisation``). Slots can be held by waiting rather than
-work (a decode slot is reserved before the prefill), and a stage whose slots
-are full while its compute idles is not what limits throughput.
+or a core each) a stage's utilisation is its compute's busy share, not its
+slots' (``RatioController._utilisation``). Slots mislead both ways there. They
+can be held by waiting rather than work (a decode slot is reserved before the
+prefill), and a stage whose slots are full while its compute idles is not what
+limits throughput. And they can be nearly empty while the compute is full: one
+900-token prompt at a time fills a prefill's 0.4-core quota, so its 4 slots
+read 0.19 busy while its compute is 0.6-0.75 busy and throttled in a third of
+its periods (E3 with owned compute, 3P1D, prompt-heavy); the slot figure then
+called the decode the bottleneck and moved a prefill back (3P1D -> 2P2D, "a
+switch cuts the peak by 50 %"), which served no more.
 
 Predictions keep each stage's time per request as measured at the current
 ratio; where that time moves with the ratio they can point back and forth. So
@@ -65,11 +70,14 @@ a similar load (a closed loop, or a similar rate); it is off by default.
 The model can also under-promise: with owned compute it predicted 9 % for the
 switch 2P2D -> 3P1D that measured 46 % better (E3, prompt-heavy), so the
 tolerance held 2P2D for 40 s. With ``explore_gain`` a predicted cut above it
-but within the tolerance tries the neighbour ratio when it has not been
-measured with this mix, once the current ratio has two windows of its own; after
-two windows there the two means decide, and the controller goes back if the
-neighbour did worse (``RatioController._explore_verdict``). A ratio tried keeps
-its windows for ``remember_s``, so it is not tried again until they expire.
+but within the tolerance tries the neighbour ratio toward the busier stage
+when it has not been measured with this mix (a negative ``explore_gain`` also
+tries one predicted to lose up to that much: the prediction's own error is of
+that size: 2P2D -> 3P1D read 2-16 % from one window to the next), once
+the current ratio has two windows of its own; after two windows there the two
+means decide, and the controller goes back if the neighbour did worse
+(``RatioController._explore_verdict``). A ratio tried keeps its windows for
+``remember_s``, so it is not tried again until they expire.
 """
 
 from __future__ import annotations
@@ -129,7 +137,9 @@ class RatioPolicy:
     recall_s: float = 0.0
     # A switch the model predicts to cut the peak by more than this but no more
     # than ``tolerance`` is tried when its ratio has no windows with this mix, and
-    # undone if it measures worse (``RatioController._explore_verdict``). 0: off.
+    # undone if it measures worse (``RatioController._explore_verdict``). Negative:
+    # also a switch predicted to raise the peak by less than -explore_gain (the
+    # model's error). 0: off.
     explore_gain: float = 0.0
 
     def __post_init__(self) -> None:
@@ -149,9 +159,9 @@ class RatioPolicy:
             raise ValueError(f"remember_s must be >= 0, got {self.remember_s}")
         if self.recall_s < 0:
             raise ValueError(f"recall_s must be >= 0, got {self.recall_s}")
-        if not 0 <= self.explore_gain <= self.tolerance:
-            raise ValueError(f"explore_gain must be in [0, tolerance={self.tolerance}], got "
-                             f"{self.explore_gain}")
+        if not -self.tolerance <= self.explore_gain <= self.tolerance:
+            raise ValueError(f"explore_gain must be in [-tolerance, tolerance] = "
+                             f"[{-self.tolerance}, {self.tolerance}], got {self.explore_gain}")
         if self.compute_busy is not None and not 0 < self.compute_busy <= 1:
             raise ValueError(f"compute_busy must be in (0, 1] or None, got {self.compute_busy}")
 
@@ -308,24 +318,20 @@ class RatioController:
         self._baseline_mix = (None, None)
 
     def _utilisation(self, signal: ScenarioSignal, n_p: int, n_d: int) -> tuple[float, float]:
-        """``utilisation`` of the slots, each stage's capped by its compute where the
-        instances own their compute (``ComputeView.owned``): a stage whose slots are
-        held but whose compute idles is not what limits throughput. Its slots can be
-        held by waiting, not work: a decode slot is reserved before the prefill
-        (``signals.py``), so with prompt-heavy traffic the decodes' slots are as full
-        as the prefills' while their compute idles (E3 with owned compute, 2P2D:
-        decode 0.91 of its slots, prefill 0.84; 3P1D served 12-30 % more). The cap
-        is the share of the slot utilisation the compute confirms, kept for the
-        prediction after a switch (both scale with the stage's instance count)."""
-        u_p, u_d = utilisation(signal, n_p, n_d)
+        """``utilisation`` of the slots; where the instances own their compute
+        (``ComputeView.owned``) each stage's compute busy share instead, scaled by
+        its instance count for a predicted ratio (a stage's work spreads over its
+        instances' compute). Slots there are held by waiting (a decode slot is
+        reserved before the prefill: at 2P2D with prompt-heavy traffic the decodes'
+        slots read 0.91 while their compute was ~0.2 busy, and 3P1D served 12-30 %
+        more) or stand empty while the compute is full (at 3P1D the prefills'
+        slots read 0.19 while one 900-token prompt at a time kept their quotas
+        0.6-0.75 busy)."""
         caps = self._compute_caps(signal)
         if caps is None:
-            return u_p, u_d
-        now_p, now_d = utilisation(signal, signal.n_prefill, signal.n_decode)
+            return utilisation(signal, n_p, n_d)
         busy_p, busy_d = caps
-        f_p = min(1.0, busy_p / now_p) if now_p > 0 else 1.0
-        f_d = min(1.0, busy_d / now_d) if now_d > 0 else 1.0
-        return u_p * f_p, u_d * f_d
+        return busy_p * signal.n_prefill / n_p, busy_d * signal.n_decode / n_d
 
     def _compute_caps(self, signal: ScenarioSignal) -> tuple[float, float] | None:
         """(prefill, decode) compute busy shares where the instances own their compute."""
@@ -343,7 +349,7 @@ class RatioController:
             return RatioDecision("none", n_p, n_d, "no traffic in the window")
         u_p, u_d = self._utilisation(signal, n_p, n_d)
         peak = max(u_p, u_d)
-        of = " (slots x owned compute)" if self._compute_caps(signal) is not None else ""
+        of = " (owned compute)" if self._compute_caps(signal) is not None else ""
         if peak < self.policy.min_peak:
             return RatioDecision("none", n_p, n_d,
                                  f"no stage saturated: prefill {u_p:.2f}, decode {u_d:.2f}{of}")
@@ -359,7 +365,9 @@ class RatioController:
         if gain <= self.policy.tolerance and (why := self._explorable(signal, action, gain)):
             return _switch(action, n_p, n_d,
                            f"explore: {why}; prefill {u_p:.2f} vs decode {u_d:.2f} utilised"
-                           f"{of}, the model predicts a {gain:.0%} cut of the peak")
+                           f"{of}, the model predicts a "
+                           + (f"{gain:.0%} cut of the peak" if gain >= 0 else
+                              f"{-gain:.0%} rise of the peak, within its error"))
         if gain <= self.policy.tolerance:
             return RatioDecision(
                 "none",
@@ -378,8 +386,9 @@ class RatioController:
 
     def _explorable(self, signal: ScenarioSignal, action: Action, gain: float) -> str | None:
         """Why the switch within the tolerance is worth trying (None: it is not): the
-        model predicts more than ``explore_gain``, the ratio it leads to has no
-        windows with this mix, and the current ratio has two."""
+        model predicts more than ``explore_gain`` (negative: a loss smaller than
+        it), the ratio it leads to has no windows with this mix, and the current
+        ratio has two."""
         if not self.policy.explore_gain or not self.policy.remember_s \
                 or gain <= self.policy.explore_gain or self._explored is not None:
             return None

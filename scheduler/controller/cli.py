@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="try a switch the model predicts to cut the busier stage's "
                              "utilisation by more than this but within the tolerance, when its "
                              "ratio has not been measured with the current mix, and undo it if "
-                             "it measures worse; 0 (default): off")
+                             "it measures worse; negative: also one predicted to raise it by "
+                             "less than -value (the model's error); 0 (default): off")
     parser.add_argument("--no-ratio-compute", action="store_true",
                         help="count slots only, as if every instance owned its compute")
     parser.add_argument("--role-switch", choices=("reload", "live"), default="reload",

@@ -26,11 +26,13 @@ def test_ratio_options_reach_the_policy(tmp_path: Path) -> None:
         (600.0, 60.0, 0.7, 0.05)
     default = cli.build(_args(tmp_path)).ratio.policy
     assert (default.recall_s, default.explore_gain) == (0.0, 0.0)  # off unless asked
+    negative = cli.build(_args(tmp_path, "--ratio-explore-gain", "-0.1")).ratio.policy
+    assert negative.explore_gain == -0.1  # a negative number, not a flag
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [
     ("--ratio-recall-s", "-1", "recall_s must be >= 0"),
-    ("--ratio-explore-gain", "0.5", "explore_gain must be in [0, tolerance=0.15]"),
+    ("--ratio-explore-gain", "0.5", "explore_gain must be in [-tolerance, tolerance]"),
 ])
 def test_bad_ratio_options_are_refused_with_a_message(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str,

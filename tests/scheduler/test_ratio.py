@@ -283,18 +283,46 @@ def test_owned_compute_caps_slots_held_by_waiting() -> None:
     assert sig.compute is not None and sig.compute.owned()
     decision = RatioController(RatioPolicy(min_peak=0.7)).decide(sig)
     assert decision.action == "add_prefill", decision.reason
-    assert "prefill 0.84 vs decode 0.21 utilised (slots x owned compute)" in decision.reason
+    assert "prefill 0.99 vs decode 0.21 utilised (owned compute)" in decision.reason
     # Slots alone (as on accelerators, or with the check off): decode looks busier,
     # and a decode more would overload the prefills: nothing moves.
     for policy in (RatioPolicy(min_peak=0.7, compute_busy=None),):
         assert RatioController(policy).decide(sig).action == "none"
-    # Both stages' compute busy: the slots decide, as before (the decode is busier).
+    # Both stages' compute equally busy: balanced, whatever the slots say.
     both = _owned_2p2d({u: 0.97 for u in quota_busy})
-    assert RatioController(RatioPolicy(min_peak=0.7)).decide(both).action == "none"
+    assert "balanced" in RatioController(RatioPolicy(min_peak=0.7)).decide(both).reason
     # Instances sharing cores (E3 on two cores) own nothing: slots decide.
     shared = _owned_2p2d({"h/cpu0": 0.99, "h/cpu1": 0.99}, shared=True)
     assert shared.compute is not None and not shared.compute.owned()
-    assert "(slots x owned compute)" not in RatioController().decide(shared).reason
+    assert "(owned compute)" not in RatioController().decide(shared).reason
+
+
+def test_owned_compute_busier_than_its_slots_keeps_the_prefills() -> None:
+    """E3 with owned compute, 3P1D, prompt-heavy, as measured on 2026-12-07
+    (/proc CPU per stub over 20 s): 46 req/s; the prefills' slots 0.19 busy (one
+    900-token prompt at a time) but their quotas 0.70 / 0.65 / 0.43 busy, the
+    decode's slots full (reserved before the prefill) and its quota 0.78 busy.
+    By slots the decode was the bottleneck and a switch to 2P2D "cut the peak
+    by 50 %"; that ratio served no more. By compute 2P2D would put the prefills
+    at 0.89: nothing moves."""
+    names = ("prefill_0", "prefill_1", "prefill_2", "decode_0")
+    roles = {n: n.split("_")[0] for n in names}
+    busy = {"h/quota-prefill_0": 0.70, "h/quota-prefill_1": 0.65,
+            "h/quota-prefill_2": 0.43, "h/quota-decode_0": 0.78}
+    sig = ScenarioSignal(now=100.0, n_prefill=3, n_decode=1, arrival_rate=46.0,
+                         prefill=RoleCapacity(4, 0.19 * 12 / 46),
+                         decode=RoleCapacity(4, 1.0 * 4 / 46),
+                         compute=ComputeView(roles=roles,
+                                             units={n: frozenset({f"h/quota-{n}"})
+                                                    for n in names}, busy=busy))
+    policy = RatioPolicy(min_peak=0.7)
+    decision = RatioController(policy).decide(sig)
+    assert decision.action == "none", decision.reason
+    assert "prefill 0.59, decode 0.78 (owned compute)" in decision.reason
+    assert "a switch gains -14%" in decision.reason
+    # Counting slots (the check off) calls for the decode, as it did before.
+    slots = RatioController(replace(policy, compute_busy=None)).decide(sig)
+    assert slots.action == "add_decode", slots.reason
 
 
 def test_owned_needs_every_instance_measured_on_units_of_its_own() -> None:
@@ -522,6 +550,40 @@ def test_no_exploration_when_off_below_explore_gain_or_not_settled() -> None:
                for t in (0.0, 4.0, 8.0))
     with pytest.raises(ValueError, match="explore_gain"):
         RatioPolicy(explore_gain=0.2)  # above the tolerance: not "within" it
+    with pytest.raises(ValueError, match="explore_gain"):
+        RatioPolicy(explore_gain=-0.2)  # a loss beyond the tolerance
+
+
+def test_a_negative_explore_gain_tries_a_switch_predicted_to_lose_a_little() -> None:
+    """2P2D with prompt-heavy traffic on owned compute: the prediction for 3P1D
+    moved by 14 points from one window to the next (2-16 %), more than the gain
+    it predicts; by /proc CPU (prefills 0.83, decodes 0.44 busy) it reads -6 %.
+    A negative ``explore_gain`` tries such a switch; one predicted to lose more
+    is not tried."""
+    def at(now: float, decode_busy: float) -> ScenarioSignal:
+        names = ("prefill_0", "prefill_1", "decode_0", "decode_1")
+        return ScenarioSignal(
+            now=now, n_prefill=2, n_decode=2, arrival_rate=45.0, e2e_s=0.3,
+            prefill=RoleCapacity(4, 0.84 * 8 / 45), decode=RoleCapacity(4, 0.91 * 8 / 45),
+            prompt_tokens=900.0, output_tokens=4.0,
+            compute=ComputeView(
+                roles={n: n.split("_")[0] for n in names},
+                units={n: frozenset({f"h/quota-{n}"}) for n in names},
+                busy={"h/quota-prefill_0": 0.83, "h/quota-prefill_1": 0.83,
+                      "h/quota-decode_0": decode_busy, "h/quota-decode_1": decode_busy}))
+
+    policy = replace(EXPLORE, min_peak=0.7, explore_gain=-0.1)
+    controller = RatioController(policy)
+    assert "a switch gains -6%" in controller.decide(at(0.0, 0.44)).reason  # 1 window
+    tried = controller.decide(at(4.0, 0.44))
+    assert (tried.action, tried.n_prefill) == ("add_prefill", 3), tried.reason
+    assert tried.reason.endswith("the model predicts a 6% rise of the peak, within its error")
+    # -13 % predicted: beyond -explore_gain, not tried.
+    beyond = RatioController(policy)
+    assert all(beyond.decide(at(t, 0.47)).action == "none" for t in (0.0, 4.0, 8.0))
+    # Exploration only above +5 % (as before): -6 % is not tried.
+    positive = RatioController(replace(policy, explore_gain=0.05))
+    assert all(positive.decide(at(t, 0.44)).action == "none" for t in (0.0, 4.0, 8.0))
 
 
 def test_mid_upgrade_no_donor_strands_the_other_role_on_its_weights() -> None:
