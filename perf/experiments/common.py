@@ -17,8 +17,9 @@ import platform
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from pdserve.bench.runner import LoadConfig, RunResult, run_load
 from pdserve.server.config import InstanceConfig
 from pdserve.server.launcher import ServerOptions, TritonServer, describe_exit, free_port
 from pdserve.server.repo import instances_from_spec, write_repository
+from perf.experiments import process_cpu
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUT_ROOT = REPO_ROOT / "perf" / "out"
@@ -127,6 +129,9 @@ class LoadRun:
     label: str
     records: tuple[RequestRecord, ...]
     wall_s: float
+    # cores each process used over the load (``process_cpu.cores``): the load
+    # generator, tritonserver, each stub by model name, the controller
+    cpu_cores: dict[str, float] = field(default_factory=dict)
 
     def summary(self, slo: Slo | None = None) -> Summary:
         return summarize(self.records, slo)
@@ -153,9 +158,11 @@ def drive(server: TritonServer, specs: Sequence[RequestSpec], *, label: str,
             await client.wait_ready(60.0)
             return await run_load(specs, config, client.send)
 
+    before, began = process_cpu.snapshot(), time.monotonic()
     result = asyncio.run(go())
+    used = process_cpu.cores(before, process_cpu.snapshot(), time.monotonic() - began)
     check_alive(server, label)
-    return LoadRun(label, result.records, result.wall_s)
+    return LoadRun(label, result.records, result.wall_s, used)
 
 
 def summary_row(summary: Summary) -> dict[str, Any]:

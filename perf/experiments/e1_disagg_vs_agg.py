@@ -166,7 +166,7 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
                 point: dict[str, Any] = {
                     "deployment": label, "rate": rate, "time_scale": time_scale,
                     "offered_requests": len(specs), "started_at": started,
-                    "wall_s": run_.wall_s,
+                    "wall_s": run_.wall_s, "cpu_cores": run_.cpu_cores,
                     "load": common.summary_row(run_.summary()),
                     "requests": common.request_rows(run_.records)}
                 if probe is not None:

@@ -267,7 +267,8 @@ def sweep(server: Any, cfg: E2Config, capacity: float, slo: Slo, label: str
         run_ = common.drive(server, specs, label=label, max_duration_s=cfg.point_s * 4 + 30,
                             request_timeout_s=60)
         point = {"admission": label, "load": load, "rate": rate, "offered": len(specs),
-                 "started_at": started, "wall_s": run_.wall_s, **attainment(run_.records, slo),
+                 "started_at": started, "wall_s": run_.wall_s, "cpu_cores": run_.cpu_cores,
+                 **attainment(run_.records, slo),
                  "bench": common.summary_row(run_.summary(slo))}
         if probe is not None:
             point["probe"] = probe

@@ -56,7 +56,7 @@ from pdserve.server import config as server_config
 from pdserve.server.config import InstanceConfig
 from pdserve.server.launcher import TritonServer, free_port
 from pdserve.server.repo import config_pbtxt
-from perf.experiments import common, host_speed
+from perf.experiments import common, host_speed, process_cpu
 
 NAME = "e3_dynamic_ratio"
 STATIC = ((1, 3), (2, 2), (3, 1))  # (prefill, decode)
@@ -236,7 +236,7 @@ def run_phases(server: TritonServer, cfg: E3Config, label: str, slo: Slo,
         row = {"deployment": label, "phase": phase.name, "index": i, "mix": mix(phase),
                "started_at": started, "seconds": seconds,
                "settled_req_per_s": len(half) / (seconds / 2),
-               **common.summary_row(run_.summary(slo))}
+               **common.summary_row(run_.summary(slo)), "cpu_cores": run_.cpu_cores}
         rows.append(row)
         print(f"{label} phase {i} {phase.name}: {row['req_per_s']:.2f} req/s "
               f"(second half {row['settled_req_per_s']:.2f}) {row['out_tok_per_s']:.0f} tok/s "
@@ -665,6 +665,39 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
     return path
 
 
+_INSTANCE = re.compile(r"(prefill|decode)_\d+")
+_CPU_GROUPS = ("instances", "router", "tritonserver", "client", "other")
+
+
+def cpu_table(doc: dict[str, Any]) -> list[str]:
+    """Cores per process group (``process_cpu.groups``) per deployment and mix,
+    the mean over the rows that measured them (none: no lines)."""
+    acc: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for r in doc["rows"]:
+        used = r.get("cpu_cores")
+        if used:
+            instances = {n for n in used if _INSTANCE.fullmatch(n)}
+            acc.setdefault((r["deployment"], r.get("mix", "")), []).append(
+                process_cpu.groups(used, instances))
+    if not acc:
+        return []
+    lines = ["", "Where the CPU went (cores, mean over the rows; instances: all prefill and "
+             "decode stubs; router: its stub; client: the load generator; other: the "
+             "controller and the host gauge; `perf/experiments/process_cpu.py`):", "",
+             "| deployment | mix | " + " | ".join(_CPU_GROUPS) + " | total |",
+             "|---|---|" + "---|" * (len(_CPU_GROUPS) + 1)]
+    for (label, mix_), rows in acc.items():
+        mean = {g: sum(r[g] for r in rows) / len(rows) for g in _CPU_GROUPS}
+        lines.append(f"| {label} | {mix_} | " + " | ".join(f"{mean[g]:.2f}" for g in _CPU_GROUPS)
+                     + f" | {sum(mean.values()):.2f} |")
+    return lines
+
+
+def _explore_range(gain: float) -> str:
+    return (f"gain over {gain:.0%} but within the tolerance" if gain > 0 else
+            f"lose less than {-gain:.0%} or gain up to the tolerance")
+
+
 def pass_note(row: dict[str, Any], passes: int) -> str:
     return f" (pass {row['pass'] + 1})" if passes > 1 and "pass" in row else ""
 
@@ -709,15 +742,17 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         f"ratio window {cfg['ratio_interval_s']:g} s, cool-down {cfg['ratio_cooldown_s']:g} s "
         "after a switch, drain first (switch when idle or after the drain timeout), "
         "heartbeats every probe interval, which also sample each stage's busy slots for the "
-        "balance rule (utilisation = busy share of the slots, Little's law); no switch while "
+        "balance rule (utilisation = busy share of the slots, Little's law"
+        + ("; with owned compute, each stage's CPU time over its quotas instead"
+           if quota is not None else "") + "); no switch while "
         f"the busier stage is below {cfg.get('ratio_min_peak', 0):g} busy; online trigger "
         f"on E2E up {cfg.get('ratio_e2e_rise', 1.25):g}x with the TTFT share moving by "
         f"{cfg.get('ratio_share_delta', 0.05):g}; "
         + (f"a mix that returns within {cfg['ratio_recall_s']:g} s goes to the ratio that did "
            "best with it (recall); " if cfg.get("ratio_recall_s") else "")
-        + (f"a switch predicted to gain over {cfg['ratio_explore_gain']:.0%} but within the "
-           "tolerance is tried where its ratio was not measured with the mix, and undone if it "
-           "measures worse (explore); " if cfg.get("ratio_explore_gain") else "")
+        + (f"a switch predicted to {_explore_range(cfg['ratio_explore_gain'])} is tried where "
+           "its ratio was not measured with the mix, and undone if it measures worse "
+           "(explore); " if cfg.get("ratio_explore_gain") else "")
         + ("compute check: no switch that gives a stage whose cores are "
            f"{doc['compute_busy']:.0%} busy (heartbeat counters) no core with room; "
            if doc.get("compute_busy") else "slots only (no compute check); ")
@@ -745,6 +780,7 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
                   "time, so the experiment's own load does not count; "
                   f"`perf/experiments/host_speed.py`; unslowed {gauge['reference_ms']:.2f} ms, "
                   f"{gauge['samples']} samples). Rows measured above ~1.2x met a slowed host."]
+    lines += cpu_table(doc)
     lines += ["", "Goal: >= 1.6x the worst static ratio and >= 90% of the best, per phase, "
               "on whole-phase throughput (where best/worst < 1.6x, 1.6x worst is impossible "
               "and is said so):", *doc["verdict"]]

@@ -213,6 +213,7 @@ def test_e1_quick(tmp_path: Path) -> None:
     assert doc["host_speed"]["samples"] > 0
     assert any("host_slowdown" in p for p in doc["points"])
     assert {p["deployment"] for p in doc["points"]} == {"disagg", "agg"}
+    assert all(p["cpu_cores"]["tritonserver"] > 0 for p in doc["points"])
     assert len(doc["points"]) == 2 * len(e1.QUICK.rates)
     for p in doc["points"]:
         assert p["load"]["ok"] == p["offered_requests"], p["load"]["errors"]
@@ -264,6 +265,14 @@ def test_e3_quick(tmp_path: Path) -> None:
     static = {r["deployment"] for r in doc["rows"] if not e3.is_dynamic(r["deployment"])}
     assert static == {"1P3D", "2P2D", "3P1D"}
     assert all(r["ok"] > 0 for r in doc["rows"])
+    # Each row says where the CPU went: the instances, the router, tritonserver, the
+    # load generator, and on the dynamic rows the controller.
+    for r in doc["rows"]:
+        assert {"client", "tritonserver", "pdserve", "prefill_0", "decode_0"} <= \
+            set(r["cpu_cores"]), r["cpu_cores"]
+        assert r["cpu_cores"]["pdserve"] > 0 and r["cpu_cores"]["prefill_0"] > 0
+    assert all("controller" in r["cpu_cores"] for r in doc["rows"]
+               if e3.is_dynamic(r["deployment"]))
     assert len([r for r in doc["rows"] if r["deployment"] == "dynamic"]) == len(e3.QUICK.phases)
     assert ("dynamic" in {r["deployment"] for r in doc["rows"]}) == (not doc["dynamic_blockers"])
     assert (tmp_path / "e3.png").stat().st_size > 0
@@ -636,3 +645,50 @@ def test_dynamic_phases_are_also_compared_with_passes_at_a_matching_host_speed()
     # Runs without the gauge: nothing to say, and the results say nothing.
     assert e3.host_matched(_minimal_doc()) == []
     assert "matching host speed" not in e3.markdown(_minimal_doc(), None)
+
+
+def test_e3_says_where_the_cpu_went_per_deployment_and_mix() -> None:
+    doc = _minimal_doc()
+    rows = doc["rows"]
+    assert isinstance(rows, list)
+    used = {"client": 0.16, "tritonserver": 0.19, "pdserve": 0.33, "prefill_0": 0.3,
+            "prefill_1": 0.26, "prefill_2": 0.19, "decode_0": 0.3}
+    rows[2]["cpu_cores"] = used  # 3P1D
+    rows[3]["cpu_cores"] = dict(used, controller=0.02, host_speed=0.01, prefill_2=0.21)
+    text = e3.markdown(doc, None)
+    assert "| deployment | mix | instances | router | tritonserver | client | other | total |" \
+        in text
+    assert "| 3P1D | 900/4 | 1.05 | 0.33 | 0.19 | 0.16 | 0.00 | 1.73 |" in text
+    assert "| dynamic | 900/4 | 1.07 | 0.33 | 0.19 | 0.16 | 0.03 | 1.78 |" in text
+    assert "| 1P3D | 900/4 |" not in text.split("Where the CPU went")[1]  # not measured
+    assert "Where the CPU went" not in e3.markdown(_minimal_doc(), None)
+
+
+def test_pass_spread_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    from perf import e3_pass_spread
+
+    for argv in (["--ratio", "4P0D"], ["--passes", "0"], ["--mix-index", "7"]):
+        with pytest.raises(SystemExit) as exc:
+            e3_pass_spread.main([*argv, "--out", "/nonexistent"])
+        assert exc.value.code == 2
+    assert "a ratio is written like 1P3D" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pass_spread_repeats_a_static_pass_with_each_process_cpu(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from perf import e3_pass_spread
+    from perf.experiments import e3_owned
+
+    cfg = replace(e3_owned.QUICK, static_phase_s=3.0, warmup_requests=4)
+    doc = e3_pass_spread.measure("2P2D", 0, 2, 1, tmp_path, cfg=cfg)
+    assert [(r["server"], r["pass"]) for r in doc["rows"]] == [(0, 0), (0, 1)]
+    for r in doc["rows"]:
+        assert r["ok"] > 0 and r["cpu_cores"]["prefill_1"] > 0 and r["cpu_cores"]["pdserve"] > 0
+    assert doc["host_speed"]["samples"] > 0
+    assert doc["req_per_s"]["min"] <= doc["req_per_s"]["mean"] <= doc["req_per_s"]["max"]
+    assert json.loads((tmp_path / "spread.json").read_text())["ratio"] == "2P2D"
+    assert _leftover_processes(str(tmp_path)) == []
