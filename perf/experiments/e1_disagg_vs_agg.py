@@ -116,7 +116,7 @@ def busy_runs(server: Any, cfg: E1Config, trace: Path) -> dict[str, dict[str, An
         run_ = common.drive(server, specs, label=f"busy {label}", scenario=scenario,
                             concurrency=cfg.busy_concurrency, max_duration_s=cfg.busy_s)
         out[label] = {"concurrency": cfg.busy_concurrency, "duration_s": cfg.busy_s,
-                      "load": common.summary_row(run_.summary())}
+                      "load": common.summary_row(run_.summary()), "cpu_cores": run_.cpu_cores}
         print(f"busy {label}: {out[label]['load']}", flush=True)
     return out
 

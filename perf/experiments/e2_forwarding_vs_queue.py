@@ -238,7 +238,8 @@ def measure(server: Any, cfg: E2Config) -> dict[str, Any]:
             "capacity_req_per_s": capacity,
             # Little's law on the prefill stage, every slot busy: S = slots / C.
             "service_s": cfg.total_slots / capacity,
-            "capacity_run": common.summary_row(cap.summary())}
+            "capacity_run": common.summary_row(cap.summary()),
+            "capacity_cpu_cores": cap.cpu_cores}
 
 
 def overload_run(server: Any, cfg: E2Config, capacity: float) -> dict[str, Any]:
@@ -250,7 +251,8 @@ def overload_run(server: Any, cfg: E2Config, capacity: float) -> dict[str, Any]:
     run_ = common.drive(server, specs, label="overload", max_duration_s=cfg.overload_s * 4 + 30,
                         request_timeout_s=60)
     row: dict[str, Any] = {"load": cfg.overload_load, "rate": rate, "offered": len(specs),
-                           "seed": OVERLOAD_SEED, "bench": common.summary_row(run_.summary())}
+                           "seed": OVERLOAD_SEED, "bench": common.summary_row(run_.summary()),
+                           "cpu_cores": run_.cpu_cores}
     print(f"overload calibration {cfg.overload_load:g}x ({rate:.1f} req/s): TPOT p50 "
           f"{common.fmt(row['bench']['tpot_p50_ms'])} ms", flush=True)
     return row

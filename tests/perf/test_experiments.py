@@ -214,6 +214,7 @@ def test_e1_quick(tmp_path: Path) -> None:
     assert any("host_slowdown" in p for p in doc["points"])
     assert {p["deployment"] for p in doc["points"]} == {"disagg", "agg"}
     assert all(p["cpu_cores"]["tritonserver"] > 0 for p in doc["points"])
+    assert all(b["cpu_cores"]["pdserve"] > 0 for b in doc["busy"].values())
     assert len(doc["points"]) == 2 * len(e1.QUICK.rates)
     for p in doc["points"]:
         assert p["load"]["ok"] == p["offered_requests"], p["load"]["errors"]
@@ -241,6 +242,10 @@ def test_e2_quick(tmp_path: Path) -> None:
     over = doc["measured"]["overload_run"]
     assert over["load"] == e2.QUICK.overload_load and over["seed"] == e2.OVERLOAD_SEED
     assert over["offered"] >= 4 and over["bench"]["ok"] > 0 and over["bench"]["tpot_p50_ms"] > 0
+    # The router's CPU in the calibration runs and at each point (process_cpu).
+    assert over["cpu_cores"]["pdserve"] > 0
+    assert doc["measured"]["capacity_cpu_cores"]["pdserve"] > 0
+    assert all(p["cpu_cores"]["pdserve"] > 0 for p in doc["points"])
     on_demand = [p for p in doc["points"] if p["admission"] == "on_demand"]
     assert [p["load"] for p in on_demand] == list(e2.QUICK.loads)
     for p in on_demand:
