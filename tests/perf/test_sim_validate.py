@@ -261,3 +261,26 @@ def test_figures_are_also_counted_apart_for_points_on_a_slowed_host() -> None:
     assert sv.within(results) == (4, 6)  # every point, gauged or not
     assert sv.by_host([{"points": [point(0.0, None)]}]) is None  # runs without the gauge
     assert "| E2 | p (host 1.40x) |" in sv.markdown(results)
+
+
+def test_host_scale_scales_a_gauged_points_engine_by_part_of_its_slowdown() -> None:
+    assert sv.host_scaled({"host_slowdown": 1.4}, 0.5) == pytest.approx(
+        {"ttft": 1.2, "tpot": 1.2})
+    assert sv.host_scaled({"host_slowdown": 1.4}, 0.0) is None  # off
+    assert sv.host_scaled({}, 0.5) is None  # a point without the gauge
+    # The scale reaches the engine the point is simulated on.
+    profile = load_profile(PROFILE)
+    scaled = sv.drifted(profile, sv.host_scaled({"host_slowdown": 1.4}, 0.5))
+    assert scaled.decode.fixed_s == pytest.approx(1.2 * profile.decode.fixed_s)
+    assert scaled.prefill.per_token_s == pytest.approx(1.2 * profile.prefill.per_token_s)
+
+
+@pytest.mark.parametrize("flags", [["--drift", "--host-scale", "0.5"], ["--host-scale", "2"]])
+def test_host_scale_with_drift_or_out_of_range_is_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
+    f = tmp_path / "e1.json"
+    f.write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        sv.main(["--profile", str(PROFILE), "--e1", str(f), *flags])
+    assert exc.value.code == 2
+    assert "--host-scale" in capsys.readouterr().err
