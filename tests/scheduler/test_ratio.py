@@ -274,7 +274,7 @@ def _owned_2p2d(busy: dict[str, float], shared: bool = False) -> ScenarioSignal:
                           compute=ComputeView(roles=roles, units=units, busy=busy))
 
 
-def test_owned_compute_caps_slots_held_by_waiting() -> None:
+def test_owned_compute_not_slots_held_by_waiting_is_the_utilisation() -> None:
     """Owned compute: the decodes' slots are full but their compute idles, the
     prefills' compute is saturated: a third prefill (3P1D served 12-30 % more)."""
     quota_busy = {"h/quota-prefill_0": 1.0, "h/quota-prefill_1": 0.98,
