@@ -51,9 +51,7 @@ def measure(ratio: str, mix_index: int, passes: int, servers: int, out: Path,
                            "seconds": cfg.static_phase_s, **common.summary_row(run_.summary(slo)),
                            "cpu_cores": run_.cpu_cores}
                     rows.append(row)
-                    used = process_cpu.groups(run_.cpu_cores, {n for n in run_.cpu_cores
-                                                               if n.startswith(("prefill_",
-                                                                                "decode_"))})
+                    used = process_cpu.groups(run_.cpu_cores)
                     print(f"server {server_index} pass {k}: {row['req_per_s']:.2f} req/s, "
                           f"TPOT p50 {common.fmt(row['tpot_p50_ms'], '.2f')} ms, cores "
                           + " ".join(f"{g} {v:.2f}" for g, v in used.items()), flush=True)

@@ -665,7 +665,6 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
     return path
 
 
-_INSTANCE = re.compile(r"(prefill|decode)_\d+")
 _CPU_GROUPS = ("instances", "router", "tritonserver", "client", "other")
 
 
@@ -676,9 +675,8 @@ def cpu_table(doc: dict[str, Any]) -> list[str]:
     for r in doc["rows"]:
         used = r.get("cpu_cores")
         if used:
-            instances = {n for n in used if _INSTANCE.fullmatch(n)}
             acc.setdefault((r["deployment"], r.get("mix", "")), []).append(
-                process_cpu.groups(used, instances))
+                process_cpu.groups(used))
     if not acc:
         return []
     lines = ["", "Where the CPU went (cores, mean over the rows; instances: all prefill and "

@@ -21,6 +21,7 @@ Nothing is counted where there is no ``/proc``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -97,9 +98,15 @@ def cores(before: Snapshot, after: Snapshot, wall_s: float) -> dict[str, float]:
     return {name: round(value, 3) for name, value in sorted(used.items())}
 
 
-def groups(used: Mapping[str, float], instances: set[str],
+INSTANCE = re.compile(r"(prefill|decode|aggregated)_\d+")  # the spec's instance names
+
+
+def groups(used: Mapping[str, float], instances: set[str] | None = None,
            router: str = "pdserve") -> dict[str, float]:
-    """``cores`` summed as instances / router / tritonserver / client / other."""
+    """``cores`` summed as instances / router / tritonserver / client / other
+    (``instances``: by default every name the spec gives an instance)."""
+    if instances is None:
+        instances = {name for name in used if INSTANCE.fullmatch(name)}
     out = {"instances": 0.0, "router": 0.0, "tritonserver": 0.0, "client": 0.0, "other": 0.0}
     for name, value in used.items():
         key = ("instances" if name in instances else "router" if name == router

@@ -76,3 +76,6 @@ def test_cores_leave_out_processes_not_alive_at_both_ends_and_sum_names() -> Non
                                  "controller": 0.01}, {"prefill_0", "prefill_1"})
     assert groups == {"instances": 1.0, "router": 0.3, "tritonserver": 0.2, "client": 0.25,
                       "other": 0.01}
+    # By default the spec's instance names are the instances.
+    assert process_cpu.groups({"prefill_0": 0.5, "aggregated_1": 0.25, "decode_3": 0.25,
+                               "sleep": 0.1})["instances"] == 1.0
