@@ -3,15 +3,16 @@
 E3's goal compares a dynamic phase with static passes that differ by up to
 46 % between passes (perf/RESULTS.md, E3 with owned compute). This measures
 that spread where nothing changes: one static ratio, one mix, E3-owned's
-deployment and load (``e3_owned.FULL``: 0.4 cores a quota, 16 in flight,
-20 s a pass), ``--passes`` passes back to back on each of ``--servers`` fresh
-servers, with the host gauge beside it (``host_slowdown`` per pass) and each
-process's CPU per pass (``cpu_cores``, ``process_cpu``), so a slow pass can be
-told apart by what its processes did::
+deployment and load (``e3_owned.FULL``: 0.3 cores a quota, 0.4 before
+2026-12-07; 16 in flight; 20 s a pass), ``--passes`` passes back to back on
+each of ``--servers`` fresh servers, with the host gauge beside it
+(``host_slowdown`` per pass) and each process's CPU per pass (``cpu_cores``,
+``process_cpu``), so a slow pass can be told apart by what its processes did::
 
     python -m perf.e3_pass_spread --ratio 3P1D --passes 10 --out /tmp/spread
 
-Writes ``spread.json`` in ``--out`` and prints one line a pass.
+Writes ``spread.json`` in ``--out`` and prints one line a pass, then the
+correlation of the passes' req/s with each host gauge (``gauge_correlation``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def measure(ratio: str, mix_index: int, passes: int, servers: int, out: Path,
                     print(f"server {server_index} pass {k}: {row['req_per_s']:.2f} req/s, "
                           f"TPOT p50 {common.fmt(row['tpot_p50_ms'], '.2f')} ms, cores "
                           + " ".join(f"{g} {v:.2f}" for g, v in used.items()), flush=True)
-        gauge_doc = host_speed.annotate(rows, gauge.samples())
+        gauge_doc = host_speed.annotate_all(rows, gauge)
     rates = [r["req_per_s"] for r in rows]
     doc = {"experiment": "e3_pass_spread", "ratio": ratio, "mix": e3.mix(phase),
            "passes": passes, "servers": servers, "config": {"cpu_quota": cfg.cpu_quota,
@@ -63,9 +64,24 @@ def measure(ratio: str, mix_index: int, passes: int, servers: int, out: Path,
                                                             "seconds": cfg.static_phase_s},
            "machine": common.machine(), "host_speed": gauge_doc, "rows": rows,
            "req_per_s": {"min": min(rates), "max": max(rates), "mean": statistics.mean(rates),
-                         "stdev": statistics.stdev(rates) if len(rates) > 1 else 0.0}}
+                         "stdev": statistics.stdev(rates) if len(rates) > 1 else 0.0},
+           "gauge_correlation": gauge_correlation(rows)}
     common.write_json(out / "spread.json", doc)
     return doc
+
+
+def gauge_correlation(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Pearson correlation of the passes' req/s with each host gauge's slowdown
+    (``host_speed.GAUGES``); None where fewer than 3 passes have it or it never moved."""
+    out: dict[str, float | None] = {}
+    for _, field in host_speed.GAUGES:
+        pairs = [(r["req_per_s"], r[field]) for r in rows if r.get(field) is not None]
+        xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+        if len(pairs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+            out[field] = None
+        else:
+            out[field] = round(statistics.correlation(xs, ys), 3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     doc = measure(args.ratio, args.mix_index, args.passes, args.servers, args.out)
     print(json.dumps(doc["req_per_s"]))
+    print("correlation of req/s with each gauge's slowdown:", json.dumps(doc["gauge_correlation"]))
     return 0
 
 

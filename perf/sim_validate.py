@@ -47,6 +47,16 @@ point simulated on the engine scaled by the probe against the unloaded run,
 request by request (median ratio; prefill by TTFT, decode step by TPOT). Measured
 on the 2026-12-06 18:00 runs: 64 of 96 figures within 10 % with it, 69 without:
 four requests catch a transient, not the speed over a point. Kept as an option.
+Host model (``--host-model gauges``, runs since 2026-12-07 03:00 UTC): the host
+gauge beside each run (``perf/experiments/host_speed.py``) reads, for every
+point and every calibration run (E1: unloaded and busy per deployment; E2:
+unloaded, capacity, overload), how much slower the host ran a GEMM (the
+prefill's compute-bound work), a 64 MiB GEMV (the decode step's memory-bound
+work) and a pure-Python loop (the router's, client's and stubs' work). Each run
+is then simulated on that host (``on_host``): every calibration is replayed on
+the host of its own run and yields an unslowed host's value, and every point
+is simulated on its own host. No factor is fitted; ``--host-scale`` (one factor
+for everything, picked after the fact) is the exploratory predecessor.
 Repeated runs (``--repeat-e1``/``--repeat-e2``: other live runs of the same
 experiment): the live system is compared with itself (each figure of a repeat
 against the validated run's, the same error formula), the simulated figures
@@ -63,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -109,15 +120,20 @@ def one_at_a_time(specs: list[RequestSpec]) -> list[RequestSpec]:
 
 
 def calibrate(profile: Profile, scenario: ScenarioSpec, unloaded_specs: list[RequestSpec],
-              measured: dict[str, Any], **kw: Any) -> tuple[Profile, dict[str, float]]:
-    """Serving overheads from the unloaded run (see the module docstring)."""
+              measured: dict[str, Any], host: dict[str, float] | None = None, **kw: Any
+              ) -> tuple[Profile, dict[str, float]]:
+    """Serving overheads from the unloaded run (see the module docstring). With
+    ``host`` (the gauges during the unloaded run, ``--host-model gauges``) the
+    engine is replayed at the host's speed then and the overheads, Python work,
+    are returned for an unslowed host (divided by its loop slowdown)."""
     base = replace(profile, serving_overhead_s=0.0,
                    decode=replace(profile.decode, stream_overhead_s=0.0))
-    sim = simulate_specs(base, scenario, one_at_a_time(unloaded_specs), **kw)
-    ttft = max(0.0, (measured["ttft_p50_ms"] - sim["ttft_p50_ms"]) / 1000)
+    sim = simulate_specs(*on_host(base, scenario, host), one_at_a_time(unloaded_specs), **kw)
+    python = host["python"] if host else 1.0
+    ttft = max(0.0, (measured["ttft_p50_ms"] - sim["ttft_p50_ms"]) / 1000) / python
     tpot = 0.0
     if measured.get("tpot_p50_ms") is not None and sim.get("tpot_p50_ms") is not None:
-        tpot = max(0.0, (measured["tpot_p50_ms"] - sim["tpot_p50_ms"]) / 1000)
+        tpot = max(0.0, (measured["tpot_p50_ms"] - sim["tpot_p50_ms"]) / 1000) / python
     out = replace(base, serving_overhead_s=ttft,
                   decode=replace(base.decode, stream_overhead_s=tpot))
     return out, {"serving_overhead_ms": 1000 * ttft, "stream_overhead_ms": 1000 * tpot,
@@ -195,29 +211,36 @@ def simulate_closed_loop(profile: Profile, scenario: ScenarioSpec, specs: list[R
 
 def fit_router_request_s(profile: Profile, scenario: ScenarioSpec, specs: list[RequestSpec],
                          measured_ms: float, concurrency: int, duration_s: float,
-                         target: str = "tpot_p50_ms", **kw: Any) -> tuple[float, dict[str, Any]]:
+                         target: str = "tpot_p50_ms", slowed: dict[str, float] | None = None,
+                         **kw: Any) -> tuple[float, dict[str, Any]]:
     """``request_s`` at which the replayed closed-loop run's ``target`` figure is
-    the measured one (it grows with the router's work; bisection)."""
+    the measured one (it grows with the router's work; bisection). With ``slowed``
+    (the gauges during the run) it is replayed on that host and the value is an
+    unslowed host's."""
     assert scenario.host is not None
     host = scenario.host
 
     def run(request_s: float) -> dict[str, Any]:
         sc = replace(scenario, host=replace(host, request_s=request_s))
-        return simulate_closed_loop(profile, sc, specs, concurrency, duration_s, **dict(kw))
+        return simulate_closed_loop(*on_host(profile, sc, slowed), specs, concurrency,
+                                    duration_s, **dict(kw))
 
     return _bisect(run, measured_ms, target, hi=0.5)
 
 
 def fit_router_attempt_s(profile: Profile, scenario: ScenarioSpec, specs: list[RequestSpec],
-                         measured_ms: float, **kw: Any) -> tuple[float, dict[str, Any]]:
+                         measured_ms: float, slowed: dict[str, float] | None = None,
+                         **kw: Any) -> tuple[float, dict[str, Any]]:
     """``attempt_s`` (router CPU per on-demand prefill attempt) at which the replayed
-    open-loop overload run's TPOT p50 is the measured one (bisection)."""
+    open-loop overload run's TPOT p50 is the measured one (bisection; ``slowed``
+    as for ``fit_router_request_s``)."""
     assert scenario.host is not None
     host = scenario.host
 
     def run(attempt_s: float) -> dict[str, Any]:
         sc = replace(scenario, host=replace(host, attempt_s=attempt_s))
-        return simulate_specs(profile, sc, specs, admission="on_demand", **dict(kw))
+        return simulate_specs(*on_host(profile, sc, slowed), specs, admission="on_demand",
+                              **dict(kw))
 
     return _bisect(run, measured_ms, "tpot_p50_ms", hi=0.01)
 
@@ -248,7 +271,8 @@ def _errors(sim: dict[str, Any], meas: dict[str, Any]) -> dict[str, float | None
 
 # -- E1 ------------------------------------------------------------------------
 def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
-                host_scale: float = 0.0) -> dict[str, Any]:
+                host_scale: float = 0.0, gauges: bool = False,
+                fit_prefill: bool = False) -> dict[str, Any]:
     from perf.experiments import e1_disagg_vs_agg as e1
 
     raw = dict(doc["config"])
@@ -269,10 +293,27 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
     unloaded = base[2: cfg.unloaded_requests + 2]
     calibrated, calib = {}, {}
     for label, sc in scenarios.items():
+        at_unloaded = gauged((doc.get("unloaded_window") or {}).get(label),
+                             f"unloaded {label}") if gauges else None
+        # The engine's prefill against the profile's, from the unloaded run's
+        # requests (E2 does the same from its capacity run).
+        fit = prefill_fit(prof.prefill, (doc.get("unloaded_requests") or {}).get(label)) \
+            if fit_prefill else None
+        prof_l = prof
+        if fit is not None:
+            scale = fit[0] / (at_unloaded["prefill"] if at_unloaded else 1.0)
+            prof_l = replace(prof, prefill=_scaled_prefill(prof.prefill, scale))
         calibrated[label], calib[label] = calibrate(
-            prof, sc, unloaded, doc["unloaded"][label], ttft_budget_s=budget, transfer_mode=mode)
+            prof_l, sc, unloaded, doc["unloaded"][label], ttft_budget_s=budget,
+            transfer_mode=mode, host=at_unloaded)
+        if fit is not None:
+            calib[label]["prefill_scale_vs_engine"] = fit[0]
+            calib[label]["prefill_fit_intercept_ms"] = 1000 * fit[1]
         busy = (doc.get("busy") or {}).get(label)
         if busy is None or not busy["load"].get("ttft_p50_ms"):
+            if gauges:
+                raise NotGauged(f"E1 run has no busy run for {label}: --host-model gauges "
+                                 f"needs one")
             continue
         # Fitted on TTFT: with the router unpinned its work mostly goes to the
         # core the prompt's prefill does not use, so a few requests in flight move
@@ -281,7 +322,8 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
         request_s, replay = fit_router_request_s(
             calibrated[label], sc, e1.busy_specs(cfg, trace), float(busy["load"]["ttft_p50_ms"]),
             concurrency=int(busy["concurrency"]), duration_s=float(busy["duration_s"]),
-            target="ttft_p50_ms", ttft_budget_s=budget, transfer_mode=mode)
+            target="ttft_p50_ms", slowed=gauged(busy, f"busy {label}") if gauges else None,
+            ttft_budget_s=budget, transfer_mode=mode)
         assert sc.host is not None
         scenarios[label] = replace(sc, host=replace(sc.host, request_s=request_s))
         calib[label]["router_request_ms"] = 1000 * request_s
@@ -293,10 +335,11 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
         label = p["deployment"]
         speed = drift(p.get("probe"), (doc.get("unloaded_requests") or {}).get(label)) \
             if use_drift else host_scaled(p, host_scale)
-        sim = simulate_specs(drifted(calibrated[label], speed), scenarios[label], specs,
-                             ttft_budget_s=budget, transfer_mode=mode)
+        slowed = gauged(p, point_label("E1", p)) if gauges else None
+        sim = simulate_specs(*on_host(drifted(calibrated[label], speed), scenarios[label], slowed),
+                             specs, ttft_budget_s=budget, transfer_mode=mode)
         points.append({"experiment": "E1", "point": point_label("E1", p),
-                       "simulated": sim, "measured": p["load"], "drift": speed,
+                       "simulated": sim, "measured": p["load"], "drift": speed or slowed,
                        "host_slowdown": p.get("host_slowdown"),
                        "relative_error": _errors(sim, p["load"])})
     return {"calibration": calib, "points": points}
@@ -304,7 +347,7 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
 
 # -- E2 ------------------------------------------------------------------------
 def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
-                host_scale: float = 0.0) -> dict[str, Any]:
+                host_scale: float = 0.0, gauges: bool = False) -> dict[str, Any]:
     from perf.experiments import e2_forwarding_vs_queue as e2
 
     raw = dict(doc["config"])
@@ -315,6 +358,8 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
     mode = "layerwise" if spec["kv"].get("send_mode") == "layerwise" else "block_free"
     sc = ScenarioSpec("default", 2, 1, host=host_cores(spec))  # prefills on 0, the rest on 1
     measured = doc["measured"]
+    at_unloaded = gauged(measured.get("unloaded_window"), "unloaded") if gauges else None
+    at_capacity = gauged(measured.get("capacity_window"), "capacity run") if gauges else None
     # The prefill of E2's one prompt length: S = slots / C with both prefills busy on
     # one core, so one prompt alone on the core takes S / 2 (less its KV transfer,
     # which also holds the slot).
@@ -322,23 +367,27 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
     alone = service / 2 - profile.transfer_time(mode, cfg.prompt_len)
     engine = prof.prefill.prompt_time(cfg.prompt_len)
     scale = max(alone, 1e-4) / engine
+    if at_capacity:  # measured on that host: the unslowed host's prefill
+        scale /= at_capacity["prefill"]
     prof = replace(prof, prefill=_scaled_prefill(prof.prefill, scale))
     unloaded = e2.unloaded_specs(cfg)
     lq_budget = float(spec["limits"].get("ttft_budget_s", cfg.ttft_slo_ms / 1000))
-    prof, calib = calibrate(prof, sc, unloaded, measured["unloaded"], ttft_budget_s=lq_budget,
-                            transfer_mode=mode, admission="local_queue")
+    prof, calib = calibrate(prof, sc, unloaded, measured["unloaded"], host=at_unloaded,
+                            ttft_budget_s=lq_budget, transfer_mode=mode, admission="local_queue")
     calib["prefill_scale_vs_engine"] = scale
     calib["prefill_alone_ms"] = 1000 * alone
     cap_specs = e2.requests(cfg, None, 100_000, seed=97)
     request_s, cap = fit_router_request_s(
         prof, sc, cap_specs, float(measured["capacity_run"]["tpot_p50_ms"]),
-        concurrency=2 * cfg.total_slots, duration_s=cfg.capacity_s,
+        concurrency=2 * cfg.total_slots, duration_s=cfg.capacity_s, slowed=at_capacity,
         ttft_budget_s=lq_budget, transfer_mode=mode, admission="local_queue")
     sc = replace(sc, host=replace(sc.host or host_cores(spec), request_s=request_s))
     calib["router_request_ms"] = 1000 * request_s
     for k in ("req_per_s", "ttft_p50_ms", "tpot_p50_ms", "tpot_p90_ms"):
         calib[f"capacity_replay_{k}"] = float(cap.get(k) or 0.0)
     overload = measured.get("overload_run")
+    if gauges and (overload is None or not overload["bench"].get("tpot_p50_ms")):
+        raise NotGauged("E2 run has no overload run: --host-model gauges needs one")
     if overload is not None and overload["bench"].get("tpot_p50_ms"):
         # The router's CPU per on-demand prefill attempt, from the overload run E2
         # takes on the on-demand deployment before its points (E2 runs before
@@ -347,12 +396,14 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
                                  seed=int(overload["seed"]))
         attempt_s, over = fit_router_attempt_s(
             prof, sc, over_specs, float(overload["bench"]["tpot_p50_ms"]),
+            slowed=gauged(overload, "overload run") if gauges else None,
             ttft_budget_s=float(doc["ttft_budget_s"]), transfer_mode=mode)
         sc = replace(sc, host=replace(sc.host, attempt_s=attempt_s))
         calib["router_attempt_ms"] = 1000 * attempt_s
         calib["overload_replay_tpot_p50_ms"] = float(over.get("tpot_p50_ms") or 0.0)
         calib["overload_measured_tpot_p50_ms"] = float(overload["bench"]["tpot_p50_ms"])
-    check = simulate_specs(prof, sc, one_at_a_time(unloaded), ttft_budget_s=lq_budget,
+    check = simulate_specs(*on_host(prof, sc, at_unloaded), one_at_a_time(unloaded),
+                           ttft_budget_s=lq_budget,
                            transfer_mode=mode, admission="local_queue")
     calib["unloaded_check_ttft_p50_ms"] = check["ttft_p50_ms"]
     calib["unloaded_check_tpot_p50_ms"] = check.get("tpot_p50_ms") or 0.0
@@ -365,10 +416,12 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
         budget = float(doc["ttft_budget_s"]) if on_demand else lq_budget
         speed = drift(p.get("probe"), measured.get("unloaded_requests")) if use_drift \
             else host_scaled(p, host_scale)
-        sim = simulate_specs(drifted(prof, speed), sc, specs, ttft_budget_s=budget,
-                             transfer_mode=mode, admission=p["admission"], slo=slo)
+        slowed = gauged(p, point_label("E2", p)) if gauges else None
+        sim = simulate_specs(*on_host(drifted(prof, speed), sc, slowed), specs,
+                             ttft_budget_s=budget, transfer_mode=mode, admission=p["admission"],
+                             slo=slo)
         points.append({"experiment": "E2", "point": point_label("E2", p),
-                       "simulated": sim, "measured": p["bench"], "drift": speed,
+                       "simulated": sim, "measured": p["bench"], "drift": speed or slowed,
                        "host_slowdown": p.get("host_slowdown"),
                        "relative_error": _errors(sim, p["bench"])})
     return {"calibration": calib, "points": points}
@@ -538,6 +591,75 @@ def host_scaled(point: dict[str, Any], k: float) -> dict[str, float] | None:
     return {"ttft": scale, "tpot": scale}
 
 
+PREFILL_FIT_RANGE = (0.5, 2.0)  # a prefill scale outside this is a broken run, not the engine
+
+
+def prefill_fit(prefill: PrefillModel, rows: list[list[Any]] | None
+                ) -> tuple[float, float] | None:
+    """(k, a): the unloaded run's TTFTs (``common.request_rows``, one request at a
+    time) fitted as ``a + k * prefill.prompt_time(prompt)`` by least squares, k
+    clamped to ``PREFILL_FIT_RANGE``. The profile times the engine alone; ``k`` is
+    how fast the deployment's engine runs a prompt against it (its slope over
+    prompt lengths), ``a`` what every first token pays besides. One number for
+    both, as the serving overhead alone is, cannot tell them apart: on the
+    2026-12-07 E1 run the TTFT rose 1.9 ms a prompt token against the profile's
+    2.56, from 71 ms at 11 tokens. None: fewer than 3 prompt lengths."""
+    pairs = [(prefill.prompt_time(int(r[0])), ttft) for r in rows or []
+             if (ttft := _ttft_tpot(r)[0]) is not None]
+    if len({x for x, _ in pairs}) < 3:
+        return None
+    n = len(pairs)
+    mx = sum(x for x, _ in pairs) / n
+    my = sum(y for _, y in pairs) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pairs)
+    k = sum((x - mx) * (y - my) for x, y in pairs) / sxx
+    k = min(max(k, PREFILL_FIT_RANGE[0]), PREFILL_FIT_RANGE[1])
+    return k, my - k * mx
+
+
+# What each gauge of a row (``perf/experiments/host_speed.py``) slows in the model:
+# the prefill's compute-bound products, the decode step's memory-bound ones, and
+# the Python of the router, the client and the stubs.
+GAUGE_FIELDS = {"prefill": "gemm_slowdown", "decode": "gemv_slowdown", "python": "host_slowdown"}
+
+
+class NotGauged(ValueError):
+    """A run without what ``--host-model gauges`` reads."""
+
+
+def gauged(row: dict[str, Any] | None, where: str) -> dict[str, float]:
+    """A measured row's host (``--host-model gauges``): its slowdown per part of
+    the model (``GAUGE_FIELDS``). Raises ``NotGauged`` naming ``where`` if the
+    run did not gauge it."""
+    missing = [f for f in GAUGE_FIELDS.values() if (row or {}).get(f) is None]
+    if row is None or missing:
+        raise NotGauged(f"{where} has no {', '.join(missing) or 'window'}: --host-model "
+                         f"gauges needs E1/E2 runs whose host gauge timed the torch products "
+                         f"and every calibration run (since 2026-12-07 03:00 UTC)")
+    return {part: float(row[f]) for part, f in GAUGE_FIELDS.items()}
+
+
+def on_host(profile: Profile, scenario: ScenarioSpec, slowed: dict[str, float] | None
+            ) -> tuple[Profile, ScenarioSpec]:
+    """``profile`` and ``scenario`` (an unslowed host's) on a host slowed by
+    ``slowed`` (``gauged``): the prefill by ``prefill``, the decode step by
+    ``decode``, and the Python work (the serving and stream overheads, the
+    router's and client's CPU per request, token and attempt) by ``python``.
+    Unchanged for None. No factor is fitted: each is what the gauges read."""
+    if not slowed:
+        return profile, scenario
+    py = slowed["python"]
+    prof = replace(profile, prefill=_scaled_prefill(profile.prefill, slowed["prefill"]),
+                   decode=replace(_scaled_decode(profile.decode, slowed["decode"]),
+                                  stream_overhead_s=profile.decode.stream_overhead_s * py),
+                   serving_overhead_s=profile.serving_overhead_s * py)
+    host = scenario.host
+    if host is not None:
+        host = replace(host, request_s=host.request_s * py, token_s=host.token_s * py,
+                       attempt_s=host.attempt_s * py)
+    return prof, replace(scenario, host=host)
+
+
 def _median(values: list[float]) -> float:
     v = sorted(values)
     return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
@@ -627,6 +749,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="scale each point's engine by 1 + K * (its host slowdown - 1), the "
                          "host gauge of E1/E2 runs since 2026-12-06 (0: off); exploratory: "
                          "K is not measured, see RESULTS.md")
+    ap.add_argument("--host-model", choices=("none", "gauges"), default="none",
+                    help="gauges: simulate every calibration run and point on the host its "
+                         "gauges read (prefill by the GEMM's slowdown, decode by the GEMV's, "
+                         "the Python work by the loop's); nothing fitted. Needs E1/E2 runs "
+                         "since 2026-12-07 03:00 UTC")
+    ap.add_argument("--prefill-fit", action="store_true",
+                    help="E1: scale the profile's prefill by its slope against the unloaded "
+                         "run's requests (prefill_fit); measured 2026-12-07: +3 figures on "
+                         "one run, -3 on another, so not the default")
     ap.add_argument("--repeat-e1", type=Path, nargs="+", default=[], metavar="JSON",
                     help="other live E1 runs of the same points: report how far the live "
                          "figures move from run to run, and the simulated ones against "
@@ -636,8 +767,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.e1 and not args.e2:
         ap.error("give --e1 and/or --e2")
-    if args.drift and args.host_scale:
-        ap.error("--drift and --host-scale both scale the engine per point: give one")
+    if sum((args.drift, bool(args.host_scale), args.host_model != "none")) > 1:
+        ap.error("--drift, --host-scale and --host-model each scale the engine per point: "
+                 "give one")
     if not 0 <= args.host_scale <= 1:
         ap.error(f"--host-scale must be in [0, 1], got {args.host_scale}")
     if (args.repeat_e1 and not args.e1) or (args.repeat_e2 and not args.e2):
@@ -653,14 +785,22 @@ def main(argv: list[str] | None = None) -> int:
             if other.get("experiment") != name:
                 ap.error(f"{f} is a run of {other.get('experiment')!r}, not of {name!r} "
                          f"like {path}")
-    validate = {"E1": validate_e1, "E2": validate_e2}
+    validate: dict[str, Callable[..., dict[str, Any]]] = {
+        "E1": functools.partial(validate_e1, fit_prefill=args.prefill_fit),
+        "E2": validate_e2}
     profile = load_profile(args.profile)
-    results = [validate[exp](run, profile, use_drift=args.drift, host_scale=args.host_scale)
-               for exp, run in runs.items() if run is not None]
+    gauges = args.host_model == "gauges"
+    try:
+        results = [validate[exp](run, profile, use_drift=args.drift, host_scale=args.host_scale,
+                                 gauges=gauges)
+                   for exp, run in runs.items() if run is not None]
+    except NotGauged as e:
+        ap.error(str(e))
     ok, n = within(results)
     hosts = by_host(results)
     doc = {"profile": args.profile, "e1": str(args.e1), "e2": str(args.e2),
-           "drift": args.drift, "host_scale": args.host_scale,
+           "drift": args.drift, "host_scale": args.host_scale, "host_model": args.host_model,
+           "prefill_fit": args.prefill_fit,
            "within_10pct": [ok, n], "by_host": hosts, "results": results}
     spread = live_spread(results, repeats) if args.repeat_e1 or args.repeat_e2 else None
     # validated on a run made of the runs' means: calibration and points averaged

@@ -27,19 +27,37 @@ covariate to report, not a correction to apply. A controller that compared its
 remembered ratio windows only at a matching host speed was tried in one E3 run
 and removed: the matched subsets were one or two windows, and one such
 comparison sent an exploration back on a 3 % difference.
+
+The loop is pure Python: it slows with the router, the client and the stubs'
+Python, not with the engine's torch work, which slowed far less in the same
+episodes (a matmul in thread CPU time: 1.06x and 1.19x where the loop read 1.44x
+and 1.59x, 2026-12-07). So a sample also times two torch products on one
+thread (``EngineWork``), when torch is there: a GEMV over a 64 MiB fp32 weight,
+bound by memory bandwidth as a decode step is (it streams every weight once per
+step), and a 256 x 1024 x 1024 GEMM that runs from cache, bound by compute as a
+prefill is. The simulator scales its engine by them and its Python work by the
+loop (``perf/sim_validate.py --host-model gauges``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 LOOP = 20_000  # iterations: ~0.85 ms on the AMD EPYC box when it is not slowed
+GEMV_SHAPE = (4096, 4096)  # fp32, 64 MiB: out of every cache, like a decode step's weights
+GEMM_SHAPE = (256, 1024, 1024)  # (m, k, n): a prefill-sized product from cache
+ENGINE_EVERY = 5  # the torch products in every 5th sample: on a saturated 2-core box
+                  # their ~0.04 cores each second would be the gauge's own load
 
 
 def work() -> int:
@@ -49,34 +67,89 @@ def work() -> int:
     return total
 
 
-def sample() -> float:
-    """Thread CPU milliseconds of the fixed work: the fastest of three warm runs."""
-    work()
+def timed(fn: Callable[[], Any], runs: int = 3) -> float:
+    """Thread CPU milliseconds of ``fn``: the fastest of ``runs`` after one unmeasured run."""
+    fn()
     best = float("inf")
-    for _ in range(3):
+    for _ in range(runs):
         began = time.thread_time()
-        work()
+        fn()
         best = min(best, time.thread_time() - began)
     return 1e3 * best
 
 
-def sample_cores(cores: Iterable[int] | None = None) -> float:
-    """``sample`` on each core in turn (the calling thread pinned to it, its
-    affinity restored after), averaged: a slowdown of one core (a busy sibling
-    hyperthread under one vCPU) counts for its share of the machine. Where the
-    affinity cannot be set (not Linux) it is ``sample`` wherever the thread runs."""
+def sample() -> float:
+    """Thread CPU milliseconds of the fixed work: the fastest of three warm runs."""
+    return timed(work)
+
+
+class EngineWork:
+    """The two torch products of a sample, on one thread (``torch.set_num_threads(1)``
+    for this process: thread CPU time must hold all of a product's work)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        gen = torch.Generator().manual_seed(0)
+        self._weight = torch.randn(GEMV_SHAPE, generator=gen)
+        self._x = torch.randn(1, GEMV_SHAPE[1], generator=gen)
+        m, k, n = GEMM_SHAPE
+        self._a = torch.randn(m, k, generator=gen)
+        self._b = torch.randn(k, n, generator=gen)
+        self._linear = torch.nn.functional.linear
+        self._mm = torch.mm
+
+    def sample(self) -> dict[str, float]:
+        """Thread CPU milliseconds of each product (the fastest of two warm runs)."""
+        return {"gemv_ms": timed(lambda: self._linear(self._x, self._weight), runs=2),
+                "gemm_ms": timed(lambda: self._mm(self._a, self._b), runs=2)}
+
+
+def engine_work() -> EngineWork | None:
+    """``EngineWork``, or None where torch is not installed (the loop alone then)."""
+    try:
+        return EngineWork()
+    except ImportError:
+        return None
+
+
+def each_core(fn: Callable[[], T], cores: Iterable[int] | None = None) -> list[T]:
+    """``fn`` run on each core in turn (the calling thread pinned to it, its
+    affinity restored after). Where the affinity cannot be set (not Linux): once,
+    wherever the thread runs."""
     if not hasattr(os, "sched_setaffinity"):
-        return sample()
+        return [fn()]
     before = os.sched_getaffinity(0)
     wanted = sorted(before if cores is None else set(cores) & before) or sorted(before)
-    costs = []
+    out = []
     try:
         for core in wanted:
             os.sched_setaffinity(0, {core})
-            costs.append(sample())
+            out.append(fn())
     finally:
         os.sched_setaffinity(0, before)
+    return out
+
+
+def sample_cores(cores: Iterable[int] | None = None) -> float:
+    """``sample`` on each core in turn, averaged: a slowdown of one core (a busy
+    sibling hyperthread under one vCPU) counts for its share of the machine."""
+    costs = each_core(sample, cores)
     return sum(costs) / len(costs)
+
+
+def record(engine: EngineWork | None, cores: Iterable[int] | None = None) -> dict[str, float]:
+    """One sample as the CLI writes it: ``ms`` (the loop) and, with ``engine``,
+    ``gemv_ms`` and ``gemm_ms``, each averaged over the cores."""
+    def one() -> dict[str, float]:
+        rec = {"ms": sample()}
+        if engine is not None:
+            rec.update(engine.sample())
+        return rec
+
+    runs = each_core(one, cores)
+    return {key: round(sum(r[key] for r in runs) / len(runs), 4) for key in runs[0]}
 
 
 def window_cost(samples: Iterable[tuple[float, float]], t0: float, t1: float) -> float | None:
@@ -96,18 +169,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     parser.add_argument("--interval-s", type=float, default=1.0)
+    parser.add_argument("--no-engine", action="store_true",
+                        help="time the Python loop only, not the torch products")
+    parser.add_argument("--engine-every", type=int, default=ENGINE_EVERY, metavar="N",
+                        help=f"time the torch products in every N-th sample only (default "
+                             f"{ENGINE_EVERY}: they cost ~0.04 cores a sample a second, the "
+                             f"loop ~0.007)")
     parser.add_argument("--duration-s", type=float, default=None,
                         help="stop after this long (default: until terminated or the "
                              "process that started it exits)")
     args = parser.parse_args(argv)
     if not args.interval_s > 0:
         parser.error("--interval-s must be positive")
+    if args.engine_every < 1:
+        parser.error("--engine-every must be >= 1")
     end = None if args.duration_s is None else time.monotonic() + args.duration_s
     parent = os.getppid()  # gone (we were re-parented): stop, not sample forever
+    engine = None if args.no_engine else engine_work()
     with open(args.out, "a") as out:
-        while (end is None or time.monotonic() < end) and os.getppid() == parent:
-            out.write(json.dumps({"at": round(time.time(), 3),
-                                  "ms": round(sample_cores(), 4)}) + "\n")
+        for n in itertools.count():
+            if (end is not None and time.monotonic() >= end) or os.getppid() != parent:
+                break
+            rec = record(engine if n % args.engine_every == 0 else None)
+            out.write(json.dumps({"at": round(time.time(), 3), **rec}) + "\n")
             out.flush()
             time.sleep(args.interval_s)
     return 0

@@ -132,9 +132,14 @@ class LoadRun:
     # cores each process used over the load (``process_cpu.cores``): the load
     # generator, tritonserver, each stub by model name, the controller
     cpu_cores: dict[str, float] = field(default_factory=dict)
+    started_at: float = 0.0  # wall clock (time.time()) when the load began
 
     def summary(self, slo: Slo | None = None) -> Summary:
         return summarize(self.records, slo)
+
+    def window(self) -> dict[str, float]:
+        """When it ran, as the host gauge's ``annotate`` reads a row."""
+        return {"started_at": self.started_at, "wall_s": self.wall_s}
 
 
 def drive(server: TritonServer, specs: Sequence[RequestSpec], *, label: str,
@@ -158,11 +163,11 @@ def drive(server: TritonServer, specs: Sequence[RequestSpec], *, label: str,
             await client.wait_ready(60.0)
             return await run_load(specs, config, client.send)
 
-    before, began = process_cpu.snapshot(), time.monotonic()
+    before, began, started_at = process_cpu.snapshot(), time.monotonic(), time.time()
     result = asyncio.run(go())
     used = process_cpu.cores(before, process_cpu.snapshot(), time.monotonic() - began)
     check_alive(server, label)
-    return LoadRun(label, result.records, result.wall_s, used)
+    return LoadRun(label, result.records, result.wall_s, used, started_at)
 
 
 def summary_row(summary: Summary) -> dict[str, Any]:

@@ -116,7 +116,8 @@ def busy_runs(server: Any, cfg: E1Config, trace: Path) -> dict[str, dict[str, An
         run_ = common.drive(server, specs, label=f"busy {label}", scenario=scenario,
                             concurrency=cfg.busy_concurrency, max_duration_s=cfg.busy_s)
         out[label] = {"concurrency": cfg.busy_concurrency, "duration_s": cfg.busy_s,
-                      "load": common.summary_row(run_.summary()), "cpu_cores": run_.cpu_cores}
+                      "load": common.summary_row(run_.summary()), "cpu_cores": run_.cpu_cores,
+                      **run_.window()}
         print(f"busy {label}: {out[label]['load']}", flush=True)
     return out
 
@@ -134,18 +135,21 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
     doc: dict[str, Any] = {"experiment": NAME, "quick": quick, "config": cfg.__dict__,
                            "spec": spec(cfg), "trace": str(trace), "machine": common.machine()}
     points: list[dict[str, Any]] = []
-    with host_speed.HostSpeed(out / "host_speed.jsonl") as gauge, \
+    with host_speed.HostSpeed(out / "host_speed.jsonl", engine_every=1) as gauge, \
             common.deployed(spec(cfg), out / "server") as server:
         # Unloaded: the first requests of the trace, one at a time, after 2 warmups.
         base, _ = trace_at(cfg, 1.0, trace)
         base = [replace(s, arrival_s=None) for s in base[: cfg.unloaded_requests + 2]]
         unloaded: dict[str, dict[str, Any]] = {}
         doc["unloaded_requests"] = {}
+        # when each calibration run ran: the host gauge gives each its slowdown
+        doc["unloaded_window"] = {}
         for label, scenario in DEPLOYMENTS.items():
             common.drive(server, base[:2], label="warmup", scenario=scenario, concurrency=1)
             run_ = common.drive(server, base[2:], label=label, scenario=scenario, concurrency=1)
             unloaded[label] = common.summary_row(run_.summary())
             doc["unloaded_requests"][label] = common.request_rows(run_.records)
+            doc["unloaded_window"][label] = run_.window()
             print(f"unloaded {label}: {unloaded[label]}", flush=True)
         slo = slos(unloaded)
         doc["unloaded"] = unloaded
@@ -180,7 +184,8 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
                       f"{point['ttft_tight']['goodput']:.3f} att "
                       f"{point['ttft_tight']['slo_attainment']:.2f} | "
                       f"{point['load']}", flush=True)
-        doc["host_speed"] = host_speed.annotate(points, gauge.samples())
+        calibration = [*doc["unloaded_window"].values(), *(doc.get("busy") or {}).values()]
+        doc["host_speed"] = host_speed.annotate_all(points + calibration, gauge)
     doc["points"] = points
     doc["machine_after"] = common.machine()
     common.write_json(out / "e1.json", doc)

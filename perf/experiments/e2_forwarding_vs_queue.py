@@ -239,7 +239,9 @@ def measure(server: Any, cfg: E2Config) -> dict[str, Any]:
             # Little's law on the prefill stage, every slot busy: S = slots / C.
             "service_s": cfg.total_slots / capacity,
             "capacity_run": common.summary_row(cap.summary()),
-            "capacity_cpu_cores": cap.cpu_cores}
+            "capacity_cpu_cores": cap.cpu_cores,
+            # when each ran: the host gauge gives each its slowdown
+            "unloaded_window": unloaded.window(), "capacity_window": cap.window()}
 
 
 def overload_run(server: Any, cfg: E2Config, capacity: float) -> dict[str, Any]:
@@ -252,7 +254,7 @@ def overload_run(server: Any, cfg: E2Config, capacity: float) -> dict[str, Any]:
                         request_timeout_s=60)
     row: dict[str, Any] = {"load": cfg.overload_load, "rate": rate, "offered": len(specs),
                            "seed": OVERLOAD_SEED, "bench": common.summary_row(run_.summary()),
-                           "cpu_cores": run_.cpu_cores}
+                           "cpu_cores": run_.cpu_cores, **run_.window()}
     print(f"overload calibration {cfg.overload_load:g}x ({rate:.1f} req/s): TPOT p50 "
           f"{common.fmt(row['bench']['tpot_p50_ms'])} ms", flush=True)
     return row
@@ -296,9 +298,12 @@ def run(cfg: E2Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     doc: dict[str, Any] = {"experiment": NAME, "quick": quick, "config": asdict(cfg),
                            "slo": slo.__dict__, "machine": common.machine(),
                            "spec_local_queue": baseline, "points": []}
-    with host_speed.HostSpeed(out / "host_speed.jsonl") as gauge:
+    with host_speed.HostSpeed(out / "host_speed.jsonl", engine_every=1) as gauge:
         measure_both(cfg, doc, out, slo)
-        doc["host_speed"] = host_speed.annotate(doc["points"], gauge.samples())
+        m = doc.get("measured") or {}
+        calibration = [m[k] for k in ("unloaded_window", "capacity_window", "overload_run")
+                       if k in m]
+        doc["host_speed"] = host_speed.annotate_all(doc["points"] + calibration, gauge)
     doc["machine_after"] = common.machine()
     doc["wall_s"] = time.monotonic() - started
     common.write_json(out / "e2.json", doc)

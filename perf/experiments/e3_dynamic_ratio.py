@@ -351,7 +351,7 @@ def run(cfg: E3Config, quick: bool, out: Path | None = None) -> dict[str, Any]:
     doc["controller_edits"], doc["switches"] = [], []
     with host_speed.HostSpeed(out / "host_speed.jsonl") as gauge:
         measure_all(cfg, doc, out, slo)
-        doc["host_speed"] = host_speed.annotate(doc["rows"], gauge.samples())
+        doc["host_speed"] = host_speed.annotate_all(doc["rows"], gauge)
     doc["machine_after"] = common.machine()
     doc["wall_s"] = time.monotonic() - began
     doc["verdict"] = verdict(doc)

@@ -6,7 +6,8 @@ the load generator (this process) and the controller take their share too. E3
 with owned compute gives each instance a quota of 0.4 cores and assumed the
 0.4 cores left over were enough for the rest; this counter measured them at
 ~0.7 (router stub 0.33, tritonserver 0.19, load generator 0.16 at 3P1D,
-prompt-heavy) with the machine at 1.74 of its 2 cores.
+prompt-heavy) with the machine at 1.74 of its 2 cores; E3-owned's quota is
+0.3 cores since.
 
 ``snapshot()`` reads utime + stime of this process and every process below it
 (tritonserver and the stubs it forks, the controller, the host-speed gauge)

@@ -696,4 +696,51 @@ def test_pass_spread_repeats_a_static_pass_with_each_process_cpu(tmp_path: Path)
     assert doc["host_speed"]["samples"] > 0
     assert doc["req_per_s"]["min"] <= doc["req_per_s"]["mean"] <= doc["req_per_s"]["max"]
     assert json.loads((tmp_path / "spread.json").read_text())["ratio"] == "2P2D"
+    assert set(doc["gauge_correlation"]) == {"host_slowdown", "gemv_slowdown", "gemm_slowdown"}
     assert _leftover_processes(str(tmp_path)) == []
+
+
+def test_pass_spread_correlates_each_gauge_with_the_passes_throughput() -> None:
+    from perf import e3_pass_spread
+
+    rows = [{"req_per_s": 50.0 - 10 * k, "host_slowdown": 1.0 + 0.1 * k,
+             "gemv_slowdown": 1.0 + 0.1 * (k % 2), "gemm_slowdown": 1.0} for k in range(4)]
+    corr = e3_pass_spread.gauge_correlation(rows)
+    assert corr["host_slowdown"] == pytest.approx(-1.0)  # slower host, fewer req/s
+    assert corr["gemv_slowdown"] is not None and abs(corr["gemv_slowdown"]) < 0.5
+    assert corr["gemm_slowdown"] is None  # never moved: nothing to say
+    assert e3_pass_spread.gauge_correlation(rows[:2])["host_slowdown"] is None  # too few
+
+
+def test_each_row_gets_a_slowdown_per_gauge_the_samples_have(tmp_path: Path) -> None:
+    from perf.experiments import host_speed
+
+    gauge = host_speed.HostSpeed(tmp_path / "g.jsonl")  # read only: never started
+    lines = [{"at": float(t), "ms": 1.0, "gemv_ms": 3.0 if t < 20 else 4.5, "gemm_ms": 2.0}
+             for t in range(0, 40, 5)]
+    lines += [{"at": float(t), "ms": 1.2 if t > 20 else 1.0} for t in range(1, 40, 5)]
+    gauge.path.write_text("".join(json.dumps(rec) + "\n" for rec in lines) + '{"at": 9')
+    rows: list[dict[str, Any]] = [{"started_at": 0.0, "wall_s": 18.0},
+                                  {"started_at": 21.0, "wall_s": 18.0}]
+    doc = host_speed.annotate_all(rows, gauge)
+    assert rows[0] == {"started_at": 0.0, "wall_s": 18.0, "host_slowdown": 1.0,
+                       "gemv_slowdown": 1.0, "gemm_slowdown": 1.0}
+    assert (rows[1]["host_slowdown"], rows[1]["gemv_slowdown"]) == (1.2, 1.5)
+    assert doc["samples"] == 16 and doc["gemv"]["samples"] == 8
+    # a gauge without torch: the loop only, as before
+    gauge.path.write_text("".join(json.dumps({"at": float(t), "ms": 1.0}) + "\n"
+                                  for t in range(10)))
+    plain: list[dict[str, Any]] = [{"started_at": 0.0, "wall_s": 9.0}]
+    assert "gemv" not in host_speed.annotate_all(plain, gauge)
+    assert set(plain[0]) == {"started_at", "wall_s", "host_slowdown"}
+    with pytest.raises(ValueError, match="engine_every"):
+        host_speed.HostSpeed(tmp_path / "x", engine_every=0)
+
+
+@pytest.mark.parametrize("quota", ["0", "0.6"])
+def test_e3_owned_refuses_a_quota_that_leaves_no_room(tmp_path: Path, quota: str) -> None:
+    from perf.experiments import e3_owned
+
+    with pytest.raises(SystemExit, match="--cpu-quota must be in"):
+        e3_owned.main(["--no-results", "--cpu-quota", quota, "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # refused before any server started

@@ -284,3 +284,118 @@ def test_host_scale_with_drift_or_out_of_range_is_a_usage_error(
         sv.main(["--profile", str(PROFILE), "--e1", str(f), *flags])
     assert exc.value.code == 2
     assert "--host-scale" in capsys.readouterr().err
+
+
+SLOW_CALIBRATION = {"host_slowdown": 1.5, "gemv_slowdown": 1.1, "gemm_slowdown": 1.2}
+SLOW_POINT = {"host_slowdown": 1.3, "gemv_slowdown": 1.25, "gemm_slowdown": 1.05}
+
+
+def _as_gauged(f: dict[str, float]) -> dict[str, float]:
+    return {part: f[field] for part, field in sv.GAUGE_FIELDS.items()}
+
+
+def test_host_model_gauges_replays_each_run_on_the_host_its_gauges_read() -> None:
+    """E1 "measured" by the simulator with a known router cost, its calibration runs
+    on one slowed host and its point on another: with the gauges the calibration
+    finds the unslowed router cost and the point is reproduced; without them the
+    router cost comes out inflated by the calibration's slow Python."""
+    cfg = replace(e1.FULL, rates=(1.0,), point_s=5.0, busy_s=8.0)
+    doc = _doc(cfg, with_busy=False)  # the figures are remade below on the slowed hosts
+    spec = doc["spec"]
+    prof = sv._limits(load_profile(PROFILE), spec)
+    trace = common.AZURE_CONV
+    base, _ = e1.trace_at(cfg, 1.0, trace)
+    kw: dict[str, Any] = {"ttft_budget_s": float(spec["limits"]["ttft_budget_s"]),
+                          "transfer_mode": "layerwise"}
+    doc["unloaded_window"] = {}
+    specs, _ = e1.trace_at(cfg, 1.0, trace)
+    for label, scenario in (("disagg", "default"), ("agg", "agg")):
+        host = sv.host_cores(spec, scenario, request_s=TRUE_REQUEST_S)
+        sc = (ScenarioSpec("default", 1, 1, host=host) if label == "disagg"
+              else ScenarioSpec("default", n_aggregated=2, host=host))
+        slow = sv.on_host(prof, sc, _as_gauged(SLOW_CALIBRATION))
+        doc["unloaded"][label] = sv.simulate_specs(
+            *slow, sv.one_at_a_time(base[2: cfg.unloaded_requests + 2]), **kw)
+        doc["unloaded_window"][label] = dict(SLOW_CALIBRATION)
+        busy = sv.simulate_closed_loop(*slow, e1.busy_specs(cfg, trace), cfg.busy_concurrency,
+                                       cfg.busy_s, **kw)
+        doc["busy"][label] = {"concurrency": cfg.busy_concurrency, "duration_s": cfg.busy_s,
+                              "load": busy, **SLOW_CALIBRATION}
+        point = sv.simulate_specs(*sv.on_host(prof, sc, _as_gauged(SLOW_POINT)), specs, **kw)
+        doc["points"].append({"deployment": label, "rate": 1.0, "load": point, **SLOW_POINT})
+    gauged = sv.validate_e1(doc, load_profile(PROFILE), gauges=True)
+    plain = sv.validate_e1(doc, load_profile(PROFILE))
+    for label in ("disagg", "agg"):
+        assert gauged["calibration"][label]["router_request_ms"] == pytest.approx(
+            1000 * TRUE_REQUEST_S, rel=0.35)
+        assert gauged["calibration"][label]["serving_overhead_ms"] == pytest.approx(0, abs=1.0)
+        # without the gauges the slow calibration host is taken for router work
+        assert plain["calibration"][label]["serving_overhead_ms"] > 5
+    for p in gauged["points"]:
+        assert p["drift"] == _as_gauged(SLOW_POINT)
+        for key in ("ttft_p50_ms", "tpot_p50_ms", "req_per_s"):
+            assert p["relative_error"][key] == pytest.approx(0, abs=0.1), (p["point"], key)
+
+
+def test_on_host_scales_the_engine_by_the_products_and_the_python_by_the_loop() -> None:
+    profile = replace(load_profile(PROFILE), serving_overhead_s=0.01)
+    host = replace(sv.host_cores(e1.spec(e1.FULL)), request_s=0.02, attempt_s=0.001)
+    sc = ScenarioSpec("default", 1, 1, host=host)
+    prof, scen = sv.on_host(profile, sc, {"prefill": 1.2, "decode": 1.1, "python": 1.5})
+    assert prof.prefill.per_token_s == pytest.approx(1.2 * profile.prefill.per_token_s)
+    assert prof.decode.per_seq_s == pytest.approx(1.1 * profile.decode.per_seq_s)
+    assert prof.decode.stream_overhead_s == pytest.approx(1.5 * profile.decode.stream_overhead_s)
+    assert prof.serving_overhead_s == pytest.approx(0.015)
+    assert scen.host is not None
+    assert (scen.host.request_s, scen.host.attempt_s) == pytest.approx((0.03, 0.0015))
+    assert sv.on_host(profile, sc, None) == (profile, sc)
+
+
+def test_host_model_gauges_on_a_run_without_the_torch_gauge_is_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = replace(e1.FULL, rates=(1.0,), point_s=5.0, busy_s=8.0)
+    doc = _doc(cfg, with_busy=True)
+    doc["unloaded_window"] = {"disagg": {"host_slowdown": 1.2}}  # a gauge without torch
+    f = tmp_path / "e1.json"
+    f.write_text(json.dumps(doc))
+    with pytest.raises(SystemExit) as exc:
+        sv.main(["--profile", str(PROFILE), "--e1", str(f), "--host-model", "gauges"])
+    assert exc.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())  # argparse wraps its lines
+    assert "unloaded disagg has no gemm_slowdown, gemv_slowdown" in err
+    with pytest.raises(SystemExit):
+        sv.main(["--profile", str(PROFILE), "--e1", str(f), "--host-model", "gauges",
+                 "--host-scale", "0.5"])
+    assert "give one" in capsys.readouterr().err
+
+
+def test_prefill_fit_takes_slope_and_intercept_from_the_unloaded_requests() -> None:
+    prefill = load_profile(PROFILE).prefill
+    rows = [_row(n, 4, 0.045 + 0.75 * prefill.prompt_time(n), 0.03) for n in (11, 48, 110, 164)]
+    k, a = sv.prefill_fit(prefill, [*rows, _row(30, 2, 0, 0, status="error")])
+    assert (k, a) == pytest.approx((0.75, 0.045), rel=1e-4)
+    # two prompt lengths do not make a slope; a broken run is clamped, not believed
+    assert sv.prefill_fit(prefill, rows[:1] * 3 + rows[1:2]) is None
+    assert sv.prefill_fit(prefill, None) is None
+    steep = [_row(n, 4, 9 * prefill.prompt_time(n), 0.03) for n in (11, 48, 110)]
+    assert sv.prefill_fit(prefill, steep)[0] == sv.PREFILL_FIT_RANGE[1]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("fit", [True, False])
+def test_e1_scales_the_prefill_by_the_unloaded_runs_slope(fit: bool) -> None:
+    cfg = replace(e1.FULL, rates=(1.0,), point_s=5.0, busy_s=8.0)
+    doc = _doc(cfg, with_busy=False)
+    prefill = load_profile(PROFILE).prefill
+    doc["unloaded_requests"] = {
+        label: [_row(n, 4, 0.04 + 0.8 * prefill.prompt_time(n), 0.03) for n in (11, 48, 164)]
+        for label in ("disagg", "agg")}
+    calib = sv.validate_e1(doc, load_profile(PROFILE), fit_prefill=fit)["calibration"]
+    for label in ("disagg", "agg"):
+        if fit:
+            assert calib[label]["prefill_scale_vs_engine"] == pytest.approx(0.8, rel=1e-4)
+            assert calib[label]["prefill_fit_intercept_ms"] == pytest.approx(40.0, rel=1e-3)
+            # the engine-only unloaded TTFT is the faster prefill's
+            assert calib[label]["engine_only_unloaded_ttft_p50_ms"] < 0.9 * doc["unloaded"][
+                label]["ttft_p50_ms"]
+        else:
+            assert "prefill_scale_vs_engine" not in calib[label]

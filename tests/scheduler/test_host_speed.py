@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pdserve.scheduler import host_speed
 
 
@@ -81,3 +83,25 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_record_is_the_loop_and_with_torch_the_two_products() -> None:
+    engine = host_speed.engine_work()
+    assert engine is not None  # torch is a dependency of the project
+    rec = host_speed.record(engine)
+    assert set(rec) == {"ms", "gemv_ms", "gemm_ms"} and all(0 < v < 1000 for v in rec.values())
+    assert set(host_speed.record(None)) == {"ms"}
+
+
+@pytest.mark.parametrize("flags,with_products", [(["--engine-every", "2"], [True, False]),
+                                                  (["--no-engine"], [False, False])])
+def test_cli_times_the_products_every_nth_sample(tmp_path: Path, flags: list[str],
+                                                 with_products: list[bool]) -> None:
+    out = tmp_path / "g.jsonl"
+    assert host_speed.main(["--out", str(out), "--interval-s", "0.01", "--duration-s", "1.0",
+                            *flags]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) >= 2
+    assert ["gemv_ms" in rec for rec in lines[:2]] == with_products
+    with pytest.raises(SystemExit):
+        host_speed.main(["--out", str(out), "--engine-every", "0"])
