@@ -120,16 +120,16 @@ def one_at_a_time(specs: list[RequestSpec]) -> list[RequestSpec]:
 
 
 def calibrate(profile: Profile, scenario: ScenarioSpec, unloaded_specs: list[RequestSpec],
-              measured: dict[str, Any], host: dict[str, float] | None = None, **kw: Any
+              measured: dict[str, Any], slowed: dict[str, float] | None = None, **kw: Any
               ) -> tuple[Profile, dict[str, float]]:
     """Serving overheads from the unloaded run (see the module docstring). With
-    ``host`` (the gauges during the unloaded run, ``--host-model gauges``) the
+    ``slowed`` (the gauges during the unloaded run, ``--host-model gauges``) the
     engine is replayed at the host's speed then and the overheads, Python work,
     are returned for an unslowed host (divided by its loop slowdown)."""
     base = replace(profile, serving_overhead_s=0.0,
                    decode=replace(profile.decode, stream_overhead_s=0.0))
-    sim = simulate_specs(*on_host(base, scenario, host), one_at_a_time(unloaded_specs), **kw)
-    python = host["python"] if host else 1.0
+    sim = simulate_specs(*on_host(base, scenario, slowed), one_at_a_time(unloaded_specs), **kw)
+    python = slowed["python"] if slowed else 1.0
     ttft = max(0.0, (measured["ttft_p50_ms"] - sim["ttft_p50_ms"]) / 1000) / python
     tpot = 0.0
     if measured.get("tpot_p50_ms") is not None and sim.get("tpot_p50_ms") is not None:
@@ -305,7 +305,7 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
             prof_l = replace(prof, prefill=_scaled_prefill(prof.prefill, scale))
         calibrated[label], calib[label] = calibrate(
             prof_l, sc, unloaded, doc["unloaded"][label], ttft_budget_s=budget,
-            transfer_mode=mode, host=at_unloaded)
+            transfer_mode=mode, slowed=at_unloaded)
         if fit is not None:
             calib[label]["prefill_scale_vs_engine"] = fit[0]
             calib[label]["prefill_fit_intercept_ms"] = 1000 * fit[1]
@@ -339,7 +339,7 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
         sim = simulate_specs(*on_host(drifted(calibrated[label], speed), scenarios[label], slowed),
                              specs, ttft_budget_s=budget, transfer_mode=mode)
         points.append({"experiment": "E1", "point": point_label("E1", p),
-                       "simulated": sim, "measured": p["load"], "drift": speed or slowed,
+                       "simulated": sim, "measured": p["load"], "drift": speed, "host": slowed,
                        "host_slowdown": p.get("host_slowdown"),
                        "relative_error": _errors(sim, p["load"])})
     return {"calibration": calib, "points": points}
@@ -372,7 +372,7 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
     prof = replace(prof, prefill=_scaled_prefill(prof.prefill, scale))
     unloaded = e2.unloaded_specs(cfg)
     lq_budget = float(spec["limits"].get("ttft_budget_s", cfg.ttft_slo_ms / 1000))
-    prof, calib = calibrate(prof, sc, unloaded, measured["unloaded"], host=at_unloaded,
+    prof, calib = calibrate(prof, sc, unloaded, measured["unloaded"], slowed=at_unloaded,
                             ttft_budget_s=lq_budget, transfer_mode=mode, admission="local_queue")
     calib["prefill_scale_vs_engine"] = scale
     calib["prefill_alone_ms"] = 1000 * alone
@@ -421,7 +421,7 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
                              ttft_budget_s=budget, transfer_mode=mode, admission=p["admission"],
                              slo=slo)
         points.append({"experiment": "E2", "point": point_label("E2", p),
-                       "simulated": sim, "measured": p["bench"], "drift": speed or slowed,
+                       "simulated": sim, "measured": p["bench"], "drift": speed, "host": slowed,
                        "host_slowdown": p.get("host_slowdown"),
                        "relative_error": _errors(sim, p["bench"])})
     return {"calibration": calib, "points": points}

@@ -332,7 +332,7 @@ def test_host_model_gauges_replays_each_run_on_the_host_its_gauges_read() -> Non
         # without the gauges the slow calibration host is taken for router work
         assert plain["calibration"][label]["serving_overhead_ms"] > 5
     for p in gauged["points"]:
-        assert p["drift"] == _as_gauged(SLOW_POINT)
+        assert p["host"] == _as_gauged(SLOW_POINT) and p["drift"] is None
         for key in ("ttft_p50_ms", "tpot_p50_ms", "req_per_s"):
             assert p["relative_error"][key] == pytest.approx(0, abs=0.1), (p["point"], key)
 
