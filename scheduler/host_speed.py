@@ -35,8 +35,13 @@ and 1.59x, 2026-12-07). So a sample also times two torch products on one
 thread (``EngineWork``), when torch is there: a GEMV over a 64 MiB fp32 weight,
 bound by memory bandwidth as a decode step is (it streams every weight once per
 step), and a 256 x 1024 x 1024 GEMM that runs from cache, bound by compute as a
-prefill is. The simulator scales its engine by them and its Python work by the
-loop (``perf/sim_validate.py --host-model gauges``).
+prefill is. ``perf/sim_validate.py --host-model gauges`` can scale the
+simulator's engine by them and its Python work by the loop. Measured
+(2026-12-07, perf/RESULTS.md): on 2 cores that share one memory system the GEMV
+follows the deployment's own memory traffic (1.28x during E1's unloaded run,
+1.03x at its lightest point, the loop at 1.02-1.07x), since thread CPU time
+leaves out waiting for a core but not waiting for memory. So the products are
+a record beside the loop, not a host gauge, and the loop stays the one E3 reads.
 """
 
 from __future__ import annotations
