@@ -188,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--interval-s must be positive")
     if args.engine_every < 1:
         parser.error("--engine-every must be >= 1")
-    end = None if args.duration_s is None else time.monotonic() + args.duration_s
     parent = os.getppid()  # gone (we were re-parented): stop, not sample forever
-    engine = None if args.no_engine else engine_work()
+    engine = None if args.no_engine else engine_work()  # torch import and weights: ~1 s
+    # the duration is of sampling, counted once the torch products are set up
+    end = None if args.duration_s is None else time.monotonic() + args.duration_s
     with open(args.out, "a") as out:
         for n in itertools.count():
             if (end is not None and time.monotonic() >= end) or os.getppid() != parent:
