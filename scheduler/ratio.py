@@ -7,8 +7,9 @@ time to generate a request's output). A scenario is balanced when
     n_p * b_p / T_p  ≈  n_d * b_d / T_d
 
 i.e. when both stages are equally utilised by the observed arrival rate. The
-controller moves ONE instance at a time toward balance, only when that lowers
-the busier stage's utilisation by more than a tolerance (hysteresis), and not
+controller moves one instance at a time toward balance (with ``max_step``, as
+many as its model predicts best, in one decision), only when that lowers the
+busier stage's utilisation by more than a tolerance (hysteresis), and not
 within a cool-down after the last change. An online signal backs the model
 up: end-to-end latency rising while the TTFT share of it grows calls for a
 prefill; rising while the share shrinks calls for a decode. The trigger
@@ -58,8 +59,8 @@ within ``remember_s``: measured outcomes overrule the model.
 
 Traffic mixes come back (day and night): with ``recall_s`` the controller keeps
 what each ratio did with a mix for that long after the mix went away, and when
-the mix returns it moves, one switch per window, to the ratio that did best with
-it, without waiting for the balance rule to rediscover it from the slots one
+the mix returns it moves, ``max_step`` switches per window, to the ratio that
+did best with it, without waiting for the balance rule to rediscover it from the slots one
 prediction at a time (E3, prompt-heavy traffic back after an output-heavy
 phase: 1P3D -> 3P1D took 19-32 s, two windows of prediction each). Only ratios
 not yet measured since the mix returned are recalled; once the target has
@@ -141,6 +142,12 @@ class RatioPolicy:
     # also a switch predicted to raise the peak by less than -explore_gain (the
     # model's error). 0: off.
     explore_gain: float = 0.0
+    # Instances one decision may move. The balance rule goes to the count its model
+    # predicts best within this many switches, and a recalled ratio is reached in
+    # one decision: E3 with owned compute crossed 3P1D -> 1P3D in two decisions one
+    # window apart, 8-12 s of a 120 s phase at a ratio serving half as much.
+    # Explorations stay one switch. 1: one at a time.
+    max_step: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.tolerance < 1:
@@ -162,6 +169,8 @@ class RatioPolicy:
         if not -self.tolerance <= self.explore_gain <= self.tolerance:
             raise ValueError(f"explore_gain must be in [-tolerance, tolerance] = "
                              f"[{-self.tolerance}, {self.tolerance}], got {self.explore_gain}")
+        if self.max_step < 1:
+            raise ValueError(f"max_step must be >= 1, got {self.max_step}")
         if self.compute_busy is not None and not 0 < self.compute_busy <= 1:
             raise ValueError(f"compute_busy must be in (0, 1] or None, got {self.compute_busy}")
 
@@ -230,9 +239,17 @@ class ScenarioSignal:
 @dataclass(frozen=True)
 class RatioDecision:
     action: Action
-    n_prefill: int
-    n_decode: int
+    n_prefill: int  # the counts it leads to (``RatioPolicy.max_step``: may be several
+    n_decode: int  # switches away from the signal's)
     reason: str
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return self.n_prefill, self.n_decode
+
+    def steps(self, n_prefill: int) -> int:
+        """Instances it moves from a scenario with ``n_prefill`` prefills now."""
+        return abs(self.n_prefill - n_prefill)
 
 
 def utilisation(signal: ScenarioSignal, n_prefill: int, n_decode: int) -> tuple[float, float]:
@@ -355,13 +372,21 @@ class RatioController:
                                  f"no stage saturated: prefill {u_p:.2f}, decode {u_d:.2f}{of}")
         action: Action
         if u_p > u_d and n_d > self.policy.min_decode:
-            moved, action = self._utilisation(signal, n_p + 1, n_d - 1), "add_prefill"
+            action, room = "add_prefill", n_d - self.policy.min_decode
         elif u_d > u_p and n_p > self.policy.min_prefill:
-            moved, action = self._utilisation(signal, n_p - 1, n_d + 1), "add_decode"
+            action, room = "add_decode", n_p - self.policy.min_prefill
         else:
             return RatioDecision("none", n_p, n_d,
                                  f"balanced: prefill {u_p:.2f}, decode {u_d:.2f}{of}")
+        steps, moved = self._best_step(signal, action, min(room, self.policy.max_step))
         gain = (peak - max(moved)) / peak
+        if steps > 1 and gain > self.policy.tolerance:
+            return _switch(action, n_p, n_d,
+                           f"balance rule: prefill {u_p:.2f} vs decode {u_d:.2f} utilised{of}; "
+                           f"{steps} switches cut the peak by {gain:.0%}", steps)
+        if steps > 1:  # within the tolerance: one switch, explored or not at all
+            gain = (peak - max(self._utilisation(signal, *_switch(action, n_p, n_d, "")
+                                                 .counts))) / peak
         if gain <= self.policy.tolerance and (why := self._explorable(signal, action, gain)):
             return _switch(action, n_p, n_d,
                            f"explore: {why}; prefill {u_p:.2f} vs decode {u_d:.2f} utilised"
@@ -383,6 +408,20 @@ class RatioController:
             f"balance rule: prefill {u_p:.2f} vs decode {u_d:.2f} "
             f"utilised{of}; a switch cuts the peak by {gain:.0%}",
         )
+
+    def _best_step(self, signal: ScenarioSignal, action: Action,
+                   most: int) -> tuple[int, tuple[float, float]]:
+        """How many switches toward the stage ``action`` names (1 to ``most``) the
+        model predicts the lowest peak for (the fewest of equal ones), and the
+        (prefill, decode) utilisations it predicts there."""
+        best: tuple[int, tuple[float, float]] | None = None
+        for steps in range(1, most + 1):
+            to = _switch(action, signal.n_prefill, signal.n_decode, "", steps)
+            moved = self._utilisation(signal, to.n_prefill, to.n_decode)
+            if best is None or max(moved) < max(best[1]) * (1 - 1e-9):
+                best = (steps, moved)
+        assert best is not None  # most >= 1: the caller checked the minimum
+        return best
 
     def _explorable(self, signal: ScenarioSignal, action: Action, gain: float) -> str | None:
         """Why the switch within the tolerance is worth trying (None: it is not): the
@@ -519,11 +558,12 @@ class RatioController:
         if mean < now_score[0] * (1 + self.policy.tolerance):
             return None
         action: Action = "add_prefill" if target[0] > n_p else "add_decode"
+        steps = min(abs(target[0] - n_p), self.policy.max_step)
         return _switch(action, n_p, n_d,
                        f"recall: {target[0]}P{target[1]}D did {mean / now_score[0]:.2f}x better "
                        f"with this mix {age:.0f} s ago ({mean:.3g} requests/s per s of E2E over "
                        f"{windows} windows vs {now_score[0]:.3g} over {now_score[1]} at "
-                       f"{n_p}P{n_d}D now)")
+                       f"{n_p}P{n_d}D now)", steps)
 
     def _mean_score(self, ratio: tuple[int, int], now: float) -> tuple[float, int] | None:
         """Mean score of ``ratio``'s windows with this mix within ``remember_s``, and
@@ -608,7 +648,8 @@ def _fmt_mix(mix: tuple[float | None, float | None]) -> str:
     return "/".join("?" if v is None else f"{v:.0f}" for v in mix)
 
 
-def _switch(action: Action, n_p: int, n_d: int, reason: str) -> RatioDecision:
+def _switch(action: Action, n_p: int, n_d: int, reason: str, steps: int = 1) -> RatioDecision:
+    """``steps`` instances moved toward the stage ``action`` names."""
     if action == "add_prefill":
-        return RatioDecision(action, n_p + 1, n_d - 1, reason)
-    return RatioDecision(action, n_p - 1, n_d + 1, reason)
+        return RatioDecision(action, n_p + steps, n_d - steps, reason)
+    return RatioDecision(action, n_p - steps, n_d + steps, reason)

@@ -94,6 +94,8 @@ class E3Config:
     # controller: try a switch the model predicts to gain more than this but within
     # the tolerance, where its ratio is unmeasured (``RatioPolicy.explore_gain``); 0: off
     ratio_explore_gain: float = 0.0
+    # controller: instances one decision may move (``RatioPolicy.max_step``)
+    ratio_max_step: int = 1
     warmup_requests: int = 16
     # one dynamic run per way of switching roles ("live": in place) and start ratio
     role_switches: tuple[str, ...] = ("live", "reload")
@@ -125,6 +127,8 @@ class E3Config:
         if not set(self.role_switches) <= {"live", "reload"}:
             raise ValueError(f"role_switches must be 'live' or 'reload', "
                              f"got {self.role_switches}")
+        if self.ratio_max_step < 1:
+            raise ValueError(f"ratio_max_step must be >= 1, got {self.ratio_max_step}")
         if self.static_passes < 1:
             raise ValueError(f"static_passes must be >= 1, got {self.static_passes}")
         runs = len(self.role_switches) * len(self.starts)
@@ -279,7 +283,8 @@ def controller_args(cfg: E3Config) -> list[str]:
             "--ratio-share-delta", f"{cfg.ratio_share_delta:g}",
             *(["--ratio-recall-s", f"{cfg.ratio_recall_s:g}"] if cfg.ratio_recall_s else []),
             *(["--ratio-explore-gain", f"{cfg.ratio_explore_gain:g}"]
-              if cfg.ratio_explore_gain else [])]
+              if cfg.ratio_explore_gain else []),
+            *(["--ratio-max-step", str(cfg.ratio_max_step)] if cfg.ratio_max_step > 1 else [])]
 
 
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (.*)$")
@@ -751,6 +756,8 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
         + (f"a switch predicted to {_explore_range(cfg['ratio_explore_gain'])} is tried where "
            "its ratio was not measured with the mix, and undone if it measures worse "
            "(explore); " if cfg.get("ratio_explore_gain") else "")
+        + (f"one decision moves up to {cfg['ratio_max_step']} instances, drained and switched "
+           "side by side; " if cfg.get("ratio_max_step", 1) > 1 else "")
         + ("compute check: no switch that gives a stage whose cores are "
            f"{doc['compute_busy']:.0%} busy (heartbeat counters) no core with room; "
            if doc.get("compute_busy") else "slots only (no compute check); ")

@@ -48,9 +48,12 @@ CPU_QUOTA = 0.3  # cores per instance: 1.2 of the 2 cores
 # static), each dynamic run also judged against the passes right before and
 # after it: the machine's speed moved 10-40 % between a run's first and last
 # static pass (RESULTS.md, "How far do the static ratios repeat?").
+# One decision moves as many instances as the model (or the recall) asks for
+# (``RatioPolicy.max_step``): with one at a time, each shift between 1P3D and 3P1D
+# was two switches a window apart, 19-27 s of a phase at worse ratios.
 FULL = replace(e3.FULL, cpu_quota=CPU_QUOTA, phase_s=120.0, ratio_cooldown_s=4.0,
-               ratio_recall_s=600.0, ratio_explore_gain=-0.1, static_passes=3,
-               interleave=True)
+               ratio_recall_s=600.0, ratio_explore_gain=-0.1, ratio_max_step=3,
+               static_passes=3, interleave=True)
 QUICK = replace(e3.QUICK, cpu_quota=CPU_QUOTA)
 
 

@@ -67,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ratio has not been measured with the current mix, and undo it if "
                              "it measures worse; negative: also one predicted to raise it by "
                              "less than -value (the model's error); 0 (default): off")
+    parser.add_argument("--ratio-max-step", type=int, default=RatioPolicy.max_step,
+                        help="instances one ratio decision may move: the balance rule goes "
+                             "to the count its model predicts best within this many switches, "
+                             "and a recalled ratio is reached in one decision; the donors "
+                             "drain and switch side by side (default 1: one at a time)")
     parser.add_argument("--no-ratio-compute", action="store_true",
                         help="count slots only, as if every instance owned its compute")
     parser.add_argument("--role-switch", choices=("reload", "live"), default="reload",
@@ -98,7 +103,8 @@ def build(args: argparse.Namespace) -> Controller:
                          e2e_rise=args.ratio_e2e_rise, share_delta=args.ratio_share_delta,
                          compute_busy=None if args.no_ratio_compute else args.ratio_compute_busy,
                          remember_s=args.ratio_remember_s, recall_s=args.ratio_recall_s,
-                         explore_gain=args.ratio_explore_gain)
+                         explore_gain=args.ratio_explore_gain,
+                         max_step=args.ratio_max_step)
     ratio = RatioLoop(policy, args.drain_timeout_s)
 
     def scrape() -> list[str]:

@@ -273,9 +273,8 @@ class Controller:
         for name in failed:
             if name in drains:
                 continue  # its owner (an upgrade) is reloading it; not ours to touch
-            for scenario, switch in list(self.ratio.pending.items()):
-                if switch.name == name:
-                    self._abandon_switch(scenario, f"{name} failed while draining")
+            if name in self.ratio.pending:
+                self._abandon_switch(name, f"{name} failed while draining")
             error = next(h.last_error for (_, n), h in self.health.items()
                          if n == name and h.state == "failed")
             why = f"replace failed instance: {error[:200]}"
@@ -325,14 +324,14 @@ class Controller:
             if sig is None or n_p + n_d == 0:
                 self.metrics.decision(scenario, "none", "no signal in the window")
                 continue
-            decision, switch = self.ratio.decide(scenario, sig, cands)
+            decision, switches = self.ratio.decide(scenario, sig, cands)
             self.metrics.decision(scenario, decision.action, decision.reason)
             kind = reason_kind(decision.reason)
             if self._last_kind.get(scenario) != kind:  # a new kind of answer: say why
                 self._last_kind[scenario] = kind
                 log.info("ratio %s: %s %dP%dD (%s)", scenario, decision.action,
                          decision.n_prefill, decision.n_decode, decision.reason)
-            if switch is not None:
+            for switch in switches:
                 self._start_switch(switch, now)
 
     def _compute_view(self, cands: list[Candidate], busy: dict[str, float],
@@ -383,14 +382,15 @@ class Controller:
                                   lambda s: with_drain(s, switch.name, request))
 
     def _progress_switches(self, now: float) -> None:
-        for scenario, switch in list(self.ratio.pending.items()):
-            hs = self._healths(switch.name)
+        for name, switch in list(self.ratio.pending.items()):
+            scenario = switch.scenario
+            hs = self._healths(name)
             if switch.switched and switch.in_place:
                 # Serving in its new role already; routers learn it at their next
                 # heartbeat, so the drain is lifted a little later.
                 if now - switch.switched_at >= self.options.live_settle_s:
                     self._lift_drain(switch.name)
-                    self.ratio.finish(scenario, now)
+                    self.ratio.finish(name, now)
                     log.info("ratio: %s back in routing as %s", switch.name, switch.to_role)
                 continue
             if switch.switched:
@@ -398,10 +398,10 @@ class Controller:
                 # when it failed to (replacement is not the ratio loop's job).
                 if not hs or all(h.state == "healthy" for h in hs) \
                         or any(h.state in ("failed", "replacing") for h in hs):
-                    self.ratio.finish(scenario, now)
+                    self.ratio.finish(name, now)
                 continue
             if not hs or any(h.state not in ("draining",) for h in hs):
-                self._abandon_switch(scenario, f"{switch.name} left draining")
+                self._abandon_switch(name, f"{switch.name} left draining")
                 continue
             if not self.ratio.ready(switch, all(h.is_idle for h in hs), now):
                 continue
@@ -410,12 +410,12 @@ class Controller:
                        for c in self.candidates(scenario)):
                 # Decided with another routable one of its role, which failed or
                 # left routing during the drain: never below 1P/1D.
-                self._abandon_switch(scenario, f"it is the last routable {role} now")
+                self._abandon_switch(name, f"it is the last routable {role} now")
                 continue
             if self.options.role_switch == "live":
                 outcome = self._switch_in_place(switch)
                 if outcome == "switched":
-                    self.ratio.switched(scenario, now, in_place=True)
+                    self.ratio.switched(name, now, in_place=True)
                     continue
                 if outcome == "busy" and not self.ratio.timed_out(switch, now):
                     # Requests routed to it before the routers heard of the drain:
@@ -432,7 +432,7 @@ class Controller:
             for h in hs:
                 h.begin_loading(entry.generation, now)
             self._lift_drain(switch.name)
-            self.ratio.switched(scenario)
+            self.ratio.switched(name)
 
     def _switch_in_place(self, switch: PendingSwitch) -> Literal["switched", "busy", "failed"]:
         """``set_role`` on every server (a server that switched already answers at
@@ -483,12 +483,11 @@ class Controller:
         self.health[(server, name)].last_load = result.load
         return result.load.in_flight
 
-    def _abandon_switch(self, scenario: str, why: str) -> None:
-        switch = self.ratio.pending.get(scenario)
-        if switch is not None:
-            log.warning("ratio: switch of %s abandoned: %s", switch.name, why)
-            self._lift_drain(switch.name)
-            self.ratio.finish(scenario)
+    def _abandon_switch(self, name: str, why: str) -> None:
+        if name in self.ratio.pending:
+            log.warning("ratio: switch of %s abandoned: %s", name, why)
+            self._lift_drain(name)
+            self.ratio.finish(name)
 
     def _lift_drain(self, name: str) -> None:
         self.state = update_state(self.options.state_path,

@@ -1,4 +1,4 @@
-"""P/D ratio per scenario, applied one role switch at a time, drain first.
+"""P/D ratio per scenario, applied by role switches, drain first.
 
 Each scenario has its own ``RatioController`` (cool-down, hysteresis, online
 trigger). When it asks for one more prefill (decode), the loop picks a donor:
@@ -8,12 +8,16 @@ through the repository when idle or after ``drain_timeout_s``::
 
     decide --> pick donor --> draining ... idle or timeout --> switch_role --> loading --> healthy
 
-One switch per scenario is in progress at a time, from the decision until the
-instance is healthy in its new role (a reload takes 15-20 s on a busy CPU; a
-decision made meanwhile counts the reloading instance in neither role and
-switched a second instance the same way, E3), and the cool-down runs from
-then. A scenario never drops
-below ``min_prefill`` / ``min_decode`` routable instances: the donor must be
+A decision may move several instances (``RatioPolicy.max_step``): it picks as
+many donors, least busy first, and they drain and switch side by side, so
+crossing 3P1D -> 1P3D costs one drain, not two drains a window apart.
+
+One decision's switches per scenario are in progress at a time, from the
+decision until each instance is healthy in its new role (a reload takes 15-20 s
+on a busy CPU; a decision made meanwhile counts the reloading instance in
+neither role and switched a second instance the same way, E3), and the
+cool-down runs from the last of them. A scenario never drops below
+``min_prefill`` / ``min_decode`` routable instances: the donors must be
 routable and the counts are of routable instances. Where the window measured
 the instances' compute, a donor that brings the stage a compute unit it lacks
 goes first (``ComputeView.adds``).
@@ -64,7 +68,7 @@ class RatioLoop:
         self.policy = policy or RatioPolicy()
         self.drain_timeout_s = drain_timeout_s
         self._controllers: dict[str, RatioController] = {}
-        self.pending: dict[str, PendingSwitch] = {}
+        self.pending: dict[str, PendingSwitch] = {}  # by instance
 
     @staticmethod
     def counts(candidates: Sequence[Candidate]) -> tuple[int, int]:
@@ -75,20 +79,21 @@ class RatioLoop:
 
     def decide(
         self, scenario: str, signal: ScenarioSignal, candidates: Sequence[Candidate]
-    ) -> tuple[RatioDecision, PendingSwitch | None]:
-        """The controller's decision and, when it acts, the switch to start (donor chosen)."""
+    ) -> tuple[RatioDecision, tuple[PendingSwitch, ...]]:
+        """The controller's decision and, when it acts, the switches to start (donors
+        chosen; several where the decision moves several instances)."""
         n_p, n_d = signal.n_prefill, signal.n_decode
-        if scenario in self.pending:
-            p = self.pending[scenario]
-            return RatioDecision("none", n_p, n_d, f"switch of {p.name} in progress"), None
+        if busy := self.of_scenario(scenario):
+            return RatioDecision("none", n_p, n_d,
+                                 f"switch of {', '.join(p.name for p in busy)} in progress"), ()
         if n_p < self.policy.min_prefill or n_d < self.policy.min_decode:
             # Not a ratio question: failed instances are being replaced.
             return RatioDecision("none", n_p, n_d,
-                                 f"below the minimum routable 1P/1D ({n_p}P/{n_d}D)"), None
+                                 f"below the minimum routable 1P/1D ({n_p}P/{n_d}D)"), ()
         controller = self._controllers.setdefault(scenario, RatioController(self.policy))
         decision = controller.decide(signal)
         if decision.action == "none":
-            return decision, None
+            return decision, ()
         from_role, to_role = (("decode", "prefill") if decision.action == "add_prefill"
                               else ("prefill", "decode"))
         view, saturated = signal.compute, self.policy.compute_busy
@@ -100,21 +105,39 @@ class RatioLoop:
 
         donors = sorted((c for c in candidates if c.routable and c.role == from_role),
                         key=lambda c: (brings_nothing(c), c.in_flight, c.name))
-        remaining = (n_d if from_role == "decode" else n_p) - 1
         minimum = self.policy.min_decode if from_role == "decode" else self.policy.min_prefill
-        if not donors or remaining < minimum:
+        wanted = min(decision.steps(n_p), len(donors) - minimum)
+        if wanted < 1:
             return RatioDecision("none", n_p, n_d,
-                                 f"no {from_role} can go without breaking the minimum"), None
+                                 f"no {from_role} can go without breaking the minimum"), ()
         on = Counter((c.model, c.role) for c in candidates if c.routable)
-        donors = [c for c in donors if not strands(c, on)]
-        if not donors:
+        chosen: list[Candidate] = []
+        for c in donors:
+            if len(chosen) == wanted:
+                break
+            if not strands(c, on):
+                chosen.append(c)
+                on[(c.model, c.role)] -= 1  # the next donor is judged without it
+        if not chosen:
             return RatioDecision("none", n_p, n_d,
                                  f"no {from_role} can go without stranding the {to_role}s of "
                                  f"its weights (mixed weights: an upgrade in progress?); "
-                                 f"{decision.reason}"), None
-        switch = PendingSwitch(scenario, donors[0].name, to_role, signal.now, decision.reason)
-        self.pending[scenario] = switch
-        return decision, switch
+                                 f"{decision.reason}"), ()
+        if len(chosen) < decision.steps(n_p):
+            step = len(chosen) if decision.action == "add_prefill" else -len(chosen)
+            decision = replace(decision, n_prefill=n_p + step, n_decode=n_d - step,
+                               reason=f"{decision.reason} ({len(chosen)} of "
+                                      f"{decision.steps(n_p)} switches: no other {from_role} "
+                                      f"can go)")
+        switches = tuple(PendingSwitch(scenario, c.name, to_role, signal.now, decision.reason)
+                         for c in chosen)
+        for switch in switches:
+            self.pending[switch.name] = switch
+        return decision, switches
+
+    def of_scenario(self, scenario: str) -> list[PendingSwitch]:
+        """The scenario's switches in progress."""
+        return [p for p in self.pending.values() if p.scenario == scenario]
 
     def ready(self, switch: PendingSwitch, idle: bool, now: float) -> bool:
         """Switch once the donor is idle, or when draining took too long."""
@@ -124,17 +147,18 @@ class RatioLoop:
         """Draining has taken ``drain_timeout_s``: switch whatever is in flight."""
         return now - switch.started >= self.drain_timeout_s
 
-    def switched(self, scenario: str, now: float = 0.0, in_place: bool = False) -> None:
-        """The repository edit is made (the switch lasts until the instance serves),
-        or the instance switched in place (it serves already)."""
-        if scenario in self.pending:
-            self.pending[scenario] = replace(self.pending[scenario], switched=True,
-                                             in_place=in_place, switched_at=now)
+    def switched(self, name: str, now: float = 0.0, in_place: bool = False) -> None:
+        """The repository edit for ``name`` is made (its switch lasts until it
+        serves), or it switched in place (it serves already)."""
+        if name in self.pending:
+            self.pending[name] = replace(self.pending[name], switched=True,
+                                         in_place=in_place, switched_at=now)
 
-    def finish(self, scenario: str, now: float | None = None) -> None:
-        """The switch is over (``now``: it completed, the cool-down starts now)."""
-        self.pending.pop(scenario, None)
-        controller = self._controllers.get(scenario)
+    def finish(self, name: str, now: float | None = None) -> None:
+        """The switch of ``name`` is over (``now``: it completed, the cool-down
+        starts now; with several switched by one decision, from the last)."""
+        switch = self.pending.pop(name, None)
+        controller = self._controllers.get(switch.scenario) if switch is not None else None
         if now is not None and controller is not None:
             controller.changed(now)
 

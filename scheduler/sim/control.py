@@ -171,12 +171,12 @@ class Control:
                                  c.profile.decode.max_batch_size, occupancy, compute)
         if signal is None:
             return
-        decision, switch = self.ratio_loop.decide(scenario, signal, candidates)
+        decision, switches = self.ratio_loop.decide(scenario, signal, candidates)
         c.cost.add("ratio", time.perf_counter() - t0)
         self.decisions.append({"t": round(float(c.loop.now), 3), "scenario": scenario,
                                "action": decision.action, "n_prefill": decision.n_prefill,
                                "n_decode": decision.n_decode, "reason": decision.reason})
-        if switch is not None:
+        for switch in switches:
             donor = c.by_name[switch.name]
             donor.health.begin_draining(c.loop.now)
             c.touch(donor)
@@ -238,7 +238,7 @@ class Control:
         c = self.c
         donor = c.by_name[switch.name]
         if donor.health.state != "draining":  # failed meanwhile: recovery owns it now
-            self.ratio_loop.finish(switch.scenario)
+            self.ratio_loop.finish(switch.name)
             return
         if not self.ratio_loop.ready(switch, donor.is_idle, c.loop.now):
             c.loop.after(1.0, self._switch_check, switch)
@@ -256,5 +256,5 @@ class Control:
         donor = c.by_name[switch.name]
         donor.generation += 1
         donor.health.observe(ProbeResult(ok=True, generation=donor.generation), c.loop.now)
-        self.ratio_loop.finish(switch.scenario)
+        self.ratio_loop.finish(switch.name)
         c.touch(donor)

@@ -8,6 +8,7 @@ command lines).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -21,6 +22,7 @@ import pytest
 
 from pdserve.bench.metrics import Slo
 from pdserve.bench.records import RequestRecord
+from pdserve.scheduler.controller import cli as controller_cli
 from pdserve.server.launcher import ServerOptions
 from pdserve.server.repo import instances_from_spec
 from perf.experiments import common, e3_owned
@@ -165,6 +167,20 @@ def test_e3_owned_gives_every_instance_its_quota_and_keeps_the_pinning() -> None
         assert [c.cpu_cores for c in owned] == [c.cpu_cores for c in plain]
         assert 4 * e3_owned.CPU_QUOTA < 2  # room left on the 2 cores for router and client
     assert e3_owned.FULL.phases == e3.FULL.phases and e3_owned.FULL.slots == e3.FULL.slots
+
+
+def test_e3_owned_lets_one_decision_move_both_instances_of_a_shift() -> None:
+    """The controller E3-owned starts is asked for multi-instance decisions; the
+    shared-core E3 keeps one switch a decision, and a bad value is refused."""
+    args = e3.controller_args(e3_owned.FULL)
+    assert args[args.index("--ratio-max-step") + 1] == "3"
+    assert "--ratio-max-step" not in e3.controller_args(e3.FULL)
+    parser = argparse.ArgumentParser()
+    controller_cli.add_arguments(parser)
+    parsed = parser.parse_args(["--repository", "r", *args])
+    assert parsed.ratio_max_step == 3
+    with pytest.raises(ValueError, match="ratio_max_step"):
+        replace(e3_owned.FULL, ratio_max_step=0)
 
 
 def test_e3_blockers_are_reasons_not_crashes() -> None:

@@ -49,7 +49,7 @@ class Traffic:
 
 def make(tmp_path: Path, prefill: int = 2, decode: int = 2, traffic: Traffic | None = None,
          drain_timeout_s: float = 30.0, role_switch: Literal["reload", "live"] = "reload",
-         ) -> tuple[Controller, FakeTriton]:
+         max_step: int = 1) -> tuple[Controller, FakeTriton]:
     repo = make_repo(tmp_path, prefill, decode)
     triton = FakeTriton(repo)
     options = ControllerOptions(servers=("s0",), state_path=tmp_path / "state.json",
@@ -57,7 +57,8 @@ def make(tmp_path: Path, prefill: int = 2, decode: int = 2, traffic: Traffic | N
                                                     load_timeout_s=60.0),
                                 ratio_interval_s=10.0, probe_workers=2,
                                 role_switch=role_switch, live_settle_s=1.0)
-    ratio = RatioLoop(RatioPolicy(cooldown_s=0.0), drain_timeout_s=drain_timeout_s)
+    ratio = RatioLoop(RatioPolicy(cooldown_s=0.0, max_step=max_step),
+                      drain_timeout_s=drain_timeout_s)
     scrape = (lambda: [traffic.text()]) if traffic is not None else None
     return Controller(repo, triton, options, ratio=ratio, scrape=scrape), triton
 
@@ -169,6 +170,52 @@ def test_ratio_moves_toward_decode_and_switches_after_drain_timeout(tmp_path: Pa
         assert c.repo.entry("prefill_0").role == "prefill"  # busy, within the timeout
         c.tick(16.0)  # drain timeout passed: switched anyway
         assert c.repo.entry("prefill_0").role == "decode"
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("role_switch", ["live", "reload"])
+def test_a_multi_step_decision_drains_and_switches_its_donors_side_by_side(
+        tmp_path: Path, role_switch: Literal["reload", "live"]) -> None:
+    """3P1D, output-heavy, one decision may move 3: the slot model puts 1P3D
+    best, so two prefills drain in the same tick and switch as each goes idle;
+    nothing else is decided until both serve, and the ratio ends at 1P3D."""
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=3, decode=1, traffic=traffic, role_switch=role_switch,
+                     max_step=3)
+    try:
+        c.tick(0.0)
+        triton.in_flight.update(prefill_0=2, prefill_1=1, prefill_2=1, decode_0=32)
+        traffic.add(50, ttft_s=0.05, tpot_s=0.05, out_tokens=200)
+        c.tick(10.0)
+        assert {n: s for n, s in states(c).items() if s != "healthy"} == {
+            "prefill_1": "draining", "prefill_2": "draining"}
+        assert set(read_state(tmp_path / "state.json").draining) == {"prefill_1", "prefill_2"}
+        assert c.metrics.registry.get_sample_value(
+            "pdserve_controller_ratio_decisions_total",
+            {"scenario": "default", "action": "add_decode", "reason": "balance_rule"}) == 1
+        triton.in_flight["prefill_1"] = 0  # one idle: it switches, the other drains on
+        c.tick(12.0)
+        if role_switch == "live":
+            assert triton.acting == {"prefill_1": "decode"}
+        else:
+            assert [(e.kind, e.model) for e in c.repo.edits] == [("switch_role", "prefill_1")]
+        assert states(c)["prefill_2"] == "draining"
+        triton.in_flight["prefill_2"] = 0
+        traffic.add(50, ttft_s=0.05, tpot_s=0.05, out_tokens=200)
+        c.tick(14.0)
+        if role_switch == "live":
+            assert triton.acting == {"prefill_1": "decode", "prefill_2": "decode"}
+            assert c.repo.edits == []
+        else:
+            assert [(e.kind, e.model) for e in c.repo.edits] == [
+                ("switch_role", "prefill_1"), ("switch_role", "prefill_2")]
+            triton.poll()
+        for t in (16.0, 18.0):
+            c.tick(t)
+        assert c.ratio.pending == {}
+        assert set(states(c).values()) == {"healthy"}
+        assert c.state.ratios["default"] == {"prefill": 1, "decode": 3}
     finally:
         c.close()
 
@@ -568,7 +615,7 @@ def test_a_switch_whose_role_lost_its_other_instance_during_the_drain_is_abandon
         triton.in_flight.update(prefill_0=1, prefill_1=2, decode_0=32, decode_1=32)
         traffic.add(50, ttft_s=0.05, tpot_s=0.05, out_tokens=200)
         c.tick(10.0)
-        assert {k: v.name for k, v in c.ratio.pending.items()} == {"default": "prefill_0"}
+        assert {k: v.scenario for k, v in c.ratio.pending.items()} == {"prefill_0": "default"}
         triton.kill("prefill_1")
         c.tick(12.0)
         c.tick(14.0)

@@ -232,9 +232,9 @@ def test_a_saturated_stage_gets_a_donor_that_brings_a_core() -> None:
     loop = RatioLoop(RatioPolicy())
     cands = [Candidate("prefill_0", "prefill", True, 3), Candidate("prefill_1", "prefill", True, 0),
              Candidate("prefill_2", "prefill", True, 0), Candidate("decode_0", "decode", True, 4)]
-    decision, switch = loop.decide("default", sig, cands)
-    assert decision.action == "add_decode" and switch is not None
-    assert switch.name == "prefill_0"  # busier than prefill_1, but it brings core 0
+    decision, switches = loop.decide("default", sig, cands)
+    # prefill_0 is busier than prefill_1, but it brings core 0
+    assert decision.action == "add_decode" and [s.name for s in switches] == ["prefill_0"]
     # The core it would bring is saturated by something else: no compute to add.
     busy_elsewhere = ComputeView(roles=roles, units=units, busy={"h/cpu0": 0.95, "h/cpu1": 0.99})
     vetoed = RatioController().decide(signal(100.0, 3, 1, rate=3.0, compute=busy_elsewhere))
@@ -598,8 +598,8 @@ def test_mid_upgrade_no_donor_strands_the_other_role_on_its_weights() -> None:
             Candidate("prefill_1", "prefill", True, 0, "old"),
             Candidate("decode_0", "decode", True, 0, "new"),
             Candidate("decode_1", "decode", True, 0, "old")]
-    decision, switch = RatioLoop(RatioPolicy()).decide("default", sig, half)
-    assert switch is None and decision.action == "none"
+    decision, switches = RatioLoop(RatioPolicy()).decide("default", sig, half)
+    assert switches == () and decision.action == "none"
     assert decision.reason.startswith("no decode can go without stranding the prefills of its "
                                       "weights (mixed weights: an upgrade in progress?); "
                                       "balance rule:"), decision.reason
@@ -607,9 +607,120 @@ def test_mid_upgrade_no_donor_strands_the_other_role_on_its_weights() -> None:
              Candidate("decode_1", "decode", True, 5, "old"),
              Candidate("decode_2", "decode", True, 1, "old")]
     sig3 = replace(sig, n_decode=3)
-    _, switch = RatioLoop(RatioPolicy()).decide("default", sig3, three)
-    assert switch is not None and switch.name == "decode_2"  # old keeps decode_1
+    _, switches = RatioLoop(RatioPolicy()).decide("default", sig3, three)
+    assert [s.name for s in switches] == ["decode_2"]  # old keeps decode_1
     # One model (the usual case): the least busy donor, as before.
     same = [replace(c, model="") for c in half]
-    _, switch = RatioLoop(RatioPolicy()).decide("default", sig, same)
-    assert switch is not None and switch.name == "decode_0"
+    _, switches = RatioLoop(RatioPolicy()).decide("default", sig, same)
+    assert [s.name for s in switches] == ["decode_0"]
+
+
+def _owned(n_p: int, n_d: int, busy_p: float, busy_d: float) -> ScenarioSignal:
+    """4 instances on quotas of their own, every prefill ``busy_p`` and every decode
+    ``busy_d`` busy (E3 with owned compute, 2026-12-07: output-heavy at 3P1D read
+    prefill 0.04 vs decode 0.99, prompt-heavy at 1P3D 0.99 vs 0.19)."""
+    names = [f"prefill_{i}" for i in range(n_p)] + [f"decode_{i}" for i in range(n_d)]
+    return ScenarioSignal(
+        now=100.0, n_prefill=n_p, n_decode=n_d, arrival_rate=10.0,
+        prefill=RoleCapacity(4, 1.0), decode=RoleCapacity(4, 1.0),
+        compute=ComputeView(roles={n: n.split("_")[0] for n in names},
+                            units={n: frozenset({f"h/quota-{n}"}) for n in names},
+                            busy={f"h/quota-{n}": busy_p if n.startswith("prefill") else busy_d
+                                  for n in names}))
+
+
+def test_max_step_goes_to_the_predicted_best_count_in_one_decision() -> None:
+    night = _owned(3, 1, 0.04, 0.99)
+    one = RatioController(RatioPolicy(min_peak=0.7)).decide(night)
+    assert (one.action, one.counts, one.steps(3)) == ("add_decode", (2, 2), 1), one.reason
+    two = RatioController(RatioPolicy(min_peak=0.7, max_step=3)).decide(night)
+    # 2P2D: decode 0.50; 1P3D: decode 0.33, prefill 0.12: two switches, 67 % off the peak
+    assert (two.action, two.counts, two.steps(3)) == ("add_decode", (1, 3), 2), two.reason
+    assert two.reason == ("balance rule: prefill 0.04 vs decode 0.99 utilised (owned "
+                          "compute); 2 switches cut the peak by 67%")
+    # Where one switch is predicted best (1P3D prompt-heavy: 3P1D would put the
+    # decode at 0.57, above 2P2D's 0.50), one switch it is.
+    day = RatioController(RatioPolicy(min_peak=0.7, max_step=3)).decide(_owned(1, 3, 0.99, 0.19))
+    assert (day.action, day.counts) == ("add_prefill", (2, 2)), day.reason
+    assert "a switch cuts the peak by 50%" in day.reason
+    with pytest.raises(ValueError, match="max_step"):
+        RatioPolicy(max_step=0)
+
+
+def test_max_step_never_takes_a_stage_below_its_minimum_or_beyond_the_tolerance() -> None:
+    policy = RatioPolicy(min_peak=0.7, max_step=3, min_prefill=2)
+    bounded = RatioController(policy).decide(_owned(3, 1, 0.04, 0.99))
+    assert bounded.counts == (2, 2), bounded.reason  # 1P3D would leave one prefill
+    # Two switches would gain more than one (67 % vs 50 %) but neither beats the
+    # tolerance: none, and the reason gives one switch's gain, as without max_step.
+    loose = RatioPolicy(min_peak=0.7, max_step=3, tolerance=0.7)
+    held = RatioController(loose).decide(_owned(3, 1, 0.04, 0.99))
+    assert held.action == "none" and "within tolerance" in held.reason, held.reason
+    assert held.reason.endswith("a switch gains 50%"), held.reason
+
+
+def test_max_step_reaches_a_recalled_ratio_in_one_decision() -> None:
+    policy = RatioPolicy(cooldown_s=0.0, min_peak=5.0, e2e_rise=100.0, recall_s=600.0,
+                         max_step=3)
+    controller = RatioController(policy)
+    _day_then_night(controller)
+    controller.decide(_window(24.0, 1, 3, 2.0, 1.0, PROMPTS))  # mix changing
+    back = controller.decide(_window(28.0, 1, 3, 2.0, 1.0, PROMPTS))
+    assert (back.action, back.counts, back.steps(1)) == ("add_prefill", (3, 1), 2), back.reason
+    assert back.reason.startswith("recall: 3P1D did 6.00x better"), back.reason
+
+
+def _candidates(n_p: int, n_d: int, **in_flight: int) -> list[Candidate]:
+    return ([Candidate(f"prefill_{i}", "prefill", True, in_flight.get(f"prefill_{i}", 0))
+             for i in range(n_p)]
+            + [Candidate(f"decode_{i}", "decode", True, in_flight.get(f"decode_{i}", 0))
+               for i in range(n_d)])
+
+
+def test_the_loop_drains_every_donor_of_a_multi_step_decision_side_by_side() -> None:
+    loop = RatioLoop(RatioPolicy(min_peak=0.7, max_step=3, cooldown_s=8.0))
+    night = _owned(3, 1, 0.04, 0.99)
+    decision, switches = loop.decide("default", night, _candidates(3, 1, prefill_0=2))
+    assert decision.counts == (1, 3)
+    # least busy first: prefill_0 has 2 in flight and stays a prefill
+    assert [(s.name, s.to_role) for s in switches] == [("prefill_1", "decode"),
+                                                       ("prefill_2", "decode")]
+    assert set(loop.pending) == {"prefill_1", "prefill_2"}
+    # Nothing more is decided while either switch is in progress.
+    later = replace(night, now=104.0)
+    held, none = loop.decide("default", later, _candidates(3, 1))
+    assert none == () and held.reason == "switch of prefill_1, prefill_2 in progress"
+    loop.switched("prefill_1", 105.0, in_place=True)
+    assert loop.pending["prefill_1"].switched and not loop.pending["prefill_2"].switched
+    loop.finish("prefill_1", 106.0)
+    held, none = loop.decide("default", replace(night, now=108.0), _candidates(3, 1))
+    assert none == () and held.reason == "switch of prefill_2 in progress"
+    loop.finish("prefill_2", 110.0)
+    # The cool-down runs from the last of them.
+    cooling, none = loop.decide("default", replace(_owned(1, 3, 0.99, 0.1), now=116.0),
+                                _candidates(1, 3))
+    assert none == () and cooling.reason == "cooling down after the last change"
+    go, switches = loop.decide("default", replace(_owned(1, 3, 0.99, 0.1), now=118.5),
+                               _candidates(1, 3))
+    assert (go.action, go.counts) == ("add_prefill", (3, 1))
+    assert [(s.name, s.to_role) for s in switches] == [("decode_0", "prefill"),
+                                                       ("decode_1", "prefill")]
+
+
+def test_a_multi_step_decision_moves_only_the_donors_that_can_go() -> None:
+    """Mixed weights (a rolling upgrade), 3P2D: one prefill and one decode on the
+    new weights, the rest on the old. The model asks for two decodes (1P4D); the
+    new prefill is the last of its weights beside a new decode and stays, and
+    once one old prefill goes the other is the last old one: one switch, and the
+    decision says so."""
+    cands = [Candidate("prefill_0", "prefill", True, 0, "new"),
+             Candidate("prefill_1", "prefill", True, 0, "old"),
+             Candidate("prefill_2", "prefill", True, 1, "old"),
+             Candidate("decode_0", "decode", True, 0, "new"),
+             Candidate("decode_1", "decode", True, 0, "old")]
+    loop = RatioLoop(RatioPolicy(min_peak=0.7, max_step=3))
+    decision, switches = loop.decide("default", _owned(3, 2, 0.04, 0.99), cands)
+    assert [s.name for s in switches] == ["prefill_1"]
+    assert decision.counts == (2, 3)
+    assert decision.reason.endswith("(1 of 2 switches: no other prefill can go)"), \
+        decision.reason

@@ -93,6 +93,21 @@ def test_dynamic_ratio_switches_roles_through_the_ratio_loop() -> None:
     assert_clean(c)
 
 
+def test_the_simulated_ratio_loop_moves_several_instances_in_one_decision() -> None:
+    """The same workload with ``max_step``: the first decision moves more than one
+    decode to prefill, every donor drains and switches (the sim runs the real
+    RatioLoop), and the run ends clean."""
+    cfg = config(rate=12, n_p=1, n_d=5, duration_s=400, ratio="dynamic",
+                 ratio_interval_s=20, ratio_policy=RatioPolicy(cooldown_s=20, max_step=4))
+    c = run(cfg)
+    first = next(d for d in c.control.decisions if d["action"] != "none")
+    assert first["action"] == "add_prefill" and first["n_prefill"] > 2, first
+    assert "switches cut the peak" in first["reason"]
+    assert sum(1 for i in c.instances if i.role == "prefill") >= first["n_prefill"]
+    assert c.control.ratio_loop.pending == {}
+    assert_clean(c)
+
+
 def test_aggregated_instances_serve_with_chunked_prefill() -> None:
     cfg = SimConfig(scenarios=(ScenarioSpec("a", n_aggregated=4, load=load(20)),),
                     duration_s=60)
