@@ -426,8 +426,11 @@ class RatioController:
     def _explorable(self, signal: ScenarioSignal, action: Action, gain: float) -> str | None:
         """Why the switch within the tolerance is worth trying (None: it is not): the
         model predicts more than ``explore_gain`` (negative: a loss smaller than
-        it), the ratio it leads to has no windows with this mix, and the current
-        ratio has two."""
+        it), the ratio it leads to has no windows with this mix, neither now nor
+        from when the mix was last seen (``recall_s``: E3 with owned compute tried
+        2P2D again when the prompt-heavy traffic came back, 12 s at a ratio the
+        first prompt-heavy phase had measured worse), and the current ratio has
+        two."""
         if not self.policy.explore_gain or not self.policy.remember_s \
                 or gain <= self.policy.explore_gain or self._explored is not None:
             return None
@@ -436,6 +439,9 @@ class RatioController:
         here = self._mean_score((n_p, n_d), signal.now)
         if here is None or here[1] < 2 \
                 or self._mean_score((target.n_prefill, target.n_decode), signal.now):
+            return None
+        if self.policy.recall_s and (target.n_prefill, target.n_decode) in self._recalled(
+                (signal.prompt_tokens, signal.output_tokens), signal.now):
             return None
         return (f"{target.n_prefill}P{target.n_decode}D not measured with this mix, "
                 f"{n_p}P{n_d}D over {here[1]} windows")

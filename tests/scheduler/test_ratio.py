@@ -8,6 +8,7 @@ from pdserve.scheduler.controller.ratio_loop import Candidate, RatioLoop
 from pdserve.scheduler.ratio import (
     ComputeView,
     RatioController,
+    RatioDecision,
     RatioPolicy,
     RoleCapacity,
     ScenarioSignal,
@@ -538,6 +539,31 @@ def test_a_tried_ratio_that_did_worse_is_left_and_not_tried_again() -> None:
     while controller.decide(_skewed(t, 2, 2, 1.0)).action == "none":
         t += 4.0
     assert t == 140.0  # the first window after 3P1D's last one (16 s) is 120 s old
+
+
+def test_a_ratio_measured_when_the_mix_was_last_seen_is_not_explored_again() -> None:
+    """3P1D was tried with this mix and did worse; the traffic changes and comes
+    back. Without recall the controller forgot and tries 3P1D again; with it, the
+    earlier windows say what 3P1D does, so it is not tried (and not recalled:
+    it did worse than 2P2D does now)."""
+    def day_night_day(controller: RatioController) -> list[RatioDecision]:
+        controller.decide(_skewed(0.0, 2, 2, 1.0))
+        assert controller.decide(_skewed(4.0, 2, 2, 1.0)).action == "add_prefill"
+        controller.decide(_skewed(8.0, 3, 1, 1.2))  # cooling down
+        controller.decide(_skewed(12.0, 3, 1, 1.2))
+        assert controller.decide(_skewed(16.0, 3, 1, 1.1)).action == "add_decode"  # back
+        controller.decide(_skewed(20.0, 2, 2, 1.0))  # cooling down
+        night = replace(_skewed(28.0, 2, 2, 1.0), output_tokens=160.0)
+        assert "mix changing" in controller.decide(night).reason
+        assert "mix changing" in controller.decide(_skewed(32.0, 2, 2, 1.0)).reason
+        return [controller.decide(_skewed(t, 2, 2, 1.0)) for t in (36.0, 40.0, 44.0)]
+
+    forgetful = day_night_day(RatioController(EXPLORE))
+    assert forgetful[1].reason.startswith("explore: 3P1D not measured with this mix"), \
+        forgetful[1].reason
+    recalled = day_night_day(RatioController(replace(EXPLORE, recall_s=600.0)))
+    assert [d.action for d in recalled] == ["none"] * 3, [d.reason for d in recalled]
+    assert all("within tolerance" in d.reason for d in recalled)
 
 
 def test_no_exploration_when_off_below_explore_gain_or_not_settled() -> None:
