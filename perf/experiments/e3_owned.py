@@ -54,7 +54,7 @@ CPU_QUOTA = 0.3  # cores per instance: 1.2 of the 2 cores
 FULL = replace(e3.FULL, cpu_quota=CPU_QUOTA, phase_s=120.0, ratio_cooldown_s=4.0,
                ratio_recall_s=600.0, ratio_explore_gain=-0.1, ratio_max_step=3,
                static_passes=3, interleave=True)
-QUICK = replace(e3.QUICK, cpu_quota=CPU_QUOTA)
+QUICK = replace(e3.QUICK, cpu_quota=CPU_QUOTA, ratio_max_step=FULL.ratio_max_step)
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
