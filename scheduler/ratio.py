@@ -60,8 +60,8 @@ within ``remember_s``: measured outcomes overrule the model.
 Traffic mixes come back (day and night): with ``recall_s`` the controller keeps
 what each ratio did with a mix for that long after the mix went away, and when
 the mix returns it moves, ``max_step`` switches per window, to the ratio that
-did best with it, without waiting for the balance rule to rediscover it from the slots one
-prediction at a time (E3, prompt-heavy traffic back after an output-heavy
+did best with it, without waiting for the balance rule to rediscover it from
+the slots one prediction at a time (E3, prompt-heavy traffic back after an output-heavy
 phase: 1P3D -> 3P1D took 19-32 s, two windows of prediction each). Only ratios
 not yet measured since the mix returned are recalled; once the target has
 windows of its own, the usual rules (and the memory above) take over. Scores
@@ -378,15 +378,15 @@ class RatioController:
         else:
             return RatioDecision("none", n_p, n_d,
                                  f"balanced: prefill {u_p:.2f}, decode {u_d:.2f}{of}")
-        steps, moved = self._best_step(signal, action, min(room, self.policy.max_step))
-        gain = (peak - max(moved)) / peak
-        if steps > 1 and gain > self.policy.tolerance:
+        # The predicted cut of the peak after 1, 2, ... switches toward the busier stage.
+        gains = [(peak - max(self._utilisation(signal, *_switch(action, n_p, n_d, "", k).counts)))
+                 / peak for k in range(1, min(room, self.policy.max_step) + 1)]
+        steps = 1 + max(range(len(gains)), key=lambda i: (gains[i], -i))  # fewest of equal ones
+        if steps > 1 and gains[steps - 1] > self.policy.tolerance:
             return _switch(action, n_p, n_d,
                            f"balance rule: prefill {u_p:.2f} vs decode {u_d:.2f} utilised{of}; "
-                           f"{steps} switches cut the peak by {gain:.0%}", steps)
-        if steps > 1:  # within the tolerance: one switch, explored or not at all
-            gain = (peak - max(self._utilisation(signal, *_switch(action, n_p, n_d, "")
-                                                 .counts))) / peak
+                           f"{steps} switches cut the peak by {gains[steps - 1]:.0%}", steps)
+        gain = gains[0]  # otherwise one switch, explored, made or not
         if gain <= self.policy.tolerance and (why := self._explorable(signal, action, gain)):
             return _switch(action, n_p, n_d,
                            f"explore: {why}; prefill {u_p:.2f} vs decode {u_d:.2f} utilised"
@@ -408,20 +408,6 @@ class RatioController:
             f"balance rule: prefill {u_p:.2f} vs decode {u_d:.2f} "
             f"utilised{of}; a switch cuts the peak by {gain:.0%}",
         )
-
-    def _best_step(self, signal: ScenarioSignal, action: Action,
-                   most: int) -> tuple[int, tuple[float, float]]:
-        """How many switches toward the stage ``action`` names (1 to ``most``) the
-        model predicts the lowest peak for (the fewest of equal ones), and the
-        (prefill, decode) utilisations it predicts there."""
-        best: tuple[int, tuple[float, float]] | None = None
-        for steps in range(1, most + 1):
-            to = _switch(action, signal.n_prefill, signal.n_decode, "", steps)
-            moved = self._utilisation(signal, to.n_prefill, to.n_decode)
-            if best is None or max(moved) < max(best[1]) * (1 - 1e-9):
-                best = (steps, moved)
-        assert best is not None  # most >= 1: the caller checked the minimum
-        return best
 
     def _explorable(self, signal: ScenarioSignal, action: Action, gain: float) -> str | None:
         """Why the switch within the tolerance is worth trying (None: it is not): the
