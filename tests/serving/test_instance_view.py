@@ -96,14 +96,56 @@ def test_loads_count_this_routers_calls_since_the_last_report(tmp_path: Path) ->
     for name in ("decode_0", "decode_1"):
         view.record_load(name, InstanceLoad(name, "decode", "default", 4,
                                             kv_free_bytes=1000, kv_total_bytes=1000))
-    view.started("decode_0", kv_bytes=600)
+    decode_call = view.started("decode_0", kv_bytes=600)
     assert rank_decodes(view.loads("default", "decode"), 100) == ["decode_1", "decode_0"]
     assert rank_decodes(view.loads("default", "decode"), 500) == ["decode_1"]
-    view.started("prefill_0")
+    prefill_call = view.started("prefill_0")
     assert rank_prefills(view.loads("default", "prefill")) == ["prefill_1", "prefill_0"]
-    view.finished("prefill_0")
-    view.finished("decode_0")
+    view.finished(prefill_call)
+    view.finished(decode_call)
     assert view.local_in_flight("prefill_0") == 0 == view.local_in_flight("decode_0")
+    # its KV is back before any report says so
+    assert rank_decodes(view.loads("default", "decode"), 500) == ["decode_0", "decode_1"]
+
+
+def _kv_free(view: InstanceView, name: str) -> int:
+    return next(load.kv_free_bytes for load in view.loads("default", "decode")
+                if load.name == name)
+
+
+def test_kv_of_a_call_that_ended_is_free_again_before_the_next_report(tmp_path: Path) -> None:
+    view, _ = _view(tmp_path)
+
+    def report(name: str, free: int) -> None:
+        view.record_load(name, InstanceLoad(name, "decode", "default", 4,
+                                            kv_free_bytes=free, kv_total_bytes=1000))
+
+    report("decode_0", 1000)
+    report("decode_1", 1000)
+    # A call that starts and ends between two reports: its reservation is undone.
+    short = view.started("decode_0", kv_bytes=300)
+    assert _kv_free(view, "decode_0") == 700
+    view.finished(short)
+    assert _kv_free(view, "decode_0") == 1000
+    # A call the next report counted (free 600 there): its end gives the 400 back on
+    # top of the report, so the instance it left is the emptier one at once.
+    long = view.started("decode_0", kv_bytes=400)
+    view.started("decode_1", kv_bytes=200)
+    report("decode_0", 600)
+    report("decode_1", 800)
+    assert rank_decodes(view.loads("default", "decode"), 100) == ["decode_1", "decode_0"]
+    view.finished(long)
+    assert _kv_free(view, "decode_0") == 1000
+    assert rank_decodes(view.loads("default", "decode"), 100) == ["decode_0", "decode_1"]
+    # The next report is the truth again; the view never claims more than the total.
+    report("decode_0", 900)  # another router's request arrived meanwhile
+    assert _kv_free(view, "decode_0") == 900
+    view.finished(view.started("decode_0", kv_bytes=0))
+    assert _kv_free(view, "decode_0") == 900
+    stale = view.started("decode_0", kv_bytes=500)
+    report("decode_0", 900)  # a report that came before the instance reserved it
+    view.finished(stale)
+    assert _kv_free(view, "decode_0") == 1000
 
 
 def test_an_instance_is_full_here_only_when_this_routers_calls_hold_every_slot(
@@ -120,9 +162,9 @@ def test_an_instance_is_full_here_only_when_this_routers_calls_hold_every_slot(
                                                in_flight=6))
     assert not view.is_full_here("prefill_0")
     view.started("prefill_0")
-    view.started("prefill_0")
+    call = view.started("prefill_0")
     assert view.is_full_here("prefill_0")
-    view.finished("prefill_0")
+    view.finished(call)
     assert not view.is_full_here("prefill_0")
     assert not view.is_full_here("prefill_1") and not view.is_full_here("unknown")
 

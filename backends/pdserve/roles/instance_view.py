@@ -22,7 +22,12 @@ Loads are the last report corrected by what this router did since: ``in_flight``
 is the report's count minus this router's calls at that time (other routers'
 work) plus this router's calls now, and KV it reserved since the report lowers
 ``kv_free_bytes``, so a burst between two heartbeats spreads out and a slot
-freed here is seen at once.
+freed here is seen at once. So is KV freed here: a call that ends gives its
+KV back to the view (``started`` returns the handle ``finished`` takes), from
+the reservations since the report if the report never saw it, else on top of
+the report. Without that, an instance whose request just ended keeps looking
+full of KV until its next heartbeat, and decode (or aggregated) choice, which
+ranks by free KV first, sends the next request to a busier instance.
 """
 
 from __future__ import annotations
@@ -56,9 +61,20 @@ class _Seen:
     local: int = 0  # this router's calls in flight there
     local_at_report: int = 0  # ``local`` when ``report`` came: the rest is other routers'
     reserved_bytes: int = 0  # KV this router reserved there since ``report``
+    released_bytes: int = 0  # KV of this router's calls that ended since ``report``, which it saw
+    reports: int = 0  # heartbeat answers so far (which report a call started under)
     # +1 at every failure seen and every change of stub incarnation: a call sent
     # at epoch E whose instance is now past E went to a stub that is gone.
     epoch: int = 0
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call this router has in flight at ``name`` (``InstanceView.started``)."""
+
+    name: str
+    kv_bytes: int
+    report: int  # ``_Seen.reports`` when it started
 
 
 @dataclass(frozen=True)
@@ -153,7 +169,9 @@ class InstanceView:
         if (seen.report is not None and seen.report.incarnation
                 and load.incarnation != seen.report.incarnation):
             seen.epoch += 1  # a new stub answers: the old one died since the last beat
-        seen.report, seen.failed, seen.reserved_bytes = load, None, 0
+        seen.report, seen.failed = load, None
+        seen.reserved_bytes = seen.released_bytes = 0
+        seen.reports += 1
         seen.local_at_report = seen.local
 
     def record_failure(self, name: str, why: str) -> None:
@@ -176,13 +194,23 @@ class InstanceView:
         seen = self._seen.get(name)
         return None if seen is None else seen.failed
 
-    def started(self, name: str, kv_bytes: int = 0) -> None:
+    def started(self, name: str, kv_bytes: int = 0) -> Call:
+        """A call to ``name`` holding ``kv_bytes`` of its KV; pass the result to
+        ``finished`` when it ends, however it ends."""
         seen = self._seen.setdefault(name, _Seen())
         seen.local += 1
         seen.reserved_bytes += kv_bytes
+        return Call(name, kv_bytes, seen.reports)
 
-    def finished(self, name: str) -> None:
-        self._seen.setdefault(name, _Seen()).local -= 1
+    def finished(self, call: Call) -> None:
+        seen = self._seen.setdefault(call.name, _Seen())
+        seen.local -= 1
+        if not call.kv_bytes:
+            return
+        if call.report == seen.reports:  # no report since it started: never seen there
+            seen.reserved_bytes = max(0, seen.reserved_bytes - call.kv_bytes)
+        else:  # a report since then counted it as used (freed there now)
+            seen.released_bytes += call.kv_bytes
 
     def model(self, name: str) -> str:
         """The weights ``name`` said it serves in its last heartbeat ("" if unknown)."""
@@ -243,5 +271,6 @@ class InstanceView:
         return replace(
             base, role=role, scenario=m.scenario, healthy=healthy,
             in_flight=max(0, base.in_flight - seen.local_at_report) + seen.local,
-            kv_free_bytes=max(0, base.kv_free_bytes - seen.reserved_bytes),
+            kv_free_bytes=min(base.kv_total_bytes, max(
+                0, base.kv_free_bytes - seen.reserved_bytes + seen.released_bytes)),
             kv_total_bytes=base.kv_total_bytes)

@@ -208,7 +208,8 @@ class RouterRole:
                             channel=await self._address())
         stream = self.channel.open(req.request_id, emitter.tokens)
         state["stream"] = req.request_id
-        self.view.started(target)
+        view_call = self.view.started(
+            target, self.layout.extent_bytes(len(req.prompt_ids), req.max_tokens))
         try:
             accepted = Accepted.from_bytes(
                 await self.client.call(target, "generate", call.to_bytes()))
@@ -222,7 +223,7 @@ class RouterRole:
             await self._abort(target, req.request_id)
             raise
         finally:
-            self.view.finished(target)
+            self.view.finished(view_call)
             self.channel.close_stream(stream)
 
     async def _resumable(self, req: ClientRequest, emitter: Emitter,
@@ -276,7 +277,8 @@ class RouterRole:
         # streaming as soon as the KV lands (decode_start: on_landing).
         stream = self.channel.open(req.request_id, emitter.tokens, hold=True)
         state["stream"] = req.request_id  # a resumed part's id ("<id>~<n>")
-        self.view.started(decode, self.layout.extent_bytes(len(req.prompt_ids), req.max_tokens))
+        view_call = self.view.started(
+            decode, self.layout.extent_bytes(len(req.prompt_ids), req.max_tokens))
         step = "reserve"
         epoch = self.view.epoch(decode)
 
@@ -342,7 +344,7 @@ class RouterRole:
             await self._abort(decode, req.request_id)
             raise
         finally:
-            self.view.finished(decode)
+            self.view.finished(view_call)
             self.channel.close_stream(stream)
 
     async def _prefill(self, req: ClientRequest, handle: str, deadline: float,
@@ -355,7 +357,7 @@ class RouterRole:
                 raise Cancelled(f"request {req.request_id} was cancelled by the client")
             if decode_lost():  # its KV target is gone: stop trying prefills
                 raise DecodeLost(decode, Unavailable(f"decode instance {decode} failed"))
-            self.view.started(name)
+            view_call = self.view.started(name)
             epoch = self.view.epoch(name)
             try:
                 # Bounded (a stub restarted under this call never answers it,
@@ -382,7 +384,7 @@ class RouterRole:
                     raise PrefillLost(name, exc) from None
                 raise
             finally:
-                self.view.finished(name)
+                self.view.finished(view_call)
                 self.slot_freed[req.scenario].notify()
 
         if self.cfg.admission == "queue":
