@@ -31,6 +31,12 @@ never from the points themselves:
     replayed (closed loop, the same concurrency and duration) and request_s is
     the value (bisection) at which its simulated TPOT p50 (E2) or TTFT p50 (E1,
     where an unpinned router barely moves the TPOT) is the measured one.
+    With ``--router-cpu measured`` it is instead the CPU the router's stub,
+    tritonserver and the client took in that run (their processes' CPU time, in
+    the run's ``cpu_cores``) per request it completed: measured, not fitted, so
+    it cannot absorb other model errors the way a bisected value does (E1's
+    aggregated busy run once bisected to 269 ms a request where the processes
+    took 43 ms).
   - E2 only: the router's CPU work per on-demand prefill attempt, accepted or
     rejected (``HostCores.attempt_s``), from the overload run E2 takes on the
     on-demand deployment before its points (open loop at 4x the capacity, a load
@@ -270,9 +276,24 @@ def _errors(sim: dict[str, Any], meas: dict[str, Any]) -> dict[str, float | None
 
 
 # -- E1 ------------------------------------------------------------------------
+# The processes whose CPU is the router's and client's work (``cpu_cores`` keys).
+ROUTER_PROCESSES = ("pdserve", "tritonserver", "client")
+
+
+def measured_request_s(cpu_cores: dict[str, float] | None, req_per_s: float,
+                       slowed: dict[str, float] | None = None) -> float | None:
+    """The router's, Triton's and the client's CPU per completed request in a
+    run (``--router-cpu measured``), an unslowed host's with ``slowed``; None
+    if the run did not record its processes' CPU."""
+    if not cpu_cores or req_per_s <= 0 or not all(k in cpu_cores for k in ROUTER_PROCESSES):
+        return None
+    work = sum(float(cpu_cores[k]) for k in ROUTER_PROCESSES) / req_per_s
+    return work / (slowed["python"] if slowed else 1.0)
+
+
 def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
                 host_scale: float = 0.0, gauges: bool = False,
-                fit_prefill: bool = False) -> dict[str, Any]:
+                fit_prefill: bool = False, router_cpu: str = "fit") -> dict[str, Any]:
     from perf.experiments import e1_disagg_vs_agg as e1
 
     raw = dict(doc["config"])
@@ -319,11 +340,25 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
         # core the prompt's prefill does not use, so a few requests in flight move
         # E1's TPOT by a few per cent at most, and its TTFT (the router's part of
         # the path to the first token) clearly.
-        request_s, replay = fit_router_request_s(
-            calibrated[label], sc, e1.busy_specs(cfg, trace), float(busy["load"]["ttft_p50_ms"]),
-            concurrency=int(busy["concurrency"]), duration_s=float(busy["duration_s"]),
-            target="ttft_p50_ms", slowed=gauged(busy, f"busy {label}") if gauges else None,
-            ttft_budget_s=budget, transfer_mode=mode)
+        at_busy = gauged(busy, f"busy {label}") if gauges else None
+        if router_cpu == "measured":
+            measured = measured_request_s(busy.get("cpu_cores"),
+                                          float(busy["load"]["req_per_s"]), at_busy)
+            if measured is None:
+                raise NotGauged(f"E1 busy run {label} has no cpu_cores of "
+                                f"{', '.join(ROUTER_PROCESSES)}: --router-cpu measured needs them")
+            request_s = measured
+            replay = simulate_closed_loop(
+                *on_host(calibrated[label], replace(sc, host=replace(sc.host, request_s=measured)),
+                         at_busy),
+                e1.busy_specs(cfg, trace), int(busy["concurrency"]), float(busy["duration_s"]),
+                ttft_budget_s=budget, transfer_mode=mode)
+        else:
+            request_s, replay = fit_router_request_s(
+                calibrated[label], sc, e1.busy_specs(cfg, trace),
+                float(busy["load"]["ttft_p50_ms"]), concurrency=int(busy["concurrency"]),
+                duration_s=float(busy["duration_s"]), target="ttft_p50_ms", slowed=at_busy,
+                ttft_budget_s=budget, transfer_mode=mode)
         assert sc.host is not None
         scenarios[label] = replace(sc, host=replace(sc.host, request_s=request_s))
         calib[label]["router_request_ms"] = 1000 * request_s
@@ -347,7 +382,8 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
 
 # -- E2 ------------------------------------------------------------------------
 def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
-                host_scale: float = 0.0, gauges: bool = False) -> dict[str, Any]:
+                host_scale: float = 0.0, gauges: bool = False,
+                router_cpu: str = "fit") -> dict[str, Any]:
     from perf.experiments import e2_forwarding_vs_queue as e2
 
     raw = dict(doc["config"])
@@ -377,10 +413,23 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
     calib["prefill_scale_vs_engine"] = scale
     calib["prefill_alone_ms"] = 1000 * alone
     cap_specs = e2.requests(cfg, None, 100_000, seed=97)
-    request_s, cap = fit_router_request_s(
-        prof, sc, cap_specs, float(measured["capacity_run"]["tpot_p50_ms"]),
-        concurrency=2 * cfg.total_slots, duration_s=cfg.capacity_s, slowed=at_capacity,
-        ttft_budget_s=lq_budget, transfer_mode=mode, admission="local_queue")
+    if router_cpu == "measured":
+        cpu = measured_request_s(measured.get("capacity_cpu_cores"),
+                                 float(measured["capacity_run"]["req_per_s"]), at_capacity)
+        if cpu is None:
+            raise NotGauged("E2 capacity run has no capacity_cpu_cores of "
+                            f"{', '.join(ROUTER_PROCESSES)}: --router-cpu measured needs them")
+        request_s = cpu
+        assert sc.host is not None
+        cap = simulate_closed_loop(
+            *on_host(prof, replace(sc, host=replace(sc.host, request_s=cpu)), at_capacity),
+            cap_specs, 2 * cfg.total_slots, cfg.capacity_s, ttft_budget_s=lq_budget,
+            transfer_mode=mode, admission="local_queue")
+    else:
+        request_s, cap = fit_router_request_s(
+            prof, sc, cap_specs, float(measured["capacity_run"]["tpot_p50_ms"]),
+            concurrency=2 * cfg.total_slots, duration_s=cfg.capacity_s, slowed=at_capacity,
+            ttft_budget_s=lq_budget, transfer_mode=mode, admission="local_queue")
     sc = replace(sc, host=replace(sc.host or host_cores(spec), request_s=request_s))
     calib["router_request_ms"] = 1000 * request_s
     for k in ("req_per_s", "ttft_p50_ms", "tpot_p50_ms", "tpot_p90_ms"):
@@ -758,6 +807,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="E1: scale the profile's prefill by its slope against the unloaded "
                          "run's requests (prefill_fit); measured 2026-12-07: +3 figures on "
                          "one run, -3 on another, so not the default")
+    ap.add_argument("--router-cpu", choices=("fit", "measured"), default="fit",
+                    help="the router's and client's CPU per request: fit (bisected so the "
+                         "replayed busy/capacity run matches) or measured (their processes' "
+                         "CPU in that run per request; E1/E2 runs since 2026-12-06)")
     ap.add_argument("--repeat-e1", type=Path, nargs="+", default=[], metavar="JSON",
                     help="other live E1 runs of the same points: report how far the live "
                          "figures move from run to run, and the simulated ones against "
@@ -786,8 +839,9 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"{f} is a run of {other.get('experiment')!r}, not of {name!r} "
                          f"like {path}")
     validate: dict[str, Callable[..., dict[str, Any]]] = {
-        "E1": functools.partial(validate_e1, fit_prefill=args.prefill_fit),
-        "E2": validate_e2}
+        "E1": functools.partial(validate_e1, fit_prefill=args.prefill_fit,
+                                router_cpu=args.router_cpu),
+        "E2": functools.partial(validate_e2, router_cpu=args.router_cpu)}
     profile = load_profile(args.profile)
     gauges = args.host_model == "gauges"
     try:
@@ -800,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     hosts = by_host(results)
     doc = {"profile": args.profile, "e1": str(args.e1), "e2": str(args.e2),
            "drift": args.drift, "host_scale": args.host_scale, "host_model": args.host_model,
-           "prefill_fit": args.prefill_fit,
+           "prefill_fit": args.prefill_fit, "router_cpu": args.router_cpu,
            "within_10pct": [ok, n], "by_host": hosts, "results": results}
     spread = live_spread(results, repeats) if args.repeat_e1 or args.repeat_e2 else None
     # validated on a run made of the runs' means: calibration and points averaged

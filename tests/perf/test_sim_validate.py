@@ -69,6 +69,34 @@ def test_e1_router_work_is_fitted_to_the_busy_run(with_busy: bool) -> None:
     assert not with_busy or e1.busy_specs(cfg, common.AZURE_CONV)[0].arrival_s is None
 
 
+ROUTER_CPU = {"pdserve": 0.02, "tritonserver": 0.03, "client": 0.01,
+              "prefill_0": 0.4, "decode_0": 0.7, "host_speed": 0.05}
+
+
+def test_router_cpu_measured_is_the_processes_cpu_per_request_not_a_fit() -> None:
+    cfg = replace(e1.FULL, rates=(1.0,), point_s=5.0, busy_s=8.0)
+    doc = _doc(cfg, with_busy=True)
+    for label in ("disagg", "agg"):
+        doc["busy"][label]["cpu_cores"] = ROUTER_CPU
+    out = sv.validate_e1(doc, load_profile(PROFILE), router_cpu="measured")
+    for label in ("disagg", "agg"):
+        calib = out["calibration"][label]
+        req_s = doc["busy"][label]["load"]["req_per_s"]
+        # router stub + tritonserver + client (0.06 cores) per completed request; the
+        # instances' and the gauge's CPU are not the router's
+        assert calib["router_request_ms"] == pytest.approx(1000 * 0.06 / req_s)
+        assert calib["busy_replay_req_per_s"] > 0
+    # a busy run without its processes' CPU cannot be calibrated this way
+    del doc["busy"]["agg"]["cpu_cores"]
+    with pytest.raises(sv.NotGauged, match="cpu_cores"):
+        sv.validate_e1(doc, load_profile(PROFILE), router_cpu="measured")
+    # on a host the loop gauge read 1.5x slow, the same CPU is an unslowed host's 2/3
+    slowed = {"prefill": 1.0, "decode": 1.0, "python": 1.5}
+    assert sv.measured_request_s(ROUTER_CPU, 2.0, slowed) == pytest.approx(0.02)
+    assert sv.measured_request_s({"pdserve": 0.1}, 2.0) is None
+    assert sv.measured_request_s(ROUTER_CPU, 0.0) is None
+
+
 TRUE_ATTEMPT_S = 0.0004
 
 
@@ -118,6 +146,20 @@ def test_e2_attempt_work_is_fitted_to_the_overload_run(with_overload: bool) -> N
             calib["overload_measured_tpot_p50_ms"], rel=0.02)
     else:  # an E2 run from before the overload run: nothing to fit, no attempt work
         assert "router_attempt_ms" not in calib
+
+
+def test_e2_router_cpu_measured_comes_from_the_capacity_runs_processes() -> None:
+    cfg = replace(e2.FULL, loads=(1.0,), capacity_s=6.0, overload_s=6.0)
+    doc = _e2_doc(cfg, with_overload=False)
+    doc["measured"]["capacity_cpu_cores"] = ROUTER_CPU
+    calib = sv.validate_e2(doc, load_profile(PROFILE), router_cpu="measured")["calibration"]
+    cap_req_s = doc["measured"]["capacity_run"]["req_per_s"]
+    assert calib["router_request_ms"] == pytest.approx(1000 * 0.06 / cap_req_s)
+    # the replay at that work is slower than the run that had none
+    assert calib["capacity_replay_tpot_p50_ms"] > doc["measured"]["capacity_run"]["tpot_p50_ms"]
+    del doc["measured"]["capacity_cpu_cores"]
+    with pytest.raises(sv.NotGauged, match="capacity_cpu_cores"):
+        sv.validate_e2(doc, load_profile(PROFILE), router_cpu="measured")
 
 
 def _row(prompt: int, out: int, ttft: float, tpot: float, status: str = "ok") -> list[Any]:
