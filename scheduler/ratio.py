@@ -529,8 +529,10 @@ class RatioController:
         return {}
 
     def _recall_step(self, signal: ScenarioSignal, score: float | None) -> RatioDecision | None:
-        """One switch toward the ratio that did best with this mix when it was last
-        seen, by more than ``tolerance`` over how the current ratio does now. Only
+        """Up to ``max_step`` switches toward the ratio that did best with this mix
+        when it was last seen (of those within ``tolerance`` of the best, the one
+        with the most windows), by more than ``tolerance`` over how the current
+        ratio does now. Only
         ratios with the same instance count and not measured since the mix
         returned: those the usual rules judge from fresh windows."""
         if not self.policy.recall_s or score is None:
@@ -545,7 +547,13 @@ class RatioController:
                 and r[0] >= self.policy.min_prefill and r[1] >= self.policy.min_decode}
         if not past:
             return None
-        target = max(past, key=lambda r: past[r][0])
+        # Of the ratios within ``tolerance`` of the best mean, the one measured over the
+        # most windows: a mean of 2 windows that beats one of 25 by less than the
+        # noise is no evidence (E3 with owned compute recalled 2P2D at 194 over 2
+        # windows against 3P1D's 192 over 25, and went on to 3P1D a window later).
+        best = max(mean for mean, _, _ in past.values())
+        target = max((r for r in past if past[r][0] * (1 + self.policy.tolerance) >= best),
+                     key=lambda r: (past[r][1], past[r][0]))
         mean, windows, age = past[target]
         if mean < now_score[0] * (1 + self.policy.tolerance):
             return None

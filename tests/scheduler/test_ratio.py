@@ -696,6 +696,38 @@ def test_max_step_reaches_a_recalled_ratio_in_one_decision() -> None:
     assert back.reason.startswith("recall: 3P1D did 6.00x better"), back.reason
 
 
+def test_recall_prefers_the_better_measured_of_ratios_within_the_tolerance() -> None:
+    """Prompt-heavy traffic measured at 2P2D for 2 windows (score 12.2) and at
+    3P1D for 5 (12.0): when it returns, the recall goes to 3P1D; the 2 % between
+    the two means is noise, not evidence."""
+    policy = RatioPolicy(cooldown_s=0.0, min_peak=5.0, e2e_rise=100.0, recall_s=600.0,
+                         max_step=3)
+    controller = RatioController(policy)
+    day = [(0.0, 2, 6.1)] * 2 + [(0.0, 3, 6.0)] * 5
+    for k, (_, n_p, rate) in enumerate(day):
+        controller.decide(_window(4.0 * k, n_p, 4 - n_p, rate, 0.5, PROMPTS))
+    t = 4.0 * len(day)
+    controller.decide(_window(t, 3, 1, 1.0, 2.0, OUTPUTS))  # mix changing
+    for now in (t + 4, t + 8):
+        controller.decide(_window(now, 1, 3, 2.0, 1.0, OUTPUTS))
+    controller.decide(_window(t + 12, 1, 3, 2.0, 1.0, PROMPTS))  # mix changing
+    back = controller.decide(_window(t + 16, 1, 3, 2.0, 1.0, PROMPTS))
+    assert back.counts == (3, 1), back.reason
+    assert back.reason.startswith("recall: 3P1D did 6.00x better"), back.reason
+    assert "over 5 windows" in back.reason
+    # Beyond the tolerance the better mean wins, however few its windows.
+    sharp = RatioController(policy)
+    day = [(0.0, 2, 8.0)] * 2 + [(0.0, 3, 6.0)] * 5  # 2P2D 16 vs 3P1D 12: 33 % better
+    for k, (_, n_p, rate) in enumerate(day):
+        sharp.decide(_window(4.0 * k, n_p, 4 - n_p, rate, 0.5, PROMPTS))
+    sharp.decide(_window(t, 3, 1, 1.0, 2.0, OUTPUTS))
+    for now in (t + 4, t + 8):
+        sharp.decide(_window(now, 1, 3, 2.0, 1.0, OUTPUTS))
+    sharp.decide(_window(t + 12, 1, 3, 2.0, 1.0, PROMPTS))
+    to_best = sharp.decide(_window(t + 16, 1, 3, 2.0, 1.0, PROMPTS))
+    assert to_best.counts == (2, 2) and "over 2 windows" in to_best.reason, to_best.reason
+
+
 def _candidates(n_p: int, n_d: int, **in_flight: int) -> list[Candidate]:
     return ([Candidate(f"prefill_{i}", "prefill", True, in_flight.get(f"prefill_{i}", 0))
              for i in range(n_p)]
