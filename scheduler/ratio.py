@@ -148,6 +148,11 @@ class RatioPolicy:
     # window apart, 8-12 s of a 120 s phase at a ratio serving half as much.
     # Explorations stay one switch. 1: one at a time.
     max_step: int = 1
+    # After a window whose request mix was changing, the next window lasts this long
+    # instead of the loop's interval (``is_mix_changing``): the shift is judged as
+    # soon as a short window of one mix is in. E3 with owned compute waited a whole
+    # 4 s window after the mixed one, 8 s of each ~12 s reaction. 0: off.
+    mix_window_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.tolerance < 1:
@@ -171,6 +176,8 @@ class RatioPolicy:
                              f"[{-self.tolerance}, {self.tolerance}], got {self.explore_gain}")
         if self.max_step < 1:
             raise ValueError(f"max_step must be >= 1, got {self.max_step}")
+        if self.mix_window_s < 0:
+            raise ValueError(f"mix_window_s must be >= 0, got {self.mix_window_s}")
         if self.compute_busy is not None and not 0 < self.compute_busy <= 1:
             raise ValueError(f"compute_busy must be in (0, 1] or None, got {self.compute_busy}")
 
@@ -252,6 +259,22 @@ class RatioDecision:
         return abs(self.n_prefill - n_prefill)
 
 
+MIX_CHANGING = "request mix changing"
+
+
+def is_mix_changing(decision: RatioDecision) -> bool:
+    """``decision`` waits for a window of one request mix (``RatioPolicy.mix_change``)."""
+    return decision.action == "none" and decision.reason.startswith(MIX_CHANGING)
+
+
+def next_window_s(policy: RatioPolicy, interval_s: float, decision: RatioDecision) -> float:
+    """How long the window after ``decision`` lasts: ``policy.mix_window_s`` after a
+    window of a changing mix (when set and shorter), else the loop's interval."""
+    if policy.mix_window_s and is_mix_changing(decision):
+        return min(policy.mix_window_s, interval_s)
+    return interval_s
+
+
 def utilisation(signal: ScenarioSignal, n_prefill: int, n_decode: int) -> tuple[float, float]:
     """(prefill, decode) utilisation by the arrival rate with the given counts."""
     u_p = signal.arrival_rate / (n_prefill * signal.prefill.requests_per_s)
@@ -302,7 +325,7 @@ class RatioController:
             self._archive(signal.now)  # what each ratio did was for the old mix
             self._explored = None
             return RatioDecision("none", n_p, n_d,
-                                 f"request mix changing ({_fmt_mix(before)} -> {_fmt_mix(mix)} "
+                                 f"{MIX_CHANGING} ({_fmt_mix(before)} -> {_fmt_mix(mix)} "
                                  "tokens in/out): waiting for a window of one mix")
         if signal.now - self._last_change < self.policy.cooldown_s:
             return RatioDecision("none", n_p, n_d, "cooling down after the last change")

@@ -96,6 +96,9 @@ class E3Config:
     ratio_explore_gain: float = 0.0
     # controller: instances one decision may move (``RatioPolicy.max_step``)
     ratio_max_step: int = 1
+    # controller: the window after one of a changing mix (``RatioPolicy.mix_window_s``);
+    # 0: off
+    ratio_mix_window_s: float = 0.0
     warmup_requests: int = 16
     # one dynamic run per way of switching roles ("live": in place) and start ratio
     role_switches: tuple[str, ...] = ("live", "reload")
@@ -129,6 +132,9 @@ class E3Config:
                              f"got {self.role_switches}")
         if self.ratio_max_step < 1:
             raise ValueError(f"ratio_max_step must be >= 1, got {self.ratio_max_step}")
+        if not 0 <= self.ratio_mix_window_s <= self.ratio_interval_s:
+            raise ValueError(f"ratio_mix_window_s must be in [0, ratio_interval_s], got "
+                             f"{self.ratio_mix_window_s}")
         if self.static_passes < 1:
             raise ValueError(f"static_passes must be >= 1, got {self.static_passes}")
         runs = len(self.role_switches) * len(self.starts)
@@ -284,7 +290,9 @@ def controller_args(cfg: E3Config) -> list[str]:
             *(["--ratio-recall-s", f"{cfg.ratio_recall_s:g}"] if cfg.ratio_recall_s else []),
             *(["--ratio-explore-gain", f"{cfg.ratio_explore_gain:g}"]
               if cfg.ratio_explore_gain else []),
-            *(["--ratio-max-step", str(cfg.ratio_max_step)] if cfg.ratio_max_step > 1 else [])]
+            *(["--ratio-max-step", str(cfg.ratio_max_step)] if cfg.ratio_max_step > 1 else []),
+            *(["--ratio-mix-window-s", f"{cfg.ratio_mix_window_s:g}"]
+              if cfg.ratio_mix_window_s else [])]
 
 
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (.*)$")
@@ -758,6 +766,8 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
            "(explore); " if cfg.get("ratio_explore_gain") else "")
         + (f"one decision moves up to {cfg['ratio_max_step']} instances, drained and switched "
            "side by side; " if cfg.get("ratio_max_step", 1) > 1 else "")
+        + (f"after a window of a changing mix the next one lasts "
+           f"{cfg['ratio_mix_window_s']:g} s; " if cfg.get("ratio_mix_window_s") else "")
         + ("compute check: no switch that gives a stage whose cores are "
            f"{doc['compute_busy']:.0%} busy (heartbeat counters) no core with room; "
            if doc.get("compute_busy") else "slots only (no compute check); ")

@@ -51,10 +51,14 @@ CPU_QUOTA = 0.3  # cores per instance: 1.2 of the 2 cores
 # One decision moves as many instances as the model (or the recall) asks for
 # (``RatioPolicy.max_step``): with one at a time, each shift between 1P3D and 3P1D
 # was two switches a window apart, 19-27 s of a phase at worse ratios.
+# After a window of a changing mix the next lasts 2 s, not 4
+# (``RatioPolicy.mix_window_s``): the wait for a window of one mix was 8 s of each
+# ~12 s reaction to a shift.
 FULL = replace(e3.FULL, cpu_quota=CPU_QUOTA, phase_s=120.0, ratio_cooldown_s=4.0,
                ratio_recall_s=600.0, ratio_explore_gain=-0.1, ratio_max_step=3,
-               static_passes=3, interleave=True)
-QUICK = replace(e3.QUICK, cpu_quota=CPU_QUOTA, ratio_max_step=FULL.ratio_max_step)
+               ratio_mix_window_s=2.0, static_passes=3, interleave=True)
+QUICK = replace(e3.QUICK, cpu_quota=CPU_QUOTA, ratio_max_step=FULL.ratio_max_step,
+                ratio_mix_window_s=min(FULL.ratio_mix_window_s, e3.QUICK.ratio_interval_s))
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:

@@ -72,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "to the count its model predicts best within this many switches, "
                              "and a recalled ratio is reached in one decision; the donors "
                              "drain and switch side by side (default 1: one at a time)")
+    parser.add_argument("--ratio-mix-window-s", type=float, default=RatioPolicy.mix_window_s,
+                        help="after a window whose request mix was changing, the next "
+                             "window lasts this long instead of --ratio-interval-s, so a "
+                             "day/night shift is judged as soon as a short window of one mix "
+                             "is in (default 0: off)")
     parser.add_argument("--no-ratio-compute", action="store_true",
                         help="count slots only, as if every instance owned its compute")
     parser.add_argument("--role-switch", choices=("reload", "live"), default="reload",
@@ -104,7 +109,7 @@ def build(args: argparse.Namespace) -> Controller:
                          compute_busy=None if args.no_ratio_compute else args.ratio_compute_busy,
                          remember_s=args.ratio_remember_s, recall_s=args.ratio_recall_s,
                          explore_gain=args.ratio_explore_gain,
-                         max_step=args.ratio_max_step)
+                         max_step=args.ratio_max_step, mix_window_s=args.ratio_mix_window_s)
     ratio = RatioLoop(policy, args.drain_timeout_s)
 
     def scrape() -> list[str]:

@@ -53,7 +53,7 @@ from pdserve.scheduler.controller.state import (
     without_drain,
 )
 from pdserve.scheduler.instance import InstanceLoad
-from pdserve.scheduler.ratio import ComputeView
+from pdserve.scheduler.ratio import ComputeView, next_window_s
 
 log = logging.getLogger(__name__)
 OWNER = "controller"
@@ -312,6 +312,10 @@ class Controller:
         self._last_compute, self._last_own = counters, own_now
         if prev is None:
             return
+        # The next window: shorter after one whose request mix was changing
+        # (``RatioPolicy.mix_window_s``), for every scenario (one scrape serves all).
+        interval = self.options.ratio_interval_s
+        next_s = interval
         for scenario in scenarios:
             cands = self.candidates(scenario)
             w = window(prev, totals, scenario)
@@ -325,6 +329,7 @@ class Controller:
                 self.metrics.decision(scenario, "none", "no signal in the window")
                 continue
             decision, switches = self.ratio.decide(scenario, sig, cands)
+            next_s = min(next_s, next_window_s(self.ratio.policy, interval, decision))
             self.metrics.decision(scenario, decision.action, decision.reason)
             kind = reason_kind(decision.reason)
             if self._last_kind.get(scenario) != kind:  # a new kind of answer: say why
@@ -333,6 +338,7 @@ class Controller:
                          decision.n_prefill, decision.n_decode, decision.reason)
             for switch in switches:
                 self._start_switch(switch, now)
+        self._last_ratio = now - (interval - next_s)  # ``tick`` rebalances once it is up
 
     def _compute_view(self, cands: list[Candidate], busy: dict[str, float],
                       own: dict[str, float]) -> ComputeView | None:

@@ -28,7 +28,7 @@ from pdserve.errors import Unavailable
 from pdserve.scheduler.controller.health import ProbeResult
 from pdserve.scheduler.controller.ratio_loop import Candidate, PendingSwitch, RatioLoop
 from pdserve.scheduler.controller.signals import Window, scenario_signal
-from pdserve.scheduler.ratio import ComputeView
+from pdserve.scheduler.ratio import ComputeView, next_window_s
 from pdserve.scheduler.sim.instance import SimInstance, SimRequest
 from pdserve.scheduler.sim.workload import failure_times
 
@@ -50,6 +50,7 @@ class Control:
         self.fail_log: list[float] = []  # when each injected failure happened
         self._stopped = False
         self._core_busy: dict[tuple[str, int], tuple[float, float]] = {}  # -> (busy s, at)
+        self._last_tick: dict[str, float] = {}  # scenario -> its last ratio tick (windows)
 
     def start(self) -> None:
         cfg, loop = self.c.config, self.c.loop
@@ -159,18 +160,31 @@ class Control:
         if self._stopped or c.loop.now > cfg.duration_s:
             return
         sc = c.scenarios[scenario]
-        c.loop.after(cfg.ratio_interval_s, self._ratio_tick, scenario)
-        window, occupancy = self._take_window(sc)
+        seconds = c.loop.now - self._last_tick.get(scenario, 0.0)
+        self._last_tick[scenario] = c.loop.now
+        window, occupancy = self._take_window(sc, seconds)
+        next_s = cfg.ratio_interval_s
+        try:
+            next_s = self._decide(scenario, sc, window, occupancy)
+        finally:
+            c.loop.after(next_s, self._ratio_tick, scenario)
+
+    def _decide(self, scenario: str, sc: ScenarioState, window: Window | None,
+                occupancy: float | None) -> float:
+        """One ratio decision on the window just taken; returns how long the next
+        window lasts (``next_window_s``)."""
+        c = self.c
+        cfg = c.config
         t0 = time.perf_counter()
         candidates = [Candidate(i.name, i.role, i.is_routable, i.in_flight) for i in sc.members]
         compute = self._compute_view(sc, candidates)  # every tick: the cores' next baseline
         if window is None:
-            return
+            return cfg.ratio_interval_s
         n_p, n_d = RatioLoop.counts(candidates)
         signal = scenario_signal(window, c.loop.now, n_p, n_d, c.profile.prefill.max_batch_size,
                                  c.profile.decode.max_batch_size, occupancy, compute)
         if signal is None:
-            return
+            return cfg.ratio_interval_s
         decision, switches = self.ratio_loop.decide(scenario, signal, candidates)
         c.cost.add("ratio", time.perf_counter() - t0)
         self.decisions.append({"t": round(float(c.loop.now), 3), "scenario": scenario,
@@ -181,6 +195,7 @@ class Control:
             donor.health.begin_draining(c.loop.now)
             c.touch(donor)
             c.loop.after(1.0, self._switch_check, switch)
+        return next_window_s(self.ratio_loop.policy, cfg.ratio_interval_s, decision)
 
     def _compute_view(self, sc: ScenarioState,
                       candidates: list[Candidate]) -> ComputeView | None:
@@ -218,11 +233,13 @@ class Control:
         if slots > 0:
             sc.win_occupancy.append(min(busy / slots, 1.0))
 
-    def _take_window(self, sc: ScenarioState) -> tuple[Window | None, float | None]:
-        """The window since the last tick and the prefills' mean occupancy in it."""
+    def _take_window(self, sc: ScenarioState,
+                     seconds: float) -> tuple[Window | None, float | None]:
+        """The window of ``seconds`` since the last tick and the prefills' mean
+        occupancy in it."""
         w = None
-        if sc.win_first > 0 and sc.win_tpot_n > 0:
-            w = Window(seconds=self.c.config.ratio_interval_s, requests=sc.win_first,
+        if sc.win_first > 0 and sc.win_tpot_n > 0 and seconds > 0:
+            w = Window(seconds=seconds, requests=sc.win_first,
                        ttft_s=sc.win_ttft / sc.win_first, tpot_s=sc.win_tpot / sc.win_tpot_n,
                        output_tokens=sc.win_tokens / sc.win_first,
                        offered=sc.win_offered or None,

@@ -183,6 +183,20 @@ def test_e3_owned_lets_one_decision_move_both_instances_of_a_shift() -> None:
         replace(e3_owned.FULL, ratio_max_step=0)
 
 
+def test_e3_owned_judges_a_shift_on_a_short_window_of_one_mix() -> None:
+    args = e3.controller_args(e3_owned.FULL)
+    assert args[args.index("--ratio-mix-window-s") + 1] == "2"
+    assert "--ratio-mix-window-s" not in e3.controller_args(e3.FULL)
+    quick = e3.controller_args(e3_owned.QUICK)
+    assert float(quick[quick.index("--ratio-mix-window-s") + 1]) <= e3_owned.QUICK.ratio_interval_s
+    parser = argparse.ArgumentParser()
+    controller_cli.add_arguments(parser)
+    assert parser.parse_args(["--repository", "r", *args]).ratio_mix_window_s == 2.0
+    for bad in (-1.0, e3_owned.FULL.ratio_interval_s + 1):
+        with pytest.raises(ValueError, match="ratio_mix_window_s"):
+            replace(e3_owned.FULL, ratio_mix_window_s=bad)
+
+
 def test_e3_blockers_are_reasons_not_crashes() -> None:
     blockers = e3.dynamic_blockers()
     assert all(isinstance(b, str) and b for b in blockers)

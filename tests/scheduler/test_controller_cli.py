@@ -21,13 +21,14 @@ def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
 def test_ratio_options_reach_the_policy(tmp_path: Path) -> None:
     args = _args(tmp_path, "--ratio-recall-s", "600", "--ratio-remember-s", "60",
                  "--ratio-min-peak", "0.7", "--ratio-explore-gain", "0.05",
-                 "--ratio-max-step", "3")
+                 "--ratio-max-step", "3", "--ratio-mix-window-s", "2")
     policy = cli.build(args).ratio.policy
     assert (policy.recall_s, policy.remember_s, policy.min_peak, policy.explore_gain,
-            policy.max_step) == (600.0, 60.0, 0.7, 0.05, 3)
+            policy.max_step, policy.mix_window_s) == (600.0, 60.0, 0.7, 0.05, 3, 2.0)
     default = cli.build(_args(tmp_path)).ratio.policy
     # off unless asked; one instance per decision
-    assert (default.recall_s, default.explore_gain, default.max_step) == (0.0, 0.0, 1)
+    assert (default.recall_s, default.explore_gain, default.max_step,
+            default.mix_window_s) == (0.0, 0.0, 1, 0.0)
     negative = cli.build(_args(tmp_path, "--ratio-explore-gain", "-0.1")).ratio.policy
     assert negative.explore_gain == -0.1  # a negative number, not a flag
 
@@ -36,6 +37,7 @@ def test_ratio_options_reach_the_policy(tmp_path: Path) -> None:
     ("--ratio-recall-s", "-1", "recall_s must be >= 0"),
     ("--ratio-explore-gain", "0.5", "explore_gain must be in [-tolerance, tolerance]"),
     ("--ratio-max-step", "0", "max_step must be >= 1"),
+    ("--ratio-mix-window-s", "-1", "mix_window_s must be >= 0"),
 ])
 def test_bad_ratio_options_are_refused_with_a_message(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str,

@@ -49,7 +49,8 @@ class Traffic:
 
 def make(tmp_path: Path, prefill: int = 2, decode: int = 2, traffic: Traffic | None = None,
          drain_timeout_s: float = 30.0, role_switch: Literal["reload", "live"] = "reload",
-         max_step: int = 1) -> tuple[Controller, FakeTriton]:
+         max_step: int = 1, mix_window_s: float = 0.0,
+         min_peak: float = RatioPolicy.min_peak) -> tuple[Controller, FakeTriton]:
     repo = make_repo(tmp_path, prefill, decode)
     triton = FakeTriton(repo)
     options = ControllerOptions(servers=("s0",), state_path=tmp_path / "state.json",
@@ -57,7 +58,8 @@ def make(tmp_path: Path, prefill: int = 2, decode: int = 2, traffic: Traffic | N
                                                     load_timeout_s=60.0),
                                 ratio_interval_s=10.0, probe_workers=2,
                                 role_switch=role_switch, live_settle_s=1.0)
-    ratio = RatioLoop(RatioPolicy(cooldown_s=0.0, max_step=max_step),
+    ratio = RatioLoop(RatioPolicy(cooldown_s=0.0, max_step=max_step,
+                                  mix_window_s=mix_window_s, min_peak=min_peak),
                       drain_timeout_s=drain_timeout_s)
     scrape = (lambda: [traffic.text()]) if traffic is not None else None
     return Controller(repo, triton, options, ratio=ratio, scrape=scrape), triton
@@ -680,3 +682,39 @@ def test_mid_upgrade_the_ratio_loop_strands_no_weights(tmp_path: Path) -> None:
                 {"scenario": "default", "action": "none", "reason": "mixed_weights"}) == 1
         finally:
             c.close()
+
+
+def _decisions(c: Controller) -> float:
+    reg = c.metrics.registry
+    return sum(s.value for m in reg.collect() for s in m.samples
+               if s.name == "pdserve_controller_ratio_decisions_total")
+
+
+@pytest.mark.parametrize("mix_window_s", [0.0, 4.0])
+def test_the_window_after_a_changing_mix_is_short(tmp_path: Path, mix_window_s: float) -> None:
+    """Windows every 10 s; after one whose output length moved (a day/night shift)
+    the next decision comes ``mix_window_s`` later, and then every 10 s again."""
+    traffic = Traffic()
+    # no stage near saturation: every decision is "none", only the windows move
+    c, _ = make(tmp_path, traffic=traffic, mix_window_s=mix_window_s, min_peak=100.0)
+    try:
+        c.tick(0.0)  # the first scrape: the baseline
+        traffic.add(50, ttft_s=0.1, tpot_s=0.01, out_tokens=10)
+        c.tick(10.0)
+        assert _decisions(c) == 1
+        traffic.add(50, ttft_s=0.1, tpot_s=0.01, out_tokens=100)  # output-heavy now
+        c.tick(20.0)
+        assert _decisions(c) == 2 and c.metrics.registry.get_sample_value(
+            "pdserve_controller_ratio_decisions_total",
+            {"scenario": "default", "action": "none", "reason": "mix_change"}) == 1
+        for t in (22.0, 24.0, 26.0, 28.0, 30.0):
+            traffic.add(10, ttft_s=0.1, tpot_s=0.01, out_tokens=100)
+            c.tick(t)
+            due = 24.0 if mix_window_s else 30.0
+            assert _decisions(c) == (3 if t >= due else 2), t
+        c.tick(32.0)  # back to the interval: the next one 10 s after the short one
+        assert _decisions(c) == 3
+        c.tick(24.0 + 10.0 if mix_window_s else 40.0)
+        assert _decisions(c) == 4
+    finally:
+        c.close()

@@ -13,6 +13,8 @@ from pdserve.scheduler.ratio import (
     RoleCapacity,
     ScenarioSignal,
     balanced_split,
+    is_mix_changing,
+    next_window_s,
 )
 
 # One prefill finishes 8 requests/s, one decode 2 requests/s: balance is 1 P : 4 D.
@@ -726,6 +728,19 @@ def test_recall_prefers_the_better_measured_of_ratios_within_the_tolerance() -> 
     sharp.decide(_window(t + 12, 1, 3, 2.0, 1.0, PROMPTS))
     to_best = sharp.decide(_window(t + 16, 1, 3, 2.0, 1.0, PROMPTS))
     assert to_best.counts == (2, 2) and "over 2 windows" in to_best.reason, to_best.reason
+
+
+def test_the_window_after_a_changing_mix_is_mix_window_s() -> None:
+    policy = RatioPolicy(cooldown_s=0.0, min_peak=5.0, e2e_rise=100.0, mix_window_s=2.0)
+    controller = RatioController(policy)
+    steady = controller.decide(_window(0.0, 2, 2, 2.0, 1.0, PROMPTS))
+    assert next_window_s(policy, 4.0, steady) == 4.0
+    changing = controller.decide(_window(4.0, 2, 2, 2.0, 1.0, OUTPUTS))
+    assert is_mix_changing(changing) and next_window_s(policy, 4.0, changing) == 2.0
+    assert next_window_s(policy, 1.0, changing) == 1.0  # never longer than the interval
+    assert next_window_s(replace(policy, mix_window_s=0.0), 4.0, changing) == 4.0  # off
+    with pytest.raises(ValueError, match="mix_window_s"):
+        RatioPolicy(mix_window_s=-1.0)
 
 
 def _candidates(n_p: int, n_d: int, **in_flight: int) -> list[Candidate]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -180,6 +181,30 @@ def test_dynamic_ratio_follows_a_day_night_cycle_both_ways() -> None:
     assert at_night and all(d["action"] == "add_prefill" for d in at_night), at_night
     assert next_day and all(d["action"] == "add_decode" for d in next_day), next_day
     assert int(str(next_day[-1]["n_prefill"])) <= n_p + 1
+    assert_clean(c)
+
+
+def test_the_window_after_a_changing_mix_is_mix_window_s_long() -> None:
+    """The day/night cycle above with ``mix_window_s``: every decision that waits
+    for a window of one mix is followed by one 5 s later, the others 15 s later
+    (the simulator's windows, as the controller's, run from its last tick)."""
+    p, n = h100(), 8
+    n_p, n_d = split(p, n, 512, 512)
+    day_rate = 0.75 * capacity_rps(p, n, 512, 512)
+    night = DayNight(600.0, 0.5, 0.75 * capacity_rps(p, n, 4096, 64) / day_rate,
+                     lengths(4096, 800, 16, 8192), lengths(64, 20, 1, 256))
+    cfg = SimConfig(scenarios=(ScenarioSpec("a", n_p, n_d, load=ScenarioLoad(
+                        day_rate, lengths(512, 150, 16, 2048), lengths(512, 150, 1, 2048),
+                        day_night=night)),),
+                    duration_s=900.0, forwarding=ForwardingPolicy(ttft_budget_s=2.0),
+                    ratio="dynamic", ratio_interval_s=15,
+                    ratio_policy=RatioPolicy(cooldown_s=30, mix_window_s=5.0))
+    c = run(cfg, p)
+    times = [float(str(d["t"])) for d in c.control.decisions]
+    mixing = ["mix changing" in str(d["reason"]) for d in c.control.decisions]
+    assert any(mixing), c.control.decisions
+    for (t0, t1), after_mix in zip(itertools.pairwise(times), mixing[:-1], strict=True):
+        assert t1 - t0 == pytest.approx(5.0 if after_mix else 15.0), (t0, t1, after_mix)
     assert_clean(c)
 
 
