@@ -555,9 +555,8 @@ class RatioController:
         """Up to ``max_step`` switches toward the ratio that did best with this mix
         when it was last seen (of those within ``tolerance`` of the best, the one
         with the most windows), by more than ``tolerance`` over how the current
-        ratio does now. Only
-        ratios with the same instance count and not measured since the mix
-        returned: those the usual rules judge from fresh windows."""
+        ratio does now. Only ratios with the same instance count and not measured
+        since the mix returned: those the usual rules judge from fresh windows."""
         if not self.policy.recall_s or score is None:
             return None
         n_p, n_d = signal.n_prefill, signal.n_decode
