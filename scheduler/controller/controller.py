@@ -107,7 +107,7 @@ class Controller:
         self._last_totals: Totals | None = None
         # scenario -> busy share of the prefill slots, sampled since the last decision
         self._occupancy: dict[str, list[float]] = {}
-        self._last_ratio = float("-inf")
+        self._ratio_due = float("-inf")  # when the next ratio window closes
         self._last_kind: dict[str, str] = {}  # scenario -> reason kind of its last decision
         self._last_compute: dict[str, list[int]] = {}  # unit -> [busy, total] at the last window
         self._last_own: dict[str, tuple[str, int]] = {}  # instance -> (incarnation, own ticks)
@@ -127,8 +127,8 @@ class Controller:
         self._sample_occupancy()
         self._apply_external_drains(now)
         self._replace_failed(now)
-        if self.scrape is not None and now - self._last_ratio >= self.options.ratio_interval_s:
-            self._last_ratio = now
+        if self.scrape is not None and now >= self._ratio_due:
+            self._ratio_due = now + self.options.ratio_interval_s
             self._rebalance(now)
         self._progress_switches(now)
         return self._publish(now)
@@ -338,7 +338,7 @@ class Controller:
                          decision.n_prefill, decision.n_decode, decision.reason)
             for switch in switches:
                 self._start_switch(switch, now)
-        self._last_ratio = now - (interval - next_s)  # ``tick`` rebalances once it is up
+        self._ratio_due = now + next_s
 
     def _compute_view(self, cands: list[Candidate], busy: dict[str, float],
                       own: dict[str, float]) -> ComputeView | None:
