@@ -16,6 +16,12 @@ takes at most ``max_batch_size`` of them, oldest first.
 
 KV ownership: the local extent a prompt is prefilled into is allocated by the
 engine here and released right after its transfer, on success and failure.
+
+A prompt's batch slot is free before its answer is sent (``_answer``): the router,
+hearing it, sends the next prompt at once, and must find the slot free, not be
+refused because this thread had not yet taken the lock back to free it (under a
+busy core that took milliseconds, and the refused request went to the back of
+the router's waiters).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class _Job:
     handle: KVHandle
     params: SamplingParams
     out: Responder
+    holds_slot: bool = True  # until its answer (or the batch's end) frees it
 
 
 class PrefillRole:
@@ -111,8 +118,10 @@ class PrefillRole:
             try:
                 self._prefill(jobs)
             finally:
-                with self._lock:
-                    self._in_flight -= len(jobs)
+                with self._lock:  # the slots of jobs not answered (none, normally)
+                    self._in_flight -= sum(1 for job in jobs if job.holds_slot)
+                    for job in jobs:
+                        job.holds_slot = False
                     self._running = 0
                 self._update_kv()
 
@@ -125,7 +134,7 @@ class PrefillRole:
                                                      list(job.call.prompt_ids), job.params))
                 ready.append(job)
             except Exception as exc:
-                job.out.fail(exc)
+                self._answer(job, exc)
         streams: dict[int, SendStream] = {}
         try:
             layerwise = self.cfg.kv_send_mode == "layerwise"
@@ -142,7 +151,7 @@ class PrefillRole:
                         stream.send_layer(layer, self.engine.kv_prompt_view(seqs[i])[layer])
                     except Exception as exc:
                         del streams[i]
-                        ready[i].out.fail(exc)
+                        self._answer(ready[i], exc)
 
             first = self.engine.prefill(seqs, on_layer_done if layerwise else None)
             prefill_s = time.perf_counter() - t0
@@ -154,7 +163,7 @@ class PrefillRole:
             for i, job in enumerate(ready):
                 if i in streams:
                     streams[i].abort(f"prefill failed: {exc}")
-                job.out.fail(exc)
+                self._answer(job, exc)
         finally:
             for seq in seqs:
                 self.engine.release(seq)
@@ -175,7 +184,7 @@ class PrefillRole:
                 sent = self.sender.send(job.handle, self.engine.kv_prompt_view(seq), "whole",
                                         notice=notice)
         except Exception as exc:
-            job.out.fail(exc)
+            self._answer(job, exc)
             return
         transfer_s = time.perf_counter() - t0
         self.metrics.kv_transfer.observe(transfer_s)
@@ -184,7 +193,21 @@ class PrefillRole:
                                finish_reason=seq.finish_reason or "",
                                text_len=seq.stop_text_len if seq.stop_text_len is not None else -1,
                                rng_state=rng_state, started=sent.taken)
-        job.out.send(payload_out(result.to_bytes()), final=True)
+        self._answer(job, result=result.to_bytes())
+
+    def _answer(self, job: _Job, exc: BaseException | None = None,
+                result: bytes | None = None) -> None:
+        """The job's one answer (``exc`` or ``result``), sent once its slot is free."""
+        with self._lock:
+            if job.holds_slot:
+                job.holds_slot = False
+                self._in_flight -= 1
+                self._running -= 1
+        if exc is not None:
+            job.out.fail(exc)
+        else:
+            assert result is not None
+            job.out.send(payload_out(result), final=True)
 
     def _update_kv(self) -> None:
         self.metrics.set_kv(self.engine.arena.bytes_in_use, self.engine.arena.bytes_free)
