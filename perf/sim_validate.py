@@ -37,14 +37,15 @@ never from the points themselves:
     it cannot absorb other model errors the way a bisected value does (E1's
     aggregated busy run once bisected to 269 ms a request where the processes
     took 43 ms).
-  - E2 only: the router's CPU work per on-demand prefill attempt, accepted or
-    rejected (``HostCores.attempt_s``), from the overload run E2 takes on the
-    on-demand deployment before its points (open loop at 4x the capacity, a load
-    that is not a point, requests of another seed): replayed open loop, attempt_s
-    is the value (bisection) at which its simulated TPOT p50 is the measured one.
-    Under overload the router retries prefills for every waiting request (back-off
-    2-50 ms), on the decode's core; without it the simulated TPOT stayed flat
-    while the measured one rose with the offered load.
+  - E2 only: the router's CPU work per on-demand sweep (``HostCores.sweep_s``:
+    a waiting request looking over the prefills again), from the overload run E2
+    takes on the on-demand deployment before its points (open loop at 4x the
+    capacity, a load that is not a point, requests of another seed): replayed
+    open loop, sweep_s is the value (bisection) at which its simulated TPOT p50
+    is the measured one. Under overload every waiting request sweeps again at
+    each slot the router's calls free and at each back-off (2-50 ms), on the
+    decode's core; without that work the simulated TPOT stayed flat while the
+    measured one rose with the offered load.
 Drift (``--drift``, off by default): the shared machine's speed moves 10-30 %
 within minutes (E2's on-demand 1x point measured TPOT p50 34.1 ms in its run and
 25.7 ms ten minutes later). Runs that take a probe before each point (the unloaded
@@ -234,17 +235,17 @@ def fit_router_request_s(profile: Profile, scenario: ScenarioSpec, specs: list[R
     return _bisect(run, measured_ms, target, hi=0.5)
 
 
-def fit_router_attempt_s(profile: Profile, scenario: ScenarioSpec, specs: list[RequestSpec],
+def fit_router_sweep_s(profile: Profile, scenario: ScenarioSpec, specs: list[RequestSpec],
                          measured_ms: float, slowed: dict[str, float] | None = None,
                          **kw: Any) -> tuple[float, dict[str, Any]]:
-    """``attempt_s`` (router CPU per on-demand prefill attempt) at which the replayed
+    """``sweep_s`` (router CPU per on-demand sweep over the prefills) at which the replayed
     open-loop overload run's TPOT p50 is the measured one (bisection; ``slowed``
     as for ``fit_router_request_s``)."""
     assert scenario.host is not None
     host = scenario.host
 
-    def run(attempt_s: float) -> dict[str, Any]:
-        sc = replace(scenario, host=replace(host, attempt_s=attempt_s))
+    def run(sweep_s: float) -> dict[str, Any]:
+        sc = replace(scenario, host=replace(host, sweep_s=sweep_s))
         return simulate_specs(*on_host(profile, sc, slowed), specs, admission="on_demand",
                               **dict(kw))
 
@@ -438,17 +439,17 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
     if gauges and (overload is None or not overload["bench"].get("tpot_p50_ms")):
         raise NotGauged("E2 run has no overload run: --host-model gauges needs one")
     if overload is not None and overload["bench"].get("tpot_p50_ms"):
-        # The router's CPU per on-demand prefill attempt, from the overload run E2
+        # The router's CPU per on-demand sweep, from the overload run E2
         # takes on the on-demand deployment before its points (E2 runs before
         # 2026-12-06 12:00 UTC have none: 0).
         over_specs = e2.requests(cfg, float(overload["rate"]), int(overload["offered"]),
                                  seed=int(overload["seed"]))
-        attempt_s, over = fit_router_attempt_s(
+        sweep_s, over = fit_router_sweep_s(
             prof, sc, over_specs, float(overload["bench"]["tpot_p50_ms"]),
             slowed=gauged(overload, "overload run") if gauges else None,
             ttft_budget_s=float(doc["ttft_budget_s"]), transfer_mode=mode)
-        sc = replace(sc, host=replace(sc.host, attempt_s=attempt_s))
-        calib["router_attempt_ms"] = 1000 * attempt_s
+        sc = replace(sc, host=replace(sc.host, sweep_s=sweep_s))
+        calib["router_sweep_ms"] = 1000 * sweep_s
         calib["overload_replay_tpot_p50_ms"] = float(over.get("tpot_p50_ms") or 0.0)
         calib["overload_measured_tpot_p50_ms"] = float(overload["bench"]["tpot_p50_ms"])
     check = simulate_specs(*on_host(prof, sc, at_unloaded), one_at_a_time(unloaded),
@@ -693,7 +694,7 @@ def on_host(profile: Profile, scenario: ScenarioSpec, slowed: dict[str, float] |
     """``profile`` and ``scenario`` (an unslowed host's) on a host slowed by
     ``slowed`` (``gauged``): the prefill by ``prefill``, the decode step by
     ``decode``, and the Python work (the serving and stream overheads, the
-    router's and client's CPU per request, token and attempt) by ``python``.
+    router's and client's CPU per request, token and sweep) by ``python``.
     Unchanged for None. No factor is fitted: each is what the gauges read."""
     if not slowed:
         return profile, scenario
@@ -705,7 +706,7 @@ def on_host(profile: Profile, scenario: ScenarioSpec, slowed: dict[str, float] |
     host = scenario.host
     if host is not None:
         host = replace(host, request_s=host.request_s * py, token_s=host.token_s * py,
-                       attempt_s=host.attempt_s * py)
+                       sweep_s=host.sweep_s * py)
     return prof, replace(scenario, host=host)
 
 

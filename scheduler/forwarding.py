@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from pdserve.errors import InvalidArgument, PdserveError, Unavailable
 from pdserve.scheduler.instance import InstanceLoad
@@ -108,6 +108,13 @@ class PrefillCallBound:
         """The bound on a call sent at ``now`` by a request whose start budget ends at
         ``deadline``."""
         return max(deadline - now, 0.0) + self.allowance_s()
+
+
+class SlotWaiter(Protocol):
+    """What ``forward_on_demand`` waits on between sweeps: the router's
+    ``SlotSignal``, or the simulator's on its own clock."""
+
+    def wait(self, timeout_s: float) -> Awaitable[None]: ...
 
 
 class SlotSignal:
@@ -192,7 +199,7 @@ async def forward_on_demand(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     is_full: Callable[[str], bool] | None = None,
-    slot_freed: SlotSignal | None = None,
+    slot_freed: SlotWaiter | None = None,
 ) -> ForwardResult[T]:
     """Try ranked prefills until one accepts, within ``deadline`` (a ``clock`` time).
 

@@ -246,7 +246,7 @@ def measure(server: Any, cfg: E2Config) -> dict[str, Any]:
 
 def overload_run(server: Any, cfg: E2Config, capacity: float) -> dict[str, Any]:
     """On-demand at ``overload_load`` x capacity for ``overload_s``: the router retries
-    prefills for a backlog it cannot serve (what the simulator's ``attempt_s`` is
+    prefills for a backlog it cannot serve (what the simulator's ``sweep_s`` is
     fitted to; not a point of the experiment)."""
     rate = cfg.overload_load * capacity
     specs = requests(cfg, rate, max(4, round(rate * cfg.overload_s)), seed=OVERLOAD_SEED)
@@ -341,7 +341,7 @@ def _overload_note(measured: dict[str, Any]) -> str:
     tpot = over["bench"].get("tpot_p50_ms")
     return (f"  \nBefore its points the on-demand deployment ran {over['offered']} requests at "
             f"{over['load']:g}x ({over['rate']:.1f} req/s; not a point: it is what "
-            f"`perf/sim_validate.py` fits the router's work per prefill attempt to): TPOT p50 "
+            f"`perf/sim_validate.py` fits the router's work per prefill sweep to): TPOT p50 "
             f"{common.fmt(tpot)} ms.")
 
 

@@ -63,6 +63,42 @@ class _Park:
 _PARK = _Park()
 
 
+class _SlotWait:
+    """A request waiting between two sweeps (``_SlotSignal.wait``): yielded to the
+    driver, which resumes it at the first slot freed or after ``delay``."""
+
+    __slots__ = ("coro", "delay", "done", "req", "signal")
+
+    def __init__(self, signal: _SlotSignal, delay: float) -> None:
+        self.signal = signal
+        self.delay = delay
+        self.done = False
+        self.req: SimRequest | None = None
+        self.coro: Coroutine[Any, Any, Any] | None = None
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        yield self
+
+
+class _SlotSignal:
+    """The router's ``SlotSignal`` on the simulated clock, one per scenario.
+
+    The router passes ``forward_on_demand`` a signal that its prefill calls
+    notify when they end, so a request that found every prefill full starts
+    again when a slot frees, oldest waiter first, not only when its back-off
+    runs out. ``Cluster._notify`` is that end here. A waiter the timeout woke
+    stays in ``waiters`` (``done``) until the next notify drops it.
+    """
+
+    __slots__ = ("waiters",)
+
+    def __init__(self) -> None:
+        self.waiters: list[_SlotWait] = []
+
+    def wait(self, timeout_s: float) -> _SlotWait:
+        return _SlotWait(self, max(0.0, timeout_s))
+
+
 def _sleep(delay: float) -> _Sleep:
     return _Sleep(delay)
 
@@ -91,7 +127,8 @@ class ScenarioState:
         self.win_occupancy: list[float] = []
         self.host: Host | None = None  # spec.host declared: its cores, shared
         self.request_s = spec.host.request_s if spec.host is not None else 0.0  # router, a prompt
-        self.attempt_s = spec.host.attempt_s if spec.host is not None else 0.0  # router, a try
+        self.sweep_s = spec.host.sweep_s if spec.host is not None else 0.0  # router, a sweep
+        self.slot_freed = _SlotSignal()  # the router's wake-up when a prefill call ends
 
 
 class Cluster:
@@ -275,12 +312,14 @@ class Cluster:
         c = self.cost
         t0 = time.perf_counter()
         coro = forward_on_demand(
-            sc.prefills.names,
+            partial(self._sweep, sc),
             partial(self._attempt, req),
             self._fw,
             deadline=req.deadline,  # no prefill estimate: the router passes none either
             clock=self.loop.clock,
             sleep=_sleep,
+            is_full=self._is_full,
+            slot_freed=sc.slot_freed,
         )
         self._drive(req, coro)
         c.add("forward", time.perf_counter() - t0)
@@ -320,14 +359,47 @@ class Cluster:
         req.decode = None
 
     # -- on-demand forwarding ------------------------------------------------
+    def _sweep(self, sc: ScenarioState) -> list[str]:
+        """The prefills in the policy's order, asked once per sweep: the router's
+        CPU for one (``sweep_s``) goes on its core."""
+        if sc.host is not None:
+            sc.host.router_job(sc.sweep_s)
+        return sc.prefills.names()
+
+    def _is_full(self, name: str) -> bool:
+        """The router's ``is_full_here``: every slot holds one of its calls, so the
+        instance is skipped without an attempt (one router: it knows them all)."""
+        return self.by_name[name].pf_in_flight >= self._pf_slots
+
+    def _notify(self, sc: ScenarioState) -> None:
+        """A prefill call ended: every waiter sweeps again, oldest first, at this
+        instant (the first takes the slot; the others find it full and wait), in
+        one event after the current one (the router's loop runs them in turn)."""
+        waiters, sc.slot_freed.waiters = sc.slot_freed.waiters, []
+        woken = [w for w in waiters if not w.done]
+        for w in woken:
+            w.done = True
+        if woken:
+            self.loop.after(0.0, self._wake_all, woken)
+
+    def _wake_all(self, woken: list[_SlotWait]) -> None:
+        t0 = time.perf_counter()
+        for w in woken:
+            if w.req is not None and w.coro is not None:
+                self._drive(w.req, w.coro)
+        self.cost.add("forward_retry", time.perf_counter() - t0)
+
+    def _wait_over(self, w: _SlotWait) -> None:
+        """The back-off ran out before a slot freed."""
+        if not w.done and w.req is not None and w.coro is not None:
+            w.done = True
+            self._resume((w.req, w.coro))
+
     async def _attempt(self, req: SimRequest, name: str) -> str:
         inst = self.by_name[name]
         # A refusal costs one round trip in reality; here it is instant (the
         # back-off between sweeps dominates), and the accepted attempt's round
         # trip is added to the first token (``_first_token``).
-        sc: ScenarioState = inst.state
-        if sc.host is not None:
-            sc.host.router_job(sc.attempt_s)  # the try's CPU, accepted or not
         if not inst.alive:
             raise Unavailable(f"{name}: instance not answering")
         if inst.pf_in_flight >= self._pf_slots or (
@@ -366,6 +438,11 @@ class Cluster:
             return
         if isinstance(y, _Sleep):
             self.loop.after(y.delay, self._resume, (req, coro))
+        elif isinstance(y, _SlotWait):
+            y.req = req
+            y.coro = coro
+            y.signal.waiters.append(y)
+            self.loop.after(y.delay, self._wait_over, y)
         else:
             req.coro = coro
 
@@ -483,6 +560,7 @@ class Cluster:
         inst.transferring.discard(req)
         if not self._local:
             inst.pf_in_flight -= 1
+            self._notify(inst.state)
         req.prefill = None
         self._maybe_start_batch(inst)
         self.touch(inst)

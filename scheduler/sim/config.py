@@ -28,9 +28,11 @@ class HostCores:
     prefill (put on a router core when its prefill batch starts; nobody waits for
     it, it only takes its share of the core), ``token_s`` per streamed token
     (put there at each change of a decode batch, for the tokens made since) and
-    ``attempt_s`` per on-demand prefill attempt, accepted or rejected (a router
-    retrying prefills for a backlog of waiting requests keeps its core busy even
-    though none of them is served: E2 under overload).
+    ``sweep_s`` per on-demand sweep: each time a waiting request looks over the
+    prefills again (woken by a freed slot or by its back-off), it ranks them,
+    skips the full ones and tries the others (a router waking a backlog of
+    waiting requests at every freed slot keeps its core busy even though none
+    of them is served: E2 under overload).
     """
 
     prefill: tuple[int, ...] = ()
@@ -39,15 +41,15 @@ class HostCores:
     router: tuple[int, ...] = ()
     request_s: float = 0.0
     token_s: float = 0.0
-    attempt_s: float = 0.0
+    sweep_s: float = 0.0
 
     def __post_init__(self) -> None:
         every = self.prefill + self.decode + self.aggregated + self.router
         if any(c < 0 for c in every):
             raise ValueError(f"core numbers must be >= 0, got {every}")
-        if not self.request_s >= 0 or not self.token_s >= 0 or not self.attempt_s >= 0:
-            raise ValueError(f"request_s, token_s and attempt_s must be >= 0, got "
-                             f"{self.request_s}, {self.token_s}, {self.attempt_s}")
+        if not self.request_s >= 0 or not self.token_s >= 0 or not self.sweep_s >= 0:
+            raise ValueError(f"request_s, token_s and sweep_s must be >= 0, got "
+                             f"{self.request_s}, {self.token_s}, {self.sweep_s}")
 
     @property
     def num_cores(self) -> int:

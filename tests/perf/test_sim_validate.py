@@ -97,11 +97,11 @@ def test_router_cpu_measured_is_the_processes_cpu_per_request_not_a_fit() -> Non
     assert sv.measured_request_s(ROUTER_CPU, 0.0) is None
 
 
-TRUE_ATTEMPT_S = 0.0004
+TRUE_SWEEP_S = 0.0004
 
 
 def _e2_doc(cfg: e2.E2Config, with_overload: bool) -> dict[str, Any]:
-    """An E2 JSON whose figures the simulator itself made with the attempt cost above
+    """An E2 JSON whose figures the simulator itself made with the sweep cost above
     (and no other serving overhead, so that every other calibration finds 0)."""
     profile = load_profile(PROFILE)
     spec = e2.spec(cfg, "local_queue", cfg.ttft_slo_ms / 1000)
@@ -123,7 +123,7 @@ def _e2_doc(cfg: e2.E2Config, with_overload: bool) -> dict[str, Any]:
         rate = cfg.overload_load * cap["req_per_s"]
         specs = e2.requests(cfg, rate, round(rate * cfg.overload_s), seed=e2.OVERLOAD_SEED)
         costly = ScenarioSpec("default", 2, 1,
-                              host=replace(sv.host_cores(spec), attempt_s=TRUE_ATTEMPT_S))
+                              host=replace(sv.host_cores(spec), sweep_s=TRUE_SWEEP_S))
         over = sv.simulate_specs(prof, costly, specs, ttft_budget_s=budget,
                                  transfer_mode="block_free", admission="on_demand")
         measured["overload_run"] = {"load": cfg.overload_load, "rate": rate,
@@ -134,18 +134,18 @@ def _e2_doc(cfg: e2.E2Config, with_overload: bool) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("with_overload", [True, False])
-def test_e2_attempt_work_is_fitted_to_the_overload_run(with_overload: bool) -> None:
+def test_e2_sweep_work_is_fitted_to_the_overload_run(with_overload: bool) -> None:
     cfg = replace(e2.FULL, loads=(1.0,), capacity_s=6.0, overload_s=6.0)
     doc = _e2_doc(cfg, with_overload)
     calib = sv.validate_e2(doc, load_profile(PROFILE))["calibration"]
     assert calib["router_request_ms"] == 0.0  # the capacity run had no router work
     if with_overload:
         # The overload run's TPOT moves with the router's retries: the fit finds them.
-        assert calib["router_attempt_ms"] == pytest.approx(1000 * TRUE_ATTEMPT_S, rel=0.35)
+        assert calib["router_sweep_ms"] == pytest.approx(1000 * TRUE_SWEEP_S, rel=0.35)
         assert calib["overload_replay_tpot_p50_ms"] == pytest.approx(
             calib["overload_measured_tpot_p50_ms"], rel=0.02)
-    else:  # an E2 run from before the overload run: nothing to fit, no attempt work
-        assert "router_attempt_ms" not in calib
+    else:  # an E2 run from before the overload run: nothing to fit, no sweep work
+        assert "router_sweep_ms" not in calib
 
 
 def test_e2_router_cpu_measured_comes_from_the_capacity_runs_processes() -> None:
@@ -381,7 +381,7 @@ def test_host_model_gauges_replays_each_run_on_the_host_its_gauges_read() -> Non
 
 def test_on_host_scales_the_engine_by_the_products_and_the_python_by_the_loop() -> None:
     profile = replace(load_profile(PROFILE), serving_overhead_s=0.01)
-    host = replace(sv.host_cores(e1.spec(e1.FULL)), request_s=0.02, attempt_s=0.001)
+    host = replace(sv.host_cores(e1.spec(e1.FULL)), request_s=0.02, sweep_s=0.001)
     sc = ScenarioSpec("default", 1, 1, host=host)
     prof, scen = sv.on_host(profile, sc, {"prefill": 1.2, "decode": 1.1, "python": 1.5})
     assert prof.prefill.per_token_s == pytest.approx(1.2 * profile.prefill.per_token_s)
@@ -389,7 +389,7 @@ def test_on_host_scales_the_engine_by_the_products_and_the_python_by_the_loop() 
     assert prof.decode.stream_overhead_s == pytest.approx(1.5 * profile.decode.stream_overhead_s)
     assert prof.serving_overhead_s == pytest.approx(0.015)
     assert scen.host is not None
-    assert (scen.host.request_s, scen.host.attempt_s) == pytest.approx((0.03, 0.0015))
+    assert (scen.host.request_s, scen.host.sweep_s) == pytest.approx((0.03, 0.0015))
     assert sv.on_host(profile, sc, None) == (profile, sc)
 
 

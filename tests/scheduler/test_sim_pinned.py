@@ -9,6 +9,14 @@ meant to alter results updates them, and says why in its commit.
 failures_ratio was re-pinned once for a change of representation only: the ratio
 decisions' times are recorded as floats (the native build's event loop keeps
 ``now`` a float, so a decision at 10 s was "10.0" there and "10" here).
+
+The three on-demand cases with waiting requests (failures_ratio, overload,
+layerwise_pinned) were re-pinned on 2026-12-07 for a change of behaviour: the
+simulated router now passes ``forward_on_demand`` what the real one does
+(``is_full``: a prefill its own calls fill is skipped; ``slot_freed``: a waiting
+request sweeps again when a prefill call ends, oldest first, not only when its
+back-off runs out). Until then a freed slot stayed idle until some waiter's
+back-off (up to 50 ms) ran out, and waiters took slots in timer order.
 """
 
 from __future__ import annotations
@@ -73,18 +81,18 @@ def _fingerprint(c: Cluster) -> dict[str, object]:
 
 
 PINNED: dict[str, dict[str, object]] = {
-    "failures_ratio": {"requests": 3528, "events": 23191,
-                       "counts": {"INSTANCE_FAILED": 138, "ok": 3390},
-                       "sha256": "5af6d12a496fdd315c2f"},
-    "overload": {"requests": 2642, "events": 30660, "counts": {"UNAVAILABLE": 969, "ok": 1673},
-                 "sha256": "c789319b0e2c18b5a820"},
+    "failures_ratio": {"requests": 3528, "events": 29797,
+                       "counts": {"INSTANCE_FAILED": 227, "ok": 3301},
+                       "sha256": "43e5d2269cc74e8857f0"},
+    "overload": {"requests": 2642, "events": 78884, "counts": {"UNAVAILABLE": 966, "ok": 1676},
+                 "sha256": "d04174dc52f4149cd64b"},
     "local_queue": {"requests": 1780, "events": 140436,
                     "counts": {"UNAVAILABLE": 359, "ok": 1421}, "sha256": "070c36a129aaa5cbac5c"},
     "aggregated": {"requests": 924, "events": 6059, "counts": {"ok": 924},
                    "sha256": "42b2c7493c2233c8c235"},
-    "layerwise_pinned": {"requests": 1210, "events": 107888,
-                         "counts": {"UNAVAILABLE": 198, "ok": 1012},
-                         "sha256": "6b09093b502cc606f08b"},
+    "layerwise_pinned": {"requests": 1210, "events": 237021,
+                         "counts": {"UNAVAILABLE": 157, "ok": 1053},
+                         "sha256": "e2b5f5a5752b1e1cc3d2"},
     "host_cores": {"requests": 347, "events": 3992, "counts": {"ok": 347},
                    "sha256": "c07d25aae8684fbf36a2"},
 }
