@@ -268,6 +268,20 @@ def _bisect(run: Any, measured_ms: float, target: str, hi: float
     return lo, run(lo)
 
 
+Z90 = 1.2816  # the standard normal's 90th percentile
+
+
+def prefill_cv(unloaded: dict[str, Any]) -> float:
+    """The coefficient of variation of one prompt's prefill, from E2's unloaded run
+    (one prompt length, one request at a time): (p90 / p50 - 1) / z90, as if the
+    TTFT were normal; it holds the rest of the path's spread too, so it is an
+    upper bound. Measured 2026-12-07: 0.065-0.131 over three runs."""
+    p50, p90 = unloaded.get("ttft_p50_ms"), unloaded.get("ttft_p90_ms")
+    if not p50 or not p90 or p90 <= p50:
+        return 0.0
+    return (p90 / p50 - 1) / Z90
+
+
 def _errors(sim: dict[str, Any], meas: dict[str, Any]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for _, key in FIELDS:
@@ -384,7 +398,7 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
 # -- E2 ------------------------------------------------------------------------
 def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
                 host_scale: float = 0.0, gauges: bool = False,
-                router_cpu: str = "fit") -> dict[str, Any]:
+                router_cpu: str = "fit", spread: bool = True) -> dict[str, Any]:
     from perf.experiments import e2_forwarding_vs_queue as e2
 
     raw = dict(doc["config"])
@@ -407,12 +421,17 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
     if at_capacity:  # measured on that host: the unslowed host's prefill
         scale /= at_capacity["prefill"]
     prof = replace(prof, prefill=_scaled_prefill(prof.prefill, scale))
+    # One prompt length, one at a time: the unloaded run's spread is the prefill's (and
+    # the path's) from request to request; drawn per batch (Profile.prefill_cv).
+    cv = prefill_cv(measured["unloaded"]) if spread else 0.0
+    prof = replace(prof, prefill_cv=cv)
     unloaded = e2.unloaded_specs(cfg)
     lq_budget = float(spec["limits"].get("ttft_budget_s", cfg.ttft_slo_ms / 1000))
     prof, calib = calibrate(prof, sc, unloaded, measured["unloaded"], slowed=at_unloaded,
                             ttft_budget_s=lq_budget, transfer_mode=mode, admission="local_queue")
     calib["prefill_scale_vs_engine"] = scale
     calib["prefill_alone_ms"] = 1000 * alone
+    calib["prefill_cv"] = cv
     cap_specs = e2.requests(cfg, None, 100_000, seed=97)
     if router_cpu == "measured":
         cpu = measured_request_s(measured.get("capacity_cpu_cores"),
@@ -812,6 +831,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="the router's and client's CPU per request: fit (bisected so the "
                          "replayed busy/capacity run matches) or measured (their processes' "
                          "CPU in that run per request; E1/E2 runs since 2026-12-06)")
+    ap.add_argument("--no-prefill-spread", action="store_true",
+                    help="E2: simulate every prefill exactly the model's time instead of "
+                         "drawing it with the spread of the run's unloaded TTFT "
+                         "(prefill_cv); exact times line the slots' ends up with the "
+                         "router's back-off timers (the 07:45 run's on-demand 3x point: "
+                         "TTFT p50 +84 %%)")
     ap.add_argument("--repeat-e1", type=Path, nargs="+", default=[], metavar="JSON",
                     help="other live E1 runs of the same points: report how far the live "
                          "figures move from run to run, and the simulated ones against "
@@ -842,7 +867,8 @@ def main(argv: list[str] | None = None) -> int:
     validate: dict[str, Callable[..., dict[str, Any]]] = {
         "E1": functools.partial(validate_e1, fit_prefill=args.prefill_fit,
                                 router_cpu=args.router_cpu),
-        "E2": functools.partial(validate_e2, router_cpu=args.router_cpu)}
+        "E2": functools.partial(validate_e2, router_cpu=args.router_cpu,
+                                spread=not args.no_prefill_spread)}
     profile = load_profile(args.profile)
     gauges = args.host_model == "gauges"
     try:
@@ -856,6 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"profile": args.profile, "e1": str(args.e1), "e2": str(args.e2),
            "drift": args.drift, "host_scale": args.host_scale, "host_model": args.host_model,
            "prefill_fit": args.prefill_fit, "router_cpu": args.router_cpu,
+           "prefill_spread": not args.no_prefill_spread,
            "within_10pct": [ok, n], "by_host": hosts, "results": results}
     spread = live_spread(results, repeats) if args.repeat_e1 or args.repeat_e2 else None
     # validated on a run made of the runs' means: calibration and points averaged

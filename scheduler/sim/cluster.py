@@ -16,6 +16,8 @@ Recovery and the P/D ratio are in ``control``.
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from collections.abc import Coroutine, Generator, Iterator
 from functools import partial
@@ -129,6 +131,7 @@ class ScenarioState:
         self.request_s = spec.host.request_s if spec.host is not None else 0.0  # router, a prompt
         self.sweep_s = spec.host.sweep_s if spec.host is not None else 0.0  # router, a sweep
         self.slot_freed = _SlotSignal()  # the router's wake-up when a prefill call ends
+        self.rng: random.Random | None = None  # prefill times drawn (Profile.prefill_cv)
 
 
 class Cluster:
@@ -174,12 +177,16 @@ class Cluster:
         self._kv_per_token = profile.kv_bytes_per_token
         self._pf = profile.prefill
         self._pf_tokens = profile.prefill.max_batch_tokens
+        # lognormal with mean 1 and the profile's coefficient of variation
+        self._pf_sigma = math.sqrt(math.log1p(profile.prefill_cv ** 2))
         number = 0
         for k, spec in enumerate(config.scenarios):
             if k % n_parts != i_part:
                 number += spec.num_instances
                 continue
             sc = ScenarioState(spec)
+            if profile.prefill_cv > 0:  # per scenario: a part draws what the whole run does
+                sc.rng = random.Random(config.seed * 1000003 + k + 7919)
             self.scenarios[spec.name] = sc
             self.scenario_numbers[spec.name] = k
             if spec.host is not None:
@@ -490,6 +497,9 @@ class Cluster:
             return
         dur = pf.batch_time(tokens, float(tokens_sq))
         sc: ScenarioState = inst.state
+        if sc.rng is not None:
+            sigma = self._pf_sigma
+            dur *= sc.rng.lognormvariate(-sigma * sigma / 2, sigma)
         host = sc.host
         if host is not None and not (inst.role == "aggregated" and inst.running):
             # a job on its core, re-timed whenever the core's runnable count changes

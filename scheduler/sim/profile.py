@@ -109,6 +109,11 @@ class Profile:
     # Client -> router -> instances -> client path of a request beyond its prefill,
     # transfer and attempt (gRPC, Triton scheduling, the first response): added to TTFT.
     serving_overhead_s: float = 0.0
+    # How much one prefill's time varies around the model's (coefficient of variation):
+    # each batch's time is drawn lognormal with it, seeded per scenario. 0: exactly the
+    # model's. Exact times line every slot's end up with the router's 50 ms back-off
+    # timers, and the order waiting requests get slots in then follows that rhythm.
+    prefill_cv: float = 0.0
     reload_s: float = 60.0  # replace a failed instance: load weights, warm up
     role_switch_s: float = 20.0  # switch prefill <-> decode through the repository
     notes: dict[str, str] = field(default_factory=dict)
@@ -116,7 +121,8 @@ class Profile:
     def __post_init__(self) -> None:
         if self.kv_bytes_per_token < 1 or self.num_layers < 1 or self.chunk_tokens < 1:
             raise ValueError("kv_bytes_per_token, num_layers and chunk_tokens must be >= 1")
-        _check_nonneg(self, "attempt_rtt_s", "serving_overhead_s", "reload_s", "role_switch_s")
+        _check_nonneg(self, "attempt_rtt_s", "serving_overhead_s", "prefill_cv", "reload_s",
+                      "role_switch_s")
         missing = [m for m in ("block_free", "block_fixed") if m not in self.transfer]
         if missing:
             raise ValueError(f"profile {self.name!r} lacks transfer modes {missing}")

@@ -162,6 +162,20 @@ def test_e2_router_cpu_measured_comes_from_the_capacity_runs_processes() -> None
         sv.validate_e2(doc, load_profile(PROFILE), router_cpu="measured")
 
 
+def test_e2_prefill_spread_is_the_unloaded_runs_and_can_be_switched_off() -> None:
+    assert sv.prefill_cv({"ttft_p50_ms": 100.0, "ttft_p90_ms": 112.816}) == pytest.approx(0.1)
+    for row in ({"ttft_p50_ms": 100.0, "ttft_p90_ms": 100.0}, {"ttft_p50_ms": None}):
+        assert sv.prefill_cv(row) == 0.0  # no spread measured: none drawn
+    cfg = replace(e2.FULL, loads=(1.0,), capacity_s=6.0, overload_s=6.0)
+    doc = _e2_doc(cfg, with_overload=False)
+    doc["measured"]["unloaded"] = {**doc["measured"]["unloaded"],
+                                   "ttft_p90_ms": 1.2 * doc["measured"]["unloaded"]["ttft_p50_ms"]}
+    calib = sv.validate_e2(doc, load_profile(PROFILE))["calibration"]
+    assert calib["prefill_cv"] == pytest.approx(0.2 / sv.Z90)
+    assert sv.validate_e2(doc, load_profile(PROFILE), spread=False)["calibration"][
+        "prefill_cv"] == 0.0
+
+
 def _row(prompt: int, out: int, ttft: float, tpot: float, status: str = "ok") -> list[Any]:
     times = [round(ttft + i * tpot, 6) for i in range(out)]
     return [prompt, out, 0.0, times if status == "ok" else [], status]

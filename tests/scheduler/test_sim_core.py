@@ -254,3 +254,71 @@ def test_decode_slot_test_from_the_signature_equals_the_snapshots_properties() -
                 sig = (role, n, 0, 7, state)
                 load = dec.snapshot(sig)
                 assert dec.can_decode_more(sig) == (load.is_routable and load.free_slots > 0), sig
+
+
+@pytest.mark.parametrize("max_backoff_s", [0.05, 0.2])
+def test_a_freed_prefill_slot_goes_at_once_to_the_oldest_waiting_request(
+        max_backoff_s: float) -> None:
+    """The router's slot signal: a waiting request sweeps again when a prefill call
+    ends, oldest first, whatever its back-off; a full prefill is not asked."""
+    from pdserve.bench.records import RequestSpec
+
+    prof = profile()
+    prof = replace(prof, prefill=replace(prof.prefill, max_batch_size=1))
+    n, prompt = 5, 1024
+    specs = [RequestSpec(i, prompt, 4, arrival_s=0.001 * i) for i in range(n)]
+    fw = ForwardingPolicy(ttft_budget_s=10.0, max_backoff_s=max_backoff_s)
+    cfg = SimConfig(scenarios=(ScenarioSpec("a", 1, 1),), duration_s=0.01, max_drain_s=60,
+                    forwarding=fw)
+    attempts: list[int] = []
+
+    class Counting(Cluster):
+        async def _attempt(self, req: SimRequest, name: str) -> str:
+            attempts.append(req.index)
+            return await super()._attempt(req, name)
+
+    c = Counting(cfg, prof, trace=specs)
+    c.run()
+    assert c.outcomes.counts() == {"ok": n}
+    assert_clean(c)
+    first = list(c.outcomes.first)
+    # served in arrival order, each prompt starting the instant the one before it
+    # has reached its decode: back to back, no idle slot while a back-off runs
+    per_prompt = (prof.prefill.batch_time(prompt, float(prompt * prompt))
+                  + prof.transfer_time("block_free", prompt))
+    gaps = [b - a for a, b in itertools.pairwise(first)]
+    assert gaps == pytest.approx([per_prompt] * (n - 1), rel=1e-9)
+    # nobody asked the full prefill (it would have refused): one attempt each
+    assert attempts == list(range(n))
+
+
+def test_prefill_times_drawn_with_the_profiles_spread_are_seeded_and_centred() -> None:
+    """``Profile.prefill_cv``: each batch's time is drawn lognormal around the model's
+    (mean 1, that coefficient of variation), the same draws for the same seed."""
+    from pdserve.bench.records import RequestSpec
+
+    prof = profile()
+    prof = replace(prof, prefill=replace(prof.prefill, max_batch_size=1))
+    n, prompt = 400, 512
+    specs = [RequestSpec(i, prompt, 1, arrival_s=1.0 * i) for i in range(n)]  # one at a time
+    cfg = SimConfig(scenarios=(ScenarioSpec("a", 1, 1),), duration_s=n, max_drain_s=60)
+
+    def ttfts(cv: float, seed: int = 0) -> list[float]:
+        c = Cluster(replace(cfg, seed=seed), replace(prof, prefill_cv=cv), trace=specs)
+        c.run()
+        assert c.outcomes.counts() == {"ok": n}
+        return [f - s for s, f in zip(c.outcomes.send, c.outcomes.first, strict=True)]
+
+    exact = ttfts(0.0)
+    assert max(exact) - min(exact) < 1e-9  # no spread: every prompt the model's time
+    prefill = prof.prefill.batch_time(prompt, float(prompt * prompt))
+    drawn = ttfts(0.2)
+    assert drawn == ttfts(0.2)  # seeded
+    assert drawn != ttfts(0.2, seed=1)
+    extra = [d - exact[0] for d in drawn]  # the drawn prefill less the model's
+    mean = sum(extra) / n
+    sd = (sum((e - mean) ** 2 for e in extra) / n) ** 0.5
+    assert abs(mean) < 0.03 * prefill  # centred on the model's time
+    assert sd == pytest.approx(0.2 * prefill, rel=0.2)
+    with pytest.raises(ValueError, match="prefill_cv"):
+        replace(prof, prefill_cv=-0.1)
