@@ -10,7 +10,11 @@
 event loop: its injected ``sleep`` yields a ``_Sleep`` that becomes a heap
 event, and an accepted attempt parks (``_Park``) until the prompt's KV has
 reached the decode instance, or raises ``Unavailable`` into the coroutine when
-the prefill instance fails, which makes the policy try the next one.
+the prefill instance fails, which makes the policy try the next one. It gets
+the router's other two arguments too: ``is_full`` (a prefill this router's
+calls fill is skipped) and a slot signal (``_SlotSignal``: a request that
+found every prefill full waits until a prefill call ends or its back-off runs
+out, and every waiter then sweeps again, oldest first).
 Recovery and the P/D ratio are in ``control``.
 """
 
