@@ -308,7 +308,10 @@ class Cluster:
         sc = self.scenarios[req.scenario]
         if sc.disaggregated and not self._reserve_decode(sc, req):
             # No decode has room: wait as the router does (``Router._choose``: doubling
-            # back-off) while the TTFT budget allows, then end the request early.
+            # back-off) while the TTFT budget allows, then end the request early. Each
+            # look over the decodes is the router's work like a prefill sweep (``sweep_s``).
+            if sc.host is not None:
+                sc.host.router_job(sc.sweep_s)
             fw = self._fw
             req.backoff = min(max(req.backoff * 2, fw.min_backoff_s), fw.max_backoff_s)
             if self.loop.now + req.backoff < req.deadline:

@@ -28,11 +28,12 @@ class HostCores:
     prefill (put on a router core when its prefill batch starts; nobody waits for
     it, it only takes its share of the core), ``token_s`` per streamed token
     (put there at each change of a decode batch, for the tokens made since) and
-    ``sweep_s`` per on-demand sweep: each time a waiting request looks over the
-    prefills again (woken by a freed slot or by its back-off), it ranks them,
-    skips the full ones and tries the others (a router waking a backlog of
-    waiting requests at every freed slot keeps its core busy even though none
-    of them is served: E2 under overload).
+    ``sweep_s`` per sweep: each time a waiting request looks over the prefills
+    again (woken by a freed slot or by its back-off), it ranks them, skips the
+    full ones and tries the others, and each time a request waiting for decode
+    room looks over the decodes again (a router waking a backlog of waiting
+    requests keeps its core busy even though none of them is served: E2 under
+    overload).
     """
 
     prefill: tuple[int, ...] = ()

@@ -165,6 +165,23 @@ def test_per_token_router_work_slows_the_decode_on_its_core() -> None:
     assert sum(_tpots(costly)) > 1.2 * sum(_tpots(free))
 
 
+def test_requests_waiting_for_decode_room_load_the_routers_core() -> None:
+    """``sweep_s`` is also the router's work each time a request waiting for decode
+    room looks over the decodes again (``Router._choose``): local queues, where no
+    prefill sweep happens, and a decode of 2 slots that the burst overfills."""
+    prof = _prof()
+    prof = replace(prof, decode=replace(prof.decode, max_batch_size=2))
+    specs = [RequestSpec(i, 300, 40, 0.001 * i) for i in range(12)]
+    busy = []
+    for sweep in (0.0, 0.002):
+        sc = ScenarioSpec("a", 2, 1, host=replace(E2_LIKE, sweep_s=sweep))
+        c = _run(prof, specs, sc)
+        assert c.scenarios["a"].host is not None
+        busy.append(c.scenarios["a"].host.cores[1].busy_s)
+    # the waiting requests' looks (dozens, each 2 ms) kept the router's core busier
+    assert busy[1] > busy[0] + 0.02
+
+
 def test_prefills_on_one_core_are_re_timed_when_the_other_ends() -> None:
     # two prompts, the second half a prefill later: processor sharing ends the first at
     # 1.5 t and the second at 2 t (counting busy prefills only at a batch's start, the
