@@ -71,6 +71,19 @@ class InferenceResponse:
         self.output_tensors, self.error = output_tensors or [], error
 
 
+class PayloadOut:
+    """A Responder stand-in (``roles.triton.Responder``'s ``send``) that keeps the
+    payloads a role answers with."""
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+        self.is_final = False
+
+    def send(self, outputs: dict[str, Any], final: bool = False) -> None:
+        self.payloads.append(outputs["payload"][0])
+        self.is_final = final
+
+
 def module() -> types.ModuleType:
     """A fresh module object to put in ``sys.modules`` under Triton's name."""
     mod = types.ModuleType("triton_python_backend_utils")

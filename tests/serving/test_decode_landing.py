@@ -18,7 +18,6 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 
 from pdserve.errors import Unavailable
@@ -46,18 +45,6 @@ def mods() -> Iterator[dict[str, Any]]:
                "ChannelServer": ChannelServer, "InstanceConfig": InstanceConfig}
 
 
-class _Out:
-    """A Responder stand-in: keeps the payloads the role answers with."""
-
-    def __init__(self) -> None:
-        self.payloads: list[bytes] = []
-        self.is_final = False
-
-    def send(self, outputs: dict[str, np.ndarray], final: bool = False) -> None:
-        self.payloads.append(outputs["payload"][0])
-        self.is_final = final
-
-
 class _Run:
     """One decode role and one router-side token channel, for one test."""
 
@@ -79,7 +66,7 @@ class _Run:
         """Reserve as the router does; the stream opened held, as the router opens it."""
         c = self.m["c"]
         call = c.GenerateCall(RID, PROMPT, sampling, channel=self.server.address)
-        out = _Out()
+        out = fake_pb_utils.PayloadOut()
         stream = self.server.open(RID, lambda ids: self.tokens.extend(ids))
         await self.role.handle("reserve", call.to_bytes(), out)
         accepted = c.Accepted.from_bytes(out.payloads[0])
@@ -175,7 +162,7 @@ def test_a_start_that_fails_ends_the_stream_frees_the_kv_and_counts_as_taken(
         assert run.role.arena.bytes_in_use == 0
         # taken: the router sends no commit, and one would find nothing to start
         with pytest.raises(Exception, match="no reservation"):
-            await run.role.handle("commit", _commit(mods).encode(), _Out())
+            await run.role.handle("commit", _commit(mods).encode(), fake_pb_utils.PayloadOut())
 
     _run(mods, body)
 
@@ -191,7 +178,7 @@ def test_a_notice_for_another_request_is_declined_and_commit_still_starts_it(
             mods["c"].CommitCall("req-2", 42).to_bytes().decode())
         assert await run.land(handle, bad) is False
         assert run.role.stats() == {"pending": 1, "streams": 0}  # left for the commit
-        out = _Out()
+        out = fake_pb_utils.PayloadOut()
         await run.role.handle("commit", _commit(mods).encode(), out)
         assert out.is_final
         stream.release()
@@ -209,7 +196,8 @@ def test_abort_after_a_start_on_landing_stops_the_sequence(mods: dict[str, Any])
                                             "ignore_eos": True})
         assert await run.land(handle, _commit(mods)) is True
         stream.release()
-        await run.role.handle("abort", mods["c"].AbortCall(RID).to_bytes(), _Out())
+        await run.role.handle("abort", mods["c"].AbortCall(RID).to_bytes(),
+                              fake_pb_utils.PayloadOut())
         assert (await asyncio.wait_for(stream.done, 30))[0] == "abort"
         assert len(run.tokens) < 499
         for _ in range(100):  # the batch worker frees the sequence at its next step

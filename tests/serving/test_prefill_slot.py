@@ -83,7 +83,7 @@ def test_the_slot_is_free_when_the_answer_is_sent(mods: dict[str, Any]) -> None:
                                    roles={"decode_0": "decode"})
 
     async def reserve(rid: str) -> tuple[Any, str]:
-        out = _Collect()
+        out = fake_pb_utils.PayloadOut()
         stream = server.open(rid, lambda ids: None)
         await decode.handle("reserve", c.GenerateCall(rid, PROMPT, SAMPLING,
                                                       channel=server.address).to_bytes(), out)
@@ -133,12 +133,3 @@ def test_the_slot_is_free_when_the_answer_is_sent(mods: dict[str, Any]) -> None:
         threading.Event().wait(0.05)
     assert threading.active_count() <= threads, [t.name for t in threading.enumerate()]
 
-
-class _Collect:
-    def __init__(self) -> None:
-        self.payloads: list[bytes] = []
-        self.is_final = False
-
-    def send(self, outputs: dict[str, np.ndarray], final: bool = False) -> None:
-        self.payloads.append(outputs["payload"][0])
-        self.is_final = final
