@@ -93,13 +93,22 @@ class _SlotSignal:
     notify when they end, so a request that found every prefill full starts
     again when a slot frees, oldest waiter first, not only when its back-off
     runs out. ``Cluster._notify`` is that end here. A waiter the timeout woke
-    stays in ``waiters`` (``done``) until the next notify drops it.
+    stays in ``waiters`` (``done``) until the next notify drops it, or until the
+    done ones outnumber the waiting ones (``add``), so a long spell without a
+    freed slot (every prefill down) does not grow the list without bound.
     """
 
-    __slots__ = ("waiters",)
+    __slots__ = ("num_waiting", "waiters")
 
     def __init__(self) -> None:
         self.waiters: list[_SlotWait] = []
+        self.num_waiting = 0
+
+    def add(self, w: _SlotWait) -> None:
+        self.waiters.append(w)
+        self.num_waiting += 1
+        if len(self.waiters) > 2 * self.num_waiting + 64:
+            self.waiters = [x for x in self.waiters if not x.done]
 
     def wait(self, timeout_s: float) -> _SlotWait:
         return _SlotWait(self, max(0.0, timeout_s))
@@ -390,6 +399,7 @@ class Cluster:
         instant (the first takes the slot; the others find it full and wait), in
         one event after the current one (the router's loop runs them in turn)."""
         waiters, sc.slot_freed.waiters = sc.slot_freed.waiters, []
+        sc.slot_freed.num_waiting = 0
         woken = [w for w in waiters if not w.done]
         for w in woken:
             w.done = True
@@ -407,6 +417,7 @@ class Cluster:
         """The back-off ran out before a slot freed."""
         if not w.done and w.req is not None and w.coro is not None:
             w.done = True
+            w.signal.num_waiting -= 1
             self._resume((w.req, w.coro))
 
     async def _attempt(self, req: SimRequest, name: str) -> str:
@@ -455,7 +466,7 @@ class Cluster:
         elif isinstance(y, _SlotWait):
             y.req = req
             y.coro = coro
-            y.signal.waiters.append(y)
+            y.signal.add(y)
             self.loop.after(y.delay, self._wait_over, y)
         else:
             req.coro = coro

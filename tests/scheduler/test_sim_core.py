@@ -322,3 +322,32 @@ def test_prefill_times_drawn_with_the_profiles_spread_are_seeded_and_centred() -
     assert sd == pytest.approx(0.2 * prefill, rel=0.2)
     with pytest.raises(ValueError, match="prefill_cv"):
         replace(prof, prefill_cv=-0.1)
+
+
+def test_waiters_woken_by_their_back_off_do_not_pile_up_between_freed_slots() -> None:
+    """Each back-off that runs out leaves a finished wait in the scenario's signal until
+    the next freed slot; the list is compacted once those outnumber the live ones."""
+    from pdserve.bench.records import RequestSpec
+
+    prof = profile()
+    prof = replace(prof, prefill=replace(prof.prefill, max_batch_size=1))
+    # one 8000-token prompt holds the only slot for ~0.3 s; 40 requests wait behind it,
+    # each waking every 50 ms: ~240 finished waits before the slot frees
+    specs = [RequestSpec(0, 8000, 2, arrival_s=0.0)]
+    specs += [RequestSpec(i, 64, 2, arrival_s=0.001 * i) for i in range(1, 41)]
+    cfg = SimConfig(scenarios=(ScenarioSpec("a", 1, 1),), duration_s=0.1, max_drain_s=60,
+                    forwarding=ForwardingPolicy(ttft_budget_s=10.0))
+    c = Cluster(cfg, prof, trace=specs)
+    seen: list[tuple[int, int]] = []
+
+    def look(_: object) -> None:
+        sig = c.scenarios["a"].slot_freed
+        seen.append((len(sig.waiters), sig.num_waiting))
+
+    for k in range(1, 29):
+        c.loop.at(0.01 * k, look, None)
+    c.run()
+    assert c.outcomes.counts() == {"ok": len(specs)}
+    assert_clean(c)
+    assert max(n for _, n in seen) == 40  # all of them waited at once
+    assert all(total <= 2 * live + 64 + 1 for total, live in seen), seen
