@@ -24,6 +24,10 @@ never from the points themselves:
   - E2 only: the prefill time of its one prompt length from the closed-loop
     capacity C (every slot busy, both prefills on one core): a prompt holds its
     slot S = slots / C, of which the core's share is S / 2.
+  - E2 only: how much that time varies from prompt to prompt
+    (``Profile.prefill_cv``, ``prefill_cv``), from the unloaded run's TTFT
+    spread; each simulated prefill is drawn with it (``--no-prefill-spread``:
+    exact times).
   - the router's and client's CPU work per request (``HostCores.request_s``;
     E2: on the decode's core, E1: unpinned, on the less busy core), from the
     one measurement before the points with the router and client busy (E2: the
@@ -236,8 +240,8 @@ def fit_router_request_s(profile: Profile, scenario: ScenarioSpec, specs: list[R
 
 
 def fit_router_sweep_s(profile: Profile, scenario: ScenarioSpec, specs: list[RequestSpec],
-                         measured_ms: float, slowed: dict[str, float] | None = None,
-                         **kw: Any) -> tuple[float, dict[str, Any]]:
+                       measured_ms: float, slowed: dict[str, float] | None = None,
+                       **kw: Any) -> tuple[float, dict[str, Any]]:
     """``sweep_s`` (router CPU per on-demand sweep over the prefills) at which the replayed
     open-loop overload run's TPOT p50 is the measured one (bisection; ``slowed``
     as for ``fit_router_request_s``)."""

@@ -398,8 +398,11 @@ class Cluster:
         """A prefill call ended: every waiter sweeps again, oldest first, at this
         instant (the first takes the slot; the others find it full and wait), in
         one event after the current one (the router's loop runs them in turn)."""
-        waiters, sc.slot_freed.waiters = sc.slot_freed.waiters, []
-        sc.slot_freed.num_waiting = 0
+        sig = sc.slot_freed
+        if not sig.waiters:  # the usual case below capacity: nobody waits
+            return
+        waiters, sig.waiters = sig.waiters, []
+        sig.num_waiting = 0
         woken = [w for w in waiters if not w.done]
         for w in woken:
             w.done = True
