@@ -23,6 +23,19 @@ decode to prefill 8 s into the output-heavy phase on such a window), so the
 decision waits for a window of one mix. A scenario never drops below one
 prefill and one decode.
 
+The mix's prompt length is counted as requests arrive; the output length as
+tokens are generated, so it trails a shift by a request's life: the tokens of
+the old requests still decoding count with the first tokens of the new ones.
+On E3's shifts the window after the mixed one read 900/7 for 900/4 (or 646/25
+for 16/160), and every reaction waited a second short window. Where the router
+also counts the output lengths the requests ask for as they arrive
+(``ScenarioSignal.requested_tokens``), the mix takes that figure while it
+predicts what the requests generate (``RatioController._asked_leads``: the
+generated figure, once settled, is not more than ``mix_change`` below it). It
+stops predicting when requests end at EOS well before their ``max_tokens``
+(a client that always asks for 2048 tokens): after two settled windows of
+that the mix goes back to the generated figure.
+
 The online trigger picks a direction from the TTFT share, but TTFT here also
 holds the router's wait for decode room: with the decodes saturated, TTFT's
 share rises too, and "more prefill" would starve the stage that is short (E3,
@@ -240,6 +253,8 @@ class ScenarioSignal:
     ttft_share: float | None = None  # mean TTFT / E2E in the window
     prompt_tokens: float | None = None  # mean prompt length of the window's requests
     output_tokens: float | None = None  # mean output length of the window's requests
+    # mean output length the window's arrived requests asked for (max_tokens), if counted
+    requested_tokens: float | None = None
     compute: ComputeView | None = None  # None: not measured, the rules count slots
 
 
@@ -307,7 +322,12 @@ class RatioController:
         self._baseline_e2e: float | None = None
         self._baseline_share: float | None = None
         self._baseline_mix: tuple[float | None, float | None] = (None, None)
-        self._last_mix: tuple[float | None, float | None] = (None, None)
+        # The last window's (prompt, asked, generated) mean lengths; the mix is
+        # (prompt, asked) while ``_asked_leads``, else (prompt, generated).
+        self._last_lengths: tuple[float | None, float | None, float | None] = (None, None, None)
+        self._asked_leads = False
+        self._asked_misses = 0  # settled windows in a row where asked did not lead
+        self._mix: tuple[float | None, float | None] = (None, None)  # this window's
         # (n_prefill, n_decode) -> [(when, score)] of its windows with the current mix
         self._measured: dict[tuple[int, int], list[tuple[float, float]]] = {}
         self._measured_mix: tuple[float | None, float | None] = (None, None)
@@ -319,8 +339,18 @@ class RatioController:
 
     def decide(self, signal: ScenarioSignal) -> RatioDecision:
         n_p, n_d = signal.n_prefill, signal.n_decode
-        mix = (signal.prompt_tokens, signal.output_tokens)
-        before, self._last_mix = self._last_mix, mix
+        lengths = (signal.prompt_tokens, signal.requested_tokens, signal.output_tokens)
+        last, self._last_lengths = self._last_lengths, lengths
+        before, mix = self._mix_of(last), self._mix_of(lengths)
+        if not self._differs(before, mix):
+            led = self._asked_leads
+            self._learn_asked_leads(last, lengths)
+            mix = self._mix_of(lengths)
+            if self._asked_leads and not led:
+                before = self._mix_of(last)  # taking the lead: both read the same way
+            # Giving it up is a change of mix when the generated figure is not what
+            # was asked: what each ratio did was for the asked reading.
+        self._mix = mix
         if self._differs(before, mix):
             self._archive(signal.now)  # what each ratio did was for the old mix
             self._explored = None
@@ -450,7 +480,7 @@ class RatioController:
                 or self._mean_score((target.n_prefill, target.n_decode), signal.now):
             return None
         if self.policy.recall_s and (target.n_prefill, target.n_decode) in self._recalled(
-                (signal.prompt_tokens, signal.output_tokens), signal.now):
+                self._mix, signal.now):
             return None
         return (f"{target.n_prefill}P{target.n_decode}D not measured with this mix, "
                 f"{n_p}P{n_d}D over {here[1]} windows")
@@ -563,8 +593,7 @@ class RatioController:
         now_score = self._mean_score((n_p, n_d), signal.now)
         if now_score is None:
             return None
-        past = {r: v for r, v in self._recalled((signal.prompt_tokens, signal.output_tokens),
-                                                 signal.now).items()
+        past = {r: v for r, v in self._recalled(self._mix, signal.now).items()
                 if sum(r) == n_p + n_d and r not in self._measured
                 and r[0] >= self.policy.min_prefill and r[1] >= self.policy.min_decode}
         if not past:
@@ -622,7 +651,7 @@ class RatioController:
     def _online(self, signal: ScenarioSignal) -> RatioDecision | None:
         if signal.e2e_s is None or signal.ttft_share is None:
             return None
-        mix = (signal.prompt_tokens, signal.output_tokens)
+        mix = self._mix
         if (self._baseline_e2e is None or self._baseline_share is None
                 or self._mix_changed(mix)):
             self._baseline_e2e, self._baseline_share = signal.e2e_s, signal.ttft_share
@@ -649,6 +678,33 @@ class RatioController:
         return _switch(action, n_p, n_d,
                        f"E2E up {rise:.2f}x with TTFT share {trend} {share_change:+.2f}")
 
+
+    def _mix_of(self, lengths: tuple[float | None, float | None, float | None]
+                ) -> tuple[float | None, float | None]:
+        """(prompt, output) mean lengths of a window: the output asked for while it
+        leads (``_asked_leads``), else the output generated."""
+        prompt, asked, generated = lengths
+        return (prompt, asked if self._asked_leads and asked is not None else generated)
+
+    ASKED_MISSES = 2  # settled windows in a row of asked not leading that end its lead
+
+    def _learn_asked_leads(self, last: tuple[float | None, float | None, float | None],
+                           lengths: tuple[float | None, float | None, float | None]) -> None:
+        """On a window of one mix whose generated output length has settled too (within
+        ``mix_change`` of the window before), whether the asked length predicts it:
+        the generated is not more than ``mix_change`` below it (above it is only the
+        trail of longer requests that arrived earlier). A lead is taken at once and
+        given up after ``ASKED_MISSES`` such windows without it."""
+        _, asked, generated = lengths
+        if asked is None or generated is None or last[2] is None \
+                or self._differs((None, last[2]), (None, generated)):
+            return
+        if generated * (1 + self.policy.mix_change) >= asked:
+            self._asked_leads, self._asked_misses = True, 0
+            return
+        self._asked_misses += 1
+        if self._asked_misses >= self.ASKED_MISSES:
+            self._asked_leads = False
 
     def _mix_changed(self, mix: tuple[float | None, float | None]) -> bool:
         """The window's mean prompt or output length is not the baseline's."""

@@ -39,6 +39,11 @@ slots to reserve, so 4 requests at most are in flight (E3 of 2026-12-03, phase 2
 decode's own in-flight count: that includes reservations waiting for a prefill
 slot, so it would blame decode for a prefill shortage.
 
+``requested`` (``pdserve_requested_output_tokens_total``, router) adds each
+arriving request's ``max_tokens``: the output length the request mix asks for,
+known as it arrives, where the generated count trails a shift by a request's
+life (``ratio.py``, ``RatioController._asked_leads``).
+
 ``offered`` (``pdserve_requests_offered_total``, router) counts every valid
 request, also those ended early with UNAVAILABLE: demand the first-token
 count misses exactly when capacity is short. Token counters are taken from the
@@ -67,8 +72,10 @@ GENERATED = "pdserve_generated_tokens_total"
 PROMPT = "pdserve_prompt_tokens_total"
 RUNNING = "pdserve_running_batch_size"
 OFFERED = "pdserve_requests_offered_total"
-_KEYS = ("ttft_sum", "ttft_count", "tpot_sum", "tpot_count", "generated", "prompt", "offered")
-_ROUTER_ONLY = ("generated", "prompt")
+REQUESTED = "pdserve_requested_output_tokens_total"
+_KEYS = ("ttft_sum", "ttft_count", "tpot_sum", "tpot_count", "generated", "prompt", "offered",
+         "requested")
+_ROUTER_ONLY = ("generated", "prompt", "requested")
 
 
 @dataclass
@@ -110,7 +117,7 @@ def _key(sample_name: str) -> str | None:
     return {
         f"{TTFT}_sum": "ttft_sum", f"{TTFT}_count": "ttft_count",
         f"{TPOT}_sum": "tpot_sum", f"{TPOT}_count": "tpot_count",
-        GENERATED: "generated", PROMPT: "prompt", OFFERED: "offered",
+        GENERATED: "generated", PROMPT: "prompt", OFFERED: "offered", REQUESTED: "requested",
     }.get(sample_name)
 
 
@@ -135,6 +142,8 @@ class Window:
     output_tokens: float
     offered: float | None = None  # requests that arrived, served or not (router counter)
     prompt_tokens: float | None = None  # mean prompt length of the arrived requests
+    # Mean output length the arrived requests asked for (max_tokens); None: not counted
+    requested_tokens: float | None = None
 
     @property
     def arrival_rate(self) -> float:
@@ -166,6 +175,8 @@ def window(prev: Totals, cur: Totals, scenario: str) -> Window | None:
         # The router counts a prompt's tokens when the request arrives, as it
         # counts it offered.
         prompt_tokens=d["prompt"] / (d["offered"] or d["ttft_count"]) if d["prompt"] else None,
+        requested_tokens=(d["requested"] / (d["offered"] or d["ttft_count"])
+                          if d["requested"] else None),
     )
 
 
@@ -196,5 +207,6 @@ def scenario_signal(
         ttft_share=w.ttft_s / e2e,
         prompt_tokens=w.prompt_tokens,
         output_tokens=w.output_tokens,
+        requested_tokens=w.requested_tokens,
         compute=compute,
     )

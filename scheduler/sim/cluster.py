@@ -135,10 +135,12 @@ class ScenarioState:
         self.win_tpot = 0.0
         self.win_tpot_n = 0
         self.win_tokens = 0
-        # what the live controller also reads: the router's offered-request and
-        # prompt-token counters, and the prefills' busy slots at each heartbeat
+        # what the live controller also reads: the router's offered-request, prompt-
+        # and requested-output-token counters, and the prefills' busy slots at each
+        # heartbeat
         self.win_offered = 0
         self.win_prompt = 0
+        self.win_requested = 0
         self.win_occupancy: list[float] = []
         self.host: Host | None = None  # spec.host declared: its cores, shared
         self.request_s = spec.host.request_s if spec.host is not None else 0.0  # router, a prompt
@@ -307,6 +309,7 @@ class Cluster:
         sc = self.scenarios[scenario]
         sc.win_offered += 1
         sc.win_prompt += input_len
+        sc.win_requested += output_len  # a simulated request runs to its max_tokens
         req = SimRequest(self.outcomes.new(t, input_len, output_len), scenario, t,
                          input_len, output_len)
         req.deadline = t + self._ttft_budget_s

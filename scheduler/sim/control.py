@@ -11,7 +11,8 @@ them is exact and saves 10,000 instances / 2 s of events.
 The ratio uses the controller's ``RatioLoop`` (donor choice, one switch at a
 time, drain, minimums) fed by ``signals.scenario_signal`` with the inputs the
 live controller has: the window's TTFT/TPOT and tokens, the requests offered
-(ended early included) and their prompt tokens (the router's counters), and
+(ended early included), their prompt tokens and the output tokens they ask
+for (the router's counters), and
 the prefills' busy share of their slots sampled every probe interval (the
 heartbeats' in-flight counts), and, where the scenario's instances share a
 host's cores, each core's busy share over the window (what the heartbeats'
@@ -243,10 +244,13 @@ class Control:
                        ttft_s=sc.win_ttft / sc.win_first, tpot_s=sc.win_tpot / sc.win_tpot_n,
                        output_tokens=sc.win_tokens / sc.win_first,
                        offered=sc.win_offered or None,
-                       prompt_tokens=sc.win_prompt / sc.win_offered if sc.win_offered else None)
+                       prompt_tokens=sc.win_prompt / sc.win_offered if sc.win_offered else None,
+                       requested_tokens=(sc.win_requested / sc.win_offered
+                                         if sc.win_offered else None))
         occupancy = (sum(sc.win_occupancy) / len(sc.win_occupancy)
                      if sc.win_occupancy else None)
         sc.win_first = sc.win_tpot_n = sc.win_tokens = sc.win_offered = sc.win_prompt = 0
+        sc.win_requested = 0
         sc.win_ttft = sc.win_tpot = 0.0
         sc.win_occupancy = []
         return w, occupancy

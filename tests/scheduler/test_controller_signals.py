@@ -67,6 +67,31 @@ def test_offered_requests_drive_the_arrival_rate_and_tokens_count_once() -> None
     assert w.output_tokens == pytest.approx(400 / 20)  # the decode's own count is not added
 
 
+def test_the_output_length_asked_for_is_the_routers_per_offered_request() -> None:
+    """``requested_tokens``: the router's max_tokens counter over its offered count,
+    a decode's series of the same name ignored (the router counts each request once);
+    None from a router that does not count it."""
+    extra = ("# TYPE pdserve_requests_offered_total counter\n"
+             'pdserve_requests_offered_total{{instance="pdserve",scenario="default"}} {off}\n'
+             "# TYPE pdserve_requested_output_tokens_total counter\n"
+             'pdserve_requested_output_tokens_total{{instance="pdserve",scenario="default"}} '
+             "{req}\n"
+             'pdserve_requested_output_tokens_total{{instance="decode_0",scenario="default"}} '
+             "{req}\n")
+    decodes = {"decode_0": "default"}
+    prev = totals_from_text([page(10, 1.0, 0.1, 100) + extra.format(off=10, req=40)], 0.0,
+                            decodes, ["default"])
+    cur = totals_from_text([page(30, 5.0, 0.5, 500) + extra.format(off=60, req=840)], 10.0,
+                           decodes, ["default"])
+    w = window(prev, cur, "default")
+    assert w is not None and w.requested_tokens == pytest.approx(800 / 50)
+    sig = scenario_signal(w, 10.0, 2, 2, prefill_batch=8, decode_batch=16)
+    assert sig is not None and sig.requested_tokens == pytest.approx(16.0)
+    old = window(totals_from_text([page(10, 1.0, 0.1, 100)], 0.0, {}, ["default"]),
+                 totals_from_text([page(30, 5.0, 0.5, 500)], 10.0, {}, ["default"]), "default")
+    assert old is not None and old.requested_tokens is None
+
+
 def test_unlabelled_router_series_are_dropped_with_several_scenarios() -> None:
     t = totals_from_text([page(10, 1.0, 0.1, 100)], 0.0, {}, ["a", "b"])
     assert t.values == {}

@@ -458,6 +458,64 @@ def test_a_returning_mix_goes_to_the_ratio_that_did_best_with_it() -> None:
     assert controller.decide(_window(40.0, 3, 1, 1.0, 2.0, PROMPTS)).action == "none"
 
 
+@pytest.mark.parametrize("asked", [True, False])
+def test_a_returning_mix_is_recalled_a_window_sooner_where_the_asked_lengths_lead(
+        asked: bool) -> None:
+    """The generated output length trails a shift by a request's life: on E3's
+    return to prompt-heavy traffic the window after the mixed one still read
+    900/7 for 900/4, and the recall waited for another window. The output length
+    the requests ask for (the router's count at arrival) has no trail."""
+    controller = RatioController(RatioPolicy(cooldown_s=0.0, min_peak=5.0, e2e_rise=100.0,
+                                             recall_s=600.0))
+
+    def w(now: float, n_p: int, rate: float, e2e: float, mix: tuple[float, float],
+          generated: float | None = None) -> ScenarioSignal:
+        return replace(_window(now, n_p, 4 - n_p, rate, e2e, mix),
+                       output_tokens=generated or mix[1],
+                       requested_tokens=mix[1] if asked else None)
+
+    for now, n_p, rate, e2e in ((0.0, 1, 2.0, 1.0), (4.0, 3, 6.0, 0.5), (8.0, 3, 6.0, 0.5)):
+        assert controller.decide(w(now, n_p, rate, e2e, PROMPTS)).action == "none"
+    assert "mix changing" in controller.decide(w(12.0, 3, 1.0, 2.0, OUTPUTS, 60.0)).reason
+    for now, generated in ((16.0, 130.0), (20.0, 160.0)):
+        assert controller.decide(w(now, 1, 2.0, 1.0, OUTPUTS, generated)).action == "none"
+    # Prompt-heavy again: the mixed window, then one whose generated figure trails.
+    assert "mix changing" in controller.decide(w(24.0, 1, 2.0, 1.0, PROMPTS, 60.0)).reason
+    trailing = controller.decide(w(26.0, 1, 2.0, 1.0, PROMPTS, 4.8))
+    settled = controller.decide(w(28.0, 1 + asked, 2.0, 1.0, PROMPTS))
+    recall = trailing if asked else settled
+    assert (recall.action, recall.n_prefill) == ("add_prefill", 2), recall.reason
+    assert recall.reason.startswith("recall: 3P1D did"), recall.reason
+    if not asked:
+        assert "mix changing (900/60 -> 900/5 " in trailing.reason, trailing.reason
+
+
+def test_asked_lengths_that_do_not_predict_the_output_give_way_to_the_generated() -> None:
+    """Requests that end at EOS well before their max_tokens: the asked figure says
+    nothing of the output, and a shift of the generated one is a new mix."""
+    def w(now: float, asked: float, generated: float) -> ScenarioSignal:
+        return replace(_window(now, 2, 2, 4.0, 1.0, (100.0, generated)),
+                       requested_tokens=asked)
+
+    def reasons(controller: RatioController, windows: list[ScenarioSignal]) -> list[str]:
+        return [controller.decide(s).reason for s in windows]
+
+    # Always 2048 asked: the generated figure is the mix from the first window.
+    said = reasons(RatioController(RatioPolicy(cooldown_s=0.0, min_peak=5.0)),
+                   [w(0.0, 2048, 100), w(4.0, 2048, 100), w(8.0, 2048, 300)])
+    assert not any("mix changing" in r for r in said[:2]), said
+    assert "mix changing (100/100 -> 100/300 " in said[2], said
+    # 160 asked and generated: the asked figure leads. Then the requests end near 60
+    # tokens: after two settled windows of that it gives way, a change of mix, and
+    # a later shift of the generated figure alone is seen.
+    said = reasons(RatioController(RatioPolicy(cooldown_s=0.0, min_peak=5.0)),
+                   [w(0.0, 160, 160), w(4.0, 160, 160), w(8.0, 160, 60), w(12.0, 160, 60),
+                    w(16.0, 160, 60), w(20.0, 160, 60), w(24.0, 160, 120)])
+    changing = [i for i, r in enumerate(said) if "mix changing" in r]
+    assert changing == [4, 6], said
+    assert "(100/160 -> 100/60 " in said[4] and "(100/60 -> 100/120 " in said[6], said
+
+
 @pytest.mark.parametrize("case", ["off", "forgotten", "within tolerance", "other count"])
 def test_no_recall_when_off_stale_not_better_or_another_instance_count(case: str) -> None:
     policy = RatioPolicy(cooldown_s=0.0, min_peak=5.0, e2e_rise=100.0,

@@ -261,3 +261,21 @@ def test_http_generate_and_stream(tiny_server: TritonServer) -> None:
                      lambda m: m.get(("pdserve_generated_tokens_total", "pdserve"), 0) > 0)
     assert m[("pdserve_generated_tokens_total", "pdserve")] > 0
     assert m[("pdserve_prompt_tokens_total", "prefill_0")] > 0
+
+
+def test_the_router_counts_the_output_tokens_requests_ask_for(tiny_server: TritonServer) -> None:
+    """``pdserve_requested_output_tokens_total`` adds each request's max_tokens as it
+    arrives (the ratio loop's arrival-time output length), with the offered count."""
+    key = ("pdserve_requested_output_tokens_total", "pdserve")
+    offered = ("pdserve_requests_offered_total", "pdserve")
+    before = scrape(tiny_server.options.metrics_url)
+    results = generate_many(tiny_server.options.grpc_url, [
+        {"ids": [5, 7, 9], "sampling": {"max_tokens": 7, "ignore_eos": True}},
+        {"ids": [6, 8], "scenario": "agg", "sampling": {"max_tokens": 11, "ignore_eos": True}},
+    ])
+    assert [r.error for r in results] == [None, None]
+    m = scrape_until(tiny_server.options.metrics_url,
+                     lambda m: m.get(key, 0.0) - before.get(key, 0.0) >= 18
+                     and m.get(offered, 0.0) - before.get(offered, 0.0) >= 2)
+    assert m.get(key, 0.0) - before.get(key, 0.0) == 18
+    assert m.get(offered, 0.0) - before.get(offered, 0.0) == 2

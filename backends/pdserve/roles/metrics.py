@@ -99,6 +99,10 @@ class InstanceMetrics:
         self.offered = make("pdserve_requests_offered_total",
                             "Valid client requests that reached the router, served or not "
                             "(the ratio loop's demand)", fam.COUNTER)
+        self.requested_tokens = make(
+            "pdserve_requested_output_tokens_total",
+            "Output tokens the offered requests asked for (max_tokens), counted on arrival "
+            "(the ratio loop's request mix)", fam.COUNTER)
 
     def set_kv(self, in_use: int, free: int) -> None:
         self.kv_bytes_in_use.set(in_use)

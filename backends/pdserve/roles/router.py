@@ -174,6 +174,7 @@ class RouterRole:
         metrics = self.scenario_metrics[req.scenario]
         metrics.offered.increment(1)
         metrics.prompt_tokens.increment(len(req.prompt_ids))
+        metrics.requested_tokens.increment(req.max_tokens)
         # "abort_target": instance to abort on cancel; "stream": the id of the token
         # stream now open for it; "cancelled": set once the client is gone.
         state: dict[str, str] = {}
