@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fail-threshold", type=int, default=2)
     parser.add_argument("--load-timeout-s", type=float, default=300.0)
     parser.add_argument("--ratio-interval-s", type=float, default=30.0)
+    parser.add_argument("--switch-tick-s", type=float, default=ControllerOptions.switch_tick_s,
+                        help="while a role switch is under way, move it on this often between "
+                             "the probe ticks: switch the drained instance as soon as it is "
+                             "idle (0: at the probe ticks only; default %(default)s)")
     parser.add_argument("--ratio-cooldown-s", type=float, default=60.0)
     parser.add_argument("--drain-timeout-s", type=float, default=60.0)
     parser.add_argument("--ratio-e2e-rise", type=float, default=RatioPolicy.e2e_rise,
@@ -103,6 +107,7 @@ def build(args: argparse.Namespace) -> Controller:
         servers=tuple(dict.fromkeys(a.http for a in addresses)),
         state_path=args.state_file or default_state_path(args.repository),
         health=health, ratio_interval_s=args.ratio_interval_s, role_switch=args.role_switch,
+        switch_tick_s=args.switch_tick_s,
     )
     policy = RatioPolicy(cooldown_s=args.ratio_cooldown_s, min_peak=args.ratio_min_peak,
                          e2e_rise=args.ratio_e2e_rise, share_delta=args.ratio_share_delta,

@@ -18,8 +18,12 @@ Every ``probe_interval_s`` one ``tick``:
      the window (heartbeat counters, ``compute.py``);
   5. write the state file the routers read, and the controller's metrics.
 
-``tick`` takes ``now`` and does no sleeping, so tests drive it with a fake
-clock, a fake probe client and a tmp_path repository.
+While a switch is under way, ``tick_switches`` runs every ``switch_tick_s``
+between the ticks for it alone: the switch goes as soon as its donor is idle,
+not at the next tick.
+
+``tick`` and ``tick_switches`` take ``now`` and do no sleeping, so tests drive
+them with a fake clock, a fake probe client and a tmp_path repository.
 """
 
 from __future__ import annotations
@@ -71,12 +75,21 @@ class ControllerOptions:
     # After a switch in place the drain stays this long, so that every router has
     # heard the instance answer in its new role (router heartbeats: 0.5 s).
     live_settle_s: float = 1.0
+    # While a role switch is under way the loop also runs this often for the switch
+    # alone (``tick_switches``): a heartbeat of the instance it moves, the switch as
+    # soon as that one is idle, the drain lifted ``live_settle_s`` after a switch in
+    # place. Otherwise a drained donor waited for the next probe tick, idle or not
+    # (E3 with owned compute: 1.05-1.15 s of each decode turned prefill). 0: off,
+    # switches move on at the probe ticks only.
+    switch_tick_s: float = 0.25
 
     def __post_init__(self) -> None:
         if self.role_switch not in ("reload", "live"):
             raise ValueError(f"role_switch must be 'reload' or 'live', got {self.role_switch!r}")
         if self.live_settle_s < 0:
             raise ValueError(f"live_settle_s must be >= 0, got {self.live_settle_s}")
+        if self.switch_tick_s < 0:
+            raise ValueError(f"switch_tick_s must be >= 0, got {self.switch_tick_s}")
         if not self.servers:
             raise ValueError("the controller needs at least one server")
         if not self.ratio_interval_s > 0:
@@ -133,14 +146,40 @@ class Controller:
         self._progress_switches(now)
         return self._publish(now)
 
+    def tick_switches(self, now: float) -> ControllerState | None:
+        """Between two ticks: the role switches under way, alone. A heartbeat of each
+        instance they move (its load only: the health machines count the probe
+        ticks' answers, so a slow answer here marks nothing), then each switch goes
+        as far as it can. None: no switch under way."""
+        if not self.ratio.pending:
+            return None
+        keys = sorted(k for k in self.health if k[1] in self.ratio.pending)
+        for key, result in zip(keys, self._pool.map(lambda k: self._probe_one(*k), keys),
+                               strict=True):
+            if result.ok and result.load is not None:
+                self.health[key].last_load = result.load
+        self._progress_switches(now)
+        return self._publish(now)
+
     def run(self, stop: threading.Event, clock: Callable[[], float]) -> None:
-        """Tick until ``stop`` is set; an error in one tick is logged, not fatal."""
+        """Tick every ``probe_interval_s`` until ``stop`` is set, and every
+        ``switch_tick_s`` between them for the switches under way; an error in one
+        tick is logged, not fatal."""
+        due = clock()
         while not stop.is_set():
+            now = clock()
             try:
-                self.tick(clock())
+                if now >= due:
+                    due = now + self.options.health.probe_interval_s
+                    self.tick(now)
+                else:
+                    self.tick_switches(now)
             except Exception:
                 log.exception("controller tick failed")
-            stop.wait(self.options.health.probe_interval_s)
+            wait = due - clock()
+            if self.ratio.pending and self.options.switch_tick_s:
+                wait = min(wait, self.options.switch_tick_s)
+            stop.wait(max(wait, 0.0))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

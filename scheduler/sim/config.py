@@ -112,6 +112,10 @@ class SimConfig:
     ratio_policy: RatioPolicy = field(default_factory=RatioPolicy)
     ratio_interval_s: float = 30.0
     drain_timeout_s: float = 60.0
+    # A drained donor is switched in the decision's tick if idle, else at the first
+    # of these checks that finds it idle (the live ``ControllerOptions.switch_tick_s``;
+    # 0: at the probe ticks only, ``health.probe_interval_s``).
+    switch_tick_s: float = 0.25
     health: HealthPolicy = field(default_factory=HealthPolicy)
     failures_per_hour_per_1000: float = 0.0
     slo: Slo = field(default_factory=Slo)
@@ -134,6 +138,8 @@ class SimConfig:
             raise ValueError(f"ratio must be static or dynamic, got {self.ratio}")
         if not self.ratio_interval_s > 0 or not self.drain_timeout_s > 0:
             raise ValueError("ratio_interval_s and drain_timeout_s must be > 0")
+        if self.switch_tick_s < 0:
+            raise ValueError(f"switch_tick_s must be >= 0, got {self.switch_tick_s}")
         if self.failures_per_hour_per_1000 < 0 or self.max_drain_s < 0:
             raise ValueError("failure rate and max_drain_s must be >= 0")
 

@@ -195,7 +195,7 @@ class Control:
             donor = c.by_name[switch.name]
             donor.health.begin_draining(c.loop.now)
             c.touch(donor)
-            c.loop.after(1.0, self._switch_check, switch)
+            c.loop.after(0.0, self._switch_check, switch)  # the decision's tick
         return next_window_s(self.ratio_loop.policy, cfg.ratio_interval_s, decision)
 
     def _compute_view(self, sc: ScenarioState,
@@ -262,7 +262,9 @@ class Control:
             self.ratio_loop.finish(switch.name)
             return
         if not self.ratio_loop.ready(switch, donor.is_idle, c.loop.now):
-            c.loop.after(1.0, self._switch_check, switch)
+            cfg = c.config
+            c.loop.after(cfg.switch_tick_s or cfg.health.probe_interval_s, self._switch_check,
+                         switch)
             return
         if not donor.is_idle:
             self.evict(donor, "DRAIN_TIMEOUT")

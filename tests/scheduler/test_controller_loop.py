@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -375,6 +378,83 @@ def test_live_switch_keeps_the_repository_and_serves_at_once(tmp_path: Path) -> 
         assert c.state.ratios["default"] == {"prefill": 2, "decode": 2}
         assert c.metrics.registry.get_sample_value(
             "pdserve_controller_repository_edits_total", {"kind": "switch_role_in_place"}) == 1
+
+
+def test_a_drained_donor_is_switched_between_the_probe_ticks_once_idle(tmp_path: Path) -> None:
+    """E3 with owned compute: a decode drained for a prefill waited for the next probe
+    tick (1.05-1.15 s), idle or not. ``tick_switches`` moves a switch under way on
+    between the ticks: a heartbeat of its instance alone, the switch once idle, the
+    drain lifted ``live_settle_s`` after. A probe there that fails marks nothing."""
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live")
+    try:
+        c.tick(0.0)
+        assert c.tick_switches(1.0) is None  # nothing under way
+        triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=2, decode_2=12)
+        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
+        c.tick(10.0)
+        assert "decode_1" in c.ratio.pending and triton.acting == {}  # 2 still in flight
+        c.tick_switches(10.25)
+        assert triton.acting == {}
+        triton.in_flight["decode_1"] = 0
+        c.tick_switches(10.5)
+        assert triton.acting == {"decode_1": "prefill"}
+        assert "decode_1" in read_state(tmp_path / "state.json").draining
+        c.tick_switches(11.25)
+        assert "decode_1" in read_state(tmp_path / "state.json").draining
+        state = c.tick_switches(11.5)  # live_settle_s after the switch
+        assert state is not None and "decode_1" not in state.draining
+        assert "decode_1" not in read_state(tmp_path / "state.json").draining
+        assert c.tick_switches(11.75) is None
+        assert c.state.ratios["default"] == {"prefill": 2, "decode": 2}
+    finally:
+        c.close()
+
+
+def test_probes_between_the_ticks_do_not_count_for_health(tmp_path: Path) -> None:
+    traffic = Traffic()
+    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live")
+    try:
+        c.tick(0.0)
+        triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=2, decode_2=12)
+        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
+        c.tick(10.0)
+        triton.kill("decode_1")
+        for k in range(1, 8):  # fail_threshold is 2 probes
+            c.tick_switches(10.0 + 0.25 * k)
+        assert states(c)["decode_1"] == "draining" and triton.acting == {}
+        c.tick(12.0)
+        assert states(c)["decode_1"] != "draining"
+    finally:
+        c.close()
+
+
+def test_run_ticks_for_the_switches_between_the_probe_ticks(tmp_path: Path) -> None:
+    """``run``: a tick every ``probe_interval_s``; while a switch is under way, a
+    ``tick_switches`` every ``switch_tick_s`` between them."""
+    c, _ = make(tmp_path)
+    c.options = replace(c.options, health=replace(c.options.health, probe_interval_s=0.4),
+                        switch_tick_s=0.05)
+    calls: list[str] = []
+    stop = threading.Event()
+    c.tick = lambda now: calls.append("tick")  # type: ignore[method-assign]
+    c.tick_switches = lambda now: calls.append("switch")  # type: ignore[method-assign]
+    try:
+        runner = threading.Thread(target=c.run, args=(stop, time.monotonic))
+        runner.start()
+        time.sleep(1.0)  # no switch under way: ticks only
+        idle = list(calls)
+        c.ratio.pending["decode_0"] = None  # type: ignore[assignment]
+        time.sleep(1.0)
+        stop.set()
+        runner.join(timeout=5)
+        assert not runner.is_alive()
+    finally:
+        c.ratio.pending.clear()
+        c.close()
+    assert set(idle) == {"tick"} and 2 <= len(idle) <= 4, idle
+    busy = calls[len(idle):]
+    assert busy.count("switch") >= 2 * busy.count("tick") >= 2, busy
 
 
 def test_live_switch_refused_falls_back_to_a_reload(tmp_path: Path) -> None:
