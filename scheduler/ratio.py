@@ -20,8 +20,13 @@ balance rule (which measures the new mix) decides. Neither rule acts on a
 window whose mix differs from the window before it: at a shift one window
 holds the end of the old traffic and the start of the new (E3 switched a
 decode to prefill 8 s into the output-heavy phase on such a window), so the
-decision waits for a window of one mix. A scenario never drops below one
-prefill and one decode.
+decision waits for a window of one mix. The window after it is the first of
+one mix when it reads the new mix and the straddling one reads between the old
+and the new (within ``mix_change``): a step shift, whose new mix is then judged
+a window sooner. On E3's shifts the straddling window read 720/36 or 424/88
+between 900/4 and 16/160, and the next one 16/160, which differs from the
+straddling one and waited another window before. A scenario never drops below
+one prefill and one decode.
 
 The mix's prompt length is counted as requests arrive; the output length as
 tokens are generated, so it trails a shift by a request's life: the tokens of
@@ -328,6 +333,8 @@ class RatioController:
         self._asked_leads = False
         self._asked_misses = 0  # settled windows in a row where asked did not lead
         self._mix: tuple[float | None, float | None] = (None, None)  # this window's
+        # The mix of the window before the last changing one (``_after_step``).
+        self._pre_change: tuple[float | None, float | None] | None = None
         # (n_prefill, n_decode) -> [(when, score)] of its windows with the current mix
         self._measured: dict[tuple[int, int], list[tuple[float, float]]] = {}
         self._measured_mix: tuple[float | None, float | None] = (None, None)
@@ -351,12 +358,14 @@ class RatioController:
             # Giving it up is a change of mix when the generated figure is not what
             # was asked: what each ratio did was for the asked reading.
         self._mix = mix
-        if self._differs(before, mix):
+        if self._differs(before, mix) and not self._after_step(before, mix):
+            self._pre_change = before
             self._archive(signal.now)  # what each ratio did was for the old mix
             self._explored = None
             return RatioDecision("none", n_p, n_d,
                                  f"{MIX_CHANGING} ({_fmt_mix(before)} -> {_fmt_mix(mix)} "
                                  "tokens in/out): waiting for a window of one mix")
+        self._pre_change = None
         if signal.now - self._last_change < self.policy.cooldown_s:
             return RatioDecision("none", n_p, n_d, "cooling down after the last change")
         score = self._score(signal)
@@ -705,6 +714,23 @@ class RatioController:
         self._asked_misses += 1
         if self._asked_misses >= self.ASKED_MISSES:
             self._asked_leads = False
+
+    def _after_step(self, straddling: tuple[float | None, float | None],
+                    mix: tuple[float | None, float | None]) -> bool:
+        """The last window changed the mix and read between the mix before it and
+        this one, which is another than the one before: the last window straddled
+        a step shift, and this one is the first of the new mix."""
+        before = self._pre_change
+        if before is None or not self._differs(before, mix):
+            return False
+        for old, between, new in zip(before, straddling, mix, strict=True):
+            if old is None or between is None or new is None:
+                continue
+            low, high = sorted((old, new))
+            if not low / (1 + self.policy.mix_change) <= between \
+                    <= high * (1 + self.policy.mix_change):
+                return False
+        return True
 
     def _mix_changed(self, mix: tuple[float | None, float | None]) -> bool:
         """The window's mean prompt or output length is not the baseline's."""

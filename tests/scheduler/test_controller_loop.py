@@ -406,6 +406,8 @@ def test_a_drained_donor_is_switched_between_the_probe_ticks_once_idle(tmp_path:
         assert state is not None and "decode_1" not in state.draining
         assert "decode_1" not in read_state(tmp_path / "state.json").draining
         assert c.tick_switches(11.75) is None
+        c.tick(12.0)  # the probe tick: healthy, routable as a prefill
+        assert states(c)["decode_1"] == "healthy"
         assert c.state.ratios["default"] == {"prefill": 2, "decode": 2}
     finally:
         c.close()
@@ -423,8 +425,9 @@ def test_probes_between_the_ticks_do_not_count_for_health(tmp_path: Path) -> Non
         for k in range(1, 8):  # fail_threshold is 2 probes
             c.tick_switches(10.0 + 0.25 * k)
         assert states(c)["decode_1"] == "draining" and triton.acting == {}
-        c.tick(12.0)
-        assert states(c)["decode_1"] != "draining"
+        for t in (12.0, 14.0):  # the probe ticks count: failed after two
+            c.tick(t)
+        assert states(c)["decode_1"] in ("failed", "replacing")
     finally:
         c.close()
 

@@ -176,17 +176,33 @@ def test_balance_waits_for_a_window_of_one_mix() -> None:
     prefills busy (the old prompts) and few finished decodes; the balance rule
     added a prefill 8 s into the output-heavy phase. A decision needs a window
     whose mix matches the one before it."""
-    controller = RatioController(RatioPolicy(cooldown_s=0.0))
     old = {"prompt_tokens": 900.0, "output_tokens": 4.0}
-    mixed = {"prompt_tokens": 400.0, "output_tokens": 60.0}
     new = {"prompt_tokens": 16.0, "output_tokens": 160.0}
-    assert controller.decide(signal(0.0, 2, 2, rate=0.0, **old)).action == "none"
-    # Prefill-bound numbers, but the window mixes both kinds of traffic: wait.
-    moving = controller.decide(signal(4.0, 2, 2, rate=40.0, **mixed))
-    assert moving.action == "none" and "mix changing" in moving.reason
-    assert controller.decide(signal(8.0, 2, 2, rate=3.0, **new)).action == "none"
-    # Two windows of the new mix: the balance rule decides on it.
-    assert controller.decide(signal(12.0, 2, 2, rate=3.0, **new)).action == "add_decode"
+    for mixed, first in (({"prompt_tokens": 400.0, "output_tokens": 60.0}, 8.0),
+                         ({"prompt_tokens": 400.0, "output_tokens": 300.0}, 12.0)):
+        controller = RatioController(RatioPolicy(cooldown_s=0.0))
+        assert controller.decide(signal(0.0, 2, 2, rate=0.0, **old)).action == "none"
+        # Prefill-bound numbers, but the window mixes both kinds of traffic: wait.
+        moving = controller.decide(signal(4.0, 2, 2, rate=40.0, **mixed))
+        assert moving.action == "none" and "mix changing" in moving.reason
+        after = controller.decide(signal(8.0, 2, 2, rate=3.0, **new))
+        # A straddling window between the old mix and the new (a step shift): the
+        # next one is the first of the new mix. One beyond them (300 output tokens
+        # against 4 and 160): the new mix needs two windows of its own.
+        assert (after.action == "add_decode") == (first == 8.0), after.reason
+        if first == 12.0:
+            assert "mix changing" in after.reason
+            assert controller.decide(signal(12.0, 2, 2, rate=3.0, **new)).action == "add_decode"
+
+
+def test_a_drift_is_not_a_step() -> None:
+    """Windows that keep moving the mix the same way: each one after a changing one
+    reads beyond it, and is taken as the first of a new mix only once in a row."""
+    controller = RatioController(RatioPolicy(cooldown_s=0.0))
+    said = [controller.decide(signal(4.0 * k, 2, 2, rate=3.0, prompt_tokens=16.0,
+                                     output_tokens=4.0 * 1.5 ** k)).reason for k in range(6)]
+    changing = [k for k, r in enumerate(said) if "mix changing" in r]
+    assert changing == [1, 3, 5], said
 
 
 # E3's layout on two cores: prefill_i on core i%2, decode_i on core (i+1)%2.
@@ -480,14 +496,18 @@ def test_a_returning_mix_is_recalled_a_window_sooner_where_the_asked_lengths_lea
     for now, generated in ((16.0, 130.0), (20.0, 160.0)):
         assert controller.decide(w(now, 1, 2.0, 1.0, OUTPUTS, generated)).action == "none"
     # Prompt-heavy again: the mixed window, then one whose generated figure trails.
+    # Prompt-heavy again: the straddling window, then the generated figure trails
+    # (12 tokens, then 5, for 4).
     assert "mix changing" in controller.decide(w(24.0, 1, 2.0, 1.0, PROMPTS, 60.0)).reason
-    trailing = controller.decide(w(26.0, 1, 2.0, 1.0, PROMPTS, 4.8))
-    settled = controller.decide(w(28.0, 1 + asked, 2.0, 1.0, PROMPTS))
-    recall = trailing if asked else settled
+    said = [controller.decide(w(26.0 + 2 * k, 1, 2.0, 1.0, PROMPTS, generated))
+            for k, generated in enumerate((12.0, 5.0, 4.5, 4.0))]
+    first = said.index(next(d for d in said if d.action != "none"))
+    recall = said[first]
     assert (recall.action, recall.n_prefill) == ("add_prefill", 2), recall.reason
     assert recall.reason.startswith("recall: 3P1D did"), recall.reason
-    if not asked:
-        assert "mix changing (900/60 -> 900/5 " in trailing.reason, trailing.reason
+    # The asked figure: at once. The generated one: the window after the straddling one
+    # reads 900/12, no mix recalled; the next 900/5 changes it again; then one mix.
+    assert first == (0 if asked else 2), [d.reason for d in said]
 
 
 def test_asked_lengths_that_do_not_predict_the_output_give_way_to_the_generated() -> None:

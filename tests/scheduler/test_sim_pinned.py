@@ -17,6 +17,11 @@ simulated router now passes ``forward_on_demand`` what the real one does
 request sweeps again when a prefill call ends, oldest first, not only when its
 back-off runs out). Until then a freed slot stayed idle until some waiter's
 back-off (up to 50 ms) ran out, and waiters took slots in timer order.
+
+failures_ratio's event count moved again on 2026-12-07 (29797 -> 29816), its
+outcomes not: a drained donor is now checked in the decision's tick and then every
+``SimConfig.switch_tick_s`` (0.25 s), as the live controller's ``tick_switches``
+does, where it was checked every 1 s from 1 s after the decision.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ def _fingerprint(c: Cluster) -> dict[str, object]:
 
 
 PINNED: dict[str, dict[str, object]] = {
-    "failures_ratio": {"requests": 3528, "events": 29797,
+    "failures_ratio": {"requests": 3528, "events": 29816,
                        "counts": {"INSTANCE_FAILED": 227, "ok": 3301},
                        "sha256": "43e5d2269cc74e8857f0"},
     "overload": {"requests": 2642, "events": 78884, "counts": {"UNAVAILABLE": 966, "ok": 1676},
