@@ -440,14 +440,14 @@ def test_run_ticks_for_the_switches_between_the_probe_ticks(tmp_path: Path) -> N
                         switch_tick_s=0.05)
     calls: list[str] = []
     stop = threading.Event()
-    c.tick = lambda now: calls.append("tick")  # type: ignore[method-assign]
-    c.tick_switches = lambda now: calls.append("switch")  # type: ignore[method-assign]
+    c.tick = lambda now: calls.append("tick")
+    c.tick_switches = lambda now: calls.append("switch")
     try:
         runner = threading.Thread(target=c.run, args=(stop, time.monotonic))
         runner.start()
         time.sleep(1.0)  # no switch under way: ticks only
         idle = list(calls)
-        c.ratio.pending["decode_0"] = None  # type: ignore[assignment]
+        c.ratio.pending["decode_0"] = None
         time.sleep(1.0)
         stop.set()
         runner.join(timeout=5)
