@@ -79,7 +79,7 @@ class ControllerOptions:
     # alone (``tick_switches``): a heartbeat of the instance it moves, the switch as
     # soon as that one is idle, the drain lifted ``live_settle_s`` after a switch in
     # place. Otherwise a drained donor waited for the next probe tick, idle or not
-    # (E3 with owned compute: 1.05-1.15 s of each decode turned prefill). 0: off,
+    # (E3 with owned compute: ~1.1 s of each decode turned prefill). 0: off,
     # switches move on at the probe ticks only.
     switch_tick_s: float = 0.25
 
@@ -176,6 +176,8 @@ class Controller:
                     self.tick_switches(now)
             except Exception:
                 log.exception("controller tick failed")
+            if clock() >= due:  # a tick that ran past the next one's time: a full pause
+                due = clock() + self.options.health.probe_interval_s
             wait = due - clock()
             if self.ratio.pending and self.options.switch_tick_s:
                 wait = min(wait, self.options.switch_tick_s)
