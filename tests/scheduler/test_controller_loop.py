@@ -341,10 +341,12 @@ def test_no_second_switch_while_the_first_reloads(tmp_path: Path) -> None:
 
 @contextlib.contextmanager
 def switched_in_place(tmp_path: Path, refuse: bool = False, landing: int = 0,
-                      drain_timeout_s: float = 30.0) -> Iterator[tuple[Controller, FakeTriton]]:
-    """1P3D under prompt-heavy traffic: decode_1 (idle) is drained and switched to
-    prefill in the decision's tick (-> 2P2D); ``refuse``: it refuses in place;
-    ``landing``: that many requests reach it just as set_role comes."""
+                      drain_timeout_s: float = 30.0,
+                      busy: int = 0) -> Iterator[tuple[Controller, FakeTriton]]:
+    """1P3D under prompt-heavy traffic: decode_1 (the least busy) is drained and,
+    idle, switched to prefill in the decision's tick (-> 2P2D); ``refuse``: it
+    refuses in place; ``landing``: that many requests reach it just as set_role
+    comes; ``busy``: it holds that many at the decision."""
     traffic = Traffic()
     c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live",
                      drain_timeout_s=drain_timeout_s)
@@ -354,7 +356,7 @@ def switched_in_place(tmp_path: Path, refuse: bool = False, landing: int = 0,
         triton.land_at_switch["decode_1"] = landing
     try:
         c.tick(0.0)
-        triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=0, decode_2=12)
+        triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=busy, decode_2=12)
         traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
         c.tick(10.0)
         yield c, triton
@@ -382,17 +384,10 @@ def test_live_switch_keeps_the_repository_and_serves_at_once(tmp_path: Path) -> 
 
 def test_a_drained_donor_is_switched_between_the_probe_ticks_once_idle(tmp_path: Path) -> None:
     """E3 with owned compute: a decode drained for a prefill waited for the next probe
-    tick (1.05-1.15 s), idle or not. ``tick_switches`` moves a switch under way on
+    tick (~1.1 s), idle or not. ``tick_switches`` moves a switch under way on
     between the ticks: a heartbeat of its instance alone, the switch once idle, the
     drain lifted ``live_settle_s`` after. A probe there that fails marks nothing."""
-    traffic = Traffic()
-    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live")
-    try:
-        c.tick(0.0)
-        assert c.tick_switches(1.0) is None  # nothing under way
-        triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=2, decode_2=12)
-        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
-        c.tick(10.0)
+    with switched_in_place(tmp_path, busy=2) as (c, triton):
         assert "decode_1" in c.ratio.pending and triton.acting == {}  # 2 still in flight
         c.tick_switches(10.25)
         assert triton.acting == {}
@@ -409,18 +404,10 @@ def test_a_drained_donor_is_switched_between_the_probe_ticks_once_idle(tmp_path:
         c.tick(12.0)  # the probe tick: healthy, routable as a prefill
         assert states(c)["decode_1"] == "healthy"
         assert c.state.ratios["default"] == {"prefill": 2, "decode": 2}
-    finally:
-        c.close()
 
 
 def test_probes_between_the_ticks_do_not_count_for_health(tmp_path: Path) -> None:
-    traffic = Traffic()
-    c, triton = make(tmp_path, prefill=1, decode=3, traffic=traffic, role_switch="live")
-    try:
-        c.tick(0.0)
-        triton.in_flight.update(prefill_0=32, decode_0=20, decode_1=2, decode_2=12)
-        traffic.add(100, ttft_s=2.0, tpot_s=0.01, out_tokens=11)
-        c.tick(10.0)
+    with switched_in_place(tmp_path, busy=2) as (c, triton):
         triton.kill("decode_1")
         for k in range(1, 8):  # fail_threshold is 2 probes
             c.tick_switches(10.0 + 0.25 * k)
@@ -428,8 +415,6 @@ def test_probes_between_the_ticks_do_not_count_for_health(tmp_path: Path) -> Non
         for t in (12.0, 14.0):  # the probe ticks count: failed after two
             c.tick(t)
         assert states(c)["decode_1"] in ("failed", "replacing")
-    finally:
-        c.close()
 
 
 def test_run_ticks_for_the_switches_between_the_probe_ticks(tmp_path: Path) -> None:

@@ -50,17 +50,23 @@ def test_no_traffic_or_a_restarted_server_gives_no_window() -> None:
                   "default") is None
 
 
+def offered_and(off: float, counter: str, value: float, instances: tuple[str, ...]) -> str:
+    """/metrics text: the router's offered counter, and ``counter`` on each instance."""
+    lines = ["# TYPE pdserve_requests_offered_total counter",
+             f'pdserve_requests_offered_total{{instance="pdserve",scenario="default"}} {off}',
+             f"# TYPE {counter} counter"]
+    lines += [f'{counter}{{instance="{i}",scenario="default"}} {value}' for i in instances]
+    return "\n".join(lines) + "\n"
+
+
 def test_offered_requests_drive_the_arrival_rate_and_tokens_count_once() -> None:
-    extra = ("# TYPE pdserve_requests_offered_total counter\n"
-             'pdserve_requests_offered_total{{instance="pdserve",scenario="default"}} {off}\n'
-             "# TYPE pdserve_generated_tokens_total counter\n"
-             'pdserve_generated_tokens_total{{instance="decode_0",scenario="default"}} {gen}\n')
     decodes = {"decode_0": "default"}
-    prev = totals_from_text([page(10, 1.0, 0.1, 100) + extra.format(off=10, gen=100)], 0.0,
-                            decodes, ["default"])
+    gen = "pdserve_generated_tokens_total"
+    prev = totals_from_text([page(10, 1.0, 0.1, 100) + offered_and(10, gen, 100, ("decode_0",))],
+                            0.0, decodes, ["default"])
     # 50 more offered, only 20 got a first token: the rest were shed (UNAVAILABLE).
-    cur = totals_from_text([page(30, 5.0, 0.5, 500) + extra.format(off=60, gen=500)], 10.0,
-                           decodes, ["default"])
+    cur = totals_from_text([page(30, 5.0, 0.5, 500) + offered_and(60, gen, 500, ("decode_0",))],
+                           10.0, decodes, ["default"])
     w = window(prev, cur, "default")
     assert w is not None and w.requests == 20 and w.offered == 50
     assert w.arrival_rate == pytest.approx(5.0)
@@ -71,17 +77,11 @@ def test_the_output_length_asked_for_is_the_routers_per_offered_request() -> Non
     """``requested_tokens``: the router's max_tokens counter over its offered count,
     a decode's series of the same name ignored (the router counts each request once);
     None from a router that does not count it."""
-    extra = ("# TYPE pdserve_requests_offered_total counter\n"
-             'pdserve_requests_offered_total{{instance="pdserve",scenario="default"}} {off}\n'
-             "# TYPE pdserve_requested_output_tokens_total counter\n"
-             'pdserve_requested_output_tokens_total{{instance="pdserve",scenario="default"}} '
-             "{req}\n"
-             'pdserve_requested_output_tokens_total{{instance="decode_0",scenario="default"}} '
-             "{req}\n")
-    decodes = {"decode_0": "default"}
-    prev = totals_from_text([page(10, 1.0, 0.1, 100) + extra.format(off=10, req=40)], 0.0,
+    decodes, both = {"decode_0": "default"}, ("pdserve", "decode_0")
+    req = "pdserve_requested_output_tokens_total"
+    prev = totals_from_text([page(10, 1.0, 0.1, 100) + offered_and(10, req, 40, both)], 0.0,
                             decodes, ["default"])
-    cur = totals_from_text([page(30, 5.0, 0.5, 500) + extra.format(off=60, req=840)], 10.0,
+    cur = totals_from_text([page(30, 5.0, 0.5, 500) + offered_and(60, req, 840, both)], 10.0,
                            decodes, ["default"])
     w = window(prev, cur, "default")
     assert w is not None and w.requested_tokens == pytest.approx(800 / 50)
