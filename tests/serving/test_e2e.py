@@ -268,7 +268,17 @@ def test_the_router_counts_the_output_tokens_requests_ask_for(tiny_server: Trito
     arrives (the ratio loop's arrival-time output length), with the offered count."""
     key = ("pdserve_requested_output_tokens_total", "pdserve")
     offered = ("pdserve_requests_offered_total", "pdserve")
+    # The counters settle first: the tests before may have arrivals still in the
+    # router's metric buffer (sent every 0.25 s; later on a loaded CI machine: 31
+    # tokens of theirs once landed between the two scrapes).
     before = scrape(tiny_server.options.metrics_url)
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = scrape(tiny_server.options.metrics_url)
+        if all(now.get(k, 0.0) == before.get(k, 0.0) for k in (key, offered)):
+            break
+        before = now
     results = generate_many(tiny_server.options.grpc_url, [
         {"ids": [5, 7, 9], "sampling": {"max_tokens": 7, "ignore_eos": True}},
         {"ids": [6, 8], "scenario": "agg", "sampling": {"max_tokens": 11, "ignore_eos": True}},
