@@ -18,6 +18,7 @@ for _dir in os.environ.get("PDSERVE_SITE_PACKAGES", "").split(os.pathsep):
 
 import asyncio  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -25,7 +26,8 @@ from typing import Any  # noqa: E402
 from pdserve.errors import InvalidArgument, Unavailable  # noqa: E402
 from pdserve.kvtransfer.shm import sweep_stale_segments  # noqa: E402
 from pdserve.roles.common import ack  # noqa: E402
-from pdserve.roles.instance import apply_pinning  # noqa: E402
+from pdserve.roles.cpu_quota import CpuQuotaError  # noqa: E402
+from pdserve.roles.instance import apply_pinning, reserves_cpu  # noqa: E402
 from pdserve.roles.requests import ROUTER_INPUTS, parse_request  # noqa: E402
 from pdserve.roles.triton import (  # noqa: E402
     Responder,
@@ -45,6 +47,8 @@ from pdserve.server.config import (  # noqa: E402
     parse_parameters,
     pool_threads,
 )
+
+log = logging.getLogger(__name__)
 
 EXECUTE_HOLD_S = 0.02
 
@@ -173,9 +177,20 @@ class TritonPythonModel:
                 switch_in_place, self.cfg, self.role, role, _build_on_parts)
         finally:
             self._switching = False
+        self._reserve_cpu()
         if error is not None:
             raise Unavailable(f"{self.cfg.name} could not switch to {role} and serves "
                               f"{self.cfg.role} again: {error}")
+
+    def _reserve_cpu(self) -> None:
+        """The quota's weight for the role served now (``reserves_cpu``); a weight
+        that cannot be set leaves the instance serving, at the weight it had."""
+        if self.quota is None:
+            return
+        try:
+            self.quota.reserve(reserves_cpu(self.cfg.role))
+        except CpuQuotaError as exc:
+            log.warning("%s: %s", self.cfg.name, exc)
 
     def finalize(self) -> None:
         role = getattr(self, "role", None)

@@ -1,6 +1,6 @@
 """``cpu_quota``: an instance owns that many cores of CPU time (a cgroup of its own),
-gives the cgroup back on finalize and on a failed load, and reports the quota
-as its compute unit."""
+reserved for decodes (the largest CPU weight), gives the cgroup back on finalize
+and on a failed load, and reports the quota as its compute unit."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ import yaml
 
 from pdserve.roles.cpu_quota import (
     CGROUP_ROOT,
+    WEIGHTS,
     CpuQuota,
     CpuQuotaError,
     find_hierarchy,
     quota_us,
     sweep_stale,
 )
+from pdserve.roles.instance import reserves_cpu
+from pdserve.scheduler.controller.probe import TritonProbeClient
 from pdserve.scheduler.compute import CpuCounters, busy_shares, quota_unit
 from pdserve.server.config import InstanceConfig, parse_parameters, to_parameters
 from pdserve.server.repo import instances_from_spec
@@ -78,12 +81,44 @@ def test_v2_join_writes_the_limit_and_release_moves_back(tmp_path: Path) -> None
     assert q.path == path
     assert (path / "cpu.max").read_text() == "4500 10000"
     assert (path / "cgroup.procs").read_text() == "4242"
-    for name in ("cpu.max", "cgroup.procs"):  # a real cgroup's files go with rmdir
+    assert (path / "cpu.weight").read_text() == "100"  # not reserved
+    for name in ("cpu.max", "cpu.weight", "cgroup.procs"):  # a real cgroup's files go with rmdir
         (path / name).unlink()
     q.release()
     assert (root / "svc" / "cgroup.procs").read_text() == "4242"
     assert not path.exists()
     q.release()  # idempotent
+
+
+def test_the_weight_is_written_on_join_and_follows_reserve(tmp_path: Path) -> None:
+    v1 = tmp_path / "v1"
+    (v1 / "cpu" / "svc").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    for root, proc_cgroup, version, parent in (
+            (_fake_v2(tmp_path / "v2"), "0::/svc\n", 2, tmp_path / "v2" / "svc"),
+            (v1, "1:cpu:/svc\n", 1, v1 / "cpu" / "svc")):
+        name, default, high = WEIGHTS[version]
+        stale = parent / f"pdserve-{os.getpid()}-decode_0"
+        stale.mkdir()
+        (stale / name).write_text(str(high))  # left reserved by a killed prefill stub
+        prefill = CpuQuota("decode_0", 0.3, root=root, proc_cgroup=proc_cgroup, pid=4242,
+                           server_pid=os.getpid())
+        assert (stale / name).read_text() == str(default)
+        prefill.reserve(True)  # switched to decode in place
+        assert (stale / name).read_text() == str(high) and prefill.reserved
+        prefill.reserve(False)
+        assert (stale / name).read_text() == str(default) and not prefill.reserved
+        decode = CpuQuota("decode_1", 0.3, reserved=True, root=root, proc_cgroup=proc_cgroup,
+                          pid=4243, server_pid=os.getpid())
+        assert (decode.path / name).read_text() == str(high)
+        for q in (prefill, decode):
+            for f in list(q.path.iterdir()):  # a real cgroup's files go with rmdir
+                f.unlink()
+            q.release()
+        with pytest.raises(CpuQuotaError, match="was released"):
+            decode.reserve(True)
+    assert [r for r in ("prefill", "decode", "aggregated") if reserves_cpu(r)] == \
+        ["decode", "aggregated"]
 
 
 def test_no_writable_cgroup_is_a_clear_error(tmp_path: Path) -> None:
@@ -174,6 +209,52 @@ def test_a_real_quota_limits_the_process_and_is_given_back() -> None:
     assert path.is_relative_to(CGROUP_ROOT)
 
 
+_CONTEND = textwrap.dedent("""
+    import os, sys, time
+    from pdserve.roles.cpu_quota import CpuQuota
+    os.sched_setaffinity(0, {0})
+    rivals = []
+    for _ in range(4):  # default-weight busy loops on the same core
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()  # its own autogroup: one scheduling entity per loop
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 4.0:
+                pass
+            os._exit(0)
+        rivals.append(pid)
+    q = CpuQuota("contender", 0.3, reserved=sys.argv[1] == "1")
+    time.sleep(0.2)  # the rivals are running
+    t0, c0 = time.monotonic(), time.process_time()
+    while time.monotonic() - t0 < 1.5:
+        pass
+    share = (time.process_time() - c0) / (time.monotonic() - t0)
+    q.release()
+    for pid in rivals:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    print(share, flush=True)
+""")
+
+
+@needs_cgroup
+def test_a_reserved_quota_gets_its_cores_where_default_weight_work_crowds_them() -> None:
+    """Five busy loops on one core, each its own scheduling entity: at the default
+    weight the quota gets a fifth of it (less than its 0.3), reserved its 0.3."""
+    shares = {}
+    for reserved in ("0", "1"):
+        shares[reserved] = float(subprocess.run(
+            [sys.executable, "-c", _CONTEND, reserved], capture_output=True, text=True,
+            timeout=60, check=True).stdout)
+    assert shares["0"] < 0.25, shares
+    assert 0.27 <= shares["1"] <= 0.36, shares
+
+
+def _weight(group: Path) -> int:
+    version = 1 if (group / "cpu.shares").exists() else 2
+    return int((group / WEIGHTS[version][0]).read_text())
+
+
 @needs_cgroup
 def test_instances_run_in_their_quota_and_leave_no_cgroup(tmp_path: Path) -> None:
     spec = yaml.safe_load((Path(__file__).parent / "specs" / "tiny_pd.yaml").read_text())
@@ -197,4 +278,13 @@ def test_instances_run_in_their_quota_and_leave_no_cgroup(tmp_path: Path) -> Non
         assert len(reply["output_ids"]) == 8, reply
         groups = sorted(parent.glob(f"pdserve-{server.process.pid}-*"))
         assert [g.name.rsplit("-", 1)[1] for g in groups] == ["decode_0", "prefill_0"]
+        version = 1 if (groups[0] / "cpu.shares").exists() else 2
+        _, default, high = WEIGHTS[version]
+        assert [_weight(g) for g in groups] == [high, default]  # the decode is reserved
+        # Switched in place, the prefill takes the decode's weight, and back.
+        probe = TritonProbeClient(timeout_s=10.0)
+        for role, weight in (("decode", high), ("prefill", default)):
+            result = probe.set_role(server.options.http_url, "prefill_0", role)
+            assert result.ok and result.load is not None and result.load.role == role, result
+            assert _weight(groups[1]) == weight, role
     assert not any(g.exists() for g in groups)

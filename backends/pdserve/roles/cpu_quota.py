@@ -15,6 +15,23 @@ named ``pdserve-<server pid>-<instance>``, with
   cgroup v2:                    ``cpu.max`` ("<quota> <period>")
 
 and leaves it on finalize (moves back to the parent, removes the directory).
+
+A budget alone is a cap, not a reservation: within it the group competes at the
+default CPU weight with everything else on its cores. E3 with owned compute
+(perf/RESULTS.md, 2026-12-07) put four instances of 0.3 cores on two cores with
+the router, Triton and the load generator unpinned: busy decodes got 0.25-0.29
+cores of their 0.3, at a TPOT p50 of 5.1-5.5 ms, and how much they lost moved
+with where the scheduler put the unpinned processes. A *reserved* group
+(``reserve``) takes the largest weight (v1 ``cpu.shares`` 262144, v2
+``cpu.weight`` 10000): while it is within its budget it runs before any
+default-weight task on its cores, so it gets its budget whenever it has work,
+and the budget still caps it. Decode and aggregated instances reserve
+(``roles/instance.py``): their steps are the tokens' latency. Measured on the
+same server, toggling the weight every 20 s: a decode-bound 1P3D served 1.09x
+the requests at a TPOT p50 of 4.2-4.5 ms, decodes at 0.30 cores; reserving the
+prefills too cost a prompt-bound 3P1D 7 % of its throughput (the prefills then
+crowd out the router that feeds them), reserving the decodes alone cost it none.
+
 The period is 10 ms, not the kernel's default 100 ms: a process over its
 budget waits for the next period, so a 100 ms period could hold a decode step
 (a few ms) back by 55 ms at 0.45 cores, more than a TPOT SLO; at 10 ms the
@@ -44,6 +61,9 @@ log = logging.getLogger(__name__)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PERIOD_US = 10_000
 MIN_QUOTA_US = 1_000  # the kernel's smallest cfs quota
+# (file, default weight, reserved weight) per cgroup version; the reserved one is
+# the largest each version accepts.
+WEIGHTS = {1: ("cpu.shares", 1024, 262144), 2: ("cpu.weight", 100, 10000)}
 PREFIX = "pdserve-"
 
 
@@ -102,17 +122,19 @@ def quota_us(cores: float, period_us: int = PERIOD_US) -> int:
 
 
 class CpuQuota:
-    """This process in a cgroup of its own limited to ``cores`` cores; ``release()``
-    puts it back."""
+    """This process in a cgroup of its own limited to ``cores`` cores (``reserved``:
+    and given them first, see ``reserve``); ``release()`` puts it back."""
 
-    def __init__(self, instance: str, cores: float, *, root: Path = CGROUP_ROOT,
-                 proc_cgroup: str | None = None, pid: int | None = None,
-                 server_pid: int | None = None, period_us: int = PERIOD_US) -> None:
+    def __init__(self, instance: str, cores: float, *, reserved: bool = False,
+                 root: Path = CGROUP_ROOT, proc_cgroup: str | None = None,
+                 pid: int | None = None, server_pid: int | None = None,
+                 period_us: int = PERIOD_US) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", instance):
             raise ValueError(f"instance name {instance!r} cannot name a cgroup")
         self.cores = cores
         self.quota_us = quota_us(cores, period_us)
         self.period_us = period_us
+        self.reserved = reserved
         self.pid = os.getpid() if pid is None else pid
         server = os.getppid() if server_pid is None else server_pid
         self.hierarchy = find_hierarchy(root, proc_cgroup)
@@ -136,6 +158,8 @@ class CpuQuota:
                     (self.path / "cpu.cfs_quota_us").write_text(str(self.quota_us))
                 else:
                     (self.path / "cpu.max").write_text(f"{self.quota_us} {self.period_us}")
+                # Always written: a directory left by a killed stub keeps its weight.
+                self._write_weight(self.reserved)
                 (self.path / "cgroup.procs").write_text(str(self.pid))
                 self._joined = True
                 return
@@ -144,6 +168,23 @@ class CpuQuota:
                 # mkdir and our write: make it again, once.
                 if attempt:
                     raise
+
+    def _write_weight(self, reserved: bool) -> None:
+        name, default, high = WEIGHTS[self.hierarchy.version]
+        (self.path / name).write_text(str(high if reserved else default))
+
+    def reserve(self, on: bool) -> None:
+        """Give the budget first (``on``: the largest CPU weight, so the group runs
+        before default-weight tasks while within its budget) or compete for it at
+        the default weight. For an instance that switches roles in place."""
+        if not self._joined:
+            raise CpuQuotaError(f"{self.path} was released")
+        try:
+            self._write_weight(on)
+        except OSError as exc:
+            raise CpuQuotaError(f"cannot set the CPU weight of {self.path}: "
+                                f"{exc.strerror or exc}") from None
+        self.reserved = on
 
     def release(self) -> None:
         """Back to the parent cgroup; the directory is removed. Idempotent."""

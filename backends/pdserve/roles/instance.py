@@ -25,19 +25,32 @@ from pdserve.server.config import InstanceConfig
 log = logging.getLogger(__name__)
 
 
+def reserves_cpu(role: str) -> bool:
+    """Whether an instance in ``role`` with a CPU quota is given it first
+    (``CpuQuota.reserve``): decode steps are the tokens' latency (TPOT), and a
+    step preempted by the router or Triton stretches every stream in the batch.
+    A prefill's quota is not reserved: where the router shares its cores, a
+    reserved prefill crowds out the router that feeds it (measured in
+    ``roles/cpu_quota.py``)."""
+    return role in ("decode", "aggregated")
+
+
 def apply_pinning(cfg: InstanceConfig) -> CpuQuota | None:
     """Pin this stub to ``cpu_cores`` (if set), limit it to ``cpu_quota`` cores (if
-    set: the returned handle releases the limit) and size torch's thread pool."""
+    set: the returned handle releases the limit; reserved per ``reserves_cpu``) and
+    size torch's thread pool."""
     if cfg.cpu_cores is not None:
         usable = os.sched_getaffinity(0) | set(range(os.cpu_count() or 1))
         missing = sorted(set(cfg.cpu_cores) - usable)
         if missing:
             raise ValueError(f"{cfg.name}: cpu_cores {missing} do not exist on this machine")
         os.sched_setaffinity(0, cfg.cpu_cores)
-    quota = CpuQuota(cfg.name, cfg.cpu_quota) if cfg.cpu_quota is not None else None
+    quota = (CpuQuota(cfg.name, cfg.cpu_quota, reserved=reserves_cpu(cfg.role))
+             if cfg.cpu_quota is not None else None)
     torch.set_num_threads(cfg.threads)
     if quota is not None:
-        log.info("%s: limited to %g cores (%s)", cfg.name, cfg.cpu_quota, quota.path)
+        log.info("%s: limited to %g cores%s (%s)", cfg.name, cfg.cpu_quota,
+                 ", reserved" if quota.reserved else "", quota.path)
     return quota
 
 
