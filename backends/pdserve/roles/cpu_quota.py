@@ -23,12 +23,13 @@ the router, Triton and the load generator unpinned: busy decodes got 0.25-0.29
 cores of their 0.3, at a TPOT p50 of 5.1-5.5 ms, and how much they lost moved
 with where the scheduler put the unpinned processes. A *reserved* group
 (``reserve``) takes the largest weight (v1 ``cpu.shares`` 262144, v2
-``cpu.weight`` 10000): while it is within its budget it runs before any
-default-weight task on its cores, so it gets its budget whenever it has work,
-and the budget still caps it. Decode and aggregated instances reserve
+``cpu.weight`` 10000; a task at the default has 1024 / 100): within its budget
+the scheduler picks it ahead of default-weight tasks on its cores, so it gets
+its budget whenever it has work, and the budget still caps it. Decode and aggregated instances reserve
 (``roles/instance.py``): their steps are the tokens' latency. Measured on the
-same server, toggling the weight every 20 s: a decode-bound 1P3D served 1.09x
-the requests at a TPOT p50 of 4.2-4.5 ms, decodes at 0.30 cores; reserving the
+same server, toggling the weight every 20 s (``perf.experiments.cpu_weight``): a
+decode-bound 1P3D served 1.07-1.10x the requests at a TPOT p50 of 4.2-4.5 ms
+(was 5.1-5.7), decodes at 0.30 cores; reserving the
 prefills too cost a prompt-bound 3P1D 7 % of its throughput (the prefills then
 crowd out the router that feeds them), reserving the decodes alone cost it none.
 
