@@ -24,8 +24,8 @@ from pdserve.roles.cpu_quota import (
     sweep_stale,
 )
 from pdserve.roles.instance import reserves_cpu
-from pdserve.scheduler.controller.probe import TritonProbeClient
 from pdserve.scheduler.compute import CpuCounters, busy_shares, quota_unit
+from pdserve.scheduler.controller.probe import TritonProbeClient
 from pdserve.server.config import InstanceConfig, parse_parameters, to_parameters
 from pdserve.server.repo import instances_from_spec
 

@@ -25,13 +25,14 @@ with where the scheduler put the unpinned processes. A *reserved* group
 (``reserve``) takes the largest weight (v1 ``cpu.shares`` 262144, v2
 ``cpu.weight`` 10000; a task at the default has 1024 / 100): within its budget
 the scheduler picks it ahead of default-weight tasks on its cores, so it gets
-its budget whenever it has work, and the budget still caps it. Decode and aggregated instances reserve
-(``roles/instance.py``): their steps are the tokens' latency. Measured on the
-same server, toggling the weight every 20 s (``perf.experiments.cpu_weight``): a
-decode-bound 1P3D served 1.07-1.10x the requests at a TPOT p50 of 4.2-4.5 ms
-(was 5.1-5.7), decodes at 0.30 cores; reserving the
-prefills too cost a prompt-bound 3P1D 7 % of its throughput (the prefills then
-crowd out the router that feeds them), reserving the decodes alone cost it none.
+its budget whenever it has work, and the budget still caps it. Decode and
+aggregated instances reserve (``roles/instance.py``): their steps are the
+tokens' latency. Measured on the same server, toggling the weight every 20 s
+(``perf.experiments.cpu_weight``): a decode-bound 1P3D served 1.07-1.10x the
+requests at a TPOT p50 of 4.2-4.5 ms (was 5.1-5.7), decodes at 0.30 cores;
+reserving the prefills too cost a prompt-bound 3P1D 7 % of its throughput (the
+prefills then crowd out the router that feeds them), reserving the decodes
+alone cost it none.
 
 The period is 10 ms, not the kernel's default 100 ms: a process over its
 budget waits for the next period, so a 100 ms period could hold a decode step
