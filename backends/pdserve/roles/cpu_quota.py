@@ -176,9 +176,10 @@ class CpuQuota:
         (self.path / name).write_text(str(high if reserved else default))
 
     def reserve(self, on: bool) -> None:
-        """Give the budget first (``on``: the largest CPU weight, so the group runs
-        before default-weight tasks while within its budget) or compete for it at
-        the default weight. For an instance that switches roles in place."""
+        """Give the budget first (``on``: the largest CPU weight, so within its
+        budget the scheduler picks the group ahead of default-weight tasks) or
+        compete for it at the default weight. For an instance that switches roles
+        in place."""
         if not self._joined:
             raise CpuQuotaError(f"{self.path} was released")
         try:
