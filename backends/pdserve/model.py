@@ -17,6 +17,9 @@ for _dir in os.environ.get("PDSERVE_SITE_PACKAGES", "").split(os.pathsep):
         site.addsitedir(_dir)
 
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import faulthandler  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 from dataclasses import replace  # noqa: E402
@@ -40,7 +43,9 @@ from pdserve.scheduler.compute import CpuCounters  # noqa: E402
 from pdserve.scheduler.controller.protocol import (  # noqa: E402
     SWITCHABLE_ROLES,
     ControlCall,
+    RouterLoad,
     answer_health,
+    answer_router_health,
 )
 from pdserve.server.config import (  # noqa: E402
     InstanceConfig,
@@ -49,6 +54,12 @@ from pdserve.server.config import (  # noqa: E402
 )
 
 log = logging.getLogger(__name__)
+
+# A stub that crashes in native code (numpy, torch, the backend's C++ side) dies by
+# a signal; Triton restarts it and its log shows nothing of where. Every thread's
+# Python stack goes to stderr (tritonserver's log) first. No stderr: nothing to do.
+with contextlib.suppress(AttributeError, ValueError, OSError, RuntimeError):
+    faulthandler.enable(all_threads=True)
 
 EXECUTE_HOLD_S = 0.02
 
@@ -126,6 +137,11 @@ class TritonPythonModel:
         out = Responder(request, client_facing=self.cfg.role == "router")
         try:
             if self.cfg.role == "router":
+                if (control := read_control(request)) is not None:  # the controller's
+                    load = RouterLoad(self.cfg.name, self.incarnation, max(len(self._tasks) - 1, 0))
+                    out.send(load_out(answer_router_health(ControlCall.from_bytes(control),
+                                                           load)), final=True)
+                    return
                 params = json.loads(request.parameters() or "{}")
                 req = parse_request(read_inputs(request, ROUTER_INPUTS), params,
                                     self.role.tokenizer, self.role.limits)
@@ -199,3 +215,11 @@ class TritonPythonModel:
         quota = getattr(self, "quota", None)
         if quota is not None:
             quota.release()
+        # The stub tears down its IPC state and then the interpreter, whose last
+        # garbage collection segfaulted in every stub that had loaded the engine
+        # (faulthandler: "Garbage-collecting", no Python frame; the kernel log:
+        # triton_python_backend_stub at 0x60). Collected now, while that state is
+        # alive, and what is left frozen: exit collects nothing more. The role has
+        # released its KV, cgroup and threads above; the OS takes the memory.
+        gc.collect()
+        gc.freeze()

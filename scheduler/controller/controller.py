@@ -2,9 +2,13 @@
 
 Every ``probe_interval_s`` one ``tick``:
 
-  1. read the instances from the repository (role, scenario, generation);
-  2. probe every (server, instance) in parallel and feed the health machines;
-  3. replace failed instances: one ``reload`` edit (fresh stub) per model;
+  1. read the instances and routers from the repository (role, scenario,
+     generation);
+  2. probe every (server, instance) and (server, router) in parallel and feed
+     the health machines;
+  3. replace failed instances and routers: one ``reload`` edit (fresh stub) per
+     model (Triton 2.51 never starts a dead router's stub again by itself: every
+     client request fails until the model is reloaded);
   4. every ``ratio_interval_s``: scrape /metrics, decide per scenario, start a
      drain-first role switch; finish switches whose donor is idle, through the
      repository (``role_switch="reload"``: Triton reloads the instance in its
@@ -116,6 +120,9 @@ class Controller:
         self.metrics = metrics or ControllerMetrics()
         self.scrape = scrape  # /metrics pages of every server; None: no ratio loop
         self.health: dict[Key, InstanceHealth] = {}
+        # The router models, kept alive the same way; not routed to, not in the state file.
+        self.router_health: dict[Key, InstanceHealth] = {}
+        self.routers: dict[str, ModelEntry] = {}
         self.entries: dict[str, ModelEntry] = {}
         self._last_totals: Totals | None = None
         # scenario -> busy share of the prefill slots, sampled since the last decision
@@ -140,6 +147,7 @@ class Controller:
         self._sample_occupancy()
         self._apply_external_drains(now)
         self._replace_failed(now)
+        self._replace_failed_routers(now)
         if self.scrape is not None and now >= self._ratio_due:
             self._ratio_due = now + self.options.ratio_interval_s
             self._rebalance(now)
@@ -191,16 +199,24 @@ class Controller:
     # -- steps -------------------------------------------------------------------
 
     def _sync(self, now: float) -> None:
-        self.entries = self._with_acting_roles(self.repo.instances())
-        wanted = {(s, n) for s in self.options.servers for n in self.entries}
-        for key in set(self.health) - wanted:
-            del self.health[key]
-        for key in sorted(wanted - set(self.health)):
+        entries = self.repo.entries()
+        self.entries = self._with_acting_roles(
+            {n: e for n, e in entries.items() if e.is_instance})
+        self.routers = {n: e for n, e in entries.items() if e.role == "router"}
+        self._sync_health(self.health, self.entries, now)
+        self._sync_health(self.router_health, self.routers, now)
+
+    def _sync_health(self, health: dict[Key, InstanceHealth],
+                     entries: dict[str, ModelEntry], now: float) -> None:
+        wanted = {(s, n) for s in self.options.servers for n in entries}
+        for key in set(health) - wanted:
+            del health[key]
+        for key in sorted(wanted - set(health)):
             h = InstanceHealth(self.options.health, now)
-            h.expected_generation = self.entries[key[1]].generation
-            self.health[key] = h
-        for (_, name), h in self.health.items():
-            gen = self.entries[name].generation
+            h.expected_generation = entries[key[1]].generation
+            health[key] = h
+        for (_, name), h in health.items():
+            gen = entries[name].generation
             if h.expected_generation is not None and gen > h.expected_generation:
                 # Someone (a switch, an upgrade, an operator) changed the model.
                 if h.state in ("healthy", "suspect"):
@@ -223,20 +239,26 @@ class Controller:
 
     def _probe_all(self, now: float) -> None:
         keys = sorted(self.health)
+        routers = sorted(self.router_health)
         results = list(self._pool.map(lambda k: self._probe_one(*k), keys))
+        router_results = list(self._pool.map(lambda k: self._probe_router(*k), routers))
         for key, result in zip(keys, results, strict=True):
-            h = self.health[key]
-            before = h.state
-            after = h.observe(result, now)
-            self.metrics.probes.labels("ok" if result.ok else "fail").inc()
-            if after != before:
-                log.info("%s on %s: %s -> %s %s", key[1], key[0], before, after, h.last_error)
+            self._observe(self.health[key], key, self.entries[key[1]].role, result, now)
             self._follow_served_role(key[1], result)
-            role = self.entries[key[1]].role
-            if after == "failed" and before != "failed":
-                self.metrics.failures.labels(role).inc()
-            if before == "replacing" and after == "healthy":
-                self.metrics.recoveries.labels(role).inc()
+        for key, result in zip(routers, router_results, strict=True):
+            self._observe(self.router_health[key], key, "router", result, now)
+
+    def _observe(self, h: InstanceHealth, key: Key, role: str, result: ProbeResult,
+                 now: float) -> None:
+        before = h.state
+        after = h.observe(result, now)
+        self.metrics.probes.labels("ok" if result.ok else "fail").inc()
+        if after != before:
+            log.info("%s on %s: %s -> %s %s", key[1], key[0], before, after, h.last_error)
+        if after == "failed" and before != "failed":
+            self.metrics.failures.labels(role).inc()
+        if before == "replacing" and after == "healthy":
+            self.metrics.recoveries.labels(role).inc()
 
     def _follow_served_role(self, name: str, result: ProbeResult) -> None:
         """The instance's heartbeat says which role it serves; ``entries`` follow it.
@@ -290,6 +312,12 @@ class Controller:
         except Exception as exc:  # a probe client bug must not stop the loop
             return ProbeResult(ok=False, error=f"probe raised {exc!r}")
 
+    def _probe_router(self, server: str, model: str) -> ProbeResult:
+        try:
+            return self.probe_client.probe_router(server, model)
+        except Exception as exc:
+            return ProbeResult(ok=False, error=f"probe raised {exc!r}")
+
     def _apply_external_drains(self, now: float) -> None:
         """Drains by others (``pdserve upgrade``) come in through the state file."""
         drains = read_state(self.options.state_path).draining
@@ -328,6 +356,21 @@ class Controller:
                 entry = self.repo.reload(name, reason=why)
             self.metrics.edits.labels("reload").inc()
             for (_, n), h in self.health.items():
+                if n == name:
+                    h.begin_replacing(entry.generation, now)
+
+    def _replace_failed_routers(self, now: float) -> None:
+        """A router whose stub died: every client request fails at once ("Stub
+        process 'pdserve_0_0' is not healthy") and Triton 2.51 does not start it
+        again; a reload does. Its streams in flight were lost with the stub."""
+        failed = sorted({name for (_, name), h in self.router_health.items()
+                         if h.state == "failed"})
+        for name in failed:
+            error = next(h.last_error for (_, n), h in self.router_health.items()
+                         if n == name and h.state == "failed")
+            entry = self.repo.reload(name, reason=f"replace failed router: {error[:200]}")
+            self.metrics.edits.labels("reload").inc()
+            for (_, n), h in self.router_health.items():
                 if n == name:
                     h.begin_replacing(entry.generation, now)
 

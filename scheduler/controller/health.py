@@ -62,6 +62,10 @@ class ProbeClient(Protocol):
 
     def probe(self, server: str, model: str) -> ProbeResult: ...
 
+    def probe_router(self, server: str, model: str) -> ProbeResult:
+        """The same for a router model (its heartbeat carries no instance load)."""
+        ...
+
     def set_role(self, server: str, model: str, role: str) -> ProbeResult:
         """Switch ``model`` to ``role`` in place; ``load`` is its answer in the new role."""
         ...

@@ -10,6 +10,8 @@ One probe of model M on server S:
      models (every pdserve instance is one) answering with one response.
 
 A dead stub shows up in step 3 ("Stub process ... is not healthy"), not in 1.
+A router is probed the same way (``probe_router``); its heartbeat answer is a
+``RouterLoad``, not an instance's load.
 ``set_role`` is the same call as step 3 with ``{"op": "set_role", "role": R}``.
 Every call has a timeout; failures are results (``ok=False``), never raised.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +35,10 @@ from pdserve.scheduler.controller.protocol import (
     LOAD_OUTPUT,
     ControlCall,
     parse_health_reply,
+    parse_router_reply,
 )
 from pdserve.scheduler.controller.repository import GENERATION_KEY
+from pdserve.scheduler.instance import InstanceLoad
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,16 @@ class TritonProbeClient:
         self.switch_timeout_s = switch_timeout_s  # a switch builds a role: arena, threads
 
     def probe(self, server: str, model: str) -> ProbeResult:
+        return self._probe(server, model, lambda reply: parse_health_reply(reply, model))
+
+    def probe_router(self, server: str, model: str) -> ProbeResult:
+        """The same three steps for a router; ``load`` stays None (it has no slots)."""
+        def alive(reply: bytes) -> None:
+            parse_router_reply(reply, model)
+        return self._probe(server, model, alive)
+
+    def _probe(self, server: str, model: str,
+               parse: Callable[[bytes], InstanceLoad | None]) -> ProbeResult:
         client = httpclient.InferenceServerClient(
             server, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
         )
@@ -100,7 +115,7 @@ class TritonProbeClient:
             client.close()
         generation = _generation(config)
         try:
-            load = parse_health_reply(self._heartbeat(server, model), model)
+            load = parse(self._heartbeat(server, model))
         except (InvalidArgument, OSError, ValueError) as exc:
             return ProbeResult(ok=False, generation=generation, error=f"heartbeat: {exc}")
         return ProbeResult(ok=True, load=load, generation=generation)

@@ -13,6 +13,11 @@ The same call switches a prefill or decode instance to the other role in place
 old role's KV and channels, and answers with its load in the new role. It is
 refused (UNAVAILABLE) while the instance has work in flight: drain it first.
 
+The router model answers the same heartbeat, op ``health`` only, with a
+``RouterLoad``: its stub dies like any other (then every client request fails,
+"Stub process 'pdserve_0_0' is not healthy", and Triton 2.51 does not start it
+again by itself), so the controller watches it and reloads it too.
+
 An instance answers with exactly one response (FINAL flag set), also when its
 model is decoupled. ``CONTROL_IO_PBTXT`` is the config.pbtxt fragment an
 instance model declares for it (``optional: true`` so the data-path inputs of
@@ -75,6 +80,49 @@ class ControlCall:
             raise InvalidArgument(f"control message must be {{'op': ..., 'role': ...}} with "
                                   f"strings, got {raw!r}")
         return cls(**raw)
+
+
+@dataclass(frozen=True)
+class RouterLoad:
+    """A router's heartbeat answer: alive, which stub process, how busy."""
+
+    name: str
+    incarnation: str = ""
+    in_flight: int = 0  # client requests it is serving
+    role: str = "router"
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RouterLoad:
+        try:
+            raw = json.loads(bytes(data))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidArgument(f"router heartbeat is not JSON: {exc}") from None
+        if not isinstance(raw, dict) or raw.get("role") != "router":
+            raise InvalidArgument(f"not a router's heartbeat: {str(raw)[:200]}")
+        name, incarnation, in_flight = (raw.get("name"), raw.get("incarnation", ""),
+                                        raw.get("in_flight", 0))
+        if not isinstance(name, str) or not name or not isinstance(incarnation, str) \
+                or isinstance(in_flight, bool) or not isinstance(in_flight, int) \
+                or in_flight < 0:
+            raise InvalidArgument(f"malformed router heartbeat: {str(raw)[:200]}")
+        return cls(name, incarnation, in_flight)
+
+
+def answer_router_health(call: ControlCall, load: RouterLoad) -> bytes:
+    """The router's ``load`` output for ``call``; a router only answers heartbeats."""
+    if call.op != "health":
+        raise InvalidArgument(f"a router answers only the 'health' control op, got {call.op!r}")
+    return load.to_bytes()
+
+
+def parse_router_reply(data: bytes, expected_name: str) -> RouterLoad:
+    load = RouterLoad.from_bytes(data)
+    if load.name != expected_name:
+        raise InvalidArgument(f"heartbeat for {expected_name!r} was answered by {load.name!r}")
+    return load
 
 
 def answer_health(load: InstanceLoad) -> bytes:

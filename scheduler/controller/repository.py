@@ -172,6 +172,10 @@ class Repository:
         """The P/D (and aggregated) instances: what the controller manages."""
         return {n: e for n, e in self.entries().items() if e.is_instance}
 
+    def routers(self) -> dict[str, ModelEntry]:
+        """The router models (client entry points): the controller keeps them alive."""
+        return {n: e for n, e in self.entries().items() if e.role == "router"}
+
     def entry(self, name: str) -> ModelEntry:
         entry = self.entries().get(name)
         if entry is None:

@@ -33,6 +33,7 @@ class FakeTriton:
         self.broken: set[str] = set()  # fails to load at all (bad weights)
         self.in_flight: dict[str, int] = {}
         self.probes: list[str] = []
+        self.router_probes: list[str] = []
         self.acting: dict[str, str] = {}  # switched in place; gone at a reload
         self.refuse_switch: set[str] = set()
         # model -> requests that land on it just as set_role comes (routed there
@@ -46,7 +47,7 @@ class FakeTriton:
         self.poll()
 
     def poll(self) -> None:
-        for name, entry in self.repo.instances().items():
+        for name, entry in self.repo.entries().items():  # instances and routers
             if self.loaded.get(name) != entry.generation:
                 self.loaded[name] = entry.generation
                 self.dead.discard(name)  # a reload starts a fresh stub
@@ -82,6 +83,13 @@ class FakeTriton:
                             compute=self.compute.get(model, {}),
                             own_ticks=self.own.get(model, 0))
         return ProbeResult(ok=True, load=load, generation=self.loaded[model])
+
+    def probe_router(self, server: str, model: str) -> ProbeResult:
+        self.router_probes.append(model)
+        if model in self.dead:
+            return ProbeResult(ok=False, generation=self.loaded[model],
+                               error=f"Stub process '{model}' is not healthy")
+        return ProbeResult(ok=True, generation=self.loaded[model])
 
     def close(self) -> None:
         pass

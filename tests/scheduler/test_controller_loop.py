@@ -72,6 +72,38 @@ def states(c: Controller) -> dict[str, str]:
     return {name: st.state for name, st in c.state.instances.items()}
 
 
+def test_a_dead_router_is_reloaded_and_stays_out_of_the_state_file(tmp_path: Path) -> None:
+    """The router's stub dies like any other, and Triton 2.51 never starts it again:
+    the controller heartbeats it and reloads it after ``fail_threshold`` failures."""
+    c, triton = make(tmp_path)
+    try:
+        c.tick(0.0)
+        assert triton.router_probes == ["pdserve"]
+        assert "pdserve" not in states(c)  # not an instance: nobody routes to it
+        triton.kill("pdserve")
+        c.tick(2.0)
+        assert c.repo.entry("pdserve").generation == 0  # one failure: suspect only
+        c.tick(4.0)
+        assert c.repo.entry("pdserve").generation == 1
+        edit = c.repo.edits[-1]
+        assert edit.model == "pdserve" and edit.kind == "reload"
+        assert "failed router" in edit.reason and "not healthy" in edit.reason
+        c.tick(6.0)  # not polled yet: no second edit meanwhile
+        assert c.repo.entry("pdserve").generation == 1
+        triton.poll()
+        c.tick(8.0)
+        assert c.router_health[("s0", "pdserve")].state == "healthy"
+        assert set(states(c).values()) == {"healthy"}  # the instances were never touched
+        assert [e.model for e in c.repo.edits] == ["pdserve"]
+        reg = c.metrics.registry
+        assert reg.get_sample_value("pdserve_controller_instance_failures_total",
+                                    {"role": "router"}) == 1
+        assert reg.get_sample_value("pdserve_controller_instance_recoveries_total",
+                                    {"role": "router"}) == 1
+    finally:
+        c.close()
+
+
 def test_a_dead_stub_leaves_routing_within_two_probes_and_is_replaced(tmp_path: Path) -> None:
     c, triton = make(tmp_path)
     try:

@@ -4,7 +4,14 @@ import pytest
 
 from pdserve.errors import InvalidArgument
 from pdserve.scheduler.controller.probe import ServerAddress
-from pdserve.scheduler.controller.protocol import ControlCall, answer_health, parse_health_reply
+from pdserve.scheduler.controller.protocol import (
+    ControlCall,
+    RouterLoad,
+    answer_health,
+    answer_router_health,
+    parse_health_reply,
+    parse_router_reply,
+)
 from pdserve.scheduler.controller.signals import scenario_signal, totals_from_text, window
 from pdserve.scheduler.controller.state import ControllerState, read_state
 from pdserve.scheduler.instance import InstanceLoad
@@ -111,6 +118,27 @@ def test_heartbeat_contract_round_trip() -> None:
         ControlCall.from_bytes(b'{"op": "reboot"}')
     with pytest.raises(InvalidArgument):
         ControlCall.from_bytes(b"not json")
+
+
+def test_router_heartbeat_contract() -> None:
+    load = RouterLoad("pdserve", incarnation="ab12", in_flight=5)
+    reply = answer_router_health(ControlCall(), load)
+    assert parse_router_reply(reply, "pdserve") == load
+    with pytest.raises(InvalidArgument, match="answered by"):
+        parse_router_reply(reply, "pdserve_b")
+    with pytest.raises(InvalidArgument, match="only the 'health'"):
+        answer_router_health(ControlCall("set_role", "decode"), load)  # routers never switch
+    # An instance's answer is not a router's, and a router's is not an instance's.
+    instance = answer_health(InstanceLoad("pdserve", "decode", "default", 8))
+    with pytest.raises(InvalidArgument, match="not a router"):
+        parse_router_reply(instance, "pdserve")
+    with pytest.raises(InvalidArgument):
+        parse_health_reply(reply, "pdserve")
+    for bad in (b"not json", b'{"role": "router"}', b'{"role": "router", "name": ""}',
+                b'{"role": "router", "name": "pdserve", "in_flight": -1}',
+                b'{"role": "router", "name": "pdserve", "in_flight": true}'):
+        with pytest.raises(InvalidArgument):
+            parse_router_reply(bad, "pdserve")
 
 
 def test_set_role_contract() -> None:

@@ -7,6 +7,8 @@ Triton polling the repository every second).
   to the offline engine (streams of the dead decode resume on the other one).
 - A burst of many times the capacity: excess requests end UNAVAILABLE quickly,
   KV is all released afterwards and service is normal again.
+- SIGKILL of the router's stub: Triton never restarts it; the controller reloads
+  it and the server serves correct output again.
 - tritonserver itself SIGKILLed and restarted on the same ports (what
   ``pdserve serve`` does after Triton's upstream abort): the controller finds
   every instance again and the output is correct.
@@ -344,6 +346,48 @@ def test_burst_of_10x_capacity(cluster: Cluster) -> None:
                                  for p in PROMPTS])
     for p, r in zip(PROMPTS, after, strict=True):
         assert r.error is None and r.ids == cluster.expected(p, 8), r
+
+
+def test_router_killed_comes_back(cluster: Cluster) -> None:
+    """The router's stub dies (one did, in numpy, under E3's load): Triton 2.51 fails
+    every client request from then on and never starts it again. The controller's
+    router heartbeat fails, it reloads the router, and correct output comes back."""
+    _repeat_once_after_upstream_abort(cluster, lambda: _router_kill_round(cluster))
+
+
+def _router_kill_round(cluster: Cluster) -> None:
+    _wait(lambda: _all_routable(cluster), 90, "every instance healthy")
+    url = cluster.server.options.grpc_url
+    key = (cluster.server.options.http_url, "pdserve")
+    # The live router answers the heartbeat (a router that did not would be reloaded
+    # over and over, and nothing else here would notice).
+    _wait(lambda: cluster.controller.router_health[key].state == "healthy", 30,
+          "the router healthy in the controller's view")
+    assert TritonProbeClient().probe_router(*key).ok
+    generation = Repository(cluster.repo).entry("pdserve").generation
+    logged = cluster.log.stat().st_size
+    killed = time.monotonic()
+    kill_stub(stub_pid(cluster.server, "pdserve"))
+    first = generate_many(url, [{"ids": PROMPTS[0], "sampling": {"max_tokens": 2}}])[0]
+    assert first.error is not None and "not healthy" in first.error  # what clients see
+
+    def serves() -> bool:
+        r = generate_many(url, [{"ids": PROMPTS[0], "sampling": {"max_tokens": 2}}])[0]
+        return r.error is None
+
+    back_s = _wait(serves, 90, "the router serving again")
+    res = generate_many(url, [
+        {"ids": p, "sampling": {"max_tokens": 8, "ignore_eos": True}} for p in PROMPTS])
+    for p, r in zip(PROMPTS, res, strict=True):
+        assert r.error is None and r.ids == cluster.expected(p, 8), r
+    seen = cluster.log.read_bytes()[logged:].decode(errors="replace")
+    assert "repository edit reload pdserve: replace failed router" in seen, seen[-2000:]
+    assert Repository(cluster.repo).entry("pdserve").generation == generation + 1
+    _wait(lambda: cluster.controller.router_health[key].state == "healthy", 30,
+          "the reloaded router healthy")
+    _wait(lambda: _all_routable(cluster), 30, "every instance routable")
+    print(f"\nrouter kill: serving again {time.monotonic() - killed:.2f}s after the kill "
+          f"(polled for {back_s:.2f}s)")
 
 
 def test_whole_server_killed_and_restarted_comes_back(cluster: Cluster) -> None:

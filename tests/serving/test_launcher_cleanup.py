@@ -1,14 +1,18 @@
-"""What a server takes from the machine goes with it: its process group, and the
+"""What a server takes from the machine goes with it: its process group, the
 stubs' IPC regions in /dev/shm, also those of a stub killed with SIGKILL (the
-Python backend unlinks a region only when its stub shuts down cleanly)."""
+Python backend unlinks a region only when its stub shuts down cleanly), and the
+backend's temp dir; and a stub that crashes says where in the server's log."""
 
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
+from pdserve.server.launcher import python_env_dirs
 from tests.serving.conftest import start_server
 from tests.serving.helpers import generate_many, kill_stub, stub_pid
 
@@ -36,3 +40,51 @@ def test_stop_leaves_no_process_and_no_shm_region(tmp_path: Path) -> None:
     assert not list(Path("/dev/shm").glob(f"pdkv-{doomed}-*"))
     with pytest.raises(ProcessLookupError):
         os.killpg(group, 0)
+
+
+def test_a_stub_that_crashes_leaves_its_python_stacks_in_the_log(tmp_path: Path) -> None:
+    """A segfault in a stub (the router's died once in numpy under load) is a
+    kernel log line otherwise; the server's log must say where each thread was.
+    (A dead router comes back by the controller: test_failover.)"""
+    with start_server("tiny_pd.yaml", tmp_path) as server:
+        log = server.options.log_file
+        assert log is not None
+        os.kill(stub_pid(server, "pdserve"), signal.SIGSEGV)
+        deadline = time.monotonic() + 30
+        while "Fatal Python error: Segmentation fault" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "no faulthandler dump in the server log"
+            time.sleep(0.1)
+        text = log.read_text(errors="replace")
+        dump = text[text.index("Fatal Python error: Segmentation fault"):]
+        # Every thread's stack: the asyncio loop's and the pool's, not only the main one.
+        assert dump.count("(most recent call first)") >= 2, dump[:2000]
+
+
+def test_a_clean_stop_crashes_no_stub(tmp_path: Path) -> None:
+    """Every stub that had loaded the engine used to segfault in the interpreter's
+    last garbage collection at shutdown (``finalize`` now collects and freezes)."""
+    with start_server("tiny_pd.yaml", tmp_path) as server:
+        ok = generate_many(server.options.grpc_url, [{"text": "hi", "scenario": s,
+                                                      "sampling": {"max_tokens": 2}}
+                                                     for s in ("default", "agg")])
+        assert [r.error for r in ok] == [None, None]
+        log = server.options.log_file
+        assert log is not None
+    text = log.read_text(errors="replace")
+    assert "successfully unloaded 'decode_0'" in text  # it did shut down, cleanly
+    assert "Fatal Python error" not in text, text[text.find("Fatal Python error"):][:1500]
+
+
+def test_a_killed_server_leaves_no_python_env_dir(tmp_path: Path) -> None:
+    """The Python backend's /tmp/python_env_XXXXXX goes only with a clean shutdown:
+    after a SIGKILLed tritonserver, ``stop`` removes its server's one."""
+    before = python_env_dirs()
+    with start_server("tiny_pd.yaml", tmp_path) as server:
+        assert server.process is not None
+        mine = server.python_env_dir
+        assert mine is not None and mine.is_dir() and mine not in before
+        server.process.kill()
+        server.process.wait(timeout=10)
+        assert mine.is_dir()  # what a dead server leaves
+    assert not mine.exists()
+    assert python_env_dirs() - before == set()

@@ -13,7 +13,9 @@ Each stub's IPC pool is a 1 MiB shared-memory region that the Python backend
 unlinks only on a clean shutdown: a stub killed (SIGKILL, OOM) or a server
 stopped hard leaves ``/dev/shm/<prefix><uuid>`` behind. Every server gets a
 prefix of its own (``shm-region-prefix-name``), and ``stop`` removes what is
-left under it.
+left under it. The same goes for the Python backend's ``/tmp/python_env_XXXXXX``
+directory (a fixed path, made at backend start, removed only by a clean
+shutdown): ``stop`` removes the one its server made, if it can tell which.
 
 Why the environment matters: the stub embeds the system libpython of the same
 minor version as the running interpreter (pointing it at another build, e.g.
@@ -65,6 +67,9 @@ from pdserve.server.config import POOL_ENV, POOL_RESERVE, InstanceConfig
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # backends/pdserve
 RUNTIME_DIR_ENV = "PDSERVE_RUNTIME_DIR"  # where stubs keep sockets (removed on stop)
 SHM_DIR = Path("/dev/shm")
+# The Python backend's temp dir for execution environments: mkdtemp on this fixed
+# template when the backend starts, removed by its finalize only.
+PYTHON_ENV_DIR, PYTHON_ENV_GLOB = Path("/tmp"), "python_env_*"
 # A router's default stream_threads of BLS calls at once, and the reserve for its sends.
 DEFAULT_POOL_THREADS = InstanceConfig(name="x", role="prefill").stream_threads + POOL_RESERVE
 
@@ -172,6 +177,11 @@ def _wait_group_gone(pgid: int, timeout_s: float) -> None:
         time.sleep(0.05)
 
 
+def python_env_dirs() -> set[Path]:
+    """Every Python backend's temp dir on this machine (any server's)."""
+    return set(PYTHON_ENV_DIR.glob(PYTHON_ENV_GLOB))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -188,6 +198,10 @@ class TritonServer:
         self._log: object = None
         # Stubs' IPC regions of this server: /dev/shm/<prefix><uuid> (see the module doc)
         self.shm_prefix = f"pdserve_{os.getpid()}_{os.urandom(4).hex()}_"
+        # The Python backend's temp dir: those there before the start, and ours once
+        # known (the one new dir at ready; none if another server made one too).
+        self._env_before: set[Path] | None = None
+        self.python_env_dir: Path | None = None
 
     def command(self, backend_dir: Path) -> list[str]:
         o = self.options
@@ -224,6 +238,7 @@ class TritonServer:
         if not Path(self.options.repository).is_dir():
             raise FileNotFoundError(f"model repository {self.options.repository} is not a dir")
         self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-backend-")
+        self._env_before, self.python_env_dir = python_env_dirs(), None
         backend_dir = assemble_backend_dir(Path(self._tmp.name))
         # Routers put their token channel sockets here, so that they go with the
         # server even when a stub is killed and never runs its finalize.
@@ -278,6 +293,7 @@ class TritonServer:
                         index = json.loads(resp.read())
                     ready = {m["name"] for m in index if m.get("state") == "READY"}
                     if expected <= ready:
+                        self._claim_env_dir()
                         return
             time.sleep(0.5)
         raise Unavailable(
@@ -307,12 +323,27 @@ class TritonServer:
         sweep_stale_segments()
         # Stubs with a CPU quota killed without finalize leave empty cgroups.
         sweep_quota_cgroups()
+        # A server that did not shut down cleanly leaves the backend's temp dir.
+        if self.python_env_dir is not None:
+            shutil.rmtree(self.python_env_dir, ignore_errors=True)
+        self._env_before = self.python_env_dir = None
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+    def _claim_env_dir(self) -> None:
+        """Which ``python_env_*`` dir is this server's, asked once it is ready: the
+        only one made since its start. With two made (another server started
+        meanwhile) it stays unknown and is left alone, as it is when the server
+        never got ready: removing another live server's would break it."""
+        if self.python_env_dir is not None or self._env_before is None:
+            return
+        made = python_env_dirs() - self._env_before
+        if len(made) == 1:
+            self.python_env_dir = made.pop()
 
     def restart(self, should_stop: Callable[[], bool] | None = None) -> None:
         """Start tritonserver again on the same options (ports, repository) after

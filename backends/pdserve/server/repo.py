@@ -41,6 +41,8 @@ from pdserve.server.config import InstanceConfig, Route, parse_cpu_cores, to_par
 _INSTANCE_ROLES = ("prefill", "decode", "aggregated")
 _TOP_KEYS = {"model", "dtype", "device", "router", "limits", "kv", "scenarios", "warmup_tokens"}
 
+# The client-facing inputs and outputs, and the controller's heartbeat (``control``
+# -> ``load``, op health only: scheduler/controller/protocol.py ``RouterLoad``).
 ROUTER_IO = """\
 model_transaction_policy { decoupled: true }
 input [
@@ -50,12 +52,14 @@ input [
   { name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
   { name: "sampling_parameters" data_type: TYPE_STRING dims: [ 1 ] optional: true },
   { name: "scenario" data_type: TYPE_STRING dims: [ 1 ] optional: true },
-  { name: "exclude_input_in_output" data_type: TYPE_BOOL dims: [ 1 ] optional: true }
+  { name: "exclude_input_in_output" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
+  { name: "control" data_type: TYPE_STRING dims: [ 1 ] optional: true }
 ]
 output [
   { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] },
   { name: "output_ids" data_type: TYPE_INT32 dims: [ -1 ] },
-  { name: "finish_reason" data_type: TYPE_STRING dims: [ -1 ] }
+  { name: "finish_reason" data_type: TYPE_STRING dims: [ -1 ] },
+  { name: "load" data_type: TYPE_STRING dims: [ 1 ] }
 ]
 """
 
