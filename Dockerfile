@@ -45,8 +45,17 @@ RUN python3 -m pip install --no-deps . \
  && cp backends/pdserve/model.py /opt/tritonserver/backends/pdserve/model.py
 
 EXPOSE 8000 8001 8002
+# Ready is not enough: a router whose stub died stays READY while every request
+# fails ("Stub process ... is not healthy"; Triton 2.51 never starts it again, and
+# its streams never end). So the check also sends the router its heartbeat
+# (docs/controller.md): an unhealthy container is for the orchestrator to restart.
+ENV PDSERVE_ROUTER=pdserve
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s \
-    CMD curl -fsS localhost:8000/v2/health/ready || exit 1
+    CMD curl -fsS localhost:8000/v2/health/ready \
+     && curl -fsS -o /dev/null -H 'Content-Type: application/json' \
+          -d '{"control": "{\"op\": \"health\"}"}' \
+          "localhost:8000/v2/models/${PDSERVE_ROUTER}/generate" \
+     || exit 1
 
 # Poll mode: the controller and operators change the deployment by editing /models.
 # The Python backend's pool of each instance must exceed the router's BLS calls at

@@ -30,7 +30,7 @@ from pdserve.server.launcher import (
 )
 from pdserve.server.repo import build
 from tests.serving.conftest import SPECS
-from tests.serving.helpers import generate_many
+from tests.serving.helpers import Result, generate_many
 
 
 class _Proc:
@@ -55,9 +55,21 @@ class _Server:
     restarts: int = 0
     options: ServerOptions = field(default_factory=lambda: ServerOptions(repository=Path(".")))
     process: _Proc | None = None
+    # What each router check answers, in turn (then: every router alive).
+    routers: list[str | None] = field(default_factory=list)
+    checks: int = 0
+    stops: int = 0
 
     def __post_init__(self) -> None:
         self.process = _Proc(*self.lives.pop(0))
+
+    def dead_router(self) -> str | None:
+        self.checks += 1
+        return self.routers.pop(0) if self.routers else None
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        self.stops += 1
+        self.process = None
 
     def restart(self, should_stop: object = None) -> None:
         self.restarts += 1
@@ -145,6 +157,32 @@ def test_stopping_during_the_back_off_returns_without_restarting() -> None:
     assert "restarting in 10.0 s" in said[0]
 
 
+DEAD = "pdserve: heartbeat: HTTP 400: Stub process 'pdserve_0_0' is not healthy."
+
+
+def test_a_dead_router_takes_the_server_down_and_up_again() -> None:
+    """Two checks in a row find the router's stub dead: the server is stopped at
+    once (its client streams would hang for ever) and restarted like a crash."""
+    server = _Server([(None, 0), (None, 0)], routers=[None, DEAD, None, DEAD, DEAD])
+    rc, said = _run(server, RestartPolicy(router_check_s=1.0, backoff_s=1.0), stop_at=30.0)
+    assert rc == 0 and server.stops == 1 and server.restarts == 1
+    assert said[0] == f"router {DEAD}: stopping tritonserver (the streams it was serving " \
+                      "would never end)"
+    assert said[1] == (f"router {DEAD}; restarting in 1.0 s (restart 1 of at most 5 in 600 s)")
+    assert said[2].startswith("ready again")
+    assert len(said) == 3  # the restarted server's routers all answer
+
+
+def test_one_failed_router_check_is_not_enough_and_zero_turns_checks_off() -> None:
+    server = _Server([(None, 0)], routers=[DEAD, None, DEAD, None, DEAD])
+    rc, said = _run(server, RestartPolicy(router_check_s=1.0), stop_at=20.0)
+    assert rc == 0 and server.stops == 0 and server.restarts == 0 and said == []
+    assert server.checks >= 10  # about one a second
+    server = _Server([(None, 0)], routers=[DEAD] * 100)
+    rc, said = _run(server, RestartPolicy(router_check_s=0.0), stop_at=20.0)
+    assert rc == 0 and server.checks == 0 and server.stops == 0
+
+
 def test_policy_refuses_nonsense() -> None:
     with pytest.raises(ValueError):
         RestartPolicy(max_restarts=-1)
@@ -152,6 +190,10 @@ def test_policy_refuses_nonsense() -> None:
         RestartPolicy(window_s=0)
     with pytest.raises(ValueError):
         RestartPolicy(backoff_s=5, max_backoff_s=1)
+    with pytest.raises(ValueError):
+        RestartPolicy(router_check_s=-1)
+    with pytest.raises(ValueError):
+        RestartPolicy(router_strikes=0)
     assert RestartPolicy(backoff_s=1, max_backoff_s=8).delay_s(10) == 8
 
 
@@ -239,3 +281,48 @@ def test_serve_restarts_a_killed_tritonserver_and_serves_again(
     # after the serve process) and no KV arena of any stub, killed or stopped.
     assert not list(Path("/dev/shm").glob(f"pdserve_{proc.pid}_*"))
     assert not [pid for pid in stubs if list(Path("/dev/shm").glob(f"pdkv-{pid}-*"))]
+
+
+@pytest.mark.e2e
+def test_serve_ends_the_streams_of_a_dead_router_and_serves_again(
+        serve: tuple[subprocess.Popen[str], list[str], dict[str, int]]) -> None:
+    """The router's stub dies with streams in flight. Triton 2.51 would leave them
+    waiting for ever (and never start the stub again); ``pdserve serve`` sees the
+    dead router, restarts the server, and every stream ends with an error."""
+    proc, lines, ports = serve
+    ready = _wait_line(lines, r"^pdserve ready: ", 180)
+    grpc = f"127.0.0.1:{ports['grpc']}"
+    (triton,) = _children(proc.pid)
+    router = next(pid for pid in _children(triton)
+                  if b"pdserve_0_0" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    results: list[Result] = []
+    began = time.monotonic()
+
+    def long_stream() -> None:  # one stream each, as separate clients
+        results.extend(generate_many(grpc, [
+            {"ids": list(range(5, 30)), "sampling": {"max_tokens": 990, "ignore_eos": True}}
+        ], timeout_s=60))
+
+    threads = [threading.Thread(target=long_stream, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # the streams are under way (990 tokens: several seconds)
+    os.kill(router, signal.SIGKILL)
+    killed = time.monotonic()
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads), "streams hung:\n" + "\n".join(lines[-30:])
+    ended_s = time.monotonic() - killed
+    assert len(results) == 4
+    assert all(r.error is not None for r in results), [r.error for r in results]
+    assert not any(r.finish_reason for r in results)  # cut short, not finished
+    assert all(r.ids for r in results)  # ... after they had begun (tokens came)
+    assert killed - began < 5  # the kill came while they ran
+    assert ended_s < 30  # ended by the restart, not by the client giving up (60 s)
+    _wait_line(lines, r"router pdserve: .*is not healthy.*: stopping tritonserver", 30, ready)
+    _wait_line(lines, r"ready again: HTTP", 180, ready)
+    back_s = time.monotonic() - killed
+    again = generate_many(grpc, [{"text": "hello", "sampling": {"max_tokens": 4}}])
+    assert again[0].error is None, again[0].error
+    print(f"\ndead router: its streams ended {ended_s:.1f}s after the kill, the server "
+          f"served again {back_s:.1f}s after it")

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -62,7 +63,11 @@ from typing import Protocol
 from pdserve.errors import Unavailable
 from pdserve.kvtransfer.shm import sweep_stale_segments
 from pdserve.roles.cpu_quota import sweep_quota_cgroups
+from pdserve.scheduler.controller.probe import TritonProbeClient
+from pdserve.scheduler.controller.repository import Repository
 from pdserve.server.config import POOL_ENV, POOL_RESERVE, InstanceConfig
+
+log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # backends/pdserve
 RUNTIME_DIR_ENV = "PDSERVE_RUNTIME_DIR"  # where stubs keep sockets (removed on stop)
@@ -70,6 +75,8 @@ SHM_DIR = Path("/dev/shm")
 # The Python backend's temp dir for execution environments: mkdtemp on this fixed
 # template when the backend starts, removed by its finalize only.
 PYTHON_ENV_DIR, PYTHON_ENV_GLOB = Path("/tmp"), "python_env_*"
+# How long a server with a dead router gets after SIGTERM before SIGKILL (``supervise``).
+DEAD_ROUTER_STOP_S = 1.0
 # A router's default stream_threads of BLS calls at once, and the reserve for its sends.
 DEFAULT_POOL_THREADS = InstanceConfig(name="x", role="prefill").stream_threads + POOL_RESERVE
 
@@ -334,6 +341,23 @@ class TritonServer:
             self._tmp.cleanup()
             self._tmp = None
 
+    def dead_router(self) -> str | None:
+        """A router model of this server whose stub died, as ``"name: error"``;
+        None when every router answers its heartbeat, or fails it otherwise (a
+        slow answer under load is not a dead stub: only Triton's own "is not
+        healthy" verdict counts)."""
+        try:
+            routers = sorted(Repository(Path(self.options.repository)).routers())
+        except Exception as exc:  # a repository mid-edit, or broken by hand
+            log.warning("cannot read the routers of %s: %s", self.options.repository, exc)
+            return None
+        probe = TritonProbeClient(timeout_s=2.0)
+        for name in routers:
+            result = probe.probe_router(self.options.http_url, name)
+            if not result.ok and "is not healthy" in result.error:
+                return f"{name}: {result.error}"
+        return None
+
     def _claim_env_dir(self) -> None:
         """Which ``python_env_*`` dir is this server's, asked once it is ready: the
         only one made since its start. With two made (another server started
@@ -404,12 +428,18 @@ class RestartPolicy:
     window_s: float = 600.0
     backoff_s: float = 1.0  # before the first restart in the window; doubles, capped
     max_backoff_s: float = 30.0
+    # A router whose stub died (``TritonServer.dead_router``) on this many checks
+    # in a row, one every router_check_s (0: not checked), is restarted with the server.
+    router_check_s: float = 1.0
+    router_strikes: int = 2
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0 or not self.window_s > 0 or self.backoff_s < 0 \
                 or self.max_backoff_s < self.backoff_s:
             raise ValueError("need max_restarts >= 0, window_s > 0 and "
                              "0 <= backoff_s <= max_backoff_s")
+        if self.router_check_s < 0 or self.router_strikes < 1:
+            raise ValueError("need router_check_s >= 0 and router_strikes >= 1")
 
     def delay_s(self, recent: int) -> float:
         """The wait before a restart, ``recent`` restarts already in the window."""
@@ -433,6 +463,10 @@ class Supervised(Protocol):
 
     def restart(self, should_stop: Callable[[], bool] | None = None) -> None: ...
 
+    def stop(self, timeout_s: float = 20.0) -> None: ...
+
+    def dead_router(self) -> str | None: ...
+
 
 def supervise(
     server: Supervised,
@@ -444,28 +478,42 @@ def supervise(
     say: Callable[[str], None] | None = None,
 ) -> int:
     """Run until ``stopping()`` (returns 0), restarting tritonserver whenever it
-    exits on its own; 1 once it exited more than ``policy.max_restarts`` times
-    within ``policy.window_s``. The caller stops the server afterwards."""
+    exits on its own, or stopping and restarting it when a router's stub died;
+    1 once it went down more than ``policy.max_restarts`` times within
+    ``policy.window_s``. The caller stops the server afterwards.
+
+    Why a dead router takes the whole server down: Triton 2.51 never starts that
+    stub again, and never ends the client streams it was serving (they wait
+    forever, measured). A reload of the router alone (what the controller does
+    where nobody supervises the process) brings new requests back but leaves
+    those streams hanging; a restart closes their connections, so every client
+    gets an error now."""
     if say is None:
         def say(msg: str) -> None:
             print(f"pdserve serve: {msg}", file=sys.stderr, flush=True)
     restarts: deque[float] = deque()
     while True:
-        while not stopping() and server.process is not None and server.process.poll() is None:
-            sleep(0.5)
+        what = _watch(server, stopping, policy, clock, sleep)
         if stopping():
             return 0
-        why = describe_exit(server.process.returncode if server.process is not None else None)
+        if what is None:
+            what = "tritonserver " + describe_exit(
+                server.process.returncode if server.process is not None else None)
+        else:
+            say(f"{what}: stopping tritonserver (the streams it was serving would never end)")
+            # Not gracefully: a dead router's model never unloads, so tritonserver
+            # would wait out its whole exit timeout (10 s) with the streams open.
+            server.stop(timeout_s=DEAD_ROUTER_STOP_S)
         now = clock()
         while restarts and now - restarts[0] > policy.window_s:
             restarts.popleft()
         if len(restarts) >= policy.max_restarts:
-            say(f"tritonserver {why}; {len(restarts)} restarts in the last "
+            say(f"{what}; {len(restarts)} restarts in the last "
                 f"{policy.window_s:.0f} s already: giving up")
             return 1
         delay = policy.delay_s(len(restarts))
         restarts.append(now)
-        say(f"tritonserver {why}; restarting in {delay:.1f} s (restart {len(restarts)} of "
+        say(f"{what}; restarting in {delay:.1f} s (restart {len(restarts)} of "
             f"at most {policy.max_restarts} in {policy.window_s:.0f} s)")
         waited = 0.0
         while waited < delay and not stopping():
@@ -480,6 +528,24 @@ def supervise(
             say(f"restart failed: {e}")
             continue
         say(f"ready again: HTTP http://{server.options.http_url}  gRPC {server.options.grpc_url}")
+
+
+def _watch(server: Supervised, stopping: Callable[[], bool], policy: RestartPolicy,
+           clock: Callable[[], float], sleep: Callable[[float], None]) -> str | None:
+    """Until stopping, the process exits (None) or a router is dead on
+    ``policy.router_strikes`` checks in a row (what is wrong with it)."""
+    strikes = 0
+    due = clock() + policy.router_check_s
+    while not stopping() and server.process is not None and server.process.poll() is None:
+        sleep(0.5)
+        if not policy.router_check_s or clock() < due:
+            continue
+        due = clock() + policy.router_check_s
+        dead = server.dead_router()
+        strikes = strikes + 1 if dead is not None else 0
+        if dead is not None and strikes >= policy.router_strikes:
+            return f"router {dead}"
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
