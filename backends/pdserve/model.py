@@ -56,8 +56,8 @@ from pdserve.server.config import (  # noqa: E402
 log = logging.getLogger(__name__)
 
 # A stub that crashes in native code (numpy, torch, the backend's C++ side) dies by
-# a signal; Triton restarts it and its log shows nothing of where. Every thread's
-# Python stack goes to stderr (tritonserver's log) first. No stderr: nothing to do.
+# a signal, and nothing in the log says where. Every thread's Python stack goes to
+# stderr (tritonserver's log) first. No usable stderr: nothing to do.
 with contextlib.suppress(AttributeError, ValueError, OSError, RuntimeError):
     faulthandler.enable(all_threads=True)
 
