@@ -288,9 +288,29 @@ def test_serve_ends_the_streams_of_a_dead_router_and_serves_again(
         serve: tuple[subprocess.Popen[str], list[str], dict[str, int]]) -> None:
     """The router's stub dies with streams in flight. Triton 2.51 would leave them
     waiting for ever (and never start the stub again); ``pdserve serve`` sees the
-    dead router, restarts the server, and every stream ends with an error."""
+    dead router, restarts the server, and every stream ends with an error.
+
+    A stub's SIGKILL can also make tritonserver abort by itself (the upstream
+    ``lock_exception``; a CI run saw the server restarted without the router line):
+    then the restart was not ours, and the round is repeated once."""
     proc, lines, ports = serve
-    ready = _wait_line(lines, r"^pdserve ready: ", 180)
+    after = _wait_line(lines, r"^pdserve ready: ", 180)
+    for attempt in (1, 2):
+        why = lines[_router_kill_round(proc, lines, ports, after)]
+        after = _wait_line(lines, r"ready again: HTTP", 180, after)
+        if "stopping tritonserver" in why:
+            break
+        assert attempt == 1, f"tritonserver died by itself twice: {why}"
+        print(f"\nround {attempt}: {why}; repeating it once")
+    again = generate_many(f"127.0.0.1:{ports['grpc']}",
+                          [{"text": "hello", "sampling": {"max_tokens": 4}}])
+    assert again[0].error is None, again[0].error
+
+
+def _router_kill_round(proc: subprocess.Popen[str], lines: list[str], ports: dict[str, int],
+                       after: int) -> int:
+    """Kill the router under 4 long streams; the line that says why the server went
+    down (our router check, or tritonserver dying by itself)."""
     grpc = f"127.0.0.1:{ports['grpc']}"
     (triton,) = _children(proc.pid)
     router = next(pid for pid in _children(triton)
@@ -319,10 +339,7 @@ def test_serve_ends_the_streams_of_a_dead_router_and_serves_again(
     assert all(r.ids for r in results)  # ... after they had begun (tokens came)
     assert killed - began < 5  # the kill came while they ran
     assert ended_s < 30  # ended by the restart, not by the client giving up (60 s)
-    _wait_line(lines, r"router pdserve: .*is not healthy.*: stopping tritonserver", 30, ready)
-    _wait_line(lines, r"ready again: HTTP", 180, ready)
-    back_s = time.monotonic() - killed
-    again = generate_many(grpc, [{"text": "hello", "sampling": {"max_tokens": 4}}])
-    assert again[0].error is None, again[0].error
-    print(f"\ndead router: its streams ended {ended_s:.1f}s after the kill, the server "
-          f"served again {back_s:.1f}s after it")
+    why = _wait_line(lines, r"router pdserve: .*is not healthy.*: stopping tritonserver"
+                     r"|tritonserver (was killed by|exited with)", 30, after)
+    print(f"\ndead router: its streams ended {ended_s:.1f}s after the kill")
+    return why
