@@ -338,14 +338,11 @@ class Controller:
 
     def _replace_failed(self, now: float) -> None:
         drains = {k for k, v in self._drains.items() if v.owner != OWNER}
-        failed = sorted({name for (_, name), h in self.health.items() if h.state == "failed"})
-        for name in failed:
+        for name, error in _failed(self.health).items():
             if name in drains:
                 continue  # its owner (an upgrade) is reloading it; not ours to touch
             if name in self.ratio.pending:
                 self._abandon_switch(name, f"{name} failed while draining")
-            error = next(h.last_error for (_, n), h in self.health.items()
-                         if n == name and h.state == "failed")
             why = f"replace failed instance: {error[:200]}"
             if acting := self.acting_role(name):
                 # A fresh stub starts in the repository's role: write the role it
@@ -354,25 +351,23 @@ class Controller:
                                              f"{why} (keeps its role {acting})")
             else:
                 entry = self.repo.reload(name, reason=why)
-            self.metrics.edits.labels("reload").inc()
-            for (_, n), h in self.health.items():
-                if n == name:
-                    h.begin_replacing(entry.generation, now)
+            self._replacing(self.health, name, entry.generation, now)
 
     def _replace_failed_routers(self, now: float) -> None:
         """A router whose stub died: every client request fails at once ("Stub
         process 'pdserve_0_0' is not healthy") and Triton 2.51 does not start it
         again; a reload does. Its streams in flight were lost with the stub."""
-        failed = sorted({name for (_, name), h in self.router_health.items()
-                         if h.state == "failed"})
-        for name in failed:
-            error = next(h.last_error for (_, n), h in self.router_health.items()
-                         if n == name and h.state == "failed")
+        for name, error in _failed(self.router_health).items():
             entry = self.repo.reload(name, reason=f"replace failed router: {error[:200]}")
-            self.metrics.edits.labels("reload").inc()
-            for (_, n), h in self.router_health.items():
-                if n == name:
-                    h.begin_replacing(entry.generation, now)
+            self._replacing(self.router_health, name, entry.generation, now)
+
+    def _replacing(self, health: dict[Key, InstanceHealth], name: str, generation: int,
+                   now: float) -> None:
+        """``name`` was reloaded (a generation bump): on every server, wait for it."""
+        self.metrics.edits.labels("reload").inc()
+        for (_, n), h in health.items():
+            if n == name:
+                h.begin_replacing(generation, now)
 
     def _rebalance(self, now: float) -> None:
         assert self.scrape is not None
@@ -613,6 +608,15 @@ class Controller:
             for role, n in counts.items():
                 self.metrics.ratio.labels(scenario, role).set(n)
         return self.state
+
+
+def _failed(health: dict[Key, InstanceHealth]) -> dict[str, str]:
+    """Each failed model, by name, with the error of its first failed (server, model)."""
+    failed: dict[str, str] = {}
+    for (_, name), h in sorted(health.items()):
+        if h.state == "failed":
+            failed.setdefault(name, h.last_error)
+    return failed
 
 
 _SEVERITY = {"healthy": 0, "draining": 1, "loading": 2, "suspect": 3, "replacing": 4,

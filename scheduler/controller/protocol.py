@@ -16,7 +16,8 @@ refused (UNAVAILABLE) while the instance has work in flight: drain it first.
 The router model answers the same heartbeat, op ``health`` only, with a
 ``RouterLoad``: its stub dies like any other (then every client request fails,
 "Stub process 'pdserve_0_0' is not healthy", and Triton 2.51 does not start it
-again by itself), so the controller watches it and reloads it too.
+again by itself). ``pdserve serve`` restarts the server on it (which also ends
+the dead router's streams); the controller reloads it where nobody supervises.
 
 An instance answers with exactly one response (FINAL flag set), also when its
 model is decoupled. ``CONTROL_IO_PBTXT`` is the config.pbtxt fragment an
