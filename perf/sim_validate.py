@@ -50,6 +50,17 @@ never from the points themselves:
     each slot the router's calls free and at each back-off (2-50 ms), on the
     decode's core; without that work the simulated TPOT stayed flat while the
     measured one rose with the offered load.
+  - a prefill call's time beyond the prefill's forward and KV send
+    (``Profile.prefill_call_s``: the prompt's way to the prefill and the answer's
+    way back through Triton, during which the router counts the slot as taken),
+    from the router's and the prefills' own timings of the unloaded run
+    (``perf.experiments.phases``; E2, and E1's disaggregated deployment, runs since
+    2026-12-07 20:00 UTC): mean accepted call - mean forward - the KV send.
+    Only with ``--prefill-call`` (else 0, and that time is part of the serving
+    overhead); the serving overhead above is then what is left.
+Where a point recorded the router's phases, the simulated and live mean TTFT are
+also split by phase (``phase_comparison``, printed after the figures): arrival to
+the accepted prefill call, the call, and the rest (the first token's way out).
 Drift (``--drift``, off by default): the shared machine's speed moves 10-30 %
 within minutes (E2's on-demand 1x point measured TPOT p50 34.1 ms in its run and
 25.7 ms ten minutes later). Runs that take a probe before each point (the unloaded
@@ -122,8 +133,47 @@ def simulate_specs(profile: Profile, scenario: ScenarioSpec, specs: list[Request
                     slo=slo or Slo())
     cluster = Cluster(cfg, profile, trace=specs)
     cluster.run()
-    row: dict[str, Any] = common.summary_row(cluster.outcomes.summary(cfg.slo))
+    summary = cluster.outcomes.summary(cfg.slo)
+    row: dict[str, Any] = common.summary_row(summary)
+    n = cluster.phase_n
+    ttft = summary.time_to_first_token_ms
+    row["phases_ms"] = {
+        "to_accept": 1000.0 * cluster.phase_wait_s / n if n else None,
+        "call": 1000.0 * cluster.phase_call_s / n if n else None,
+        "forward": (1000.0 * cluster.forward_s / cluster.forward_n
+                    if cluster.forward_n else None),
+        "rest": 1000.0 * (profile.attempt_rtt_s + profile.serving_overhead_s),
+        "ttft": ttft.avg if ttft else None,
+    }
     return row
+
+
+def phase_comparison(sim: dict[str, Any], measured: dict[str, Any] | None
+                     ) -> dict[str, dict[str, float | None]] | None:
+    """A point's mean first-token time by phase, simulated and live (points of
+    disaggregated deployments that recorded the router's phases): ``to_accept`` =
+    arrival to the accepted prefill call (live: reserve + wait), ``call`` = that
+    call, ``rest`` = the remainder of the client's TTFT (the first token's way out;
+    simulated: the fixed round trip)."""
+    if not measured or measured.get("client_ttft") is None or sim.get("phases_ms") is None:
+        return None
+    m = measured
+    reserve, wait, call = (m.get(k) for k in ("reserve", "prefill_wait", "prefill_call"))
+    if reserve is None or wait is None or call is None:
+        return None  # an aggregated deployment: no reservation, no prefill call
+    to_accept = reserve + wait
+    live = {"to_accept": to_accept, "call": call, "forward": m.get("prefill_forward"),
+            "rest": m["client_ttft"] - to_accept - call, "ttft": m["client_ttft"]}
+    return {"simulated": dict(sim["phases_ms"]), "measured": live}
+
+
+def unloaded_call_s(phases: dict[str, Any] | None, transfer_s: float) -> float:
+    """``Profile.prefill_call_s`` from an unloaded run's phases (one request at a
+    time, so nothing queues): the accepted call's mean less the prefill's forward
+    and the KV send; 0 without them."""
+    if not phases or phases.get("prefill_call") is None or phases.get("prefill_forward") is None:
+        return 0.0
+    return max(0.0, (phases["prefill_call"] - phases["prefill_forward"]) / 1000 - transfer_s)
 
 
 def one_at_a_time(specs: list[RequestSpec]) -> list[RequestSpec]:
@@ -312,7 +362,8 @@ def measured_request_s(cpu_cores: dict[str, float] | None, req_per_s: float,
 
 def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
                 host_scale: float = 0.0, gauges: bool = False,
-                fit_prefill: bool = False, router_cpu: str = "fit") -> dict[str, Any]:
+                fit_prefill: bool = False, router_cpu: str = "fit",
+                call_hops: bool = False) -> dict[str, Any]:
     from perf.experiments import e1_disagg_vs_agg as e1
 
     raw = dict(doc["config"])
@@ -343,9 +394,16 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
         if fit is not None:
             scale = fit[0] / (at_unloaded["prefill"] if at_unloaded else 1.0)
             prof_l = replace(prof, prefill=_scaled_prefill(prof.prefill, scale))
+        # The disaggregated prefill call beyond forward and KV send (as E2's); the
+        # aggregated deployment makes no prefill call.
+        phases = (doc.get("unloaded_phases_ms") or {}).get(label) if call_hops else None
+        call_s = unloaded_call_s(phases, sum(
+            prof.transfer_time(mode, s.input_len) for s in unloaded) / len(unloaded))
+        prof_l = replace(prof_l, prefill_call_s=call_s)
         calibrated[label], calib[label] = calibrate(
             prof_l, sc, unloaded, doc["unloaded"][label], ttft_budget_s=budget,
             transfer_mode=mode, slowed=at_unloaded)
+        calib[label]["prefill_call_ms"] = 1000 * call_s
         if fit is not None:
             calib[label]["prefill_scale_vs_engine"] = fit[0]
             calib[label]["prefill_fit_intercept_ms"] = 1000 * fit[1]
@@ -392,17 +450,20 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
         slowed = gauged(p, point_label("E1", p)) if gauges else None
         sim = simulate_specs(*on_host(drifted(calibrated[label], speed), scenarios[label], slowed),
                              specs, ttft_budget_s=budget, transfer_mode=mode)
+        phases = phase_comparison(sim, p.get("phases_ms"))
         points.append({"experiment": "E1", "point": point_label("E1", p),
                        "simulated": sim, "measured": p["load"], "drift": speed, "host": slowed,
                        "host_slowdown": p.get("host_slowdown"),
-                       "relative_error": _errors(sim, p["load"])})
+                       "relative_error": _errors(sim, p["load"]),
+                       **({"phases_ms": phases} if phases else {})})
     return {"calibration": calib, "points": points}
 
 
 # -- E2 ------------------------------------------------------------------------
 def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
                 host_scale: float = 0.0, gauges: bool = False,
-                router_cpu: str = "fit", spread: bool = True) -> dict[str, Any]:
+                router_cpu: str = "fit", spread: bool = True,
+                call_hops: bool = False) -> dict[str, Any]:
     from perf.experiments import e2_forwarding_vs_queue as e2
 
     raw = dict(doc["config"])
@@ -428,7 +489,12 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
     # One prompt length, one at a time: the unloaded run's spread is the prefill's (and
     # the path's) from request to request; drawn per batch (Profile.prefill_cv).
     cv = prefill_cv(measured["unloaded"]) if spread else 0.0
-    prof = replace(prof, prefill_cv=cv)
+    # What a prefill call takes beyond the forward and the KV send (its way to the
+    # prefill and back through Triton), from the router's and the prefills' own
+    # timings of the unloaded run (E2 runs since 2026-12-07 20:00 UTC; else 0).
+    call_s = unloaded_call_s(measured.get("unloaded_phases_ms"),
+                             profile.transfer_time(mode, cfg.prompt_len)) if call_hops else 0.0
+    prof = replace(prof, prefill_cv=cv, prefill_call_s=call_s)
     unloaded = e2.unloaded_specs(cfg)
     lq_budget = float(spec["limits"].get("ttft_budget_s", cfg.ttft_slo_ms / 1000))
     prof, calib = calibrate(prof, sc, unloaded, measured["unloaded"], slowed=at_unloaded,
@@ -436,6 +502,7 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
     calib["prefill_scale_vs_engine"] = scale
     calib["prefill_alone_ms"] = 1000 * alone
     calib["prefill_cv"] = cv
+    calib["prefill_call_ms"] = 1000 * call_s
     cap_specs = e2.requests(cfg, None, 100_000, seed=97)
     if router_cpu == "measured":
         cpu = measured_request_s(measured.get("capacity_cpu_cores"),
@@ -493,10 +560,12 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
         sim = simulate_specs(*on_host(drifted(prof, speed), sc, slowed), specs,
                              ttft_budget_s=budget, transfer_mode=mode, admission=p["admission"],
                              slo=slo)
+        phases = phase_comparison(sim, p.get("phases_ms"))
         points.append({"experiment": "E2", "point": point_label("E2", p),
                        "simulated": sim, "measured": p["bench"], "drift": speed, "host": slowed,
                        "host_slowdown": p.get("host_slowdown"),
-                       "relative_error": _errors(sim, p["bench"])})
+                       "relative_error": _errors(sim, p["bench"]),
+                       **({"phases_ms": phases} if phases else {})})
     return {"calibration": calib, "points": points}
 
 
@@ -777,6 +846,23 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def phases_markdown(results: list[dict[str, Any]]) -> str:
+    """The mean TTFT by phase, simulated / live, for the points that have both."""
+    rows = [p for r in results for p in r["points"] if p.get("phases_ms")]
+    if not rows:
+        return ""
+    keys = ("to_accept", "call", "forward", "rest", "ttft")
+    lines = ["Mean TTFT by phase, ms, sim / live (to_accept: arrival to the accepted prefill "
+             "call; call: that call; forward: one prefill batch's forward, a part of the "
+             "call; rest: the first token's way to the client):", "",
+             "| experiment | point | " + " | ".join(keys) + " |", "|---|---|" + "---|" * 5]
+    for p in rows:
+        s, m = p["phases_ms"]["simulated"], p["phases_ms"]["measured"]
+        lines.append(f"| {p['experiment']} | {p['point']} | "
+                     + " | ".join(f"{_f(s.get(k))} / {_f(m.get(k))}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def within(results: list[dict[str, Any]], tol: float = 0.10,
            keep: Callable[[dict[str, Any]], bool] | None = None) -> tuple[int, int]:
     """Figures within ``tol`` and figures compared, over the points ``keep`` keeps."""
@@ -841,6 +927,11 @@ def main(argv: list[str] | None = None) -> int:
                          "(prefill_cv); exact times line the slots' ends up with the "
                          "router's back-off timers (the 07:45 run's on-demand 3x point: "
                          "TTFT p50 +84 %%)")
+    ap.add_argument("--prefill-call", action="store_true",
+                    help="give a prefill call time beyond its forward and KV send "
+                         "(Profile.prefill_call_s), from the unloaded run's phases (E1's "
+                         "disaggregated deployment, E2); off: that time is in the serving "
+                         "overhead")
     ap.add_argument("--repeat-e1", type=Path, nargs="+", default=[], metavar="JSON",
                     help="other live E1 runs of the same points: report how far the live "
                          "figures move from run to run, and the simulated ones against "
@@ -870,9 +961,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"like {path}")
     validate: dict[str, Callable[..., dict[str, Any]]] = {
         "E1": functools.partial(validate_e1, fit_prefill=args.prefill_fit,
-                                router_cpu=args.router_cpu),
+                                router_cpu=args.router_cpu, call_hops=args.prefill_call),
         "E2": functools.partial(validate_e2, router_cpu=args.router_cpu,
-                                spread=not args.no_prefill_spread)}
+                                spread=not args.no_prefill_spread,
+                                call_hops=args.prefill_call)}
     profile = load_profile(args.profile)
     gauges = args.host_model == "gauges"
     try:
@@ -901,6 +993,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(json.dumps(r["calibration"]))
     print(markdown(results))
+    if table := phases_markdown(results):
+        print(table)
     if spread is not None:
         print(spread_markdown(spread))
         (lk, ln), (mk, mn) = spread["live_within_10pct"], spread["vs_mean_within_10pct"]

@@ -28,7 +28,7 @@ from typing import Any
 from pdserve.bench.metrics import DEADLINE_KIND, Slo
 from pdserve.bench.records import RequestSpec
 from pdserve.bench.traces import TraceScaling, read_trace, trace_requests
-from perf.experiments import common, host_speed
+from perf.experiments import common, host_speed, phases
 
 NAME = "e1_disagg_vs_agg"
 DEPLOYMENTS = {"disagg": "default", "agg": "agg"}  # label -> scenario
@@ -113,11 +113,14 @@ def busy_runs(server: Any, cfg: E1Config, trace: Path) -> dict[str, dict[str, An
     out = {}
     specs = busy_specs(cfg, trace)
     for label, scenario in DEPLOYMENTS.items():
+        before = phases.totals(server.options.metrics_url)
         run_ = common.drive(server, specs, label=f"busy {label}", scenario=scenario,
                             concurrency=cfg.busy_concurrency, max_duration_s=cfg.busy_s)
         out[label] = {"concurrency": cfg.busy_concurrency, "duration_s": cfg.busy_s,
                       "load": common.summary_row(run_.summary()), "cpu_cores": run_.cpu_cores,
-                      **run_.window()}
+                      **run_.window(),
+                      "phases_ms": phases.point(before, phases.totals(server.options.metrics_url),
+                                                run_.records)}
         print(f"busy {label}: {out[label]['load']}", flush=True)
     return out
 
@@ -144,9 +147,15 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
         doc["unloaded_requests"] = {}
         # when each calibration run ran: the host gauge gives each its slowdown
         doc["unloaded_window"] = {}
+        # the router's first-token phases (disaggregated only; perf.experiments.phases)
+        doc["unloaded_phases_ms"] = {}
+        url = server.options.metrics_url
         for label, scenario in DEPLOYMENTS.items():
             common.drive(server, base[:2], label="warmup", scenario=scenario, concurrency=1)
+            before = phases.totals(url)
             run_ = common.drive(server, base[2:], label=label, scenario=scenario, concurrency=1)
+            doc["unloaded_phases_ms"][label] = phases.point(before, phases.totals(url),
+                                                            run_.records)
             unloaded[label] = common.summary_row(run_.summary())
             doc["unloaded_requests"][label] = common.request_rows(run_.records)
             doc["unloaded_window"][label] = run_.window()
@@ -163,6 +172,7 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
             order = list(DEPLOYMENTS.items())
             for label, scenario in order if i % 2 == 0 else order[::-1]:
                 probe = common.probe(server, base[2: 2 + cfg.probe_requests], scenario)
+                before = phases.totals(url)
                 started = time.time()
                 run_ = common.drive(server, specs, label=label, scenario=scenario,
                                     max_duration_s=len(specs) / rate * 3 + 30,
@@ -172,7 +182,8 @@ def run(cfg: E1Config, quick: bool, trace: Path, out: Path | None = None) -> dic
                     "offered_requests": len(specs), "started_at": started,
                     "wall_s": run_.wall_s, "cpu_cores": run_.cpu_cores,
                     "load": common.summary_row(run_.summary()),
-                    "requests": common.request_rows(run_.records)}
+                    "requests": common.request_rows(run_.records),
+                    "phases_ms": phases.point(before, phases.totals(url), run_.records)}
                 if probe is not None:
                     point["probe"] = probe
                 for key, s in slo.items():

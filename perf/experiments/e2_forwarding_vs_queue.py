@@ -45,7 +45,7 @@ from pdserve.bench.metrics import DEADLINE_KIND, Slo, meets_ttft
 from pdserve.bench.records import RequestRecord, RequestSpec
 from pdserve.bench.workload import LengthDistribution, iter_arrivals, iter_synthetic_requests
 from pdserve.server.config import InstanceConfig
-from perf.experiments import common, host_speed
+from perf.experiments import common, host_speed, phases
 
 NAME = "e2_forwarding_vs_queue"
 # The router's early-intervention error; its text, since in-stream errors carry no code.
@@ -221,10 +221,14 @@ def warmup(server: Any, cfg: E2Config, label: str, limit_s: float = 120.0) -> di
 
 def measure(server: Any, cfg: E2Config) -> dict[str, Any]:
     """Unloaded TTFT, closed-loop capacity and the service time of a prompt under load."""
+    url = server.options.metrics_url
+    at_start = phases.totals(url)
     unloaded = common.drive(server, unloaded_specs(cfg),
                             label="unloaded", concurrency=1)
+    after_unloaded = phases.totals(url)
     cap = common.drive(server, requests(cfg, None, 100_000, seed=97), label="capacity",
                        concurrency=2 * cfg.total_slots, max_duration_s=cfg.capacity_s)
+    after_cap = phases.totals(url)
     done = [r for r in cap.records if r.is_ok]
     if not done:
         kinds = {r.error_kind: (r.error_message or "")[:200] for r in cap.records}
@@ -235,6 +239,8 @@ def measure(server: Any, cfg: E2Config) -> dict[str, Any]:
     capacity = len(done) / span
     return {"unloaded": common.summary_row(unloaded.summary()),
             "unloaded_requests": common.request_rows(unloaded.records),
+            "unloaded_phases_ms": phases.point(at_start, after_unloaded, unloaded.records),
+            "capacity_phases_ms": phases.point(after_unloaded, after_cap, cap.records),
             "capacity_req_per_s": capacity,
             # Little's law on the prefill stage, every slot busy: S = slots / C.
             "service_s": cfg.total_slots / capacity,
@@ -250,11 +256,14 @@ def overload_run(server: Any, cfg: E2Config, capacity: float) -> dict[str, Any]:
     fitted to; not a point of the experiment)."""
     rate = cfg.overload_load * capacity
     specs = requests(cfg, rate, max(4, round(rate * cfg.overload_s)), seed=OVERLOAD_SEED)
+    before = phases.totals(server.options.metrics_url)
     run_ = common.drive(server, specs, label="overload", max_duration_s=cfg.overload_s * 4 + 30,
                         request_timeout_s=60)
     row: dict[str, Any] = {"load": cfg.overload_load, "rate": rate, "offered": len(specs),
                            "seed": OVERLOAD_SEED, "bench": common.summary_row(run_.summary()),
-                           "cpu_cores": run_.cpu_cores, **run_.window()}
+                           "cpu_cores": run_.cpu_cores, **run_.window(),
+                           "phases_ms": phases.point(
+                               before, phases.totals(server.options.metrics_url), run_.records)}
     print(f"overload calibration {cfg.overload_load:g}x ({rate:.1f} req/s): TPOT p50 "
           f"{common.fmt(row['bench']['tpot_p50_ms'])} ms", flush=True)
     return row
@@ -267,13 +276,16 @@ def sweep(server: Any, cfg: E2Config, capacity: float, slo: Slo, label: str
         rate = load * capacity
         specs = requests(cfg, rate, max(4, round(rate * cfg.point_s)), seed=i)
         probe = common.probe(server, unloaded_specs(cfg)[: cfg.probe_requests])
+        before = phases.totals(server.options.metrics_url)
         started = time.time()
         run_ = common.drive(server, specs, label=label, max_duration_s=cfg.point_s * 4 + 30,
                             request_timeout_s=60)
         point = {"admission": label, "load": load, "rate": rate, "offered": len(specs),
                  "started_at": started, "wall_s": run_.wall_s, "cpu_cores": run_.cpu_cores,
                  **attainment(run_.records, slo),
-                 "bench": common.summary_row(run_.summary(slo))}
+                 "bench": common.summary_row(run_.summary(slo)),
+                 "phases_ms": phases.point(before, phases.totals(server.options.metrics_url),
+                                           run_.records)}
         if probe is not None:
             point["probe"] = probe
         points.append(point)
@@ -429,7 +441,7 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
             f"{common.fmt(b['ttft_p50_ms'])}/{common.fmt(b['ttft_p99_ms'])}"
             f" | {common.pct(p['attainment_all'])} | "
             f"**{common.pct(p['attainment_admitted'])}** | {common.pct(served(p))} |")
-    lines += ["", *verdict(doc)]
+    lines += ["", *verdict(doc), *phases_table(doc["points"])]
     lines += ["", "Why `small`, not `tiny`: with `tiny` a prefill costs less than the router's "
               "own work per request, so 5x its capacity overloaded the router and the shared "
               "cores, not the prefills (measured: capacity 37 req/s, 5x = 185 req/s, served "
@@ -443,6 +455,28 @@ def markdown(doc: dict[str, Any], figure: str | None) -> str:
     if figure:
         lines += ["", f"![E2]({figure})"]
     return "\n".join(lines)
+
+
+def phases_table(points: list[dict[str, Any]]) -> list[str]:
+    """The served requests' mean TTFT split by phase (points that recorded them)."""
+    rows = [p for p in points if p.get("phases_ms")]
+    if not rows:
+        return []
+    lines = ["", "Where the served requests' first-token time went (means, ms; the router's "
+             "`pdserve_request_*_seconds` and the prefills' `pdserve_prefill_forward_seconds` "
+             "over the point): reserve = arrival to the decode's KV reservation; wait = to "
+             "the send of the accepted prefill call; call = that call, of which forward = the "
+             "prefill's forward; delivery = the client's TTFT less the router's (the token's "
+             "way through Triton to the client).", "",
+             "| admission | load | reserve | wait | call | forward | router TTFT | delivery | "
+             "client TTFT |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in rows:
+        ph = p["phases_ms"]
+        cells = [common.fmt(ph.get(k)) for k in ("reserve", "prefill_wait", "prefill_call",
+                                                  "prefill_forward", "router_ttft", "delivery",
+                                                  "client_ttft")]
+        lines.append(f"| {p['admission']} | {p['load']:g}x | " + " | ".join(cells) + " |")
+    return lines
 
 
 def served(point: dict[str, Any]) -> float | None:

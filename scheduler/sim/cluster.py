@@ -173,6 +173,14 @@ class Cluster:
         self.loop = EventLoop()
         self.outcomes = Outcomes()
         self.cost = PolicyCost()
+        # The router's first-token phases (its pdserve_request_*_seconds), summed over
+        # the requests whose KV reached their decode: arrival to the accepted prefill
+        # call (the live reserve and wait), and that call to the KV's landing.
+        self.phase_n = 0
+        self.phase_wait_s = 0.0
+        self.phase_call_s = 0.0
+        self.forward_n = 0  # prefill batches done, and their time (the live prefills'
+        self.forward_s = 0.0  # pdserve_prefill_forward_seconds)
         self.scenarios: dict[str, ScenarioState] = {}
         self.instances: list[SimInstance] = []
         self.by_name: dict[str, SimInstance] = {}
@@ -183,6 +191,7 @@ class Cluster:
         self._trace = trace
         self._local = config.admission == "local_queue"
         self._rtt = profile.attempt_rtt_s + profile.serving_overhead_s
+        self._call_s = profile.prefill_call_s
         self._pf_slots = profile.prefill.max_batch_size
         self._kv_total = profile.decode.kv_capacity_tokens * profile.kv_bytes_per_token
         # figures read per request, kept here (reading them from the frozen config and
@@ -439,6 +448,7 @@ class Cluster:
             raise PrefillRejected(f"{name}: no free prefill slot")
         inst.pf_in_flight += 1
         req.prefill = inst
+        req.accepted = self.loop.now
         inst.pending.append(req)
         self._maybe_start_batch(inst)
         self.touch(inst)
@@ -496,6 +506,7 @@ class Cluster:
             return
         inst = self.by_name[name]
         req.prefill = inst
+        req.accepted = self.loop.now
         inst.pending.append(req)
         self._maybe_start_batch(inst)
         self.touch(inst)
@@ -568,6 +579,9 @@ class Cluster:
         inst, epoch, dur = arg
         if epoch != inst.epoch:
             return
+        if inst.role == "prefill":
+            self.forward_n += 1
+            self.forward_s += dur
         inst.pf_busy = False
         batch, inst.pf_running = inst.pf_running, []
         if inst.role == "aggregated" and inst.running:
@@ -592,9 +606,16 @@ class Cluster:
         if epoch != inst.epoch:
             return
         inst.transferring.discard(req)
+        call_s = self._call_s
+        if call_s > 0:  # the answer's way back: the first token waits for it too
+            host = inst.state.host
+            req.hop = call_s if host is None else call_s * host.hop_factor()
         if not self._local:
-            inst.pf_in_flight -= 1
-            self._notify(inst.state)
+            if call_s > 0:  # the router sees the slot free once the answer is back
+                self.loop.after(req.hop, self._answered, (inst, epoch))
+            else:
+                inst.pf_in_flight -= 1
+                self._notify(inst.state)
         req.prefill = None
         self._maybe_start_batch(inst)
         self.touch(inst)
@@ -612,13 +633,26 @@ class Cluster:
         else:
             self._first_token(req)
 
+    def _answered(self, arg: tuple[SimInstance, int]) -> None:
+        inst, epoch = arg
+        if epoch != inst.epoch:
+            return  # failed since: its slots were reset
+        inst.pf_in_flight -= 1
+        self._notify(inst.state)
+
     # -- decode ----------------------------------------------------------------
     def _first_token(self, req: SimRequest) -> None:
+        """The KV landed on the decode, which goes on at once (decode_start:
+        on_landing); the first token reaches the client after the prefill's
+        answer came back (``req.hop``) and the fixed round trip."""
         now = self.loop.now
-        req.first_token = now + self._rtt
+        req.first_token = now + req.hop + self._rtt
         dec = req.decode
         assert dec is not None and req in dec.reserved
         dec.reserved.discard(req)
+        self.phase_n += 1
+        self.phase_wait_s += req.accepted - req.arrival
+        self.phase_call_s += now + req.hop - req.accepted
         sc = self.scenarios[req.scenario]
         sc.win_first += 1
         sc.win_ttft += req.first_token - req.arrival

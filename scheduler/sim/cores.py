@@ -45,6 +45,7 @@ class Core:
         self.version = 0
         self._next_id = 0
         self.busy_s = 0.0  # time with at least one runnable item (for tests and reports)
+        self.router_jobs = 0  # of the jobs, the router's (Host.router_job)
 
     @property
     def num_runnable(self) -> int:
@@ -117,7 +118,21 @@ class Host:
             return
         core = min((self.cores[i] for i in self.router_cores),
                    key=lambda c: (c.num_runnable, c.number))
-        core.add_job(work_s, _nothing)
+        core.router_jobs += 1
+        core.add_job(work_s, _router_job_done, core)
+
+    def hop_factor(self) -> float:
+        """How many times longer a short piece of router work on the path of a
+        request (a call's way through Triton) takes now than on an idle core:
+        processor sharing with what runs on the least busy core the router may use,
+        the router's own pending work counted once (its threads wait on each other
+        more than they run side by side)."""
+        return 1.0 + min(c.num_runnable - c.router_jobs + (1 if c.router_jobs else 0)
+                         for c in (self.cores[i] for i in self.router_cores))
+
+
+def _router_job_done(core: Core) -> None:
+    core.router_jobs -= 1
 
 
 def _nothing(_: Any) -> None:

@@ -47,6 +47,7 @@ _NO_SIGNATURE: Signature = ("prefill", -1, -1, -1, "")
 
 class SimRequest:
     __slots__ = (
+        "accepted",
         "arrival",
         "backoff",
         "coro",
@@ -54,6 +55,7 @@ class SimRequest:
         "deadline",
         "decode",
         "first_token",
+        "hop",
         "index",
         "input_len",
         "kv_tokens",
@@ -69,6 +71,8 @@ class SimRequest:
         self.index = index
         self.scenario = scenario
         self.arrival = arrival
+        self.accepted = arrival  # when a prefill took its prompt (the router's phases)
+        self.hop = 0.0  # its prefill call's way back to the router (Profile.prefill_call_s)
         self.input_len = input_len
         self.output_len = output_len
         self.kv_tokens = input_len + output_len  # reserved on decode: prompt + max tokens

@@ -109,6 +109,12 @@ class Profile:
     # Client -> router -> instances -> client path of a request beyond its prefill,
     # transfer and attempt (gRPC, Triton scheduling, the first response): added to TTFT.
     serving_overhead_s: float = 0.0
+    # A prefill call's time on the router's side beyond the forward and the KV send:
+    # the prompt's way to the prefill and the answer's way back through Triton. The
+    # router counts the slot as taken, and the first token waits, until the answer
+    # is back. On shared cores (ScenarioSpec.host) it is router work that waits its
+    # turn on the router's core (cores.Host.hop_factor).
+    prefill_call_s: float = 0.0
     # How much one prefill's time varies around the model's (coefficient of variation):
     # each batch's time is drawn lognormal with it, seeded per scenario. 0: exactly the
     # model's. Exact times line every slot's end up with the router's 50 ms back-off
@@ -121,8 +127,8 @@ class Profile:
     def __post_init__(self) -> None:
         if self.kv_bytes_per_token < 1 or self.num_layers < 1 or self.chunk_tokens < 1:
             raise ValueError("kv_bytes_per_token, num_layers and chunk_tokens must be >= 1")
-        _check_nonneg(self, "attempt_rtt_s", "serving_overhead_s", "prefill_cv", "reload_s",
-                      "role_switch_s")
+        _check_nonneg(self, "attempt_rtt_s", "serving_overhead_s", "prefill_call_s",
+                      "prefill_cv", "reload_s", "role_switch_s")
         missing = [m for m in ("block_free", "block_fixed") if m not in self.transfer]
         if missing:
             raise ValueError(f"profile {self.name!r} lacks transfer modes {missing}")

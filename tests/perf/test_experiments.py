@@ -25,7 +25,7 @@ from pdserve.bench.records import RequestRecord
 from pdserve.scheduler.controller import cli as controller_cli
 from pdserve.server.launcher import ServerOptions
 from pdserve.server.repo import instances_from_spec
-from perf.experiments import common, e3_owned
+from perf.experiments import common, e3_owned, phases
 from perf.experiments import e1_disagg_vs_agg as e1
 from perf.experiments import e2_forwarding_vs_queue as e2
 from perf.experiments import e3_dynamic_ratio as e3
@@ -80,6 +80,54 @@ def test_e2_attainment_all_and_admitted() -> None:
     assert got["finished"] == 3 and got["admitted"] == 2 and got["ended_early"] == 1
     assert got["attainment_all"] == pytest.approx(1 / 3)
     assert got["attainment_admitted"] == pytest.approx(1 / 2)
+
+
+_METRICS_PAGE = """\
+# HELP pdserve_request_reserve_seconds r
+# TYPE pdserve_request_reserve_seconds histogram
+pdserve_request_reserve_seconds_bucket{instance="pdserve",scenario="default",le="0.1"} 3
+pdserve_request_reserve_seconds_bucket{instance="pdserve",scenario="default",le="+Inf"} 3
+pdserve_request_reserve_seconds_count{instance="pdserve",scenario="default"} 3
+pdserve_request_reserve_seconds_sum{instance="pdserve",scenario="default"} 0.03
+pdserve_request_reserve_seconds_count{instance="pdserve",scenario="chat"} 1
+pdserve_request_reserve_seconds_sum{instance="pdserve",scenario="chat"} 0.01
+# HELP pdserve_prefill_forward_seconds f
+# TYPE pdserve_prefill_forward_seconds histogram
+pdserve_prefill_forward_seconds_count{instance="prefill_0",scenario="default"} 2
+pdserve_prefill_forward_seconds_sum{instance="prefill_0",scenario="default"} 0.2
+pdserve_prefill_forward_seconds_count{instance="prefill_1",scenario="default"} 2
+pdserve_prefill_forward_seconds_sum{instance="prefill_1",scenario="default"} 0.6
+# HELP pdserve_time_to_first_token_seconds t
+# TYPE pdserve_time_to_first_token_seconds histogram
+pdserve_time_to_first_token_seconds_count{instance="pdserve",scenario="default"} 4
+pdserve_time_to_first_token_seconds_sum{instance="pdserve",scenario="default"} 1.0
+"""
+
+
+def test_e2_point_phases_from_two_metric_pages() -> None:
+    """Each phase's mean over a point: the difference of two /metrics pages, summed
+    over instances and scenarios (buckets ignored); the client's TTFT from its
+    records, and what it adds to the router's."""
+    before = phases.parse(
+        'pdserve_request_reserve_seconds_count{instance="pdserve",scenario="default"} 1\n'
+        'pdserve_request_reserve_seconds_sum{instance="pdserve",scenario="default"} 0.01\n'
+        'pdserve_prefill_forward_seconds_count{instance="prefill_0",scenario="default"} 1\n'
+        'pdserve_prefill_forward_seconds_sum{instance="prefill_0",scenario="default"} 0.1\n'
+        'pdserve_time_to_first_token_seconds_count{instance="pdserve",scenario="default"} 1\n'
+        'pdserve_time_to_first_token_seconds_sum{instance="pdserve",scenario="default"} 0.2\n')
+    after = phases.parse(_METRICS_PAGE)
+    assert after["reserve_count"] == 4 and after["reserve_sum"] == pytest.approx(0.04)
+    records = [_record(i, 0.3) for i in range(3)] + [_record(3, None, "UNAVAILABLE")]
+    got = phases.point(before, after, records)
+    assert got["reserve"] == pytest.approx(10.0) and got["reserve_n"] == 3
+    assert got["prefill_forward"] == pytest.approx(700.0 / 3) and got["prefill_forward_n"] == 3
+    assert got["router_ttft"] == pytest.approx(800.0 / 3)
+    assert got["prefill_wait"] is None and got["prefill_wait_n"] == 0  # none observed
+    assert got["client_ttft"] == pytest.approx(300.0)  # the served three
+    assert got["delivery"] == pytest.approx(300.0 - 800.0 / 3)
+    table = "\n".join(e2.phases_table([{"admission": "on_demand", "load": 5.0,
+                                         "phases_ms": got}, {"admission": "x", "load": 1.0}]))
+    assert "| on_demand | 5x | 10.0 | – |" in table and "| x |" not in table
 
 
 def test_e2_budget_is_the_slo_less_the_measured_prefill() -> None:

@@ -176,6 +176,45 @@ def test_e2_prefill_spread_is_the_unloaded_runs_and_can_be_switched_off() -> Non
         "prefill_cv"] == 0.0
 
 
+def test_e2_prefill_call_time_comes_from_the_unloaded_runs_phases() -> None:
+    """``--prefill-call``: the call's time beyond the forward and the KV send, as the
+    router and the prefills timed them one request at a time; 0 without those
+    timings, and by default."""
+    assert sv.unloaded_call_s({"prefill_call": 125.0, "prefill_forward": 113.0}, 0.002) \
+        == pytest.approx(0.010)
+    assert sv.unloaded_call_s({"prefill_call": 100.0, "prefill_forward": 113.0}, 0.0) == 0.0
+    assert sv.unloaded_call_s(None, 0.0) == 0.0
+    assert sv.unloaded_call_s({"prefill_call": None, "prefill_forward": 1.0}, 0.0) == 0.0
+    cfg = replace(e2.FULL, loads=(1.0,), capacity_s=6.0, overload_s=6.0)
+    doc = _e2_doc(cfg, with_overload=False)
+    profile = load_profile(PROFILE)
+    xfer = profile.transfer_time("block_free", cfg.prompt_len)
+    doc["measured"]["unloaded_phases_ms"] = {"prefill_call": 50.0 + 1000 * xfer,
+                                             "prefill_forward": 30.0}
+    assert sv.validate_e2(doc, profile, call_hops=True)["calibration"][
+        "prefill_call_ms"] == pytest.approx(20.0)
+    assert sv.validate_e2(doc, profile)["calibration"]["prefill_call_ms"] == 0  # the default
+
+
+def test_phases_compare_the_simulated_and_the_live_first_token_time() -> None:
+    sim = {"phases_ms": {"to_accept": 90.0, "call": 250.0, "forward": 200.0, "rest": 10.0,
+                         "ttft": 350.0}}
+    live = {"reserve": 10.0, "prefill_wait": 100.0, "prefill_call": 260.0,
+            "prefill_forward": 210.0, "client_ttft": 400.0}
+    got = sv.phase_comparison(sim, live)
+    assert got is not None
+    assert got["measured"] == {"to_accept": 110.0, "call": 260.0, "forward": 210.0,
+                               "rest": 30.0, "ttft": 400.0}
+    assert got["simulated"] == sim["phases_ms"]
+    # an aggregated point (no reservation, no prefill call) or a run without phases
+    assert sv.phase_comparison(sim, {**live, "reserve": None}) is None
+    assert sv.phase_comparison(sim, None) is None
+    table = sv.phases_markdown([{"points": [{"experiment": "E2", "point": "on_demand 1x",
+                                             "phases_ms": got}]}])
+    assert ("| E2 | on_demand 1x | 90.0 / 110.0 | 250.0 / 260.0 | 200.0 / 210.0 | 10.0 / 30.0 |"
+            in table)
+
+
 def _row(prompt: int, out: int, ttft: float, tpot: float, status: str = "ok") -> list[Any]:
     times = [round(ttft + i * tpot, 6) for i in range(out)]
     return [prompt, out, 0.0, times if status == "ok" else [], status]

@@ -245,3 +245,45 @@ def test_ratio_compute_check_on_shared_cores() -> None:
     assert actions(spread)[0][0] == "add_decode"
     moved = [i for i in spread.instances if i.name in ("a/p0", "a/p2") and i.role == "decode"]
     assert len(moved) == 1 and moved[0].core is not None and moved[0].core.number == 0
+
+
+def test_a_prefill_call_holds_its_slot_until_the_answer_is_back() -> None:
+    """``Profile.prefill_call_s``: on-demand, the router sees a prefill's slot free,
+    and sends the first token, only once the prefill's answer is back; a prefill
+    with a local queue goes on with its next prompt at once (the answer still
+    delays that prompt's first token)."""
+    prof = replace(_prof(), prefill_call_s=0.05)
+    t, xfer = prof.prefill.prompt_time(500), prof.transfer_time("block_free", 500)
+    rtt, call = prof.attempt_rtt_s + prof.serving_overhead_s, prof.prefill_call_s
+    specs = [RequestSpec(0, 500, 2, 0.0), RequestSpec(1, 500, 2, 0.0)]
+    sc = ScenarioSpec("a", 1, 1)
+    c = _run(prof, specs, sc, admission="on_demand")
+    assert c.outcomes.first == pytest.approx([t + xfer + call + rtt,
+                                              2 * (t + xfer + call) + rtt], rel=1e-6)
+    # the router's phases: arrival to the accepted call, and that call
+    assert c.phase_n == 2 and c.phase_wait_s == pytest.approx(t + xfer + call, rel=1e-6)
+    assert c.phase_call_s == pytest.approx(2 * (t + xfer + call), rel=1e-6)
+    assert c.forward_n == 2 and c.forward_s == pytest.approx(2 * t, rel=1e-6)
+    local = _run(prof, specs, sc, admission="local_queue").outcomes
+    assert local.first == pytest.approx([t + xfer + call + rtt,
+                                         2 * (t + xfer) + call + rtt], rel=1e-6)
+
+
+def test_a_prefill_calls_answer_waits_its_turn_on_a_busy_router_core() -> None:
+    """On shared cores the answer's way back is router work: with the decode running
+    on the router's core it takes twice as long (``Host.hop_factor``)."""
+    prof = replace(_prof(), prefill_call_s=0.05)
+    t, xfer = prof.prefill.prompt_time(500), prof.transfer_time("block_free", 500)
+    rtt, call = prof.attempt_rtt_s + prof.serving_overhead_s, prof.prefill_call_s
+    # the second prompt comes once the first's slot is free, while it decodes on core 1
+    second = t + xfer + call + 0.01
+    specs = [RequestSpec(0, 500, 400, 0.0), RequestSpec(1, 500, 2, second)]
+    c = _run(prof, specs, ScenarioSpec("a", 1, 1, host=E2_LIKE), admission="on_demand")
+    assert c.outcomes.first[0] == pytest.approx(t + xfer + call + rtt, rel=1e-6)
+    assert c.outcomes.first[1] == pytest.approx(second + t + xfer + 2 * call + rtt, rel=1e-6)
+    host = Host(EventLoop(), 2, (1,), lambda _: None)
+    host.router_job(1.0)
+    host.router_job(1.0)
+    assert host.hop_factor() == 2.0  # the router's own pending work counts once
+    host.cores[1].set_fluid(_Fluid(), True)
+    assert host.hop_factor() == 3.0

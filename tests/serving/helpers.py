@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,22 @@ def scrape_until(metrics_url: str, ok: Callable[[dict[tuple[str, str], float]], 
         if ok(m) or time.monotonic() > deadline:
             return m
         time.sleep(0.1)
+
+
+def scrape_settled(metrics_url: str, keys: Sequence[tuple[str, str]],
+                   timeout_s: float = 15.0) -> dict[tuple[str, str], float]:
+    """A scrape in which ``keys`` held still for a second: earlier requests' updates
+    still in a stub's metric buffer (sent every 0.25 s; later on a loaded CI machine)
+    have landed."""
+    before = scrape(metrics_url)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = scrape(metrics_url)
+        if all(now.get(k, 0.0) == before.get(k, 0.0) for k in keys):
+            return now
+        before = now
+    return before
 
 
 def drive_until(url: str, prompt_len: int, out_len: int, until: Callable[[], bool],

@@ -13,7 +13,14 @@ from tritonclient.utils import InferenceServerException
 
 from pdserve.engine import PRESETS, LLMEngine, SamplingParams, generate
 from pdserve.server.launcher import TritonServer
-from tests.serving.helpers import Result, generate_many, http_generate, scrape, scrape_until
+from tests.serving.helpers import (
+    Result,
+    generate_many,
+    http_generate,
+    scrape,
+    scrape_settled,
+    scrape_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -269,16 +276,8 @@ def test_the_router_counts_the_output_tokens_requests_ask_for(tiny_server: Trito
     key = ("pdserve_requested_output_tokens_total", "pdserve")
     offered = ("pdserve_requests_offered_total", "pdserve")
     # The counters settle first: the tests before may have arrivals still in the
-    # router's metric buffer (sent every 0.25 s; later on a loaded CI machine: 31
-    # tokens of theirs once landed between the two scrapes).
-    before = scrape(tiny_server.options.metrics_url)
-    deadline = time.monotonic() + 15.0
-    while time.monotonic() < deadline:
-        time.sleep(1.0)
-        now = scrape(tiny_server.options.metrics_url)
-        if all(now.get(k, 0.0) == before.get(k, 0.0) for k in (key, offered)):
-            break
-        before = now
+    # router's metric buffer (31 tokens of theirs once landed between two scrapes).
+    before = scrape_settled(tiny_server.options.metrics_url, (key, offered))
     results = generate_many(tiny_server.options.grpc_url, [
         {"ids": [5, 7, 9], "sampling": {"max_tokens": 7, "ignore_eos": True}},
         {"ids": [6, 8], "scenario": "agg", "sampling": {"max_tokens": 11, "ignore_eos": True}},
@@ -289,3 +288,31 @@ def test_the_router_counts_the_output_tokens_requests_ask_for(tiny_server: Trito
                      and m.get(offered, 0.0) - before.get(offered, 0.0) >= 2)
     assert m.get(key, 0.0) - before.get(key, 0.0) == 18
     assert m.get(offered, 0.0) - before.get(offered, 0.0) == 2
+
+
+def test_the_router_breaks_the_first_token_time_into_phases(tiny_server: TritonServer) -> None:
+    """Per disaggregated request the router observes the reservation at a decode, the
+    wait for a prefill slot and the accepted prefill call; TTFT is their sum plus the
+    first token's send. The prefill observes its forward, part of the call."""
+    url = tiny_server.options.metrics_url
+    router = [(f"pdserve_request_{p}_seconds_{s}", "pdserve")
+              for p in ("reserve", "prefill_wait", "prefill_call") for s in ("count", "sum")]
+    ttft = ("pdserve_time_to_first_token_seconds_sum", "pdserve")
+    forward = [(f"pdserve_prefill_forward_seconds_{s}", "prefill_0") for s in ("count", "sum")]
+    before = scrape_settled(url, [*router, ttft, *forward])
+    results = generate_many(tiny_server.options.grpc_url, [
+        {"ids": list(range(3, 60)), "sampling": {"max_tokens": 3, "ignore_eos": True}}])
+    assert [r.error for r in results] == [None]
+    m = scrape_until(url, lambda m: all(
+        m.get(k, 0.0) > before.get(k, 0.0) for k in (*router[::2], forward[0])))
+    d = {k[0].removeprefix("pdserve_").removesuffix("_seconds_sum"): m[k] - before.get(k, 0.0)
+         for k in (*router, ttft, *forward)}
+    for phase in ("request_reserve", "request_prefill_wait", "request_prefill_call"):
+        assert d[f"{phase}_seconds_count"] == 1, d
+        assert d[phase] >= 0, d
+    assert d["prefill_forward_seconds_count"] == 1, d
+    assert 0 < d["prefill_forward"] < d["request_prefill_call"], d
+    phases = d["request_reserve"] + d["request_prefill_wait"] + d["request_prefill_call"]
+    assert d["request_prefill_call"] > 0 and d["request_reserve"] > 0, d
+    # the first token leaves right after the prefill's answer
+    assert phases <= d["time_to_first_token"] <= phases + 0.05, d

@@ -71,6 +71,25 @@ class InstanceMetrics:
         self.tpot = make("pdserve_time_per_output_token_seconds",
                          "Mean time per output token after the first, per request",
                          fam.HISTOGRAM, LATENCY_BUCKETS)
+        # Where a disaggregated request's first-token time goes (router; TTFT is
+        # about their sum plus the first token's send): one observation each per
+        # request part whose prefill answered.
+        self.reserve = make("pdserve_request_reserve_seconds",
+                            "Router: arrival to the decode's KV reservation answered "
+                            "(decode choice, waiting for room, the reserve call)",
+                            fam.HISTOGRAM, LATENCY_BUCKETS)
+        self.prefill_wait = make("pdserve_request_prefill_wait_seconds",
+                                 "Router: reservation to the send of the prefill call that "
+                                 "was accepted (sweeps, refused tries, waits for a free slot)",
+                                 fam.HISTOGRAM, LATENCY_BUCKETS)
+        self.prefill_call = make("pdserve_request_prefill_call_seconds",
+                                 "Router: the accepted prefill call, sent to answered (the "
+                                 "prefill's forward and KV send, the hops through Triton; "
+                                 "with local queues also the queue)",
+                                 fam.HISTOGRAM, LATENCY_BUCKETS)
+        self.prefill_forward = make("pdserve_prefill_forward_seconds",
+                                    "Prefill: one forward over a batch of prompts",
+                                    fam.HISTOGRAM, LATENCY_BUCKETS)
         self.prompt_tokens = make("pdserve_prompt_tokens_total", "Prompt tokens processed",
                                   fam.COUNTER)
         self.generated_tokens = make("pdserve_generated_tokens_total", "Tokens generated",

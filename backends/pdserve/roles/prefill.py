@@ -155,6 +155,7 @@ class PrefillRole:
 
             first = self.engine.prefill(seqs, on_layer_done if layerwise else None)
             prefill_s = time.perf_counter() - t0
+            self.metrics.prefill_forward.observe(prefill_s)
             for i, (job, seq) in enumerate(zip(ready, seqs, strict=True)):
                 if job.out.is_final:
                     continue  # its transfer already failed

@@ -271,6 +271,7 @@ class RouterRole:
 
     async def _disaggregated(self, req: ClientRequest, emitter: Emitter,
                              state: dict[str, str], deadline: float) -> None:
+        began = time.perf_counter()
         decode = await self._choose(req, "decode", deadline, state)
         call = GenerateCall(req.request_id, req.prompt_ids, req.sampling,
                             channel=await self._address())
@@ -308,8 +309,15 @@ class RouterRole:
                 await self._abort(decode, req.request_id)
                 return
             step = "prefill"
-            result = await self._prefill(req, accepted.handle, deadline, state, decode, lost)
+            reserved = time.perf_counter()
+            result, sent = await self._prefill(req, accepted.handle, deadline, state, decode,
+                                               lost)
+            answered = time.perf_counter()
             emitter.tokens([result.first_token])
+            phases = self.scenario_metrics[req.scenario]
+            phases.reserve.observe(reserved - began)
+            phases.prefill_wait.observe(sent - reserved)
+            phases.prefill_call.observe(answered - sent)
             if result.finish_reason or "cancelled" in state:
                 await self._abort(decode, req.request_id)
                 emitter.finish(result.finish_reason or "abort", result.text_len)
@@ -350,8 +358,10 @@ class RouterRole:
 
     async def _prefill(self, req: ClientRequest, handle: str, deadline: float,
                        state: dict[str, str], decode: str,
-                       decode_lost: Callable[[], bool]) -> PrefillResult:
+                       decode_lost: Callable[[], bool]) -> tuple[PrefillResult, float]:
+        """The prefill's result, and when (perf_counter) its accepted call was sent."""
         call = PrefillCall(req.request_id, req.prompt_ids, req.sampling, handle).to_bytes()
+        accepted_sent = [0.0]
 
         async def attempt(name: str) -> bytes:
             if "cancelled" in state:  # no new prefill for a request nobody waits for
@@ -367,12 +377,14 @@ class RouterRole:
                 # for nobody, holding its slot (PrefillCallBound).
                 # A local queue (baseline) holds a prompt up to its KV reservation's TTL.
                 sent = time.monotonic()
+                sent_pc = time.perf_counter()
                 timeout_s = (self.cfg.kv_ttl_s if self.cfg.admission == "queue"
                              else self.prefill_bound.timeout_s(sent, deadline))
                 value = await self.client.call(
                     name, "prefill", call, timeout_s=timeout_s,
                     lost=lambda: self.view.is_gone_since(name, epoch))
                 self.prefill_bound.observe(time.monotonic() - sent)
+                accepted_sent[0] = sent_pc
                 return value
             except PrefillRejected:
                 self.metrics.prefill_rejections.increment(1)
@@ -394,7 +406,7 @@ class RouterRole:
             name = shortest_queue(
                 replace(load, in_flight=self.view.local_in_flight(load.name), queued=0)
                 for load in self._prefills(req.scenario, decode))
-            return PrefillResult.from_bytes(await attempt(name))
+            return PrefillResult.from_bytes(await attempt(name)), accepted_sent[0]
 
         def ranked() -> list[str]:
             # Asked every sweep: a request waiting on prefills its own router fills
@@ -413,7 +425,7 @@ class RouterRole:
         result = await forward_on_demand(
             ranked, attempt, self.policy, deadline=deadline,
             is_full=self.view.is_full_here, slot_freed=self.slot_freed[req.scenario])
-        return PrefillResult.from_bytes(result.value)
+        return PrefillResult.from_bytes(result.value), accepted_sent[0]
 
     # -- helpers ----------------------------------------------------------------------
     def _decode_failed(self, decode: str) -> bool:
