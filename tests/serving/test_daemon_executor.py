@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -38,3 +39,36 @@ def test_stuck_call_is_abandoned_and_a_daemon() -> None:
     assert pool.num_abandoned == 0
     pool.shutdown(wait=True)
     assert not any(t.is_alive() for t in pool._threads)
+
+
+class _Held:
+    """Stands for a BLS request or response: freed in the stub only while it runs."""
+
+
+def test_an_idle_worker_holds_nothing_of_its_last_job() -> None:
+    """A worker keeps no reference to its last call and arguments: they are freed when
+    the job ends, not when the worker exits at the stub's shutdown, after the stub
+    unmapped the shared memory their destructors write to (segfault at exit)."""
+    pool = DaemonExecutor(1, name="t")
+    held = _Held()
+    gone = threading.Event()
+    weakref.finalize(held, gone.set)
+    assert pool.submit(lambda x: type(x).__name__, held).result(timeout=5) == "_Held"
+    del held
+    assert gone.wait(5), "the idle worker still holds the job's argument"
+    assert pool._threads[0].is_alive()  # idle, not exited
+    pool.shutdown(wait=False)
+    assert pool.join(5.0) == 0
+
+
+def test_join_waits_for_the_workers_that_can_exit() -> None:
+    pool = DaemonExecutor(2, name="t")
+    release = threading.Event()
+    pool.submit(release.wait)  # blocked as in a call to a dead stub
+    assert pool.submit(pow, 2, 3).result(timeout=5) == 8
+    pool.shutdown(wait=False)
+    started = time.monotonic()
+    assert pool.join(0.3) == 1  # the blocked one is still alive after the timeout
+    assert time.monotonic() - started < 2.0
+    release.set()
+    assert pool.join(5.0) == 0

@@ -61,21 +61,25 @@ def test_a_stub_that_crashes_leaves_its_python_stacks_in_the_log(tmp_path: Path)
 
 
 def test_a_clean_stop_crashes_no_stub(tmp_path: Path) -> None:
-    """Every stub that had loaded the engine used to segfault in the interpreter's
-    last garbage collection at each clean stop (``finalize`` now collects and freezes)."""
-    with start_server("tiny_pd.yaml", tmp_path) as server:
-        ok = generate_many(server.options.grpc_url, [{"text": "hi", "scenario": s,
-                                                      "sampling": {"max_tokens": 2}}
-                                                     for s in ("default", "agg")])
-        assert [r.error for r in ok] == [None, None]
-        log = server.options.log_file
-        assert log is not None
-    text = log.read_text(errors="replace")
-    assert "successfully unloaded 'decode_0'" in text  # it did shut down, cleanly
-    # That crash's dump: the faulting thread was "Garbage-collecting", with no Python
-    # frame (three of them a stop, one per engine stub). A rarer crash of the router's
-    # stub at exit, among its threads, is not mended (perf/RESULTS.md) and not this.
-    assert "Garbage-collecting" not in text, text[text.find("Fatal Python error"):][:1500]
+    """No stub crashes at a clean stop. Two crashes did:
+    - every stub that had loaded the engine, in the interpreter's last garbage
+      collection ("Garbage-collecting"; ``finalize`` now collects and freezes);
+    - the router's, in about half the stops on a 2-core machine: a BLS worker told to
+      stop exited after the stub had unmapped its shared memory, freeing its last
+      job's request or response iterator there (daemon_executor now drops a job's
+      references when it ends, and the router joins its workers at close).
+    Two stops, since the second crash came at random."""
+    for round_ in range(2):
+        with start_server("tiny_pd.yaml", tmp_path / f"stop{round_}") as server:
+            ok = generate_many(server.options.grpc_url, [{"text": "hi", "scenario": s,
+                                                          "sampling": {"max_tokens": 2}}
+                                                         for s in ("default", "agg")] * 2)
+            assert [r.error for r in ok] == [None] * 4
+            log = server.options.log_file
+            assert log is not None
+        text = log.read_text(errors="replace")
+        assert "successfully unloaded 'decode_0'" in text  # it did shut down, cleanly
+        assert "Fatal Python error" not in text, text[text.find("Fatal Python error"):][:1500]
 
 
 def test_a_killed_server_leaves_no_python_env_dir(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
@@ -73,6 +74,12 @@ class DaemonExecutor(Executor):
                 with self._lock:
                     self._busy.discard(future)
                     self._abandoned.discard(future)
+            # Drop the job now: an idle worker that kept its last job's call and
+            # arguments (a BLS request, its response) would free them only when it
+            # exits, and a worker told to stop at the stub's shutdown exits while
+            # the stub unmaps its shared memory, where their destructors write
+            # (segfault in InferRequest's destructor).
+            del item, future, fn, args, kwargs
             self._mark_idle()
 
     def _mark_idle(self) -> None:
@@ -110,3 +117,14 @@ class DaemonExecutor(Executor):
         if wait:
             for t in threads:
                 t.join()
+
+    def join(self, timeout_s: float) -> int:
+        """After ``shutdown(wait=False)``: wait up to ``timeout_s`` in all for the
+        workers to exit (one blocked in a call that never returns does not);
+        returns how many are still alive."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return sum(t.is_alive() for t in threads)

@@ -93,6 +93,7 @@ ABORT_TIMEOUT_S = 5.0
 HEARTBEAT_TIMEOUT_S = 3.0
 MAX_RESUMES = 3  # decode failures one request survives
 MAX_PREFILL_LOSSES = 3  # prefills dying under one request before it is ended
+POOL_EXIT_S = 1.0  # close: how long the BLS threads get to exit
 
 
 class _LostUnderRequest(Exception):
@@ -570,6 +571,11 @@ class RouterRole:
             self._heartbeat.cancel()
         self.channel.close_now()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        # The workers exit now, not after the stub has unmapped its shared memory
+        # (daemon_executor); one blocked in a call to a dead stub never does.
+        stuck = self.pool.join(POOL_EXIT_S)
+        if stuck:
+            log.warning("%d BLS threads still blocked in calls at close", stuck)
         self.metrics_flusher.close()
 
 
