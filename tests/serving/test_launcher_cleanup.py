@@ -66,8 +66,8 @@ def test_a_clean_stop_crashes_no_stub(tmp_path: Path) -> None:
       collection ("Garbage-collecting"; ``finalize`` now collects and freezes);
     - the router's, in about half the stops on a 2-core machine: a BLS worker told to
       stop exited after the stub had unmapped its shared memory, freeing its last
-      job's request or response iterator there (daemon_executor now drops a job's
-      references when it ends, and the router joins its workers at close).
+      job's request or response iterator there (the router now joins its workers
+      at close: DaemonExecutor.join).
     Two stops, since the second crash came at random."""
     for round_ in range(2):
         with start_server("tiny_pd.yaml", tmp_path / f"stop{round_}") as server:

@@ -74,12 +74,6 @@ class DaemonExecutor(Executor):
                 with self._lock:
                     self._busy.discard(future)
                     self._abandoned.discard(future)
-            # Drop the job now: an idle worker that kept its last job's call and
-            # arguments (a BLS request, its response) would free them only when it
-            # exits, and a worker told to stop at the stub's shutdown exits while
-            # the stub unmaps its shared memory, where their destructors write
-            # (segfault in InferRequest's destructor).
-            del item, future, fn, args, kwargs
             self._mark_idle()
 
     def _mark_idle(self) -> None:
@@ -121,7 +115,15 @@ class DaemonExecutor(Executor):
     def join(self, timeout_s: float) -> int:
         """After ``shutdown(wait=False)``: wait up to ``timeout_s`` in all for the
         workers to exit (one blocked in a call that never returns does not);
-        returns how many are still alive."""
+        returns how many are still alive.
+
+        A worker keeps its last job's call and arguments (a BLS request, its
+        response iterator) until it takes the next job or exits. One that exits
+        after its stub unmapped the shared memory frees them there and segfaults
+        (their destructors lock a mutex in it), so a stub joins its workers
+        before it finishes. (Dropping them at the end of each job instead moves
+        those destructors to whichever thread lets go last, the router's event
+        loop included, where an unfinished iterator's waits for its call's end.)"""
         deadline = time.monotonic() + timeout_s
         with self._lock:
             threads = list(self._threads)
