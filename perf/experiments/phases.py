@@ -13,12 +13,12 @@ Triton to the client) needs the client's records and is added by the caller.
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.bench.records import RequestRecord
+from pdserve.scheduler.controller.signals import scrape_text
 
 # key -> metric family; the router's phases and TTFT, and the prefills' forwards
 METRICS = {
@@ -58,8 +58,7 @@ def totals(metrics_url: str, settle_s: float = 5.0, timeout_s: float = 5.0) -> d
 
 
 def _read(metrics_url: str, timeout_s: float) -> dict[str, float]:
-    with urllib.request.urlopen(metrics_url, timeout=timeout_s) as resp:
-        return parse(resp.read().decode())
+    return parse(scrape_text(metrics_url, timeout_s))
 
 
 def means_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:

@@ -272,7 +272,7 @@ class RouterRole:
 
     async def _disaggregated(self, req: ClientRequest, emitter: Emitter,
                              state: dict[str, str], deadline: float) -> None:
-        began = time.perf_counter()
+        began = time.monotonic()
         decode = await self._choose(req, "decode", deadline, state)
         call = GenerateCall(req.request_id, req.prompt_ids, req.sampling,
                             channel=await self._address())
@@ -310,10 +310,10 @@ class RouterRole:
                 await self._abort(decode, req.request_id)
                 return
             step = "prefill"
-            reserved = time.perf_counter()
+            reserved = time.monotonic()
             result, sent = await self._prefill(req, accepted.handle, deadline, state, decode,
                                                lost)
-            answered = time.perf_counter()
+            answered = time.monotonic()
             emitter.tokens([result.first_token])
             phases = self.scenario_metrics[req.scenario]
             phases.reserve.observe(reserved - began)
@@ -360,7 +360,7 @@ class RouterRole:
     async def _prefill(self, req: ClientRequest, handle: str, deadline: float,
                        state: dict[str, str], decode: str,
                        decode_lost: Callable[[], bool]) -> tuple[PrefillResult, float]:
-        """The prefill's result, and when (perf_counter) its accepted call was sent."""
+        """The prefill's result, and when (monotonic) its accepted call was sent."""
         call = PrefillCall(req.request_id, req.prompt_ids, req.sampling, handle).to_bytes()
         accepted_sent = [0.0]
 
@@ -378,14 +378,13 @@ class RouterRole:
                 # for nobody, holding its slot (PrefillCallBound).
                 # A local queue (baseline) holds a prompt up to its KV reservation's TTL.
                 sent = time.monotonic()
-                sent_pc = time.perf_counter()
                 timeout_s = (self.cfg.kv_ttl_s if self.cfg.admission == "queue"
                              else self.prefill_bound.timeout_s(sent, deadline))
                 value = await self.client.call(
                     name, "prefill", call, timeout_s=timeout_s,
                     lost=lambda: self.view.is_gone_since(name, epoch))
                 self.prefill_bound.observe(time.monotonic() - sent)
-                accepted_sent[0] = sent_pc
+                accepted_sent[0] = sent
                 return value
             except PrefillRejected:
                 self.metrics.prefill_rejections.increment(1)
