@@ -85,10 +85,22 @@ against the validated run's, the same error formula), the simulated figures
 with the mean of all the runs, and a run made of the runs' means (``mean_run``:
 calibration measurements and points averaged) is validated as well. On this
 shared machine 70-73 % of the live figures repeat within 10 % from one run to
-the next (2026-12-06), which bounds how close a model of one run can be.
+the next (2026-12-06), which bounds how close a model of one run can be. Each
+repeat is also simulated on its own calibration, and the runs are compared as
+medians (``median_of_runs``): per figure, the median simulated against the
+median measured, with the live runs' spread beside it. A run that met a
+transient is then one vote of several; in the mean run it still moves every
+point.
 The deployment's cores (``cpu_cores`` of its instances and router) are declared
 as a ``HostCores``: every core is shared by processor sharing. The load points
 are then predictions.
+The host gauge that runs beside every live E1 and E2 run (~50 ms of CPU each
+second, unpinned) is work the live instances share their cores with: each
+simulation of a run gets it as ``HostCores.background_s``, taken from the
+gauge process's own CPU in that run (``gauge_background_s``; measured, not
+fitted; ``--no-background`` leaves it out, as before 2026-12-07 22:40 UTC).
+``--router-unit token`` (E1, not the default) fits the router's work per
+streamed token (``HostCores.token_s``) instead of per request.
 """
 
 from __future__ import annotations
@@ -144,6 +156,7 @@ def simulate_specs(profile: Profile, scenario: ScenarioSpec, specs: list[Request
                     if cluster.forward_n else None),
         "rest": 1000.0 * (profile.attempt_rtt_s + profile.serving_overhead_s),
         "ttft": ttft.avg if ttft else None,
+        "per_forward": n / cluster.forward_n if n and cluster.forward_n else None,
     }
     return row
 
@@ -154,7 +167,8 @@ def phase_comparison(sim: dict[str, Any], measured: dict[str, Any] | None
     disaggregated deployments that recorded the router's phases): ``to_accept`` =
     arrival to the accepted prefill call (live: reserve + wait), ``call`` = that
     call, ``rest`` = the remainder of the client's TTFT (the first token's way out;
-    simulated: the fixed round trip)."""
+    simulated: the fixed round trip), ``per_forward`` = accepted calls per prefill
+    forward (how many prompts a forward batches, on average)."""
     if not measured or measured.get("client_ttft") is None or sim.get("phases_ms") is None:
         return None
     m = measured
@@ -162,8 +176,10 @@ def phase_comparison(sim: dict[str, Any], measured: dict[str, Any] | None
     if reserve is None or wait is None or call is None:
         return None  # an aggregated deployment: no reservation, no prefill call
     to_accept = reserve + wait
+    calls, forwards = m.get("prefill_call_n"), m.get("prefill_forward_n")
     live = {"to_accept": to_accept, "call": call, "forward": m.get("prefill_forward"),
-            "rest": m["client_ttft"] - to_accept - call, "ttft": m["client_ttft"]}
+            "rest": m["client_ttft"] - to_accept - call, "ttft": m["client_ttft"],
+            "per_forward": calls / forwards if calls and forwards else None}
     return {"simulated": dict(sim["phases_ms"]), "measured": live}
 
 
@@ -217,14 +233,35 @@ def _limits(profile: Profile, spec: dict[str, Any], decode_batch: int | None = N
 
 
 def host_cores(spec: dict[str, Any], scenario: str = "default",
-               request_s: float = 0.0, token_s: float = 0.0) -> HostCores:
-    """The deployment's ``cpu_cores`` (instances per role, router; unpinned: any core)."""
+               request_s: float = 0.0, token_s: float = 0.0,
+               background_s: float = 0.0) -> HostCores:
+    """The deployment's ``cpu_cores`` (instances per role, router; unpinned: any
+    core), and ``background_s`` of the host gauge's work a second on any core."""
     pinned = spec["scenarios"][scenario].get("cpu_cores", {})
     roles = {role: tuple(int(c) for c in pinned.get(role, ()))
              for role in ("prefill", "decode", "aggregated")}
     router = str(spec.get("router", {}).get("cpu_cores", ""))
     return HostCores(**roles, router=tuple(int(c) for c in router.split(",") if c.strip()),
-                     request_s=request_s, token_s=token_s)
+                     request_s=request_s, token_s=token_s, background_s=background_s,
+                     background_period_s=GAUGE_PERIOD_S)
+
+
+GAUGE_PERIOD_S = 1.0  # perf/experiments/host_speed.HostSpeed's interval in E1 and E2
+
+
+def gauge_background_s(doc: dict[str, Any]) -> float:
+    """The host gauge's CPU work per sample in a live E1 or E2 run: the median of
+    its process's CPU (cores, ``cpu_cores["host_speed"]``) over the points and the
+    calibration runs that recorded it, times its period; 0 for a run without.
+
+    The gauge (``perf/experiments/host_speed.py``) runs beside the server,
+    unpinned, and in E1 and E2 times its products in every sample: ~0.05 cores
+    that the live instances share their cores with, whatever the load."""
+    rows = [p.get("cpu_cores") for p in doc.get("points", [])]
+    rows += [b.get("cpu_cores") for b in (doc.get("busy") or {}).values()]
+    rows.append((doc.get("measured") or {}).get("capacity_cpu_cores"))
+    cores = [float(r["host_speed"]) for r in rows if r and r.get("host_speed") is not None]
+    return _median(cores) * GAUGE_PERIOD_S if cores else 0.0
 
 
 class ClosedLoop(Cluster):
@@ -273,20 +310,20 @@ def simulate_closed_loop(profile: Profile, scenario: ScenarioSpec, specs: list[R
 def fit_router_request_s(profile: Profile, scenario: ScenarioSpec, specs: list[RequestSpec],
                          measured_ms: float, concurrency: int, duration_s: float,
                          target: str = "tpot_p50_ms", slowed: dict[str, float] | None = None,
-                         **kw: Any) -> tuple[float, dict[str, Any]]:
-    """``request_s`` at which the replayed closed-loop run's ``target`` figure is
-    the measured one (it grows with the router's work; bisection). With ``slowed``
-    (the gauges during the run) it is replayed on that host and the value is an
-    unslowed host's."""
+                         field: str = "request_s", **kw: Any) -> tuple[float, dict[str, Any]]:
+    """``request_s`` (or the ``HostCores`` ``field`` named: ``token_s``) at which
+    the replayed closed-loop run's ``target`` figure is the measured one (it grows
+    with the router's work; bisection). With ``slowed`` (the gauges during the run)
+    it is replayed on that host and the value is an unslowed host's."""
     assert scenario.host is not None
     host = scenario.host
 
-    def run(request_s: float) -> dict[str, Any]:
-        sc = replace(scenario, host=replace(host, request_s=request_s))
+    def run(work_s: float) -> dict[str, Any]:
+        sc = replace(scenario, host=replace(host, **{field: work_s}))
         return simulate_closed_loop(*on_host(profile, sc, slowed), specs, concurrency,
                                     duration_s, **dict(kw))
 
-    return _bisect(run, measured_ms, target, hi=0.5)
+    return _bisect(run, measured_ms, target, hi=0.5 if field == "request_s" else 0.05)
 
 
 def fit_router_sweep_s(profile: Profile, scenario: ScenarioSpec, specs: list[RequestSpec],
@@ -363,7 +400,8 @@ def measured_request_s(cpu_cores: dict[str, float] | None, req_per_s: float,
 def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
                 host_scale: float = 0.0, gauges: bool = False,
                 fit_prefill: bool = False, router_cpu: str = "fit",
-                call_hops: bool = False) -> dict[str, Any]:
+                call_hops: bool = False, background: bool = True,
+                router_unit: str = "request") -> dict[str, Any]:
     from perf.experiments import e1_disagg_vs_agg as e1
 
     raw = dict(doc["config"])
@@ -378,8 +416,11 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
     # Their CPU work per request is fitted, per deployment, to the closed-loop busy
     # run E1 takes before its points; an E1 run without one (before 2026-12-03
     # 23:30 UTC) leaves it 0.
-    scenarios = {"disagg": ScenarioSpec("default", 1, 1, host=host_cores(spec, "default")),
-                 "agg": ScenarioSpec("default", n_aggregated=2, host=host_cores(spec, "agg"))}
+    bg = gauge_background_s(doc) if background else 0.0
+    scenarios = {"disagg": ScenarioSpec("default", 1, 1,
+                                        host=host_cores(spec, "default", background_s=bg)),
+                 "agg": ScenarioSpec("default", n_aggregated=2,
+                                     host=host_cores(spec, "agg", background_s=bg))}
     base, _ = e1.trace_at(cfg, 1.0, trace)
     unloaded = base[2: cfg.unloaded_requests + 2]
     calibrated, calib = {}, {}
@@ -404,6 +445,7 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
             prof_l, sc, unloaded, doc["unloaded"][label], ttft_budget_s=budget,
             transfer_mode=mode, slowed=at_unloaded)
         calib[label]["prefill_call_ms"] = 1000 * call_s
+        calib[label]["background_ms"] = 1000 * bg
         if fit is not None:
             calib[label]["prefill_scale_vs_engine"] = fit[0]
             calib[label]["prefill_fit_intercept_ms"] = 1000 * fit[1]
@@ -435,9 +477,14 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
                 calibrated[label], sc, e1.busy_specs(cfg, trace),
                 float(busy["load"]["ttft_p50_ms"]), concurrency=int(busy["concurrency"]),
                 duration_s=float(busy["duration_s"]), target="ttft_p50_ms", slowed=at_busy,
-                ttft_budget_s=budget, transfer_mode=mode)
+                field=f"{router_unit}_s", ttft_budget_s=budget, transfer_mode=mode)
         assert sc.host is not None
-        scenarios[label] = replace(sc, host=replace(sc.host, request_s=request_s))
+        if router_unit == "token" and router_cpu != "measured":
+            scenarios[label] = replace(sc, host=replace(sc.host, token_s=request_s))
+            calib[label]["router_token_ms"] = 1000 * request_s
+            request_s = 0.0
+        scenarios[label] = replace(scenarios[label], host=replace(
+            scenarios[label].host, request_s=request_s))
         calib[label]["router_request_ms"] = 1000 * request_s
         for k in ("req_per_s", "ttft_p50_ms", "tpot_p50_ms"):
             calib[label][f"busy_replay_{k}"] = float(replay.get(k) or 0.0)
@@ -463,7 +510,7 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
 def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
                 host_scale: float = 0.0, gauges: bool = False,
                 router_cpu: str = "fit", spread: bool = True,
-                call_hops: bool = False) -> dict[str, Any]:
+                call_hops: bool = False, background: bool = True) -> dict[str, Any]:
     from perf.experiments import e2_forwarding_vs_queue as e2
 
     raw = dict(doc["config"])
@@ -472,7 +519,9 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
     spec = doc["spec_local_queue"]
     prof = _limits(profile, spec, decode_batch=e2.DECODE_BATCH)
     mode = "layerwise" if spec["kv"].get("send_mode") == "layerwise" else "block_free"
-    sc = ScenarioSpec("default", 2, 1, host=host_cores(spec))  # prefills on 0, the rest on 1
+    bg = gauge_background_s(doc) if background else 0.0
+    # prefills on core 0, the rest on core 1; the host gauge on either
+    sc = ScenarioSpec("default", 2, 1, host=host_cores(spec, background_s=bg))
     measured = doc["measured"]
     at_unloaded = gauged(measured.get("unloaded_window"), "unloaded") if gauges else None
     at_capacity = gauged(measured.get("capacity_window"), "capacity run") if gauges else None
@@ -521,8 +570,10 @@ def validate_e2(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
             prof, sc, cap_specs, float(measured["capacity_run"]["tpot_p50_ms"]),
             concurrency=2 * cfg.total_slots, duration_s=cfg.capacity_s, slowed=at_capacity,
             ttft_budget_s=lq_budget, transfer_mode=mode, admission="local_queue")
-    sc = replace(sc, host=replace(sc.host or host_cores(spec), request_s=request_s))
+    sc = replace(sc, host=replace(sc.host or host_cores(spec, background_s=bg),
+                                  request_s=request_s))
     calib["router_request_ms"] = 1000 * request_s
+    calib["background_ms"] = 1000 * bg
     for k in ("req_per_s", "ttft_p50_ms", "tpot_p50_ms", "tpot_p90_ms"):
         calib[f"capacity_replay_{k}"] = float(cap.get(k) or 0.0)
     overload = measured.get("overload_run")
@@ -653,6 +704,46 @@ def mean_run(experiment: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def median_of_runs(per_run: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Several live runs of the same experiments, each validated on its own
+    calibration (``per_run``: one ``validate_e1``/``validate_e2`` result list per
+    run), compared as the median over the runs: per point every run has and per
+    figure, the median simulated figure against the median measured one.
+
+    Each run's simulation starts from what its own calibration runs measured on
+    the host as it was then, so a run whose calibration met a transient (a slowed
+    minute in E2's 10 s capacity run) is one vote of several instead of moving
+    every point; a mean of the runs (``mean_run``) still carries it. Returns one
+    result list in the shape ``markdown`` and ``within`` read, with each point's
+    ``runs`` and ``live_spread`` ((max - min) / median of the measured figure)."""
+    by_point: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for results in per_run:
+        for res in results:
+            for p in res["points"]:
+                by_point.setdefault((p["experiment"], p["point"]), []).append(p)
+    points = []
+    for (experiment, point), ps in by_point.items():
+        if len(ps) != len(per_run):
+            continue  # a point some run lacks: no median of all runs
+        sim: dict[str, Any] = {}
+        meas: dict[str, Any] = {}
+        spread: dict[str, float | None] = {}
+        for _, key in FIELDS:
+            ss = [p["simulated"].get(key) for p in ps]
+            ms = [p["measured"].get(key) for p in ps]
+            sim[key] = None if None in ss else _median(ss)
+            meas[key] = None if None in ms else _median(ms)
+            m = meas[key]
+            spread[key] = None if m is None or m == 0 else (max(ms) - min(ms)) / m
+        for row, side in ((sim, "simulated"), (meas, "measured")):
+            row["errors"] = {"all": _median(
+                [sum((p[side].get("errors") or {}).values()) for p in ps])}
+        points.append({"experiment": experiment, "point": point, "runs": len(ps),
+                       "simulated": sim, "measured": meas,
+                       "relative_error": _errors(sim, meas), "live_spread": spread})
+    return [{"points": points}]
+
+
 def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Numeric figures averaged (None where a run has none); the rest (error
     counts by kind) the first row's."""
@@ -686,6 +777,23 @@ def spread_markdown(spread: dict[str, Any]) -> str:
             cells.append(f"{rerun} / {_pct(p['sim_vs_mean_error'].get(key))}")
         lines.append(f"| {p['experiment']} | {p['point']} | {p['runs']} | "
                      + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def median_markdown(results: list[dict[str, Any]]) -> str:
+    """``median_of_runs``: per figure the median simulated / median measured
+    (error), and in brackets how far apart the live runs were."""
+    head = "| experiment | point | runs | " + " | ".join(
+        f"{label} sim / meas (err) [live spread]" for label, _ in FIELDS) + " |"
+    lines = [head, "|" + "---|" * (len(FIELDS) + 3)]
+    for res in results:
+        for p in res["points"]:
+            s, m, e, sp = (p["simulated"], p["measured"], p["relative_error"],
+                           p["live_spread"])
+            cells = [f"{_f(s.get(k))} / {_f(m.get(k))} ({_pct(e.get(k))}) "
+                     f"[{'n/a' if sp.get(k) is None else f'{sp[k]:.0%}'}]" for _, k in FIELDS]
+            lines.append(f"| {p['experiment']} | {p['point']} | {p['runs']} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -851,11 +959,13 @@ def phases_markdown(results: list[dict[str, Any]]) -> str:
     rows = [p for r in results for p in r["points"] if p.get("phases_ms")]
     if not rows:
         return ""
-    keys = ("to_accept", "call", "forward", "rest", "ttft")
+    keys = ("to_accept", "call", "forward", "rest", "ttft", "per_forward")
     lines = ["Mean TTFT by phase, ms, sim / live (to_accept: arrival to the accepted prefill "
              "call; call: that call; forward: one prefill batch's forward, a part of the "
-             "call; rest: the first token's way to the client):", "",
-             "| experiment | point | " + " | ".join(keys) + " |", "|---|---|" + "---|" * 5]
+             "call; rest: the first token's way to the client; per_forward: prompts per "
+             "forward, not ms):", "",
+             "| experiment | point | " + " | ".join(keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
     for p in rows:
         s, m = p["phases_ms"]["simulated"], p["phases_ms"]["measured"]
         lines.append(f"| {p['experiment']} | {p['point']} | "
@@ -895,6 +1005,13 @@ def _f(v: float | None) -> str:
     return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
 
 
+def _validate_runs(validate: dict[str, Callable[..., dict[str, Any]]], profile: Profile,
+                   experiment: str, docs: list[dict[str, Any]], **kw: Any
+                   ) -> list[dict[str, Any]]:
+    """Each live run of ``experiment`` validated on its own calibration."""
+    return [validate[experiment](doc, profile, **kw) for doc in docs]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", required=True, help="engine profile (pdserve sim profile)")
@@ -932,6 +1049,12 @@ def main(argv: list[str] | None = None) -> int:
                          "(Profile.prefill_call_s), from the unloaded run's phases (E1's "
                          "disaggregated deployment, E2); off: that time is in the serving "
                          "overhead")
+    ap.add_argument("--router-unit", choices=("request", "token"), default="request",
+                    help="E1: fit the router's work per request (put on a core when its "
+                         "prefill starts) or per streamed token")
+    ap.add_argument("--no-background", action="store_true",
+                    help="leave out the host gauge's own CPU work (~50 ms a second, "
+                         "gauge_background_s), as before 2026-12-07 22:40 UTC")
     ap.add_argument("--repeat-e1", type=Path, nargs="+", default=[], metavar="JSON",
                     help="other live E1 runs of the same points: report how far the live "
                          "figures move from run to run, and the simulated ones against "
@@ -961,34 +1084,46 @@ def main(argv: list[str] | None = None) -> int:
                          f"like {path}")
     validate: dict[str, Callable[..., dict[str, Any]]] = {
         "E1": functools.partial(validate_e1, fit_prefill=args.prefill_fit,
-                                router_cpu=args.router_cpu, call_hops=args.prefill_call),
+                                router_unit=args.router_unit,
+                                router_cpu=args.router_cpu, call_hops=args.prefill_call,
+                                background=not args.no_background),
         "E2": functools.partial(validate_e2, router_cpu=args.router_cpu,
                                 spread=not args.no_prefill_spread,
-                                call_hops=args.prefill_call)}
+                                call_hops=args.prefill_call,
+                                background=not args.no_background)}
     profile = load_profile(args.profile)
     gauges = args.host_model == "gauges"
+    per_point = functools.partial(_validate_runs, validate, profile, use_drift=args.drift,
+                                  host_scale=args.host_scale, gauges=gauges)
     try:
-        results = [validate[exp](run, profile, use_drift=args.drift, host_scale=args.host_scale,
-                                 gauges=gauges)
-                   for exp, run in runs.items() if run is not None]
+        # per experiment: the run given, then each repeat on its own calibration
+        per_run = {exp: per_point(exp, [run] + repeats[exp])
+                   for exp, run in runs.items() if run is not None}
     except NotGauged as e:
         ap.error(str(e))
+    results = [rs[0] for rs in per_run.values()]
     ok, n = within(results)
     hosts = by_host(results)
     doc = {"profile": args.profile, "e1": str(args.e1), "e2": str(args.e2),
            "drift": args.drift, "host_scale": args.host_scale, "host_model": args.host_model,
            "prefill_fit": args.prefill_fit, "router_cpu": args.router_cpu,
-           "prefill_spread": not args.no_prefill_spread,
+           "prefill_spread": not args.no_prefill_spread, "background": not args.no_background,
            "within_10pct": [ok, n], "by_host": hosts, "results": results}
     spread = live_spread(results, repeats) if args.repeat_e1 or args.repeat_e2 else None
     # validated on a run made of the runs' means: calibration and points averaged
     pooled = [validate[exp](mean_run(exp, [run] + repeats[exp]), profile)
               for exp, run in runs.items() if run is not None and repeats[exp]]
     pk, pn = within(pooled)
+    # each run simulated on its own calibration, compared as the median of the runs
+    medians = [m for rs in per_run.values() if len(rs) > 1
+               for m in median_of_runs([[r] for r in rs])]
+    dk, dn = within(medians)
     if spread is not None:
         doc["repeat"] = {"e1": [str(f) for f in args.repeat_e1],
                          "e2": [str(f) for f in args.repeat_e2], **spread,
-                         "mean_run_within_10pct": [pk, pn], "mean_run": pooled}
+                         "mean_run_within_10pct": [pk, pn], "mean_run": pooled,
+                         "median_of_runs_within_10pct": [dk, dn],
+                         "median_of_runs": medians}
     path = save(args.json, doc)
     for r in results:
         print(json.dumps(r["calibration"]))
@@ -1005,6 +1140,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r["calibration"]))
         print(markdown(pooled))
         print(f"mean of the runs (calibration and points): {pk} of {pn} within 10 %")
+        print("each run simulated on its own calibration; the median of the runs:")
+        print(median_markdown(medians))
+        print(f"median of the runs, each simulated on its own calibration: {dk} of {dn} "
+              "within 10 %")
     if hosts is not None:
         (uk, un), (sk, sn) = hosts["unslowed"], hosts["slowed"]
         print(f"points measured on an unslowed host (host gauge <= {HOST_SLOWED:g}x): {uk} of "

@@ -287,10 +287,24 @@ class Cluster:
         for name, arrivals in self._arrival_streams():
             self._next_arrival((name, arrivals))
         self.control.start()
+        for sc in self.scenarios.values():
+            if sc.host is not None and sc.spec.host is not None and sc.spec.host.background_s > 0:
+                self.loop.at(sc.spec.host.background_period_s / 2, self._background, sc)
         self.loop.run(self.config.duration_s + self.config.max_drain_s)
         self.control.stop()
         self.wall_s = time.perf_counter() - t0
         self.cpu_s = time.process_time() - cpu0
+
+    def _background(self, sc: ScenarioState) -> None:
+        """``HostCores.background_s``: one piece now, the next a period on, while
+        the run has other events left (an arrival to come, a request in flight;
+        past that, nothing is left to slow)."""
+        host, spec = sc.host, sc.spec.host
+        assert host is not None and spec is not None
+        if not self.loop.pending:
+            return
+        host.background_job(spec.background_s, spec.background_cores)
+        self.loop.after(spec.background_period_s, self._background, sc)
 
     def _arrival_streams(self) -> Iterator[tuple[str | None, Iterator[tuple[float, int, int]]]]:
         for name, k in self.scenario_numbers.items():

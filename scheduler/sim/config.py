@@ -33,7 +33,11 @@ class HostCores:
     full ones and tries the others, and each time a request waiting for decode
     room looks over the decodes again (a router waking a backlog of waiting
     requests keeps its core busy even though none of them is served: E2 under
-    overload).
+    overload). ``background_s`` is work that comes every ``background_period_s``
+    whatever the traffic, on the least busy of ``background_cores`` (a measuring
+    tool beside the server: E1's and E2's host gauge takes ~50 ms of CPU a
+    second, unpinned), from a first piece half a period in, while the run has
+    anything else left to do.
     """
 
     prefill: tuple[int, ...] = ()
@@ -43,18 +47,26 @@ class HostCores:
     request_s: float = 0.0
     token_s: float = 0.0
     sweep_s: float = 0.0
+    background_s: float = 0.0
+    background_period_s: float = 1.0
+    background_cores: tuple[int, ...] = ()  # where it may run (empty: any core)
 
     def __post_init__(self) -> None:
-        every = self.prefill + self.decode + self.aggregated + self.router
+        every = (self.prefill + self.decode + self.aggregated + self.router
+                 + self.background_cores)
         if any(c < 0 for c in every):
             raise ValueError(f"core numbers must be >= 0, got {every}")
         if not self.request_s >= 0 or not self.token_s >= 0 or not self.sweep_s >= 0:
             raise ValueError(f"request_s, token_s and sweep_s must be >= 0, got "
                              f"{self.request_s}, {self.token_s}, {self.sweep_s}")
+        if not self.background_s >= 0 or not self.background_period_s > 0:
+            raise ValueError(f"background_s must be >= 0 and background_period_s > 0, got "
+                             f"{self.background_s}, {self.background_period_s}")
 
     @property
     def num_cores(self) -> int:
-        every = self.prefill + self.decode + self.aggregated + self.router
+        every = (self.prefill + self.decode + self.aggregated + self.router
+                 + self.background_cores)
         return 1 + max(every, default=0)
 
     def core_of(self, role: str, k: int) -> int:

@@ -121,6 +121,15 @@ class Host:
         core.router_jobs += 1
         core.add_job(work_s, _router_job_done, core)
 
+    def background_job(self, work_s: float, cores: tuple[int, ...] = ()) -> None:
+        """Work of another program (``HostCores.background_s``): its share of the
+        least busy of ``cores`` (empty: any core), nobody waiting for it."""
+        if work_s <= 0:
+            return
+        core = min((self.cores[i] for i in cores or range(len(self.cores))),
+                   key=lambda c: (c.num_runnable, c.number))
+        core.add_job(work_s, _nothing)
+
     def hop_factor(self) -> float:
         """How many times longer a short piece of router work on the path of a
         request (a call's way through Triton) takes now than on an idle core:

@@ -7,6 +7,7 @@ so the calibration must find that cost again from the busy run alone.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -25,8 +26,9 @@ PROFILE = Path(__file__).resolve().parents[2] / "perf/sim_profiles/cpu_small_fit
 TRUE_REQUEST_S = 0.030
 
 
-def _doc(cfg: e1.E1Config, with_busy: bool) -> dict[str, Any]:
-    """An E1 JSON whose figures the simulator itself made with the router cost above."""
+def _doc(cfg: e1.E1Config, with_busy: bool, token_s: float = 0.0) -> dict[str, Any]:
+    """An E1 JSON whose figures the simulator itself made with the router cost above
+    (with ``token_s``: that cost a streamed token instead of a request)."""
     spec = e1.spec(cfg)
     prof = sv._limits(load_profile(PROFILE), spec)
     trace = common.AZURE_CONV
@@ -37,7 +39,8 @@ def _doc(cfg: e1.E1Config, with_busy: bool) -> dict[str, Any]:
                            "spec": spec, "trace": str(trace), "unloaded": {}, "busy": {},
                            "points": []}
     for label, scenario in (("disagg", "default"), ("agg", "agg")):
-        host = sv.host_cores(spec, scenario, request_s=TRUE_REQUEST_S)
+        host = sv.host_cores(spec, scenario, request_s=0.0 if token_s else TRUE_REQUEST_S,
+                             token_s=token_s)
         sc = (ScenarioSpec("default", 1, 1, host=host) if label == "disagg"
               else ScenarioSpec("default", n_aggregated=2, host=host))
         kw: dict[str, Any] = {"ttft_budget_s": budget, "transfer_mode": "layerwise"}
@@ -67,6 +70,15 @@ def test_e1_router_work_is_fitted_to_the_busy_run(with_busy: bool) -> None:
         else:  # an E1 run without a busy run: nothing to fit, no router work
             assert "router_request_ms" not in calib
     assert not with_busy or e1.busy_specs(cfg, common.AZURE_CONV)[0].arrival_s is None
+
+
+def test_e1_router_work_can_be_fitted_per_streamed_token() -> None:
+    cfg = replace(e1.FULL, rates=(1.0,), point_s=5.0, busy_s=8.0)
+    doc = _doc(cfg, with_busy=True, token_s=0.004)
+    out = sv.validate_e1(doc, load_profile(PROFILE), router_unit="token")
+    calib = out["calibration"]["disagg"]
+    assert calib["router_request_ms"] == 0.0
+    assert calib["router_token_ms"] == pytest.approx(4.0, rel=0.35)
 
 
 ROUTER_CPU = {"pdserve": 0.02, "tritonserver": 0.03, "client": 0.01,
@@ -200,11 +212,15 @@ def test_phases_compare_the_simulated_and_the_live_first_token_time() -> None:
     sim = {"phases_ms": {"to_accept": 90.0, "call": 250.0, "forward": 200.0, "rest": 10.0,
                          "ttft": 350.0}}
     live = {"reserve": 10.0, "prefill_wait": 100.0, "prefill_call": 260.0,
-            "prefill_forward": 210.0, "client_ttft": 400.0}
+            "prefill_forward": 210.0, "client_ttft": 400.0, "prefill_call_n": 30.0,
+            "prefill_forward_n": 20.0}
     got = sv.phase_comparison(sim, live)
     assert got is not None
     assert got["measured"] == {"to_accept": 110.0, "call": 260.0, "forward": 210.0,
-                               "rest": 30.0, "ttft": 400.0}
+                               "rest": 30.0, "ttft": 400.0, "per_forward": 1.5}
+    # a run recorded before the forward counts were: no prompts per forward
+    old = sv.phase_comparison(sim, {k: v for k, v in live.items() if not k.endswith("_n")})
+    assert old is not None and old["measured"]["per_forward"] is None
     assert got["simulated"] == sim["phases_ms"]
     # an aggregated point (no reservation, no prefill call) or a run without phases
     assert sv.phase_comparison(sim, {**live, "reserve": None}) is None
@@ -280,6 +296,55 @@ def test_live_spread_compares_reruns_and_the_simulator_against_their_mean() -> N
     assert "| E1 | disagg 1 req/s | 2 | +30% / +0% |" in table
 
 
+def test_median_of_runs_compares_each_runs_own_simulation_as_medians() -> None:
+    def point(name: str, sim_ttft: float, live_ttft: float) -> dict[str, Any]:
+        return {"experiment": "E2", "point": name, "simulated": _summary(sim_ttft, 30),
+                "measured": {**_summary(live_ttft, 30), "errors": {"REJECTED": 2}}}
+    # three runs; the third met a transient: its own simulation and its live figure
+    # are both far off, and the median leaves it out where a mean would not
+    runs = [[{"points": [point("on_demand 1x", 100, 104), point("on_demand 5x", 400, 400)]}],
+            [{"points": [point("on_demand 1x", 102, 98)]}],  # lacks the 5x point
+            [{"points": [point("on_demand 1x", 160, 250), point("on_demand 5x", 1, 1)]}]]
+    out = sv.median_of_runs(runs)
+    assert len(out) == 1
+    assert [p["point"] for p in out[0]["points"]] == ["on_demand 1x"]  # only points all have
+    p = out[0]["points"][0]
+    assert p["runs"] == 3
+    assert p["simulated"]["ttft_p50_ms"] == 102 and p["measured"]["ttft_p50_ms"] == 104
+    assert p["relative_error"]["ttft_p50_ms"] == pytest.approx(102 / 104 - 1)
+    assert p["relative_error"]["tpot_p90_ms"] is None  # no figure in any run: not counted
+    assert p["live_spread"]["ttft_p50_ms"] == pytest.approx((250 - 98) / 104)
+    assert p["measured"]["errors"] == {"all": 2} and p["simulated"]["errors"] == {"all": 0}
+    assert sv.within(out) == (5, 5)
+    # a mean of the same runs misses: (104 + 98 + 250) / 3 against (100 + 102 + 160) / 3
+    assert abs((100 + 102 + 160) / (104 + 98 + 250) - 1) > 0.10
+    table = sv.median_markdown(out)
+    assert "| E2 | on_demand 1x | 3 | 102.0 / 104.0 (-2%) [146%] |" in table
+
+
+def test_the_host_gauges_cpu_is_background_work_in_every_simulation_of_its_run() -> None:
+    e1_doc = {"points": [{"cpu_cores": {"host_speed": 0.05, "prefill_0": 0.4}},
+                         {"cpu_cores": {"host_speed": 0.04}}, {"cpu_cores": None}],
+              "busy": {"disagg": {"cpu_cores": {"host_speed": 0.045}}}}
+    assert sv.gauge_background_s(e1_doc) == pytest.approx(0.045 * sv.GAUGE_PERIOD_S)
+    e2_doc = {"points": [{"cpu_cores": {"host_speed": 0.049}}],
+              "measured": {"capacity_cpu_cores": {"host_speed": 0.047}}}
+    assert sv.gauge_background_s(e2_doc) == pytest.approx(0.048)
+    assert sv.gauge_background_s({"points": [{"cpu_cores": {"decode_0": 0.5}}]}) == 0.0
+    spec = e1.spec(e1.FULL)
+    host = sv.host_cores(spec, "default", background_s=0.05)
+    assert (host.background_s, host.background_period_s, host.background_cores) == \
+        (0.05, sv.GAUGE_PERIOD_S, ())  # unpinned, as the gauge's process is
+    # a run validated with and without it: the calibration says which
+    doc = _doc(replace(e1.FULL, rates=(1.0,), point_s=5.0), with_busy=False)
+    doc["points"] = [{"deployment": "disagg", "rate": 1.0, "load": _summary(150, 30),
+                      "cpu_cores": {"host_speed": 0.05}}]
+    on = sv.validate_e1(doc, load_profile(PROFILE))
+    off = sv.validate_e1(doc, load_profile(PROFILE), background=False)
+    assert on["calibration"]["disagg"]["background_ms"] == pytest.approx(50.0)
+    assert off["calibration"]["disagg"]["background_ms"] == 0.0
+
+
 def test_e2_points_are_named_alike_in_every_run() -> None:
     doc = {"points": [{"admission": "on_demand", "load": 5.0, "bench": _summary(1, 1)},
                       {"admission": "local_queue", "load": 1.0, "bench": _summary(2, 2)}]}
@@ -307,6 +372,34 @@ def test_a_repeat_of_another_experiment_is_a_usage_error(
                  "--json", str(tmp_path / "out")])
     assert exc.value.code == 2
     assert f"is a run of '{e2.NAME}', not of '{e1.NAME}'" in capsys.readouterr().err
+
+
+def test_repeats_are_each_simulated_on_their_own_calibration_and_compared_as_medians(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = _doc(replace(e1.FULL, rates=(1.0,), point_s=5.0), with_busy=False)
+    base["experiment"] = e1.NAME
+    files = []
+    for i, ttft in enumerate((100.0, 130.0, 400.0)):
+        doc = copy.deepcopy(base)
+        doc["points"] = [{"deployment": "disagg", "rate": 1.0, "load": _summary(ttft, 30)}]
+        if i == 2:  # this run's unloaded requests met a slow host: its calibration moves
+            doc["unloaded"]["disagg"]["ttft_p50_ms"] += 200
+        files.append(tmp_path / f"e1_{i}.json")
+        files[-1].write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    assert sv.main(["--profile", str(PROFILE), "--e1", str(files[0]),
+                    "--repeat-e1", str(files[1]), str(files[2]), "--json", str(out)]) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())["repeat"]
+    (point,) = doc["median_of_runs"][0]["points"]
+    assert point["runs"] == 3 and point["measured"]["ttft_p50_ms"] == 130.0
+    # the third run's simulation starts from its own (slower) calibration
+    sims = sorted(p["simulated"]["ttft_p50_ms"] for p in (
+        sv.validate_e1(json.loads(f.read_text()), load_profile(PROFILE))["points"][0]
+        for f in files))
+    assert sims[2] > sims[0] + 150
+    assert point["simulated"]["ttft_p50_ms"] == pytest.approx(sims[1])
+    assert doc["median_of_runs_within_10pct"] == list(sv.within(doc["median_of_runs"]))
+    assert "median of the runs, each simulated on its own calibration:" in capsys.readouterr().out
 
 
 def test_mean_run_averages_every_measured_figure_the_validation_reads() -> None:

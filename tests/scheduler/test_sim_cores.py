@@ -91,6 +91,24 @@ def test_host_cores_are_validated() -> None:
     with pytest.raises(ValueError):  # a role with instances but no cores
         ScenarioSpec("a", 1, 1, host=HostCores(prefill=(0,)))
     assert HostCores(prefill=(0,), decode=(1,), router=(3,)).num_cores == 4
+    with pytest.raises(ValueError):
+        HostCores(prefill=(0,), decode=(1,), background_s=-0.1)
+    with pytest.raises(ValueError):
+        HostCores(prefill=(0,), decode=(1,), background_s=0.1, background_period_s=0.0)
+    assert HostCores(prefill=(0,), decode=(1,), background_cores=(2,)).num_cores == 3
+
+
+def test_background_work_goes_to_the_least_busy_of_its_cores() -> None:
+    loop = EventLoop()
+    host = Host(loop, 2, (1,), lambda _: None)
+    host.cores[0].add_job(5.0, lambda _: None)
+    host.background_job(1.0)  # any core: the idle one
+    assert [c.num_runnable for c in host.cores] == [1, 1]
+    host.background_job(1.0, (0,))  # only core 0, busy or not
+    assert [c.num_runnable for c in host.cores] == [2, 1]
+    assert host.cores[1].router_jobs == 0  # not the router's: hop_factor counts it in full
+    host.background_job(0.0)
+    assert [c.num_runnable for c in host.cores] == [2, 1]
 
 
 # -- in the cluster ----------------------------------------------------------------
@@ -163,6 +181,36 @@ def test_per_token_router_work_slows_the_decode_on_its_core() -> None:
     free = _run(prof, specs, ScenarioSpec("a", 1, 1, host=E2_LIKE))
     costly = _run(prof, specs, ScenarioSpec("a", 1, 1, host=replace(E2_LIKE, token_s=step)))
     assert sum(_tpots(costly)) > 1.2 * sum(_tpots(free))
+
+
+def test_background_work_slows_what_shares_its_core_and_stops_with_the_run() -> None:
+    prof = _prof()
+    prompt = prof.prefill.prompt_time(500)
+    # one prompt at a time, 2 s apart; a piece of background work every second,
+    # each as long as half a prompt, on the prefill's core, from 0.5 s on: each
+    # prompt starts with a piece beside it
+    specs = [RequestSpec(i, 500, 4, 0.5 + 2.0 * i) for i in range(10)]
+    host = HostCores(prefill=(0,), decode=(1,), router=(1,))
+    plain = _run(prof, specs, ScenarioSpec("a", 1, 1, host=host), admission="on_demand")
+    gauged = replace(host, background_s=0.5 * prompt, background_cores=(0,))
+    cfg = SimConfig(scenarios=(ScenarioSpec("a", 1, 1, host=gauged),), duration_s=100.0,
+                    admission="on_demand")
+    c = Cluster(cfg, prof, trace=specs)
+    c.run()
+    assert c.outcomes.counts() == {"ok": len(specs)}
+    assert_clean(c)
+    ttft = [f - a for f, a in zip(c.outcomes.first, c.outcomes.send, strict=True)]
+    plain_ttft = [f - a for f, a in
+                  zip(plain.outcomes.first, plain.outcomes.send, strict=True)]
+    # sharing the core with a piece: the prompt takes 1.5 x its time
+    assert ttft == pytest.approx([t + 0.5 * prompt for t in plain_ttft])
+    # the pieces stop once the run has nothing left: the loop ends (no event left),
+    # about a period after the last request, not at duration + max_drain_s
+    assert c.loop.pending == 0
+    assert c.loop.now < max(c.outcomes.last) + 2 * gauged.background_period_s
+    busy = c.scenarios["a"].host.cores[0].busy_s  # type: ignore[union-attr]
+    plain_busy = plain.scenarios["a"].host.cores[0].busy_s  # type: ignore[union-attr]
+    assert busy > plain_busy + 10 * 0.5 * prompt - prompt  # ~ one piece a second
 
 
 def test_requests_waiting_for_decode_room_load_the_routers_core() -> None:
