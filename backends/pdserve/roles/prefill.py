@@ -22,10 +22,19 @@ hearing it, sends the next prompt at once, and must find the slot free, not be
 refused because this thread had not yet taken the lock back to free it (under a
 busy core that took milliseconds, and the refused request went to the back of
 the router's waiters).
+
+The end of a prompt's transfer (END, then the decode's DONE once it verified the
+KV and started the sequence) and its answer run on a thread of their own (the
+finisher), not on the forward's: the DONE waits for the decode process, which is
+busy with its own steps under load, and the forward thread, had it waited,
+could not start the prompts already waiting for the next forward. The prompt
+keeps its slot and its local extent until the finisher is done with it.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +52,8 @@ from pdserve.scheduler.forwarding import PrefillRejected
 from pdserve.scheduler.instance import InstanceLoad
 from pdserve.server.config import InstanceConfig
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class _Job:
@@ -51,6 +62,7 @@ class _Job:
     params: SamplingParams
     out: Responder
     holds_slot: bool = True  # until its answer (or the batch's end) frees it
+    finishing: bool = False  # forward done; the finisher ends its transfer and answers
 
 
 class PrefillRole:
@@ -67,17 +79,24 @@ class PrefillRole:
         self._wake = threading.Condition(self._lock)
         self._queue: list[_Job] = []
         self._running = 0  # prompts in the forward now
+        self._finishing = 0  # prompts past their forward, with the finisher
         # queued + running; never above max_batch_size (+ queue_cap in queue mode)
         self._in_flight = 0
         self._capacity = cfg.max_batch_size + (cfg.queue_cap if cfg.admission == "queue" else 0)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"{cfg.name}-prefill", daemon=True)
+        # (job, seq, first token, stream, forward s) to finish; None: stop
+        self._to_finish: queue.SimpleQueue[tuple[_Job, Sequence, int, SendStream | None, float]
+                                           | None] = queue.SimpleQueue()
+        self._finisher = threading.Thread(target=self._finish_loop, name=f"{cfg.name}-finish",
+                                          daemon=True)
         self._thread.start()
+        self._finisher.start()
         self._update_kv()
 
     def load(self) -> InstanceLoad:
         with self._lock:
-            running, queued = self._running, len(self._queue)
+            running, queued = self._running + self._finishing, len(self._queue)
         if self.cfg.admission == "on_demand":
             # Prompts waiting for the next forward hold a batch slot already.
             running, queued = running + queued, 0
@@ -118,10 +137,11 @@ class PrefillRole:
             try:
                 self._prefill(jobs)
             finally:
-                with self._lock:  # the slots of jobs not answered (none, normally)
-                    self._in_flight -= sum(1 for job in jobs if job.holds_slot)
+                with self._lock:  # the slots of jobs not answered nor finishing (none, normally)
                     for job in jobs:
-                        job.holds_slot = False
+                        if job.holds_slot and not job.finishing:
+                            job.holds_slot = False
+                            self._in_flight -= 1
                     self._running = 0
                 self._update_kv()
 
@@ -136,6 +156,7 @@ class PrefillRole:
             except Exception as exc:
                 self._answer(job, exc)
         streams: dict[int, SendStream] = {}
+        handed: set[int] = set()  # ids of the seqs the finisher now owns
         try:
             layerwise = self.cfg.kv_send_mode == "layerwise"
             if layerwise:
@@ -156,10 +177,18 @@ class PrefillRole:
             first = self.engine.prefill(seqs, on_layer_done if layerwise else None)
             prefill_s = time.perf_counter() - t0
             self.metrics.prefill_forward.observe(prefill_s)
-            for i, (job, seq) in enumerate(zip(ready, seqs, strict=True)):
-                if job.out.is_final:
-                    continue  # its transfer already failed
-                self._finish_one(job, seq, first[i], streams.get(i), prefill_s)
+            done = [(job, seq, first[i], streams.get(i), prefill_s)
+                    for i, (job, seq) in enumerate(zip(ready, seqs, strict=True))
+                    if not job.out.is_final]  # (else its transfer already failed)
+            with self._lock:
+                for job, *_ in done:
+                    if job.holds_slot:
+                        job.finishing = True
+                        self._running -= 1
+                        self._finishing += 1
+            for item in done:
+                handed.add(id(item[1]))
+                self._to_finish.put(item)
         except Exception as exc:
             for i, job in enumerate(ready):
                 if i in streams:
@@ -167,7 +196,25 @@ class PrefillRole:
                 self._answer(job, exc)
         finally:
             for seq in seqs:
+                if id(seq) not in handed:
+                    self.engine.release(seq)
+
+    def _finish_loop(self) -> None:
+        """The finisher: each forwarded prompt's transfer end and answer, in order;
+        then its local extent is freed."""
+        while (item := self._to_finish.get()) is not None:
+            job, seq, first, stream, prefill_s = item
+            try:
+                self._finish_one(job, seq, first, stream, prefill_s)
+            except Exception as exc:  # _finish_one answers a failed send itself
+                log.exception("%s: finishing %s failed", self.cfg.name, job.call.request_id)
+                if stream is not None:
+                    stream.abort(f"prefill failed: {exc}")
+                if not job.out.is_final:
+                    self._answer(job, exc)
+            finally:
                 self.engine.release(seq)
+                self._update_kv()
 
     def _finish_one(self, job: _Job, seq: Sequence, first: int, stream: SendStream | None,
                     prefill_s: float) -> None:
@@ -203,7 +250,10 @@ class PrefillRole:
             if job.holds_slot:
                 job.holds_slot = False
                 self._in_flight -= 1
-                self._running -= 1
+                if job.finishing:
+                    self._finishing -= 1
+                else:
+                    self._running -= 1
         if exc is not None:
             job.out.fail(exc)
         else:
@@ -220,6 +270,10 @@ class PrefillRole:
             self._stop = True
             self._wake.notify()
         self._thread.join(timeout=30)
+        self._to_finish.put(None)  # after the prompts it holds: each still answered
+        self._finisher.join(timeout=30)
+        if self._thread.is_alive() or self._finisher.is_alive():
+            log.warning("%s: a prefill thread did not stop within 30 s", self.cfg.name)
         self.sender.close()
         return RoleParts(self.engine, self.metrics)
 
