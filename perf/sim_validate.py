@@ -1069,6 +1069,9 @@ def main(argv: list[str] | None = None) -> int:
                  "give one")
     if not 0 <= args.host_scale <= 1:
         ap.error(f"--host-scale must be in [0, 1], got {args.host_scale}")
+    if args.router_unit == "token" and args.router_cpu == "measured":
+        ap.error("--router-unit token fits the router's work per token; --router-cpu "
+                 "measured takes it per request from the processes' CPU: give one")
     if (args.repeat_e1 and not args.e1) or (args.repeat_e2 and not args.e2):
         ap.error("--repeat-e1/--repeat-e2 repeat a run given with --e1/--e2")
     # Every run read once, and repeats checked before any (slow) validation.

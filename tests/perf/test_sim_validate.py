@@ -360,6 +360,17 @@ def test_repeat_without_the_run_it_repeats_is_a_usage_error(tmp_path: Path) -> N
     assert exc.value.code == 2
 
 
+def test_router_work_per_token_with_the_measured_cpu_is_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "e1.json"
+    f.write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        sv.main(["--profile", str(PROFILE), "--e1", str(f), "--router-unit", "token",
+                 "--router-cpu", "measured"])
+    assert exc.value.code == 2
+    assert "give one" in capsys.readouterr().err
+
+
 def test_a_repeat_of_another_experiment_is_a_usage_error(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     e1_doc = _doc(replace(e1.FULL, rates=(1.0,), point_s=5.0), with_busy=False)
