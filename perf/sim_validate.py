@@ -479,12 +479,11 @@ def validate_e1(doc: dict[str, Any], profile: Profile, use_drift: bool = False,
                 duration_s=float(busy["duration_s"]), target="ttft_p50_ms", slowed=at_busy,
                 field=f"{router_unit}_s", ttft_budget_s=budget, transfer_mode=mode)
         assert sc.host is not None
-        if router_unit == "token" and router_cpu != "measured":
+        if router_unit == "token" and router_cpu != "measured":  # (fitted per token)
             scenarios[label] = replace(sc, host=replace(sc.host, token_s=request_s))
-            calib[label]["router_token_ms"] = 1000 * request_s
-            request_s = 0.0
-        scenarios[label] = replace(scenarios[label], host=replace(
-            scenarios[label].host, request_s=request_s))
+            calib[label]["router_token_ms"], request_s = 1000 * request_s, 0.0
+        else:
+            scenarios[label] = replace(sc, host=replace(sc.host, request_s=request_s))
         calib[label]["router_request_ms"] = 1000 * request_s
         for k in ("req_per_s", "ttft_p50_ms", "tpot_p50_ms"):
             calib[label][f"busy_replay_{k}"] = float(replay.get(k) or 0.0)
@@ -1005,13 +1004,6 @@ def _f(v: float | None) -> str:
     return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
 
 
-def _validate_runs(validate: dict[str, Callable[..., dict[str, Any]]], profile: Profile,
-                   experiment: str, docs: list[dict[str, Any]], **kw: Any
-                   ) -> list[dict[str, Any]]:
-    """Each live run of ``experiment`` validated on its own calibration."""
-    return [validate[experiment](doc, profile, **kw) for doc in docs]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", required=True, help="engine profile (pdserve sim profile)")
@@ -1096,11 +1088,11 @@ def main(argv: list[str] | None = None) -> int:
                                 background=not args.no_background)}
     profile = load_profile(args.profile)
     gauges = args.host_model == "gauges"
-    per_point = functools.partial(_validate_runs, validate, profile, use_drift=args.drift,
-                                  host_scale=args.host_scale, gauges=gauges)
     try:
         # per experiment: the run given, then each repeat on its own calibration
-        per_run = {exp: per_point(exp, [run] + repeats[exp])
+        per_run = {exp: [validate[exp](doc, profile, use_drift=args.drift,
+                                       host_scale=args.host_scale, gauges=gauges)
+                         for doc in [run] + repeats[exp]]
                    for exp, run in runs.items() if run is not None}
     except NotGauged as e:
         ap.error(str(e))
