@@ -22,6 +22,7 @@ import faulthandler  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -60,6 +61,10 @@ log = logging.getLogger(__name__)
 # stderr (tritonserver's log) first. No usable stderr: nothing to do.
 with contextlib.suppress(AttributeError, ValueError, OSError, RuntimeError):
     faulthandler.enable(all_threads=True)
+    # And on request: SIGUSR1 dumps them without stopping the stub (what a hung
+    # stub waits on; ``TritonServer.dump_stacks``). Only where nobody handles it.
+    if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 EXECUTE_HOLD_S = 0.02
 

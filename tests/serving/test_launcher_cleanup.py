@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pdserve.server.launcher import python_env_dirs
-from tests.serving.conftest import start_server
+from tests.serving.conftest import DiagnosedServer, condense_dump, start_server
 from tests.serving.helpers import generate_many, kill_stub, stub_pid
 
 pytestmark = pytest.mark.e2e
@@ -58,6 +58,54 @@ def test_a_stub_that_crashes_leaves_its_python_stacks_in_the_log(tmp_path: Path)
         dump = text[text.index("Fatal Python error: Segmentation fault"):]
         # Every thread's stack: the asyncio loop's and the pool's, not only the main one.
         assert dump.count("(most recent call first)") >= 2, dump[:2000]
+
+
+def test_each_stubs_threads_are_dumped_on_request_and_it_serves_on(tmp_path: Path) -> None:
+    """SIGUSR1 makes a stub write its threads to the log and go on: what a hung
+    server was waiting on, asked before it is stopped (``DiagnosedServer`` does
+    it when a test fails inside it)."""
+    with start_server("tiny_pd.yaml", tmp_path) as server:
+        stubs = server.stubs()
+        assert set(stubs) == set(server.model_names())
+        dumps = server.dump_stacks()
+        assert set(dumps) == set(stubs)
+        for model, dump in dumps.items():
+            # the stub's own thread and pdserve's (metrics, the role's) with frames
+            assert dump.count("(most recent call first)") >= 2, (model, dump[:2000])
+            assert "/pdserve/roles/" in dump, (model, dump[:2000])
+        condensed = condense_dump(dumps["pdserve"])
+        assert all(len(line) < 200 for line in condensed.splitlines()), condensed
+        assert server.stubs() == stubs  # none died of the signal
+        ok = generate_many(server.options.grpc_url, [{"text": "hi", "sampling": {"max_tokens": 2}}])
+        assert ok[0].error is None
+
+
+def test_a_test_failing_inside_the_server_prints_each_stubs_threads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    server = start_server("tiny_pd.yaml", tmp_path)
+    assert isinstance(server, DiagnosedServer)
+    with pytest.raises(TimeoutError), server:
+        raise TimeoutError("a stuck request")
+    err = capsys.readouterr().err
+    assert "tritonserver itself" not in err
+    for model in ("pdserve", "prefill_0", "decode_0"):
+        assert f"--- {model}: threads at the failure ---" in err, err[:3000]
+    assert err.count("(most recent call first)") >= 6, err[:3000]
+    tail = err[err.index("--- the server log's last lines ---"):]
+    assert "successfully loaded" in tail, tail  # the log's own lines, not the dumps
+    assert "(most recent call first)" not in tail, tail
+    assert server.process is None  # stopped after the diagnosis
+
+    # A server that died (a segfault in tritonserver, say) says so first.
+    server = start_server("tiny_pd.yaml", tmp_path / "dead")
+    with pytest.raises(TimeoutError), server:
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait(timeout=10)
+        raise TimeoutError("no response for 120 s")
+    err = capsys.readouterr().err
+    assert "--- tritonserver itself was killed by SIGKILL ---" in err, err[:2000]
+    assert server.process is None
 
 
 def test_a_clean_stop_crashes_no_stub(tmp_path: Path) -> None:

@@ -106,6 +106,9 @@ def test_ratio_moves_toward_decode_and_back(
             stop.set()
             thread.join(timeout=30)
             controller.close()
+            # What the controller did, also when the traffic failed (shown with a failure).
+            print(f"\ncontroller: edits {[(e.kind, e.model, e.reason) for e in repo.edits]}; "
+                  f"switches {probe.switches}; refusals {probe.refusals}")
         edits = [(e.kind, e.model, e.reason) for e in repo.edits]
         print(f"\nratio shift ({role_switch}): output-heavy -> 1P3D in {to_decode:.1f}s, "
               f"prompt-heavy -> back to {_roles(state_path)} in {to_prefill:.1f}s; edits "

@@ -341,6 +341,48 @@ class TritonServer:
             self._tmp.cleanup()
             self._tmp = None
 
+    def stubs(self) -> dict[str, int]:
+        """The Python backend stubs of this server's process group: model -> pid
+        (a stub's first argument is <repository>/<model>/<version>/model.py)."""
+        if self.process is None:
+            return {}
+        found: dict[str, int] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            # pgid: the 5th field after the command's closing parenthesis
+            pgid = int(stat[stat.rindex(")") + 2:].split()[2])
+            if (pgid == self.process.pid and len(args) > 1
+                    and args[0].endswith(b"triton_python_backend_stub")):
+                found[Path(args[1].decode(errors="replace")).parent.parent.name] = int(entry.name)
+        return found
+
+    def dump_stacks(self, pause_s: float = 0.3) -> dict[str, str]:
+        """Every stub's Python threads, as each writes them to the server log on
+        SIGUSR1 (``model.py`` registers faulthandler for it): model -> its dump.
+        Asked one stub at a time, so the dumps do not interleave; for a server
+        that hangs (what is each stub waiting on) before it is stopped."""
+        log = self.options.log_file
+        if log is None or self.process is None:
+            return {}
+        dumps: dict[str, str] = {}
+        for model, pid in sorted(self.stubs().items()):
+            start = log.stat().st_size
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                continue
+            time.sleep(pause_s)
+            with open(log, "rb") as f:
+                f.seek(start)
+                dumps[model] = f.read().decode(errors="replace")
+        return dumps
+
     def dead_router(self) -> str | None:
         """A router model of this server whose stub died, as ``"name: error"``;
         None when every router answers its heartbeat, or fails it otherwise (a
