@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-interval-s", type=float, default=2.0)
     parser.add_argument("--fail-threshold", type=int, default=2)
     parser.add_argument("--load-timeout-s", type=float, default=300.0)
+    parser.add_argument("--hang-timeout-s", type=float, default=HealthPolicy.hang_timeout_s,
+                        help="an instance or router whose probes only time out (no answer, "
+                             "no error) is replaced once they have for this long: a busy "
+                             "instance answers late (default %(default)s)")
     parser.add_argument("--ratio-interval-s", type=float, default=30.0)
     parser.add_argument("--switch-tick-s", type=float, default=ControllerOptions.switch_tick_s,
                         help="while a role switch is under way, move it on this often between "
@@ -102,7 +106,8 @@ def build(args: argparse.Namespace) -> Controller:
     addresses = [ServerAddress.parse(s) for s in args.server or ["127.0.0.1:8000"]]
     health = HealthPolicy(probe_interval_s=args.probe_interval_s,
                           probe_timeout_s=min(args.probe_interval_s, 5.0),
-                          fail_threshold=args.fail_threshold, load_timeout_s=args.load_timeout_s)
+                          fail_threshold=args.fail_threshold, load_timeout_s=args.load_timeout_s,
+                          hang_timeout_s=args.hang_timeout_s)
     options = ControllerOptions(
         servers=tuple(dict.fromkeys(a.http for a in addresses)),
         state_path=args.state_file or default_state_path(args.repository),

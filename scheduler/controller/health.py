@@ -16,6 +16,15 @@ from the old stub still answering.
 Only ``healthy`` is routable: an instance leaves routing on its FIRST failed
 probe (suspect) and is failed, i.e. replaced, after ``fail_threshold``
 consecutive ones, so within two probe periods with the default of 2.
+
+Slow is not dead. A probe that got no answer within its timeout says only that
+the instance (or Triton) is busy: on two loaded cores a stub answers late now
+and then. Replacing it would throw away its work in flight, and reloading a
+router while its BLS calls are still out crashed tritonserver 2.51 (SIGSEGV in
+the Python backend's instance finalize, seen when probes timed out). So a
+streak of failed probes that all timed out fails the instance only once it has
+lasted ``hang_timeout_s``; one answered failure in the streak (not ready, a
+dead stub, an error) makes the threshold count as before.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ class HealthPolicy:
     probe_timeout_s: float = 2.0
     fail_threshold: int = 2  # consecutive failed probes that make an instance failed
     load_timeout_s: float = 300.0  # loading/replacing longer than this is a failure
+    # Failed probes that only timed out (no answer, no error) fail the instance once
+    # they have gone on this long: a busy instance answers late, not never.
+    hang_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.probe_interval_s > 0:
@@ -45,6 +57,8 @@ class HealthPolicy:
             raise ValueError(f"fail_threshold must be >= 1, got {self.fail_threshold}")
         if not self.load_timeout_s > 0:
             raise ValueError(f"load_timeout_s must be positive, got {self.load_timeout_s}")
+        if not self.hang_timeout_s > 0:
+            raise ValueError(f"hang_timeout_s must be positive, got {self.hang_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,7 @@ class ProbeResult:
     load: InstanceLoad | None = None
     generation: int | None = None  # of the config Triton has loaded; None: unknown
     error: str = ""
+    timed_out: bool = False  # failed with no answer within the probe's timeout
 
 
 class ProbeClient(Protocol):
@@ -85,6 +100,10 @@ class InstanceHealth:
         self.last_load: InstanceLoad | None = None
         self.last_generation: int | None = None
         self.last_error = ""
+        # The streak of failed probes: when it began, and whether one was answered
+        # (an error, not a timeout).
+        self._streak_since: float | None = None
+        self._answered_failure = False
 
     @property
     def is_routable(self) -> bool:
@@ -99,7 +118,7 @@ class InstanceHealth:
         if result.generation is not None:
             self.last_generation = result.generation
         if result.ok:
-            self.failures = 0
+            self._clear_failures()
             self.last_load = result.load
             self.last_error = ""
             if self.state in ("loading", "replacing") and not self._is_new(result):
@@ -109,11 +128,16 @@ class InstanceHealth:
             return self.state
         self.failures += 1
         self.last_error = result.error
+        if self._streak_since is None:
+            self._streak_since = now
+        self._answered_failure |= not result.timed_out
         if self.state in ("loading", "replacing"):
             return self._timeout_check(now)
         if self.state == "failed":
             return self.state
-        if self.failures >= self.policy.fail_threshold:
+        if self.failures >= self.policy.fail_threshold and (
+                self._answered_failure
+                or now - self._streak_since >= self.policy.hang_timeout_s):
             self._enter("failed", now)
         elif self.state == "healthy":
             self._enter("suspect", now)
@@ -121,13 +145,13 @@ class InstanceHealth:
 
     def begin_replacing(self, generation: int, now: float) -> None:
         self.expected_generation = generation
-        self.failures = 0
+        self._clear_failures()
         self._enter("replacing", now)
 
     def begin_loading(self, generation: int, now: float) -> None:
         """The repository changed the model (switch, upgrade): wait for the new one."""
         self.expected_generation = generation
-        self.failures = 0
+        self._clear_failures()
         self._enter("loading", now)
 
     def begin_draining(self, now: float) -> None:
@@ -141,6 +165,10 @@ class InstanceHealth:
         stale = (self.expected_generation is not None and self.last_generation is not None
                  and self.last_generation < self.expected_generation)
         self._enter("loading" if stale else "healthy", now)
+
+    def _clear_failures(self) -> None:
+        self.failures = 0
+        self._streak_since, self._answered_failure = None, False
 
     def _is_new(self, result: ProbeResult) -> bool:
         if self.expected_generation is None or result.generation is None:

@@ -110,14 +110,16 @@ class TritonProbeClient:
                 return ProbeResult(ok=False, error=f"{model} is not ready on {server}")
             config: dict[str, Any] = client.get_model_config(model)
         except (InferenceServerException, OSError) as exc:
-            return ProbeResult(ok=False, error=f"{model} on {server}: {exc}")
+            return ProbeResult(ok=False, error=f"{model} on {server}: {exc}",
+                               timed_out=is_timeout(exc))
         finally:
             client.close()
         generation = _generation(config)
         try:
             load = parse(self._heartbeat(server, model))
         except (InvalidArgument, OSError, ValueError) as exc:
-            return ProbeResult(ok=False, generation=generation, error=f"heartbeat: {exc}")
+            return ProbeResult(ok=False, generation=generation, error=f"heartbeat: {exc}",
+                               timed_out=is_timeout(exc))
         return ProbeResult(ok=True, load=load, generation=generation)
 
     def set_role(self, server: str, model: str, role: str) -> ProbeResult:
@@ -150,6 +152,14 @@ class TritonProbeClient:
 
     def close(self) -> None:
         """Nothing pooled: each probe opens and closes its own connection."""
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """No answer within the timeout (connecting or reading), as opposed to an answer
+    that says something is wrong (``HealthPolicy.hang_timeout_s``)."""
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        return isinstance(exc.reason, TimeoutError)
+    return isinstance(exc, TimeoutError)
 
 
 def _generation(config: dict[str, Any]) -> int | None:

@@ -1,4 +1,5 @@
-"""``pdserve controller``'s ratio options reach the policy; bad values are refused."""
+"""``pdserve controller``'s ratio and health options reach their policies; bad values
+are refused."""
 
 from __future__ import annotations
 
@@ -33,7 +34,13 @@ def test_ratio_options_reach_the_policy(tmp_path: Path) -> None:
     assert negative.explore_gain == -0.1  # a negative number, not a flag
 
 
+def test_the_hang_timeout_reaches_the_health_policy(tmp_path: Path) -> None:
+    assert cli.build(_args(tmp_path, "--hang-timeout-s", "45")).options.health.hang_timeout_s == 45
+    assert cli.build(_args(tmp_path)).options.health.hang_timeout_s == 30.0
+
+
 @pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--hang-timeout-s", "0", "hang_timeout_s must be positive"),
     ("--ratio-recall-s", "-1", "recall_s must be >= 0"),
     ("--ratio-explore-gain", "0.5", "explore_gain must be in [-tolerance, tolerance]"),
     ("--ratio-max-step", "0", "max_step must be >= 1"),
