@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -106,6 +107,28 @@ def test_a_test_failing_inside_the_server_prints_each_stubs_threads(
     err = capsys.readouterr().err
     assert "--- tritonserver itself was killed by SIGKILL ---" in err, err[:2000]
     assert server.process is None
+
+
+def test_a_stop_while_requests_are_served_crashes_nothing(tmp_path: Path) -> None:
+    """Stopped in the middle of a burst, tritonserver waits for the requests in
+    flight and then unloads every model at once. A router heartbeat still out
+    then never returned and tritonserver died in the router's finalize (SIGSEGV,
+    9 of 10 such stops). The launcher now has the routers end their heartbeats
+    first (``server_stopping``)."""
+    stop = threading.Event()
+    with start_server("tiny_ratio.yaml", tmp_path) as server:
+        generate_many(server.options.grpc_url, [{"text": "hi", "sampling": {"max_tokens": 2}}])
+        burst = [{"ids": [3 + j for j in range(64)],
+                  "sampling": {"max_tokens": 32, "ignore_eos": True}}] * 48
+        sender = threading.Thread(target=generate_many, args=(server.options.grpc_url, burst),
+                                  kwargs={"stop": stop, "timeout_s": 30}, daemon=True)
+        sender.start()
+        time.sleep(1.5)  # the router is taking the burst in, heartbeats going on
+    stop.set()
+    sender.join(timeout=30)
+    log = (tmp_path / "tritonserver.log").read_text(errors="replace")
+    assert "BLS threads still blocked" not in log
+    assert "Signal (11)" not in log, log[log.index("Signal (11)"):][:1500]
 
 
 def test_a_clean_stop_crashes_no_stub(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -152,3 +153,25 @@ def test_a_decode_no_routable_prefill_can_feed_any_more_is_given_up_at_once(rout
     prefills[0] = InstanceLoad("prefill_0", "prefill", "default", 4, model="v2", healthy=False)
     with pytest.raises(Unavailable, match="TTFT budget"):
         _prefill_phase(router, prefills, "v1", deadline_s=0.1)
+
+
+def test_heartbeats_end_once_the_launcher_marks_the_stop(
+        router: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A heartbeat still out when Triton unloads its instance never returns (2.51)
+    and crashed tritonserver in the router's finalize at stop: the launcher marks
+    the stop first (``server_stopping``) and the heartbeat loop ends."""
+    from pdserve.server.config import RUNTIME_DIR_ENV, STOPPING_MARKER
+
+    monkeypatch.setenv(RUNTIME_DIR_ENV, str(tmp_path))
+    beats: list[str] = []
+
+    async def beat(name: str) -> None:
+        beats.append(name)
+        if len(beats) == 4:  # the second round's last heartbeat
+            (tmp_path / STOPPING_MARKER).touch()
+
+    stand_in = SimpleNamespace(
+        view=SimpleNamespace(refresh=lambda: None, names=lambda: ["prefill_0", "decode_0"]),
+        _beat=beat)
+    asyncio.run(asyncio.wait_for(router.RouterRole._heartbeats(stand_in), 10))
+    assert beats == ["prefill_0", "decode_0"] * 2

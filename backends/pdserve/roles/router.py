@@ -81,7 +81,7 @@ from pdserve.scheduler.forwarding import (
     shortest_queue,
 )
 from pdserve.scheduler.instance import InstanceLoad, Role
-from pdserve.server.config import POOL_ENV, InstanceConfig, bls_threads
+from pdserve.server.config import POOL_ENV, InstanceConfig, bls_threads, server_stopping
 
 log = logging.getLogger(__name__)
 
@@ -548,7 +548,7 @@ class RouterRole:
             self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats())
 
     async def _heartbeats(self) -> None:
-        while True:
+        while not server_stopping():  # (a request after the stop's marker restarts none)
             self.view.refresh()
             await asyncio.gather(*(self._beat(n) for n in self.view.names()))
             await asyncio.sleep(HEARTBEAT_S)

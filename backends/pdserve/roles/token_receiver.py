@@ -44,6 +44,7 @@ from pdserve.roles.token_wire import (
     decode_hello,
     decode_step,
 )
+from pdserve.server.config import RUNTIME_DIR_ENV
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class ChannelServer:
         if self.family == "unix":
             # mode 0700; under the launcher's runtime dir when there is one, so a
             # SIGKILLed router leaves nothing behind once the server stops.
-            parent = os.environ.get("PDSERVE_RUNTIME_DIR") or None
+            parent = os.environ.get(RUNTIME_DIR_ENV) or None
             if parent is not None and (not os.path.isdir(parent) or len(parent) > 60):
                 parent = None  # sun_path holds 107 bytes
             self._dir = tempfile.mkdtemp(prefix="pdserve-tok-", dir=parent)
