@@ -204,19 +204,10 @@ def drive_until(url: str, prompt_len: int, out_len: int, until: Callable[[], boo
 
 def stub_pid(server: TritonServer, model: str) -> int:
     """The pid of ``model``'s stub process in ``server``'s process group."""
-    assert server.process is not None
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{pid}/stat").read_text().split()
-        except OSError:
-            continue
-        if int(stat[4]) == server.process.pid and any(
-                model.encode() + b"_0_0" in arg for arg in cmdline):  # pgid == server's group
-            return int(pid)
-    raise AssertionError(f"no stub process for {model}")
+    pid = server.stubs().get(model)
+    if pid is None:
+        raise AssertionError(f"no stub process for {model}")
+    return pid
 
 
 def kill_stub(pid: int) -> None:

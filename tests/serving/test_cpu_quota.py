@@ -264,11 +264,11 @@ def test_instances_run_in_their_quota_and_leave_no_cgroup(tmp_path: Path) -> Non
     parent = find_hierarchy().current
     with server:
         assert server.process is not None
-        for model in ("prefill", "decode"):
+        for model in ("prefill_0", "decode_0"):
             pid = stub_pid(server, model)
             cpu_line = next(line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
                             if line.split(":")[1] in ("cpu", "cpu,cpuacct", ""))
-            group = parent / f"pdserve-{server.process.pid}-{model}_0"
+            group = parent / f"pdserve-{server.process.pid}-{model}"
             assert cpu_line.endswith(f"/{group.name}"), cpu_line
             assert group.is_dir()
         status, reply = http_generate(server.options.http_url,

@@ -28,7 +28,7 @@ def test_stop_leaves_no_process_and_no_shm_region(tmp_path: Path) -> None:
         # One region per stub (router, prefill, decode, aggregated), under this
         # server's own prefix: the sweep cannot touch another server's.
         assert len(live) >= 4 and all(p.name.startswith(server.shm_prefix) for p in live)
-        doomed = stub_pid(server, "decode")
+        doomed = stub_pid(server, "decode_0")
         assert list(Path("/dev/shm").glob(f"pdkv-{doomed}-*"))  # its KV arena
         kill_stub(doomed)
         # Triton restarts the killed stub on the next request: a new region.
